@@ -1,0 +1,312 @@
+"""The model every part of DQ-Whisper trains, quantizes, exports and decodes.
+
+`DQWhisper` is an openai-whisper `Whisper` (so `whisper.decode`, its beam search and kv-cache hooks run unchanged)
+with three additions: a CTC head on the encoder, an optional pruned vocabulary, and feature taps for layer
+matching. See docs/DESIGN.md for the contract.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from whisper.model import AudioEncoder, LayerNorm, ModelDimensions, TextDecoder, Whisper
+
+from dqwhisper.utils import DQWhisperError, atomic_torch_save
+
+FRAMES_PER_SECOND = 50  # encoder positions per second of audio (mel hop 10 ms, conv stride 2)
+SAMPLES_PER_FRAME = 320  # 16 kHz samples per encoder position
+CHECKPOINT_VERSION = 1
+
+
+def window_frames(seconds: float) -> int:
+    """Encoder positions for an audio window of `seconds` (30 s -> 1500)."""
+    frames = int(round(seconds * FRAMES_PER_SECOND))
+    if not 1 <= frames <= 1500:
+        raise DQWhisperError(f"audio window of {seconds} s is outside Whisper's 0.02..30 s")
+    return frames
+
+
+class DQAudioEncoder(AudioEncoder):
+    def forward_features(self, mel: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """mel (B, n_mels, 2*n_ctx) -> (out (B, n_ctx, d), block outputs [(B, n_ctx, d)], FFN acts [(B, n_ctx, 4d)])."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+        if x.shape[1:] != self.positional_embedding.shape:
+            raise DQWhisperError(
+                f"mel of {mel.shape[-1]} frames does not fit this encoder's window of "
+                f"{self.positional_embedding.shape[0]} positions (expected {2 * self.positional_embedding.shape[0]} frames)"
+            )
+        x = (x + self.positional_embedding).to(x.dtype)
+        block_outs, ffn_acts = [], []
+        for block in self.blocks:
+            x = x + block.attn(block.attn_ln(x))[0]
+            h = block.mlp[1](block.mlp[0](block.mlp_ln(x)))
+            x = x + block.mlp[2](h)
+            block_outs.append(x)
+            ffn_acts.append(h)
+        return self.ln_post(x), block_outs, ffn_acts
+
+
+class DQTextDecoder(TextDecoder):
+    """Whisper's decoder with an optional pruned vocabulary and feature taps.
+
+    Takes full-vocabulary token ids. Returns full-vocabulary logits (-inf at pruned ids) unless `subset_logits` is
+    set, then logits over `vocab_keep` in its order.
+    """
+
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int,
+                 vocab_keep: Tensor | None = None):
+        rows = n_vocab if vocab_keep is None else len(vocab_keep)
+        super().__init__(rows, n_ctx, n_state, n_head, n_layer)
+        self.n_vocab_full = n_vocab
+        self.subset_logits = False
+        if vocab_keep is None:
+            self.vocab_keep = None
+            self.full_to_sub = None
+        else:
+            keep = torch.as_tensor(vocab_keep, dtype=torch.long)
+            if keep.ndim != 1 or len(keep) == 0 or bool((keep[1:] <= keep[:-1]).any()) or keep[-1] >= n_vocab:
+                raise DQWhisperError("vocab_keep must be a sorted list of distinct token ids below n_vocab")
+            self.register_buffer("vocab_keep", keep)
+            # ids outside the kept set map to -1; as inputs they are replaced by the last kept id (a special token)
+            full_to_sub = torch.full((n_vocab,), -1, dtype=torch.long)
+            full_to_sub[keep] = torch.arange(len(keep))
+            self.register_buffer("full_to_sub", full_to_sub)
+
+    @property
+    def pruned(self) -> bool:
+        return self.vocab_keep is not None
+
+    def to_subset_ids(self, tokens: Tensor) -> Tensor:
+        """Full ids -> row ids of the pruned embedding; -1 where the id was pruned (identity when not pruned)."""
+        if not self.pruned:
+            return tokens
+        return torch.where(tokens >= 0, self.full_to_sub[tokens.clamp(min=0)], tokens)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Hidden states (B, L, d) -> logits over the embedding's rows (tied projection)."""
+        emb = self.token_embedding
+        if hasattr(emb, "project"):
+            return emb.project(x).float()
+        return (x @ emb.weight.to(x.dtype).t()).float()
+
+    def _embed(self, tokens: Tensor, offset: int) -> Tensor:
+        ids = tokens
+        if self.pruned:
+            ids = self.to_subset_ids(tokens)
+            ids = torch.where(ids < 0, torch.full_like(ids, len(self.vocab_keep) - 1), ids)
+        return self.token_embedding(ids) + self.positional_embedding[offset: offset + tokens.shape[-1]]
+
+    def _expand(self, logits: Tensor) -> Tensor:
+        if not self.pruned or self.subset_logits:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.n_vocab_full), float("-inf"))
+        return full.index_copy_(-1, self.vocab_keep, logits)
+
+    def forward(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
+        offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
+        h = self._embed(x, offset).to(xa.dtype)
+        for block in self.blocks:
+            h = block(h, xa, mask=self.mask, kv_cache=kv_cache)
+        return self._expand(self.project(self.ln(h)))
+
+    def forward_features(self, x: Tensor, xa: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Teacher-forced pass. x (B, L) full ids, xa (B, T, d) ->
+        (logits, FFN acts [(B, L, 4d)] per layer, block outputs [(B, L, d)] per layer)."""
+        h = self._embed(x, 0).to(xa.dtype)
+        ffn_acts, block_outs = [], []
+        for block in self.blocks:
+            h = h + block.attn(block.attn_ln(h), mask=self.mask)[0]
+            h = h + block.cross_attn(block.cross_attn_ln(h), xa)[0]
+            a = block.mlp[1](block.mlp[0](block.mlp_ln(h)))
+            h = h + block.mlp[2](a)
+            ffn_acts.append(a)
+            block_outs.append(h)
+        return self._expand(self.project(self.ln(h))), ffn_acts, block_outs
+
+
+class DQWhisper(Whisper):
+    """A Whisper with a CTC head on the encoder and an optional pruned decoder vocabulary."""
+
+    def __init__(self, dims: ModelDimensions, ctc_units: int = 0, vocab_keep: Sequence[int] | Tensor | None = None):
+        nn.Module.__init__(self)
+        self.dims = dims
+        self.encoder = DQAudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
+                                      dims.n_audio_layer)
+        keep = None if vocab_keep is None else torch.as_tensor(list(vocab_keep) if not torch.is_tensor(vocab_keep)
+                                                              else vocab_keep, dtype=torch.long)
+        self.decoder = DQTextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
+                                     dims.n_text_layer, keep)
+        all_heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
+        all_heads[dims.n_text_layer // 2:] = True
+        self.register_buffer("alignment_heads", all_heads.to_sparse(), persistent=False)
+        self.ctc_units = int(ctc_units)
+        self.ctc_head = nn.Linear(dims.n_audio_state, self.ctc_units + 1) if self.ctc_units > 0 else None
+        self.quant_config: dict | None = None  # set by dqwhisper.quant.prepare
+        self.ctc_bpe: bytes | None = None  # serialized sentencepiece model of the CTC units
+
+    def ctc_logits(self, audio_features: Tensor) -> Tensor:
+        """(B, T, d) -> (B, T, ctc_units + 1) CTC logits, blank = 0."""
+        if self.ctc_head is None:
+            raise DQWhisperError("this model has no CTC head (ctc_units = 0)")
+        return self.ctc_head(audio_features).float()
+
+    @property
+    def audio_window_seconds(self) -> float:
+        return self.dims.n_audio_ctx / FRAMES_PER_SECOND
+
+
+def set_audio_window(model: Whisper, n_audio_ctx: int) -> Whisper:
+    """Shrink (never grow) the encoder window in place: keep the first `n_audio_ctx` rows of the sinusoid table."""
+    pos = model.encoder.positional_embedding
+    if n_audio_ctx > pos.shape[0]:
+        raise DQWhisperError(f"cannot grow the audio window from {pos.shape[0]} to {n_audio_ctx} positions")
+    if n_audio_ctx != pos.shape[0]:
+        model.encoder.positional_embedding = pos[:n_audio_ctx].clone()
+        model.dims = ModelDimensions(**{**asdict(model.dims), "n_audio_ctx": n_audio_ctx})
+    return model
+
+
+def from_whisper(model: Whisper, ctc_units: int = 0, vocab_keep: Sequence[int] | None = None,
+                 encoder_layers: Sequence[int] | None = None, decoder_layers: Sequence[int] | None = None,
+                 n_audio_ctx: int | None = None) -> DQWhisper:
+    """Build a DQWhisper from any Whisper, copying weights.
+
+    encoder_layers / decoder_layers choose which of the source's blocks the new model keeps, in order (None: all),
+    as distil-whisper initialises its student from teacher layers. vocab_keep prunes the token embedding to those
+    rows. n_audio_ctx shortens the audio window.
+    """
+    src = model.dims
+    enc = list(range(src.n_audio_layer)) if encoder_layers is None else list(encoder_layers)
+    dec = list(range(src.n_text_layer)) if decoder_layers is None else list(decoder_layers)
+    for name, chosen, n in (("encoder", enc, src.n_audio_layer), ("decoder", dec, src.n_text_layer)):
+        if not chosen or any(not 0 <= i < n for i in chosen):
+            raise DQWhisperError(f"{name} layers {chosen} are not within the source's {n} layers")
+    ctx = src.n_audio_ctx if n_audio_ctx is None else n_audio_ctx
+    if ctx > src.n_audio_ctx:
+        raise DQWhisperError(f"audio window {ctx} is larger than the source's {src.n_audio_ctx}")
+    dims = ModelDimensions(**{**asdict(src), "n_audio_layer": len(enc), "n_text_layer": len(dec), "n_audio_ctx": ctx})
+    student = DQWhisper(dims, ctc_units=ctc_units, vocab_keep=vocab_keep)
+
+    sd = model.state_dict()
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if parts[0] in ("encoder", "decoder") and parts[1] == "blocks":
+            chosen = enc if parts[0] == "encoder" else dec
+            i = int(parts[2])
+            for j, k in enumerate(chosen):
+                if k == i:
+                    out[".".join([parts[0], "blocks", str(j)] + parts[3:])] = value
+            continue
+        if key == "encoder.positional_embedding":
+            value = value[:ctx]
+        if key == "decoder.token_embedding.weight" and student.decoder.pruned:
+            src_keep = getattr(model.decoder, "vocab_keep", None)
+            if src_keep is not None:  # already pruned: map through the source's subset
+                idx = model.decoder.full_to_sub[student.decoder.vocab_keep]
+                if bool((idx < 0).any()):
+                    raise DQWhisperError("vocab_keep asks for token ids that the source model pruned")
+                value = value[idx]
+            else:
+                value = value[student.decoder.vocab_keep]
+        if key.startswith("decoder.vocab_keep") or key.startswith("decoder.full_to_sub"):
+            continue
+        if key.startswith("ctc_head.") and student.ctc_head is not None and \
+                student.ctc_head.weight.shape[0] == getattr(model, "ctc_head").weight.shape[0]:
+            out[key] = value
+            continue
+        if key.startswith("ctc_head."):
+            continue
+        out[key] = value
+    missing, unexpected = student.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not k.startswith(("ctc_head.", "decoder.vocab_keep", "decoder.full_to_sub"))]
+    if missing or unexpected:
+        raise DQWhisperError(f"weight copy failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    student.ctc_bpe = getattr(model, "ctc_bpe", None)
+    return student.to(next(model.parameters()).device)
+
+
+def vocab_from_token_lists(token_lists: Sequence[Sequence[int]], n_vocab: int, first_special: int) -> list[int]:
+    """The sorted ids a pruned vocabulary keeps: every id seen in the token lists plus every special token
+    (ids >= first_special, i.e. tokenizer.eot and above)."""
+    keep = set(range(first_special, n_vocab))
+    for tokens in token_lists:
+        keep.update(int(t) for t in tokens)
+    return sorted(keep)
+
+
+def save_checkpoint(model: DQWhisper | Whisper, path: str | Path, config: dict | None = None, **train_state: Any) -> None:
+    """Atomic save in openai-whisper's layout plus a `dqwhisper` section (docs/DESIGN.md)."""
+    keep = getattr(model.decoder, "vocab_keep", None)
+    meta = {
+        "version": CHECKPOINT_VERSION,
+        "ctc_units": int(getattr(model, "ctc_units", 0)),
+        "vocab_keep": None if keep is None else keep.tolist(),
+        "quant": getattr(model, "quant_config", None),
+        "bpe_model": getattr(model, "ctc_bpe", None),
+        "config": config,
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"dims": asdict(model.dims), "model_state_dict": state, "dqwhisper": meta, **train_state}, path)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load(weights_only=True) with errors that name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DQWhisperError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise DQWhisperError(f"checkpoint {path} is a directory, expected a .pt file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise DQWhisperError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
+        raise DQWhisperError(f"checkpoint {path} is not a Whisper checkpoint (no 'dims' / 'model_state_dict')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>") -> DQWhisper:
+    try:
+        dims = ModelDimensions(**ckpt["dims"])
+    except TypeError as e:
+        raise DQWhisperError(f"checkpoint {source} has bad dims {ckpt['dims']}: {e}") from e
+    meta = ckpt.get("dqwhisper") or {}
+    sd = ckpt["model_state_dict"]
+    if dims.n_audio_ctx != 1500 and "encoder.positional_embedding" not in sd:
+        raise DQWhisperError(f"checkpoint {source} has a {dims.n_audio_ctx}-position window but no positional table")
+    model = DQWhisper(dims, ctc_units=meta.get("ctc_units", 0), vocab_keep=meta.get("vocab_keep"))
+    if meta.get("quant"):
+        from dqwhisper.quant import prepare  # imported here: quantization is optional for float checkpoints
+
+        prepare(model, meta["quant"])
+    model.ctc_bpe = meta.get("bpe_model")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise DQWhisperError(
+            f"checkpoint {source} does not match its architecture: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    return model
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> DQWhisper:
+    """Any checkpoint this project writes, or an openai-whisper one, as a DQWhisper on `device` in eval mode."""
+    model = model_from_checkpoint(read_checkpoint(path), str(path))
+    return model.to(device).eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "DQWhisper", "DQTextDecoder", "DQAudioEncoder", "LayerNorm", "set_audio_window", "from_whisper",
+    "window_frames", "save_checkpoint", "read_checkpoint", "load_checkpoint", "model_from_checkpoint",
+    "vocab_from_token_lists", "count_parameters", "FRAMES_PER_SECOND", "SAMPLES_PER_FRAME",
+]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine for DQ-Whisper: system packages, .venv with the pinned requirements, the package.
+# Idempotent: a second run checks and returns in seconds.
+# Usage: bash scripts/setup.sh [--no-apt]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "$(date '+%F %T') [setup.sh:${BASH_LINENO[0]}] $*"; }
+
+apt=1
+[ "${1:-}" = "--no-apt" ] && apt=0
+debs="ffmpeg sox espeak-ng flite festival festvox-ru festvox-italp16k festvox-itapc16k"
+start=$SECONDS
+if [ $apt = 1 ]; then
+  missing=""
+  for p in $debs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    [ "$(id -u)" = 0 ] || { echo "setup.sh: need root to install Debian packages:$missing" >&2; exit 1; }
+    log "installing Debian packages:$missing"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+  fi
+fi
+
+stamp=.venv/.requirements.sha256
+want=$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  log ".venv is up to date"
+else
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  log "installing requirements into .venv (a few minutes on a fresh machine)"
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored" || true
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import torch, torchaudio, whisper, dqwhisper" \
+    || { echo "setup.sh: .venv is broken after install" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+log "set-up done in $((SECONDS - start)) s"

@@ -1,0 +1,151 @@
+"""The demo report: exp/demo/RESULTS.md, results.json and wer_vs_size.png from decoded models.
+
+    python -m dqwhisper.report --out exp/demo --teacher-fp16-bytes N \
+        --row NAME RESULTS_JSON MODEL_FILE [--row ...] [--stage-times exp/demo/stage_times.tsv]
+
+Each row names a model, the results.json that inference.py wrote for it on the test set, and the file that holds
+the model as it would ship (the exported file for quantized students). Parameters are counted from that file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
+
+log = get_logger(__name__)
+
+
+def count_params(model_file: Path) -> int:
+    """Parameters of the model in `model_file` (a checkpoint or an exported .dqw file)."""
+    if model_file.suffix == ".dqw":
+        from dqwhisper.quant.export import load_exported
+
+        model = load_exported(model_file, mode="dequant")
+    else:
+        from dqwhisper.models.student import read_checkpoint
+
+        sd = read_checkpoint(model_file)["model_state_dict"]
+        buffers = ("encoder.positional_embedding", "decoder.vocab_keep", "decoder.full_to_sub")
+        return sum(v.numel() for k, v in sd.items() if k not in buffers)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_row(name: str, results_json: Path, model_file: Path, teacher_fp16_bytes: int) -> dict:
+    if not results_json.exists():
+        raise DQWhisperError(f"row {name}: {results_json} does not exist (was the model decoded?)")
+    if not model_file.exists():
+        raise DQWhisperError(f"row {name}: model file {model_file} does not exist")
+    res = json.loads(results_json.read_text())
+    per_lang = {lang: {k: v[k] for k in ("metric", "error", "n_utts")} for lang, v in res["per_language"].items()}
+    errors = [v["error"] for v in per_lang.values()]
+    size = model_file.stat().st_size
+    return {
+        "name": name,
+        "params": count_params(model_file),
+        "size_bytes": size,
+        "ratio_vs_teacher_fp16": round(teacher_fp16_bytes / size, 3),
+        "per_language": per_lang,
+        "avg_error": sum(errors) / len(errors) if errors else None,
+        "rtf": res.get("rtf"),
+        "model_file": str(model_file),
+    }
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot_name: str | None) -> str:
+    langs = sorted({lang for r in rows for lang in r["per_language"]})
+    metric = {lang: next(r["per_language"][lang]["metric"] for r in rows if lang in r["per_language"]) for lang in langs}
+    head = ["model", "params (M)", "size (MB)", "x smaller than teacher fp16"]
+    head += [f"{lang} {metric[lang].upper()} %" for lang in langs] + ["avg %", "RTF"]
+    lines = ["# DQ-Whisper demo results", "",
+             f"Run finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}.", "",
+             "Error rates are on `data/demo/test` (WER for space-delimited languages, CER for ja/zh), "
+             "normalized with Whisper's normalizers; lower is better. RTF = decoding wall seconds / audio seconds.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], f"{r['params'] / 1e6:.1f}", f"{r['size_bytes'] / 1e6:.1f}", f"{r['ratio_vs_teacher_fp16']:.2f}"]
+        for lang in langs:
+            v = r["per_language"].get(lang)
+            cells.append("—" if v is None else f"{100 * v['error']:.1f}")
+        cells.append("—" if r["avg_error"] is None else f"{100 * r['avg_error']:.1f}")
+        cells.append("—" if r["rtf"] is None else f"{r['rtf']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if plot_name:
+        lines += ["", f"![average error vs size]({plot_name})"]
+    if stage_times:
+        lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {name} | {sec:.0f} |" for name, sec in stage_times]
+        lines += [f"| total | {sum(s for _, s in stage_times):.0f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["avg_error"] is None:
+            continue
+        x, y = r["size_bytes"] / 1e6, 100 * r["avg_error"]
+        ax.scatter(x, y, s=40)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model file size on disk (MB, log scale)")
+    ax.set_ylabel("average WER/CER over languages (%)")
+    ax.set_title("DQ-Whisper demo: error vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def read_stage_times(path: Path | None) -> list[tuple[str, float]]:
+    if path is None or not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            name, sec = line.rsplit("\t", 1)
+            out.append((name, float(sec)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="folder for RESULTS.md, results.json, wer_vs_size.png")
+    p.add_argument("--row", nargs=3, action="append", metavar=("NAME", "RESULTS_JSON", "MODEL_FILE"), required=True)
+    p.add_argument("--teacher-fp16-bytes", type=int, required=True,
+                   help="size of the teacher in fp16 on disk, the denominator of every ratio")
+    p.add_argument("--stage-times", type=Path, help="TSV of stage name and seconds (run.sh writes it)")
+    args = p.parse_args(argv)
+
+    rows = [build_row(n, Path(r), Path(m), args.teacher_fp16_bytes) for n, r, m in args.row]
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    plot(rows, args.out / "wer_vs_size.png")
+    md = render_markdown(rows, read_stage_times(args.stage_times), "wer_vs_size.png")
+    atomic_write_bytes(args.out / "RESULTS.md", md.encode())
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""DQWhisper: cutting, pruning, windows and checkpoints agree with openai-whisper's own model."""
+import pytest
+import torch
+import whisper
+
+from dqwhisper.models.student import (from_whisper, load_checkpoint, save_checkpoint, set_audio_window,
+                                      vocab_from_token_lists, window_frames)
+from dqwhisper.utils import DQWhisperError
+
+PREFIX = [50258, 50259, 50359, 50363]  # sot, en, transcribe, notimestamps
+
+
+def _inputs(n_audio_ctx=100):
+    torch.manual_seed(1)
+    return torch.randn(2, 80, 2 * n_audio_ctx), torch.tensor([PREFIX + [400, 500]] * 2)
+
+
+def test_full_copy_equals_whisper(tiny_whisper):
+    mel, tok = _inputs()
+    with torch.no_grad():
+        assert torch.equal(from_whisper(tiny_whisper).eval()(mel, tok), tiny_whisper(mel, tok))
+
+
+def test_cut_layers_copy_the_chosen_blocks(tiny_whisper):
+    s = from_whisper(tiny_whisper, decoder_layers=[0, 3], encoder_layers=[1])
+    assert s.dims.n_text_layer == 2 and s.dims.n_audio_layer == 1
+    assert torch.equal(s.decoder.blocks[1].mlp[0].weight, tiny_whisper.decoder.blocks[3].mlp[0].weight)
+    assert torch.equal(s.encoder.blocks[0].attn.query.weight, tiny_whisper.encoder.blocks[1].attn.query.weight)
+    with pytest.raises(DQWhisperError, match="decoder layers"):
+        from_whisper(tiny_whisper, decoder_layers=[4])
+
+
+def test_pruned_vocab_matches_full_logits_on_kept_ids(tiny_whisper):
+    mel, tok = _inputs()
+    keep = vocab_from_token_lists([[400, 500, 600]], 51865, 50257)
+    s = from_whisper(tiny_whisper, vocab_keep=keep).eval()
+    with torch.no_grad():
+        full = tiny_whisper(mel, tok)
+        pruned = s(mel, tok)
+        assert torch.allclose(pruned[..., keep], full[..., keep], atol=1e-5)
+        assert torch.isinf(pruned[..., 401]).all() and len(keep) == 3 + 51865 - 50257
+        s.decoder.subset_logits = True
+        assert torch.allclose(s(mel, tok), full[..., keep], atol=1e-5)
+    assert s.decoder.to_subset_ids(torch.tensor([400, 401, -100])).tolist() == [0, -1, -100]
+
+
+def test_short_window_is_the_sinusoid_prefix(tiny_whisper):
+    s = set_audio_window(from_whisper(tiny_whisper), 50)
+    assert s.dims.n_audio_ctx == 50
+    assert torch.equal(s.encoder.positional_embedding, tiny_whisper.encoder.positional_embedding[:50])
+    assert window_frames(30) == 1500 and window_frames(10) == 500
+    with pytest.raises(DQWhisperError):
+        window_frames(31)
+
+
+def test_checkpoint_round_trip_and_openai_loader(tiny_whisper, tmp_path):
+    mel, tok = _inputs(60)
+    s = from_whisper(tiny_whisper, ctc_units=7, decoder_layers=[0, 2], n_audio_ctx=60,
+                     vocab_keep=vocab_from_token_lists([[400, 500]], 51865, 50257)).eval()
+    s.ctc_bpe = b"fake-sentencepiece-bytes"
+    save_checkpoint(s, tmp_path / "s.pt", config={"a": 1}, step=3)
+    r = load_checkpoint(tmp_path / "s.pt")
+    with torch.no_grad():
+        assert torch.equal(r(mel, tok), s(mel, tok))
+        assert torch.equal(r.ctc_logits(r.encoder(mel)), s.ctc_logits(s.encoder(mel)))
+    assert r.ctc_bpe == s.ctc_bpe and r.dims == s.dims
+    # a float model we save stays loadable by openai-whisper's own loader
+    save_checkpoint(from_whisper(tiny_whisper), tmp_path / "plain.pt")
+    w = whisper.load_model(str(tmp_path / "plain.pt"), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(w(mel[..., :200].new_zeros(1, 80, 200), tok[:1]),
+                           tiny_whisper(mel[..., :200].new_zeros(1, 80, 200), tok[:1]))
+
+
+def test_checkpoint_errors_name_the_file(tmp_path, tiny_whisper):
+    with pytest.raises(DQWhisperError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "trunc.pt"
+    save_checkpoint(from_whisper(tiny_whisper), bad)
+    bad.write_bytes(bad.read_bytes()[:1000])
+    with pytest.raises(DQWhisperError, match="trunc.pt could not be read"):
+        load_checkpoint(bad)
+    ckpt = torch.load(_save(tiny_whisper, tmp_path), weights_only=True)
+    del ckpt["model_state_dict"]["decoder.ln.weight"]
+    torch.save(ckpt, tmp_path / "missing_key.pt")
+    with pytest.raises(DQWhisperError, match="missing_key.pt does not match.*decoder.ln.weight"):
+        load_checkpoint(tmp_path / "missing_key.pt")
+
+
+def _save(model, tmp_path):
+    path = tmp_path / "ok.pt"
+    save_checkpoint(from_whisper(model), path)
+    return path

@@ -1,0 +1,4 @@
+"""Whisper models: loading (`load_whisper`), CTranslate2 conversion (`ct2`), the DQWhisper student (`student`)."""
+from dqwhisper.models.load import load_whisper, model_store
+
+__all__ = ["load_whisper", "model_store"]

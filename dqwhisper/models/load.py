@@ -1,0 +1,91 @@
+"""`load_whisper`: one entry for every way a Whisper model reaches this toolkit.
+
+- a `.pt` path: an openai-whisper checkpoint or one of ours (`student.load_checkpoint`);
+- a CTranslate2 / faster-whisper directory (converted in memory);
+- a size name ("base", "tiny.en", ...): the local model store `exp/models/<name>.pt` (checksum verified; env
+  DQWHISPER_MODEL_STORE moves the folder), then openai-whisper's own `whisper.load_model(name)` (downloads).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from whisper.model import Whisper
+
+from dqwhisper.models import ct2
+from dqwhisper.models.student import DQWhisper, model_from_checkpoint, read_checkpoint
+from dqwhisper.utils import DQWhisperError, get_logger, resolve_device, sha256_file
+
+log = get_logger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def model_store() -> Path:
+    return Path(os.environ.get("DQWHISPER_MODEL_STORE") or ROOT / "exp" / "models")
+
+
+def verify_checksum(path: Path) -> None:
+    """Compare `path` with `<path>.sha256` (first word); a store entry without one is refused."""
+    sums = path.with_name(path.name + ".sha256")
+    if not sums.is_file():
+        raise DQWhisperError(f"model store entry {path} has no checksum file {sums}: rerun scripts/prepare_models.sh")
+    want = sums.read_text().split()[0] if sums.read_text().split() else ""
+    got = sha256_file(path)
+    if got != want:
+        raise DQWhisperError(f"model store entry {path} does not match its checksum in {sums} "
+                             f"(sha256 {got}, expected {want}): the file is damaged; rerun scripts/prepare_models.sh")
+
+
+def _from_checkpoint(path: Path) -> DQWhisper:
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, str(path))
+    heads = ckpt.get("alignment_heads")
+    if heads:
+        ct2.set_alignment_heads(model, heads)
+    return model
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or name.endswith((".pt", ".pth", ".bin")) or name.startswith(".")
+
+
+def load_whisper(name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu") -> Whisper:
+    """A Whisper model in eval mode on `device` (a DQWhisper for .pt files and store names)."""
+    dev = resolve_device(None if device is None else str(device))
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model.bin").exists():
+            raise DQWhisperError(f"{path} is a directory without model.bin: not a CTranslate2 model directory")
+        model = ct2.load_ct2_model(path)
+    elif path.is_file():
+        model = _from_checkpoint(path)
+    elif _looks_like_path(name) or isinstance(name_or_path, Path):
+        raise DQWhisperError(f"model {path} does not exist")
+    else:
+        stored = model_store() / f"{name}.pt"
+        if stored.is_file():
+            verify_checksum(stored)
+            model = _from_checkpoint(stored)
+        else:
+            model = _load_online(name, stored)
+    return model.to(dev).eval()
+
+
+def _load_online(name: str, stored: Path) -> Whisper:
+    import whisper
+
+    if name not in whisper.available_models():
+        raise DQWhisperError(f"'{name}' is neither an existing path, nor in the model store ({stored}), nor one of "
+                             f"openai-whisper's model names {whisper.available_models()}")
+    log.info("%s not in the model store; asking openai-whisper to load '%s' (downloads when online)", stored, name)
+    try:
+        return whisper.load_model(name, device="cpu")
+    except Exception as e:  # urllib / socket / checksum errors when offline
+        raise DQWhisperError(f"could not get Whisper '{name}': not in the model store ({stored}) and openai-whisper's "
+                             f"download failed ({type(e).__name__}: {e}). Offline, run scripts/prepare_models.sh "
+                             f"(it builds base and tiny.en)") from e
+
+
+__all__ = ["load_whisper", "model_store", "verify_checksum"]

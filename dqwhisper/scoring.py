@@ -164,7 +164,7 @@ def format_table(summary: dict, title: str = "") -> str:
 
 
 def write_kaldi_text(path: str | Path, texts: dict[str, str]) -> None:
-    body = "".join(f"{k} {' '.join(v.split())}\n" for k, v in sorted(texts.items()))
+    body = "".join(" ".join([k, *v.split()]) + "\n" for k, v in sorted(texts.items()))
     atomic_write_bytes(path, body.encode("utf-8"))
 
 

@@ -82,7 +82,7 @@ def test_write_results_files(tmp_path):
 
 def test_kaldi_text_round_trip(tmp_path):
     write_kaldi_text(tmp_path / "t", {"b": "two  words", "a": ""})
-    assert (tmp_path / "t").read_text() == "a \nb two words\n"
+    assert (tmp_path / "t").read_text() == "a\nb two words\n"
     assert read_kaldi_text(tmp_path / "t") == {"a": "", "b": "two words"}
 
 

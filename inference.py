@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Decode and score: `python inference.py MODEL TARGET [key=value ...]`.
+
+MODEL   the Whisper size the checkpoint belongs to (tiny, base, small, medium, large-v3, turbo, *.en, ...).
+TARGET  an experiment dir (its config.yaml is read; `decode.checkpoint` picks best | last | avg | export | a path)
+        or a checkpoint file (e.g. exp/models/base.pt, a bare teacher: no experiment dir needed).
+Overrides use Hydra's syntax on the experiment's config (`decode.test_sets=[data/demo/test]`, `decode.beam_size=5`,
+`decode.device=cuda`, `decode.num_threads=2`, `decode.out_dir=DIR`); unknown keys are errors.
+
+Per test set it writes `decode_<set>_<tag>/` (in TARGET, or next to a checkpoint file; `decode.out_dir` replaces
+it): hyp.txt, ref.txt, utt_errors.tsv, alignment.txt, results.json, summary.txt. It prints each summary.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from whisper.model import ModelDimensions
+
+from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, decode_utterances, search_tag,
+                                select_utts)
+from dqwhisper.scoring import score_utterances, summarize, write_kaldi_text, write_results
+from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
+
+log = get_logger("dqwhisper.inference")
+
+NAMED_CHECKPOINTS = {"best": "best.pt", "last": "last.pt", "avg": "avg.pt", "export": "export/model.dqw"}
+
+# openai-whisper's released sizes: (n_mels, n_vocab, n_audio_state, n_audio_head, n_audio_layer,
+#                                   n_text_state, n_text_head, n_text_layer)
+WHISPER_DIMS = {
+    "tiny": (80, 51865, 384, 6, 4, 384, 6, 4),
+    "base": (80, 51865, 512, 8, 6, 512, 8, 6),
+    "small": (80, 51865, 768, 12, 12, 768, 12, 12),
+    "medium": (80, 51865, 1024, 16, 24, 1024, 16, 24),
+    "large-v1": (80, 51865, 1280, 20, 32, 1280, 20, 32),
+    "large-v2": (80, 51865, 1280, 20, 32, 1280, 20, 32),
+    "large-v3": (128, 51866, 1280, 20, 32, 1280, 20, 32),
+    "large-v3-turbo": (128, 51866, 1280, 20, 32, 1280, 20, 4),
+}
+for _size in ("tiny", "base", "small", "medium"):
+    WHISPER_DIMS[f"{_size}.en"] = (80, 51864) + WHISPER_DIMS[_size][2:]
+WHISPER_DIMS["large"] = WHISPER_DIMS["large-v3"]
+WHISPER_DIMS["turbo"] = WHISPER_DIMS["large-v3-turbo"]
+_DIM_NAMES = ("n_mels", "n_vocab", "n_audio_state", "n_audio_head", "n_audio_layer", "n_text_state", "n_text_head",
+              "n_text_layer")
+_MAX_LAYERS = {"n_audio_layer", "n_text_layer"}
+
+
+def check_model_name(name: str, dims: ModelDimensions, source: str) -> None:
+    """MODEL agrees with a checkpoint when the widths, heads, mel bins and vocabulary equal the named size's and the
+    layer counts, audio window and text context are at most its own (a student cut from it keeps fewer layers and
+    may have a shorter window). Otherwise raise, saying what the checkpoint has and which size it looks like."""
+    if name not in WHISPER_DIMS:
+        raise DQWhisperError(f"MODEL '{name}' is not a Whisper size; one of: {', '.join(WHISPER_DIMS)}")
+
+    def mismatches(size: str) -> list[str]:
+        out = []
+        for key, want in zip(_DIM_NAMES, WHISPER_DIMS[size]):
+            got = getattr(dims, key)
+            if (got > want) if key in _MAX_LAYERS else (got != want):
+                out.append(f"{key}={got} ({'at most ' if key in _MAX_LAYERS else ''}{want} for {size})")
+        if dims.n_audio_ctx > 1500 or dims.n_text_ctx > 448:
+            out.append(f"n_audio_ctx={dims.n_audio_ctx}, n_text_ctx={dims.n_text_ctx} (at most 1500, 448)")
+        return out
+
+    bad = mismatches(name)
+    if bad:
+        like = [s for s in WHISPER_DIMS if not mismatches(s)]
+        hint = f"; it looks like {' / '.join(like)}" if like else "; it matches no Whisper size"
+        raise DQWhisperError(f"MODEL '{name}' does not match checkpoint {source}: {', '.join(bad)}{hint}")
+
+
+def parse_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Apply Hydra command-line overrides to `cfg` in struct mode: a key that does not exist is an error."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise DQWhisperError(f"bad override: {e}") from None
+    OmegaConf.set_struct(cfg, True)
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete() or o.is_add() or o.is_force_add() or o.package:
+            raise DQWhisperError(f"override '{o.input_line}': only key=value is supported")
+        if not _has_key(cfg, key):
+            raise DQWhisperError(f"override '{o.input_line}': unknown key '{key}'")
+        try:
+            OmegaConf.update(cfg, key, o.value(), merge=False)
+        except OmegaConfBaseException as e:
+            raise DQWhisperError(f"override '{o.input_line}': {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def load_config(target: Path, overrides: list[str]) -> tuple[DictConfig, bool]:
+    """(config, is_experiment): the experiment's saved config (or a bare one) with a typed `decode` section."""
+    schema = OmegaConf.structured(DecodeConfig)
+    if target.is_dir():
+        path = target / "config.yaml"
+        if not path.is_file():
+            raise DQWhisperError(f"{target}: not an experiment dir (no config.yaml); "
+                                 "give an experiment dir written by training, or a checkpoint file")
+        saved = OmegaConf.load(path)
+        try:
+            decode = OmegaConf.merge(schema, saved.get("decode") or {})
+        except OmegaConfBaseException as e:
+            raise DQWhisperError(f"{path}: bad decode section: {str(e).splitlines()[0]}") from None
+        saved.decode = decode
+        return parse_overrides(saved, overrides), True
+    if not target.exists():
+        raise DQWhisperError(f"{target}: no such experiment dir or checkpoint file")
+    return parse_overrides(OmegaConf.create({"decode": schema}), overrides), False
+
+
+def resolve_checkpoint(target: Path, is_exp: bool, choice: str) -> Path:
+    if not is_exp:
+        if choice not in ("best", str(target)):
+            log.warning("decode.checkpoint=%s ignored: TARGET %s is a checkpoint file", choice, target)
+        return target
+    if choice in NAMED_CHECKPOINTS:
+        path = target / NAMED_CHECKPOINTS[choice]
+    else:
+        path = Path(choice)
+    if not path.is_file():
+        found = [n for n, f in NAMED_CHECKPOINTS.items() if (target / f).is_file()]
+        raise DQWhisperError(f"{target}: checkpoint '{choice}' ({path}) does not exist; this experiment has "
+                             f"{', '.join(found) if found else 'no checkpoint (best.pt, last.pt, avg.pt, export/model.dqw)'}"
+                             " (choose with decode.checkpoint=...)")
+    return path
+
+
+def load_model(path: Path, device: torch.device):
+    if path.suffix == ".dqw":
+        from dqwhisper.quant.export import load_exported
+
+        return load_exported(path).to(device).eval()
+    from dqwhisper.models.student import load_checkpoint
+
+    return load_checkpoint(path, device)
+
+
+def test_set_dirs(cfg: DictConfig, is_exp: bool) -> list[Path]:
+    sets = list(cfg.decode.test_sets)
+    if not sets and is_exp and "data" in cfg and cfg.data.get("data_dir"):
+        sets = [str(Path(cfg.data.data_dir) / s) for s in (cfg.data.get("test_sets") or [])]
+    if not sets:
+        raise DQWhisperError("no test set: give decode.test_sets=[DATA_DIR,...]")
+    return [Path(s) for s in sets]
+
+
+def load_test_set(path: Path):
+    """DataDir.load plus a check that every audio file exists, so a broken set fails before any decoding."""
+    from dqwhisper.data.kaldi import DataDir, is_pipe
+
+    data = DataDir.load(path)
+    if not data.utts:
+        raise DQWhisperError(f"{path}: test set has no utterances")
+    for wav in sorted({u.wav for u in data.utts}):
+        if not is_pipe(wav) and not Path(data.resolve(wav)).is_file():
+            raise DQWhisperError(f"{path / 'wav.scp'}: audio file {data.resolve(wav)} does not exist")
+    return data
+
+
+def set_names(paths: list[Path]) -> list[str]:
+    """Folder names of the test sets, with the parent prepended where two sets share a name."""
+    names = [p.resolve().name for p in paths]
+    return [f"{p.resolve().parent.name}_{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+def run(model_name: str, target: str | Path, overrides: list[str], progress: bool = True) -> list[dict]:
+    """Decode and score every test set; return the results.json dicts (with "out_dir" added)."""
+    target = Path(target)
+    cfg, is_exp = load_config(target, overrides)
+    dcfg: DecodeConfig = OmegaConf.to_object(cfg.decode)
+    if dcfg.languages is None and is_exp and "data" in cfg and cfg.data.get("languages"):
+        dcfg.languages = list(cfg.data.languages)
+    sets = test_set_dirs(cfg, is_exp)
+    datas = [load_test_set(p) for p in sets]  # validate every set before loading the model
+    ckpt = resolve_checkpoint(target, is_exp, dcfg.checkpoint)
+    device = resolve_device(dcfg.device)
+    if dcfg.num_threads > 0:
+        torch.set_num_threads(dcfg.num_threads)
+    model = load_model(ckpt, device)
+    check_model_name(model_name, model.dims, str(ckpt))
+    apply_audio_window(model, dcfg.audio_window)
+    ckpt_tag = ckpt.stem if not is_exp or dcfg.checkpoint not in NAMED_CHECKPOINTS else dcfg.checkpoint
+    tag = dcfg.tag or f"{ckpt_tag}_{search_tag(dcfg)}"
+    root = target if is_exp else target.parent
+    results = []
+    for path, name, data in zip(sets, set_names(sets), datas):
+        utts = select_utts(data.utts, dcfg)
+        if not utts:
+            raise DQWhisperError(f"{path}: no utterance left after decode.languages / max_utts / shard")
+        if dcfg.out_dir is None:
+            out = root / f"decode_{name}_{tag}"
+        else:
+            out = Path(dcfg.out_dir) if len(sets) == 1 else Path(dcfg.out_dir) / f"decode_{name}_{tag}"
+        log.info("decoding %s (%d utterances) with %s -> %s", path, len(utts), ckpt, out)
+        dec = decode_utterances(model, data, utts, dcfg, progress=progress,
+                                bpe_fallback=target / "bpe.model" if is_exp else None)
+        hyps = {h.utt_id: h.text for h in dec.hyps}
+        refs = {u.utt_id: u.text for u in utts}
+        out.mkdir(parents=True, exist_ok=True)
+        write_kaldi_text(out / "hyp.txt", hyps)
+        write_kaldi_text(out / "ref.txt", refs)
+        if dcfg.language == DETECT:
+            write_kaldi_text(out / "hyp_lang.txt", {h.utt_id: h.language for h in dec.hyps})
+        scores, alignments = score_utterances(refs, hyps, {u.utt_id: u.lang for u in utts}, dcfg.raw,
+                                              dcfg.cer_languages)
+        summary = summarize(scores)
+        summary.update({
+            "rtf": dec.rtf, "tokens_per_second": dec.tokens_per_second, "wall_seconds": dec.wall_seconds,
+            "audio_seconds": dec.audio_seconds, "n_tokens": dec.n_tokens, "n_trimmed": dec.n_trimmed,
+            "model": model_name, "checkpoint": str(ckpt), "test_set": str(path), "tag": tag,
+            "normalized": not dcfg.raw, "device": str(device), "num_threads": torch.get_num_threads(),
+            "decode": asdict(dcfg),
+        })
+        table = write_results(out, scores, alignments, summary, title=f"{path} | {ckpt} | {tag}")
+        print(table, flush=True)
+        results.append({**summary, "out_dir": str(out)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="example: python inference.py base exp/jp_demo decode.beam_size=5")
+    p.add_argument("model", help="Whisper size the checkpoint belongs to, e.g. base")
+    p.add_argument("target", help="experiment dir or checkpoint file")
+    p.add_argument("overrides", nargs="*", help="key=value (Hydra syntax), e.g. decode.test_sets=[data/demo/test]")
+    args = p.parse_args(argv)
+    try:
+        run(args.model, args.target, args.overrides)
+    except DQWhisperError as e:
+        print(f"inference.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

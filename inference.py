@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -183,34 +183,54 @@ def set_names(paths: list[Path]) -> list[str]:
     return [f"{p.resolve().parent.name}_{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
-def run(model_name: str, target: str | Path, overrides: list[str], progress: bool = True) -> list[dict]:
-    """Decode and score every test set; return the results.json dicts (with "out_dir" added)."""
+@dataclass
+class Plan:
+    cfg: DecodeConfig
+    is_exp: bool
+    checkpoint: Path
+    test_sets: list[Path]
+    out_dirs: list[Path]  # one per test set
+    tag: str
+
+
+def plan(target: str | Path, overrides: list[str]) -> Plan:
+    """What `run` would decode and where it would write, from TARGET and the overrides (nothing is loaded)."""
     target = Path(target)
     cfg, is_exp = load_config(target, overrides)
     dcfg: DecodeConfig = OmegaConf.to_object(cfg.decode)
     if dcfg.languages is None and is_exp and "data" in cfg and cfg.data.get("languages"):
         dcfg.languages = list(cfg.data.languages)
     sets = test_set_dirs(cfg, is_exp)
-    datas = [load_test_set(p) for p in sets]  # validate every set before loading the model
     ckpt = resolve_checkpoint(target, is_exp, dcfg.checkpoint)
+    ckpt_tag = ckpt.stem if not is_exp or dcfg.checkpoint not in NAMED_CHECKPOINTS else dcfg.checkpoint
+    tag = dcfg.tag or f"{ckpt_tag}_{search_tag(dcfg)}"
+    root = target if is_exp else target.parent
+    if dcfg.out_dir is None:
+        outs = [root / f"decode_{name}_{tag}" for name in set_names(sets)]
+    elif len(sets) == 1:
+        outs = [Path(dcfg.out_dir)]
+    else:
+        outs = [Path(dcfg.out_dir) / f"decode_{name}_{tag}" for name in set_names(sets)]
+    return Plan(dcfg, is_exp, ckpt, sets, outs, tag)
+
+
+def run(model_name: str, target: str | Path, overrides: list[str], progress: bool = True) -> list[dict]:
+    """Decode and score every test set; return the results.json dicts (with "out_dir" added)."""
+    target = Path(target)
+    p = plan(target, overrides)
+    dcfg, is_exp, ckpt, tag = p.cfg, p.is_exp, p.checkpoint, p.tag
+    datas = [load_test_set(s) for s in p.test_sets]  # validate every set before loading the model
     device = resolve_device(dcfg.device)
     if dcfg.num_threads > 0:
         torch.set_num_threads(dcfg.num_threads)
     model = load_model(ckpt, device)
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)
-    ckpt_tag = ckpt.stem if not is_exp or dcfg.checkpoint not in NAMED_CHECKPOINTS else dcfg.checkpoint
-    tag = dcfg.tag or f"{ckpt_tag}_{search_tag(dcfg)}"
-    root = target if is_exp else target.parent
     results = []
-    for path, name, data in zip(sets, set_names(sets), datas):
+    for path, out, data in zip(p.test_sets, p.out_dirs, datas):
         utts = select_utts(data.utts, dcfg)
         if not utts:
             raise DQWhisperError(f"{path}: no utterance left after decode.languages / max_utts / shard")
-        if dcfg.out_dir is None:
-            out = root / f"decode_{name}_{tag}"
-        else:
-            out = Path(dcfg.out_dir) if len(sets) == 1 else Path(dcfg.out_dir) / f"decode_{name}_{tag}"
         log.info("decoding %s (%d utterances) with %s -> %s", path, len(utts), ckpt, out)
         dec = decode_utterances(model, data, utts, dcfg, progress=progress,
                                 bpe_fallback=target / "bpe.model" if is_exp else None)

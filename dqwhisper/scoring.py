@@ -9,7 +9,8 @@ Overall figures, stated in `results.json` too:
   characters of the CER languages added together, so a character-scored language weighs by its character count);
 - `macro_error`: the unweighted mean of the per-language errors.
 
-CLI (rescoring merged output, scripts/decode.sh): `python -m dqwhisper.scoring --data DIR --hyp hyp.txt --out DIR`.
+CLI: `python -m dqwhisper.scoring --data DIR --hyp hyp.txt --out DIR` rescoring a hypothesis file;
+`python -m dqwhisper.scoring --data DIR --merge PART_DIR... --out DIR` joining decode.sh's parallel parts.
 """
 from __future__ import annotations
 
@@ -211,15 +212,66 @@ def score_files(data_dir: str | Path, hyp_path: str | Path, raw: bool = False,
     return scores, alignments, summarize(scores)
 
 
+def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: str | Path,
+                elapsed_seconds: float | None = None) -> str:
+    """Join the outputs of `inference.py ... decode.shard=k/n` runs (scripts/decode.sh) and score them as one.
+
+    hyp.txt / ref.txt are concatenated; the scoring switches come from the parts' results.json; `rtf` is the
+    parts' summed decoding time over the audio (compute per audio second), `rtf_elapsed` the wall-clock time of
+    the parallel run (when given) over the audio."""
+    from dqwhisper.data.kaldi import DataDir
+
+    hyps: dict[str, str] = {}
+    refs: dict[str, str] = {}
+    parts = []
+    for d in map(Path, part_dirs):
+        if not (d / "results.json").is_file():
+            raise DQWhisperError(f"{d}: no results.json (did this part fail?)")
+        parts.append(json.loads((d / "results.json").read_text()))
+        for target, name in ((hyps, "hyp.txt"), (refs, "ref.txt")):
+            new = read_kaldi_text(d / name)
+            overlap = set(new) & set(target)
+            if overlap:
+                raise DQWhisperError(f"{d / name}: utterance '{sorted(overlap)[0]}' is in two parts")
+            target.update(new)
+    first = parts[0]["decode"]
+    langs = {u.utt_id: u.lang for u in DataDir.load(data_dir).utts}
+    scores, alignments = score_utterances(refs, hyps, langs, first["raw"], first["cer_languages"])
+    summary = summarize(scores)
+    totals = {k: sum(p[k] for p in parts) for k in ("wall_seconds", "audio_seconds", "n_tokens", "n_trimmed")}
+    summary.update({
+        "rtf": totals["wall_seconds"] / max(totals["audio_seconds"], 1e-9),
+        "rtf_elapsed": None if elapsed_seconds is None else elapsed_seconds / max(totals["audio_seconds"], 1e-9),
+        "tokens_per_second": totals["n_tokens"] / max(totals["wall_seconds"], 1e-9), **totals,
+        **{k: parts[0][k] for k in ("model", "checkpoint", "test_set", "tag", "normalized", "device", "num_threads")},
+        "n_jobs": len(parts), "decode": {**first, "shard": None},
+    })
+    out_dir = Path(out_dir)
+    write_kaldi_text(out_dir / "hyp.txt", hyps)
+    write_kaldi_text(out_dir / "ref.txt", refs)
+    return write_results(out_dir, scores, alignments, summary, title=f"{summary['test_set']} | "
+                         f"{summary['checkpoint']} | {summary['tag']} | {len(parts)} jobs")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Score a Kaldi hyp file against a data dir (per-language WER/CER).")
     p.add_argument("--data", required=True, help="data dir with text and utt2lang")
-    p.add_argument("--hyp", required=True, help="hypotheses, 'utt-id text' lines; only these utterances are scored")
+    p.add_argument("--hyp", help="hypotheses, 'utt-id text' lines; only these utterances are scored")
     p.add_argument("--out", help="folder for utt_errors.tsv, alignment.txt, results.json, summary.txt")
     p.add_argument("--raw", action="store_true", help="no Whisper normalizers")
     p.add_argument("--cer-languages", default=",".join(CER_LANGUAGES), help="comma-separated CER languages")
     p.add_argument("--extra", help="JSON object merged into results.json (rtf, model, checkpoint, ...)")
+    p.add_argument("--merge", nargs="+", metavar="PART_DIR", help="join these decode.shard outputs into --out "
+                   "(--hyp is then not read)")
+    p.add_argument("--elapsed", type=float, help="with --merge: wall-clock seconds of the parallel run")
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        print(merge_parts(args.merge, args.data, args.out, args.elapsed))
+        return
+    if not args.hyp:
+        p.error("--hyp is required (unless --merge)")
     scores, alignments, summary = score_files(args.data, args.hyp, args.raw, args.cer_languages.split(","))
     if args.extra:
         summary.update(json.loads(args.extra))
@@ -230,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 __all__ = ["CER_LANGUAGES", "UttScore", "normalize", "metric_for", "score_utterances", "summarize", "format_table",
-           "write_results", "write_kaldi_text", "read_kaldi_text", "score_files"]
+           "write_results", "write_kaldi_text", "read_kaldi_text", "score_files", "merge_parts"]
 
 if __name__ == "__main__":
     main()

@@ -159,3 +159,20 @@ def test_error_unknown_override_and_main_exit_code(checkpoint, data_dir, capsys)
 def test_no_test_set_for_a_bare_checkpoint(checkpoint):
     with pytest.raises(DQWhisperError, match=r"no test set: give decode.test_sets"):
         run("tiny", checkpoint, [])
+
+
+def test_decode_sh_parallel_jobs_equal_one_run(checkpoint, data_dir, tmp_path):
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    common = [f"decode.test_sets=[{data_dir}]", "decode.max_new_tokens=5"]
+    [single] = run("tiny", checkpoint, common + [f"decode.out_dir={tmp_path / 'one'}"])
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "decode.sh"), "--nj", "2", "tiny", str(checkpoint), *common,
+                           f"decode.out_dir={tmp_path / 'two'}"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (tmp_path / "two" / "hyp.txt").read_text() == (tmp_path / "one" / "hyp.txt").read_text()
+    assert merged["per_language"] == single["per_language"] and merged["n_jobs"] == 2
+    assert merged["rtf_elapsed"] > 0 and merged["decode"]["shard"] is None
+    assert sorted(p.name for p in (tmp_path / "two" / "split2").iterdir()) == ["1", "1.log", "2", "2.log"]

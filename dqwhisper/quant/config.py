@@ -1,31 +1,131 @@
-"""Quantization settings (config group `quant/`). Owned by the quantization package; the trainer only passes it on."""
+"""Quantization settings (config group `quant/`). Owned by the quantization package; the trainer only passes it on.
+
+`resolve_config` turns a QuantConfig, an omegaconf DictConfig or a plain dict into a validated QuantConfig; every
+entry point of the package (prepare, ptq, export) goes through it, so a bad setting fails before any work.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from dqwhisper.utils import DQWhisperError
+
+SCOPES = ("decoder", "encoder", "all")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+SCALE_INITS = ("minmax", "mse")
+MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass
 class WeightQuantConfig:
     bits: int = 8  # 2..8
-    symmetric: bool = True  # symmetric (zero point 0) or asymmetric
-    granularity: str = "per_channel"  # per_tensor | per_channel | per_group
-    group_size: int = 64  # with per_group: input columns sharing one scale
-    lsq: bool = False  # learnable step size (LSQ) instead of a min/max scale
+    symmetric: bool = True  # symmetric (zero point 0) or asymmetric (integer zero point per scale)
+    granularity: str = "per_channel"  # per_tensor | per_channel (per output row) | per_group
+    group_size: int = 64  # with per_group: consecutive input columns sharing one scale
+    lsq: bool = False  # learnable step size (LSQ, Esser et al. 2020) instead of a scale recomputed from the weights
+    scale_init: str = "mse"  # LSQ init: minmax (no clipping) | mse (clipping ratio with the least squared error)
 
 
 @dataclass
 class ActivationQuantConfig:
-    enabled: bool = False  # 8-bit per-token dynamic activation fake quantization on quantized linears
+    enabled: bool = False  # 8-bit per-token dynamic symmetric fake quantization of the inputs of quantized linears
     bits: int = 8
 
 
 @dataclass
 class QuantConfig:
     enabled: bool = False
-    scope: str = "decoder"  # decoder (the paper) | encoder | all
-    include: list[str] = field(default_factory=list)  # regexes on module names, narrowing the scope
+    scope: str = "decoder"  # decoder (the paper) | encoder (encoder + CTC head) | all
+    include: list[str] = field(default_factory=list)  # regexes (re.search) on module names, narrowing the scope
     exclude: list[str] = field(default_factory=list)  # regexes on module names to leave in float
-    embedding: bool = True  # quantize the token embedding (and so the tied output projection)
+    embedding: bool = True  # quantize the token embedding (and so the tied output projection) when in scope
+    embedding_bits: int | None = None  # bits of the token embedding; None: weight.bits
+    conv: bool = True  # quantize the encoder's Conv1d layers when the encoder is in scope (per output channel)
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     activation: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
     ptq: bool = False  # post-training quantization of a float student: quantize, no training
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _plain(cfg: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # omegaconf is optional for users of the package alone
+        pass
+    return cfg
+
+
+def _build(cls, values: Mapping, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DQWhisperError(f"quant config: unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        if name == "weight":
+            value = value if isinstance(value, WeightQuantConfig) else _build(WeightQuantConfig, value, "quant.weight")
+        elif name == "activation":
+            value = value if isinstance(value, ActivationQuantConfig) else \
+                _build(ActivationQuantConfig, value, "quant.activation")
+        elif name in ("include", "exclude"):
+            value = [] if value is None else list(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_bits(bits: Any, key: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise DQWhisperError(f"quant config: {key} = {bits!r}, must be an integer from {MIN_BITS} to {MAX_BITS}")
+
+
+def validate(cfg: QuantConfig) -> QuantConfig:
+    """Raise DQWhisperError naming the key for any setting the quantizer cannot honour."""
+    import re
+
+    w = cfg.weight
+    _check_bits(w.bits, "quant.weight.bits")
+    if cfg.embedding_bits is not None:
+        _check_bits(cfg.embedding_bits, "quant.embedding_bits")
+    if cfg.scope not in SCOPES:
+        raise DQWhisperError(f"quant config: quant.scope = {cfg.scope!r}, must be one of {list(SCOPES)}")
+    if w.granularity not in GRANULARITIES:
+        raise DQWhisperError(f"quant config: quant.weight.granularity = {w.granularity!r}, "
+                             f"must be one of {list(GRANULARITIES)}")
+    if w.granularity == "per_group" and (isinstance(w.group_size, bool) or not isinstance(w.group_size, int)
+                                         or w.group_size < 2):
+        raise DQWhisperError(f"quant config: quant.weight.group_size = {w.group_size!r}, must be an integer >= 2")
+    if w.scale_init not in SCALE_INITS:
+        raise DQWhisperError(f"quant config: quant.weight.scale_init = {w.scale_init!r}, must be one of "
+                             f"{list(SCALE_INITS)}")
+    if cfg.activation.enabled and cfg.activation.bits != 8:
+        raise DQWhisperError(f"quant config: quant.activation.bits = {cfg.activation.bits!r}; only 8-bit "
+                             "activations are supported (the int8 kernels need them)")
+    for key in ("include", "exclude"):
+        for pattern in getattr(cfg, key):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise DQWhisperError(f"quant config: quant.{key} pattern {pattern!r} is not a regex: {e}") from e
+    return cfg
+
+
+def resolve_config(cfg: QuantConfig | Mapping | Any) -> QuantConfig:
+    """QuantConfig | DictConfig | dict -> validated QuantConfig (a copy; the input is not changed)."""
+    if isinstance(cfg, QuantConfig):
+        return validate(_build(QuantConfig, asdict(cfg), "quant"))
+    cfg = _plain(cfg)
+    if not isinstance(cfg, Mapping):
+        raise DQWhisperError(f"quant config must be a QuantConfig, DictConfig or dict, got {type(cfg).__name__}")
+    return validate(_build(QuantConfig, dict(cfg), "quant"))
+
+
+def register_configs() -> None:
+    """Register the schema for Hydra's `quant` group (a key typo in conf/quant/*.yaml is then an error)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="quant", name="quant_schema", node=QuantConfig)

@@ -1,0 +1,308 @@
+"""Fake quantization: the quantizer math, weight/activation fake quantizers, and the fake-quantized modules.
+
+Conventions (shared with convert and the export file, so the three agree bit for bit):
+- A weight of shape (out, ...) is viewed as `(A, B, G)`: per_tensor (1, 1, numel), per_channel (out, 1, in),
+  per_group (out, in / g, g) with `in` the flattened input width. Scales and zero points have shape (A, B).
+- Signed codes for symmetric quantization, `[-2^(b-1), 2^(b-1) - 1]`; unsigned `[0, 2^b - 1]` with an integer zero
+  point for asymmetric. min/max scales cover the range without clipping: symmetric `amax / (2^(b-1) - 0.5)` (all 2^b
+  levels used, error <= scale / 2 everywhere), asymmetric `(max - min) / (2^b - 1)` with 0 in the range.
+- Effective scales are float16 values (the export stores fp16 scales; min/max scales round up, so never clip), so a dequantized export reproduces the
+  fake-quantized weights exactly: `w_q = (codes - zero) * scale` in float32 in both places.
+- Straight-through estimator for the rounding (and for the at most half-step clipping at the ends of the grid); LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020) learns
+  the scale with its gradient scaled by `1 / sqrt(n * Qp)`, n = weights sharing that scale, Qp = the largest code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dqwhisper.utils import DQWhisperError
+
+SCALE_MIN = 2.0 ** -14  # smallest normal float16: scales never reach zero or a subnormal
+MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # clipping ratios tried by the mse scale init (1.0 .. 0.5)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    symmetric: bool = True
+    granularity: str = "per_channel"
+    group_size: int = 0
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    def grouped_shape(self, shape: tuple[int, ...], what: str = "weight") -> tuple[int, int, int]:
+        """(A, B, G) view of a weight of `shape` (rows = output channels, the rest flattened to the input width)."""
+        rows = shape[0]
+        width = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if self.granularity == "per_tensor":
+            return 1, 1, rows * width
+        if self.granularity == "per_channel":
+            return rows, 1, width
+        if self.granularity == "per_group":
+            if self.group_size <= 0 or width % self.group_size:
+                raise DQWhisperError(f"quant config: group_size {self.group_size} does not divide the input width "
+                                     f"{width} of {what} {tuple(shape)}; pick a divisor or exclude that module")
+            return rows, width // self.group_size, self.group_size
+        raise DQWhisperError(f"unknown granularity {self.granularity!r}")
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; gradient multiplied by `g` (LSQ's gradient scale). Exact in the forward."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.g = g
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
+
+
+class _Fp16STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _RoundClampSTE(torch.autograd.Function):
+    """clamp(round(v), qmin, qmax); the gradient passes where v is within half a step of the grid
+    ([qmin - 0.5, qmax + 0.5]: only rounding happened) and is zero where v was clipped further."""
+
+    @staticmethod
+    def forward(ctx, v, qmin, qmax):
+        ctx.save_for_backward((v >= qmin - 0.5) & (v <= qmax + 0.5))
+        return torch.round(v).clamp(qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def round_ste(x: Tensor) -> Tensor:
+    return _RoundSTE.apply(x)
+
+
+def fp16_scale(s: Tensor) -> Tensor:
+    """Clamp to SCALE_MIN and round to a float16-representable value (straight-through)."""
+    return _Fp16STE.apply(s.clamp(min=SCALE_MIN))
+
+
+def fp16_scale_up(s: Tensor) -> Tensor:
+    """The smallest float16-representable value >= s (clamped to SCALE_MIN): a min/max scale rounded up never clips."""
+    s = s.detach().float().clamp(min=SCALE_MIN)
+    h = s.to(torch.float16)
+    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where(h.float() < s, up, h).float()
+
+
+def minmax_scale_zero(w3: Tensor, spec: QuantSpec, ratio: float | Tensor = 1.0) -> tuple[Tensor, Tensor | None]:
+    """(A, B, G) weights -> (scale (A, B), zero point (A, B) or None), covering `ratio` of the min/max range."""
+    if spec.symmetric:
+        amax = w3.abs().amax(-1) * ratio
+        return fp16_scale_up(amax / (spec.qmax + 0.5)), None
+    lo = w3.amin(-1).clamp(max=0) * ratio
+    hi = w3.amax(-1).clamp(min=0) * ratio
+    s = fp16_scale_up((hi - lo) / (spec.qmax - spec.qmin))
+    z = torch.round(-lo / s).clamp(spec.qmin, spec.qmax)
+    return s, z
+
+
+def quantize_codes(w3: Tensor, s: Tensor, z: Tensor | None, spec: QuantSpec) -> Tensor:
+    """Integer-valued float codes, clamp(round(w / s) + z); gradients pass straight through the rounding."""
+    v = w3 / s.unsqueeze(-1)
+    if z is not None:
+        v = v + z.unsqueeze(-1)
+    return _RoundClampSTE.apply(v, spec.qmin, spec.qmax)
+
+
+def dequantize_codes(q: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
+    """(A, B, G) codes -> float weights (q - z) * s."""
+    if z is not None:
+        q = q - z.unsqueeze(-1)
+    return q * s.unsqueeze(-1)
+
+
+@torch.no_grad()
+def mse_scale_zero(w3: Tensor, spec: QuantSpec, chunk_elems: int = 1 << 22) -> tuple[Tensor, Tensor | None]:
+    """Per scale, the clipping ratio from MSE_RATIOS whose quantization error is smallest (a sound LSQ init)."""
+    A, B, G = w3.shape
+    flat = w3.reshape(A * B, 1, G)
+    rows = max(1, chunk_elems // max(G, 1))
+    best_s = torch.empty(A * B, device=w3.device)
+    best_z = None if spec.symmetric else torch.empty(A * B, device=w3.device)
+    for start in range(0, A * B, rows):
+        part = flat[start:start + rows].float()
+        best_err = torch.full((part.shape[0],), float("inf"), device=w3.device)
+        for ratio in MSE_RATIOS:
+            s, z = minmax_scale_zero(part, spec, ratio)
+            err = (dequantize_codes(quantize_codes(part, s, z, spec), s, z) - part).pow(2).sum((-1, -2))
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s[start:start + rows] = torch.where(better, s[:, 0], best_s[start:start + rows])
+            if z is not None:
+                best_z[start:start + rows] = torch.where(better, z[:, 0], best_z[start:start + rows])
+    return best_s.view(A, B), None if best_z is None else best_z.view(A, B)
+
+
+class WeightFakeQuantizer(nn.Module):
+    """Fake-quantizes a weight tensor. min/max scales recomputed from the weight (the paper's quantizer), or LSQ:
+    a learnable scale (and, asymmetric, a learnable zero point rounded straight-through), initialised by `scale_init`.
+    """
+
+    def __init__(self, spec: QuantSpec, weight: Tensor, lsq: bool = False, scale_init: str = "mse",
+                 name: str = "weight"):
+        super().__init__()
+        self.spec = spec
+        self.lsq = lsq
+        self.weight_shape = tuple(weight.shape)
+        self.grouped = spec.grouped_shape(self.weight_shape, name)
+        self._cache: tuple | None = None
+        if lsq:
+            w3 = weight.detach().float().reshape(self.grouped)
+            s, z = mse_scale_zero(w3, spec) if scale_init == "mse" else minmax_scale_zero(w3, spec)
+            self.scale = nn.Parameter(s.detach().clone())
+            self.zero_point = None if z is None else nn.Parameter(z.detach().clone())
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"bits={s.bits}, symmetric={s.symmetric}, granularity={s.granularity}, "
+                f"group_size={s.group_size}, lsq={self.lsq}")
+
+    def scale_zero(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Effective (fp16-representable) scale (A, B) and integer zero point (A, B) or None."""
+        if not self.lsq:
+            return minmax_scale_zero(weight.detach().float().reshape(self.grouped), self.spec)
+        n_per_scale = self.grouped[2]
+        g = 1.0 / math.sqrt(n_per_scale * max(self.spec.qmax, 1))
+        s = fp16_scale(_ScaleGrad.apply(self.scale, g))
+        z = None
+        if self.zero_point is not None:
+            z = round_ste(_ScaleGrad.apply(self.zero_point, g)).clamp(self.spec.qmin, self.spec.qmax)
+        return s, z
+
+    def codes(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(integer-valued float codes (A, B, G), scale (A, B), zero (A, B) or None) — what convert and export store."""
+        s, z = self.scale_zero(weight)
+        return quantize_codes(weight.float().reshape(self.grouped), s, z, self.spec), s, z
+
+    def forward(self, weight: Tensor) -> Tensor:
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable:
+            key = (weight.data_ptr(), weight._version, weight.device, weight.dtype,
+                   None if not self.lsq else (self.scale.data_ptr(), self.scale._version))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+        q, s, z = self.codes(weight)
+        out = dequantize_codes(q, s, z).reshape(self.weight_shape).to(weight.dtype)
+        if cacheable:
+            self._cache = (key, out)
+        else:
+            self._cache = None
+        return out
+
+
+def quantize_per_token(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric per-token (last axis) quantization: (integer-valued float codes, scales (..., 1))."""
+    qmax = 2 ** (bits - 1) - 1
+    s = (x.detach().float().abs().amax(-1, keepdim=True) / (qmax + 0.5)).clamp(min=1e-12)
+    return round_ste((x.float() / s).clamp(-qmax - 1, qmax)), s
+
+
+class ActivationFakeQuantizer(nn.Module):
+    """8-bit per-token dynamic symmetric fake quantization of a linear's input (scales not learned)."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.bits = bits
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_token=True, symmetric=True"
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, s = quantize_per_token(x, self.bits)
+        return (q * s).to(x.dtype)
+
+
+class FakeQuantizedLinear(nn.Linear):
+    """nn.Linear whose weight (and optionally input) is fake-quantized; same parameter names as the float layer."""
+
+    def __init__(self, linear: nn.Linear, weight_fake_quantizer: WeightFakeQuantizer,
+                 activation_fake_quantizer: ActivationFakeQuantizer | None = None):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_fake_quantizer = weight_fake_quantizer
+        self.activation_fake_quantizer = activation_fake_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.activation_fake_quantizer is not None:
+            x = self.activation_fake_quantizer(x)
+        w = self.weight_fake_quantizer(self.weight)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class FakeQuantizedConv1d(nn.Conv1d):
+    """nn.Conv1d with a fake-quantized weight (per output channel scales); same parameter names."""
+
+    def __init__(self, conv: nn.Conv1d, weight_fake_quantizer: WeightFakeQuantizer):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_fake_quantizer = weight_fake_quantizer
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        w = self.weight_fake_quantizer(weight)
+        return super()._conv_forward(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class FakeQuantizedEmbedding(nn.Embedding):
+    """Token embedding with fake-quantized rows; `project(x)` is the tied output projection with the same weights,
+    so a row's scale is the per-output-channel scale of the projection."""
+
+    def __init__(self, emb: nn.Embedding, weight_fake_quantizer: WeightFakeQuantizer,
+                 activation_fake_quantizer: ActivationFakeQuantizer | None = None):
+        super().__init__(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, device="meta")
+        self.weight = emb.weight
+        self.weight_fake_quantizer = weight_fake_quantizer
+        self.activation_fake_quantizer = activation_fake_quantizer  # on the projection's input only
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight_fake_quantizer(self.weight), self.padding_idx)
+
+    def project(self, x: Tensor) -> Tensor:
+        """(B, L, d) -> (B, L, rows) logits."""
+        if self.activation_fake_quantizer is not None:
+            x = self.activation_fake_quantizer(x)
+        return x @ self.weight_fake_quantizer(self.weight).to(x.dtype).t()
+
+
+FAKE_QUANTIZED_TYPES = (FakeQuantizedLinear, FakeQuantizedConv1d, FakeQuantizedEmbedding)

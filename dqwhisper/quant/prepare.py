@@ -1,0 +1,135 @@
+"""prepare (swap float modules for fake-quantized ones, by scope) and convert (fake-quantized -> real low-bit).
+
+Scopes name module prefixes: `decoder` = every Linear under `decoder.` plus `decoder.token_embedding` (when
+`quant.embedding`); `encoder` = every Linear under `encoder.`, its Conv1d layers (when `quant.conv`) and the CTC head;
+`all` = both. `include` regexes narrow that set (a module must match one), `exclude` regexes remove from it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+from torch import nn
+
+from dqwhisper.quant.config import QuantConfig, resolve_config
+from dqwhisper.quant.fake_quant import (FAKE_QUANTIZED_TYPES, ActivationFakeQuantizer, FakeQuantizedConv1d,
+                                        FakeQuantizedEmbedding, FakeQuantizedLinear, QuantSpec, WeightFakeQuantizer)
+from dqwhisper.quant.quantized import (QUANTIZED_TYPES, QuantizedConv1d, QuantizedEmbedding, QuantizedLinear,
+                                       QuantizedTensor)
+from dqwhisper.utils import DQWhisperError, get_logger
+
+log = get_logger(__name__)
+EMBEDDING_NAME = "decoder.token_embedding"
+
+
+def _in_scope(name: str, scope: str) -> bool:
+    dec = name.startswith("decoder.")
+    enc = name.startswith("encoder.") or name == "ctc_head" or name.startswith("ctc_head.")
+    return {"decoder": dec, "encoder": enc, "all": dec or enc}[scope]
+
+
+def select_modules(model: nn.Module, cfg: QuantConfig) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every float module that `cfg` quantizes, in model order."""
+    include = [re.compile(p) for p in cfg.include]
+    exclude = [re.compile(p) for p in cfg.exclude]
+    for name, module in model.named_modules():
+        if isinstance(module, FAKE_QUANTIZED_TYPES + QUANTIZED_TYPES):
+            continue
+        if isinstance(module, nn.Embedding):
+            wanted = name == EMBEDDING_NAME and cfg.embedding
+        elif isinstance(module, nn.Conv1d):
+            wanted = cfg.conv
+        else:
+            wanted = isinstance(module, nn.Linear)
+        if not wanted or not _in_scope(name, cfg.scope):
+            continue
+        if include and not any(p.search(name) for p in include):
+            continue
+        if any(p.search(name) for p in exclude):
+            continue
+        yield name, module
+
+
+def weight_spec(cfg: QuantConfig, module: nn.Module) -> QuantSpec:
+    w = cfg.weight
+    bits, granularity = w.bits, w.granularity
+    if isinstance(module, nn.Embedding) and cfg.embedding_bits is not None:
+        bits = cfg.embedding_bits
+    if isinstance(module, nn.Conv1d) and granularity == "per_group":
+        granularity = "per_channel"  # a kernel's taps x input channels do not form natural groups
+    return QuantSpec(bits=bits, symmetric=w.symmetric, granularity=granularity,
+                     group_size=w.group_size if granularity == "per_group" else 0)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
+    """Swap the modules `cfg` names for fake-quantized ones, in place; set `model.quant_config` (a plain dict) so a
+    checkpoint rebuilds the same model. Call it on the float weights the quantizers should start from (LSQ scales
+    are initialised from them). Returns the model."""
+    cfg = resolve_config(cfg)
+    if not cfg.enabled:
+        log.info("quant.enabled is false: model left in float")
+        return model
+    if any(isinstance(m, FAKE_QUANTIZED_TYPES + QUANTIZED_TYPES) for m in model.modules()):
+        raise DQWhisperError("prepare: the model is already quantized (prepare it once, from float)")
+    chosen = list(select_modules(model, cfg))
+    if not chosen:
+        raise DQWhisperError(f"prepare: quant config (scope={cfg.scope}, include={cfg.include}, "
+                             f"exclude={cfg.exclude}) selects no module of this model")
+    specs = [(name, module, weight_spec(cfg, module)) for name, module in chosen]
+    for name, module, spec in specs:  # check every shape before changing anything
+        spec.grouped_shape(tuple(module.weight.shape), name)
+    for name, module, spec in specs:
+        wfq = WeightFakeQuantizer(spec, module.weight, lsq=cfg.weight.lsq, scale_init=cfg.weight.scale_init, name=name)
+        wfq.to(module.weight.device)
+        afq = ActivationFakeQuantizer(cfg.activation.bits) if cfg.activation.enabled else None
+        if isinstance(module, nn.Embedding):
+            new = FakeQuantizedEmbedding(module, wfq, afq)
+        elif isinstance(module, nn.Conv1d):
+            new = FakeQuantizedConv1d(module, wfq)
+        else:
+            new = FakeQuantizedLinear(module, wfq, afq)
+        new.train(module.training)
+        _set_module(model, name, new)
+    model.quant_config = cfg.to_dict()
+    log.info("prepare: %d modules fake-quantized (%d-bit %s%s, scope %s)", len(specs), cfg.weight.bits,
+             cfg.weight.granularity, " LSQ" if cfg.weight.lsq else "", cfg.scope)
+    return model
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FAKE_QUANTIZED_TYPES)]
+
+
+def quantize_module_weight(module: nn.Module) -> QuantizedTensor:
+    """The codes/scales a fake-quantized module's forward uses, as a QuantizedTensor."""
+    import torch
+
+    with torch.no_grad():
+        q, s, z = module.weight_fake_quantizer.codes(module.weight)
+    return QuantizedTensor.from_float_codes(q, s, z, module.weight_fake_quantizer.spec, tuple(module.weight.shape))
+
+
+def convert(model: nn.Module, mode: str = "dequant") -> nn.Module:
+    """Replace every fake-quantized module by its real low-bit form (integer codes + scales), in place.
+    mode "dequant" reproduces the fake-quant forward exactly; "int8" runs int8 kernels (see quantized.py)."""
+    mods = quantized_modules(model)
+    if not mods:
+        raise DQWhisperError("convert: the model has no fake-quantized module (call prepare first)")
+    for name, module in mods:
+        qt = quantize_module_weight(module)
+        device = module.weight.device
+        if isinstance(module, FakeQuantizedEmbedding):
+            new = QuantizedEmbedding(qt, mode, name, act_quant=module.activation_fake_quantizer is not None)
+        elif isinstance(module, FakeQuantizedConv1d):
+            new = QuantizedConv1d(qt, module.bias, module, mode, name)
+        else:
+            new = QuantizedLinear(qt, module.bias, mode, name,
+                                  act_quant=module.activation_fake_quantizer is not None)
+        _set_module(model, name, new.to(device))
+    return model

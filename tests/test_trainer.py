@@ -1,0 +1,254 @@
+"""The training loop on a tiny random Whisper and a tiny written data dir: end to end, caches, resume, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dqwhisper.models.student import load_checkpoint, read_checkpoint
+from dqwhisper.trainer import Trainer, collate_training, lr_lambda, train
+from dqwhisper.utils import DQWhisperError
+from tests.train_fixtures import tiny_config, write_data_dir, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return write_tiny_model(root / "teacher.pt"), write_data_dir(root / "data"), root
+
+
+def losses_by_step(expdir: Path) -> dict[int, dict]:
+    out = {}
+    for line in (expdir / "train_losses.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec  # a rerun step (after resume) replaces the killed run's record
+    return out
+
+
+def test_end_to_end_kd_dynamic_matching(assets, tmp_path):
+    teacher, data, _ = assets
+    exp = tmp_path / "exp"
+    summary = train(tiny_config(exp, data, teacher))
+    assert summary["steps"] == 6 and summary["nonfinite_steps"] == 0
+    for name in ("last.pt", "best.pt", "avg.pt", "bpe.model", "train_losses.jsonl", "dev_results.jsonl"):
+        assert (exp / name).exists(), name
+    assert len(list(exp.glob("step_*.pt"))) == 2  # keep_top_k of the cpu trainer config
+    assert list((exp / "tensorboard").glob("events.*"))
+    recs = losses_by_step(exp)
+    assert sorted(recs) == [1, 2, 3, 4, 5, 6]
+    for r in recs.values():
+        assert r["loss_kd"] > 0 and r["loss_match"] > 0 and r["loss_ctc"] > 0 and r["loss_ce"] > 0
+        assert len(r["chosen"]) == 2 and r["chosen"][0] <= r["chosen"][1]
+        assert r["loss"] == pytest.approx(0.1 * r["loss_ctc"] + 0.1 * r["loss_ce"]
+                                          + 0.9 * (r["loss_kd"] + r["loss_match"]), rel=1e-4)
+    model = load_checkpoint(exp / "avg.pt")
+    assert model.dims.n_text_layer == 2 and model.decoder.pruned and model.ctc_head is not None
+    assert model.ctc_bpe is not None
+    ckpt = read_checkpoint(exp / "last.pt")
+    assert ckpt["step"] == 6 and "optimizer" in ckpt
+    assert ckpt["dqwhisper"]["config"]["loss"]["alpha"] == 0.9
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(assets, tmp_path):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=["optim.warmup_steps=0", "optim.scheduler=constant"])
+    tr = Trainer(cfg)
+    batch = collate_training([tr.train_set[i] for i in range(4)], tr.tokenizer.eot)
+    first = tr.train_step([batch])["loss"]
+    for _ in range(15):
+        last = tr.train_step([batch])["loss"]
+    assert last < 0.85 * first
+
+
+def test_cached_equals_uncached(assets, tmp_path):
+    teacher, data, _ = assets
+    out = {}
+    for cached in (True, False):
+        cfg = tiny_config(tmp_path / f"exp{cached}", data, teacher,
+                          overrides=[f"trainer.cache_encoder={cached}", f"trainer.cache_teacher={cached}"])
+        tr = Trainer(cfg)
+        assert (tr.enc_cache is not None) == cached and (tr.teacher_cache is not None) == cached
+        batch = collate_training([tr.train_set[i] for i in range(4)], tr.tokenizer.eot)
+        assert ("enc" in batch) == cached and ("t_logits" in batch) == cached
+        named, info = tr.compute_losses(batch)
+        out[cached] = ({k: float(v) for k, v in named.items()}, info["chosen"])
+    assert out[True][1] == out[False][1]
+    for k, v in out[True][0].items():
+        assert v == pytest.approx(out[False][0][k], rel=1e-5, abs=1e-6), k
+
+
+def test_cache_is_reused_and_keyed_by_model(assets, tmp_path):
+    teacher, data, root = assets
+    cfg = tiny_config(tmp_path / "a", data, teacher, overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"])
+    tr = Trainer(cfg)
+    files = sorted(p for p in (tmp_path / "cache").rglob("*.pt"))
+    assert files
+    stamp = {p: p.stat().st_mtime_ns for p in files}
+    tr2 = Trainer(tiny_config(tmp_path / "b", data, teacher, overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"]))
+    assert {p: p.stat().st_mtime_ns for p in files} == stamp  # nothing recomputed
+    assert tr2.enc_cache.dir == tr.enc_cache.dir
+    other = write_tiny_model(tmp_path / "other.pt", seed=1)
+    tr3 = Trainer(tiny_config(tmp_path / "c", data, other, overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"]))
+    assert tr3.enc_cache.dir != tr.enc_cache.dir and tr3.teacher_cache.dir != tr.teacher_cache.dir
+
+
+def test_teacher_adaptation_config_runs(assets, tmp_path):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, name="demo_teacher",
+                      overrides=["trainer.max_steps=2", "trainer.valid_every=0"])
+    cfg.student.decoder_layers = None
+    summary = train(cfg)
+    assert summary["steps"] == 2
+    model = load_checkpoint(tmp_path / "exp" / "best.pt")
+    assert model.dims.n_text_layer == 4 and not model.decoder.pruned
+    # a student cut from the adapted teacher inherits its CTC head and sentencepiece units
+    cfg2 = tiny_config(tmp_path / "s", data, tmp_path / "exp" / "best.pt", overrides=["trainer.max_steps=1"])
+    tr = Trainer(cfg2)
+    assert tr.bpe.model_bytes == model.ctc_bpe
+    assert torch.equal(tr.student.ctc_head.weight.cpu(), model.ctc_head.weight)
+
+
+def test_nonfinite_steps_are_skipped_then_abort(assets, tmp_path, monkeypatch):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=["trainer.max_nonfinite=2"])
+    tr = Trainer(cfg)
+    batch = collate_training([tr.train_set[i] for i in range(2)], tr.tokenizer.eot)
+    before = {k: v.clone() for k, v in tr.student.state_dict().items()}
+    real = tr.compute_losses
+
+    def poisoned(*a, **k):
+        named, info = real(*a, **k)
+        named["loss"] = named["loss"] * float("nan")
+        return named, info
+
+    monkeypatch.setattr(tr, "compute_losses", poisoned)
+    assert tr.train_step([batch]) is None and tr.nonfinite == 1
+    assert all(torch.equal(v, tr.student.state_dict()[k]) for k, v in before.items())
+    assert tr.train_step([batch]) is None
+    with pytest.raises(DQWhisperError, match="non-finite"):
+        tr.train_step([batch])
+
+
+def test_ptq_quantizes_without_training(assets, tmp_path):
+    pytest.importorskip("dqwhisper.quant.prepare")
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, name="demo_student_ce",
+                      overrides=["quant.enabled=true", "quant.ptq=true"])
+    summary = train(cfg)
+    assert summary["steps"] == 0
+    model = load_checkpoint(tmp_path / "exp" / "best.pt")
+    assert model.quant_config is not None
+
+
+def test_lr_schedule():
+    assert lr_lambda(0, 4, 100, "linear", 0.0) == pytest.approx(0.25)
+    assert lr_lambda(4, 4, 100, "linear", 0.0) == pytest.approx(1.0)
+    assert lr_lambda(100, 4, 100, "linear", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(52, 4, 100, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_lambda(80, 4, 100, "constant", 0.0) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------- resume
+def _train_cmd(exp: Path, data: Path, teacher: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dqwhisper.bin.train", "--config-name", "demo_student_kd_dm",
+            f"checkpoint_dir={exp}", f"data.data_dir={data}", f"teacher.name={teacher}", "data.audio_window=2.0",
+            "data.bpe_vocab_size=300", "data.collector.minibatch_size=4", "student.decoder_layers=[0,3]",
+            f"trainer.cache_dir={exp.parent / 'cache'}", "trainer.progress=false", "trainer.device=cpu",
+            "trainer.num_threads=1", "trainer.cache_dtype=float32", "optim.lr=1e-3", "optim.warmup_steps=2",
+            "trainer.max_steps=12", "trainer.valid_every=3", "trainer.valid_decode=false",
+            f"hydra.run.dir={exp}/hydra", *extra]
+
+
+def test_resume_after_simulated_kill_equals_uninterrupted(assets, tmp_path):
+    """In process: 12 steps straight vs stop after 5 (last.pt is from step 3), resume to 12. Exact on the CPU."""
+    teacher, data, _ = assets
+    ref = tmp_path / "ref"
+    train(tiny_config(ref, data, teacher, overrides=["trainer.max_steps=12", "trainer.valid_every=3"]))
+    run = tmp_path / "run"
+    out = train(tiny_config(run, data, teacher, overrides=["trainer.max_steps=12", "trainer.valid_every=3",
+                                                          "trainer.stop_after_steps=5"]))
+    assert out.get("stopped")
+    assert read_checkpoint(run / "last.pt")["step"] == 3
+    train(tiny_config(run, data, teacher, overrides=["trainer.max_steps=12", "trainer.valid_every=3",
+                                                    "trainer.resume=true"]))
+    a, b = losses_by_step(ref), losses_by_step(run)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert a[step] == b[step], step  # every logged value, to the 6 decimals logged
+    sa, sb = read_checkpoint(ref / "last.pt"), read_checkpoint(run / "last.pt")
+    for k, v in sa["model_state_dict"].items():
+        assert torch.equal(v, sb["model_state_dict"][k]), k
+
+
+def test_resume_after_kill_minus_9(assets, tmp_path):
+    """A real SIGKILL of the training process after its step-6 checkpoint; the resumed curve equals a straight run."""
+    teacher, data, _ = assets
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_train_cmd(ref, data, teacher), cwd=ROOT, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(run, data, teacher, "trainer.stop_after_steps=0"), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "last.pt").exists():
+            try:
+                step = read_checkpoint(run / "last.pt")["step"]
+            except DQWhisperError:
+                step = 0
+            if step >= 6:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.02)
+    proc.wait()
+    if killed_at is None or killed_at >= 12:
+        pytest.skip("the run finished before it could be killed mid-way")
+    subprocess.run(_train_cmd(run, data, teacher, "trainer.resume=true"), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    a, b = losses_by_step(ref), losses_by_step(run)
+    assert sorted(b) == list(range(1, 13))
+    assert all(a[s] == b[s] for s in range(1, 13))
+
+
+# -------------------------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank: int, world: int, port: int, teacher: str, data: str, exp: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tr = Trainer(tiny_config(Path(exp), Path(data), Path(teacher), overrides=["optim.warmup_steps=0"]))
+    items = [tr.train_set[i] for i in (range(4) if world == 1 else range(2 * rank, 2 * rank + 2))]
+    values = tr.train_step([collate_training(items, tr.tokenizer.eot)])
+    if rank == 0:
+        torch.save({"state": tr.student.state_dict(), "chosen": values["chosen"]}, out)
+    torch.distributed.destroy_process_group() if world > 1 else None
+
+
+def test_ddp_two_ranks_equal_one_rank_on_the_combined_batch(assets, tmp_path):
+    """2 gloo ranks with 2 utterances each vs 1 process with the 4: same updated weights. The utterances have
+    different token counts (losses are normalised by the global count). Tolerance 1e-6 absolute (float32 sums in
+    a different order)."""
+    teacher, data, _ = assets
+    Trainer(tiny_config(tmp_path / "warm", data, teacher))  # fill the cache once
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _ddp_worker(0, 1, 0, str(teacher), str(data), str(tmp_path / "e1"), str(one))
+    port = 29500 + os.getpid() % 2000
+    mp.spawn(_ddp_worker, args=(2, port, str(teacher), str(data), str(tmp_path / "e2"), str(two)), nprocs=2)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a["chosen"] == b["chosen"]
+    init = Trainer(tiny_config(tmp_path / "e3", data, teacher)).student.state_dict()
+    moved = 0
+    for k, v in a["state"].items():
+        torch.testing.assert_close(b["state"][k], v, atol=1e-6, rtol=0, msg=k)
+        moved += int(not torch.equal(v, init[k]))
+    assert moved > 0

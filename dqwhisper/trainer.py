@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -301,8 +302,10 @@ class Trainer:
                       bpe=self.bpe, max_bad_fraction=cfg.data.max_bad_fraction, languages=languages)
         self.train_base = WhisperDataset(train_dir, spec_augment=spec, **common)
         self.dev_base = WhisperDataset(dev_dir, **common)
-        if cfg.data.max_dev_utts > 0:
-            self.dev_base.items = self.dev_base.items[: cfg.data.max_dev_utts]
+        n_dev = len(self.dev_base.items)
+        if 0 < cfg.data.max_dev_utts < n_dev:  # evenly spaced over the id-sorted set, so every language stays
+            pick = sorted({int(i * n_dev / cfg.data.max_dev_utts) for i in range(cfg.data.max_dev_utts)})
+            self.dev_base.items = [self.dev_base.items[i] for i in pick]
         self.dev_refs = {u.utt_id: u.text for u, _, _, _ in self.dev_base.items}
 
         vocab_keep = None
@@ -641,7 +644,9 @@ class Trainer:
             if self.nonfinite > self.cfg.trainer.max_nonfinite:
                 raise DQWhisperError(f"{self.nonfinite} non-finite steps (trainer.max_nonfinite="
                                      f"{self.cfg.trainer.max_nonfinite}): lower optim.lr or check the data")
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the skipped step keeps the schedule in step with the data
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
             self.step += 1
             return None
         if self.scaler:
@@ -663,6 +668,9 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.trainer
         if tc.resume and (self.expdir / "last.pt").exists():
             self.load_state(self.expdir / "last.pt")
+        elif self.dist.main:  # a fresh run: the logs start empty
+            for name in ("train_losses.jsonl", "dev_results.jsonl"):
+                (self.expdir / name).unlink(missing_ok=True)
         if cfg.quant.enabled and cfg.quant.ptq:
             log.info("post-training quantization: no training steps")
             metric = self.validate_and_save()

@@ -15,7 +15,7 @@ from dqwhisper.quant.config import QuantConfig, resolve_config
 from dqwhisper.quant.fake_quant import (FAKE_QUANTIZED_TYPES, ActivationFakeQuantizer, FakeQuantizedConv1d,
                                         FakeQuantizedEmbedding, FakeQuantizedLinear, QuantSpec, WeightFakeQuantizer)
 from dqwhisper.quant.quantized import (QUANTIZED_TYPES, QuantizedConv1d, QuantizedEmbedding, QuantizedLinear,
-                                       QuantizedTensor)
+                                       QuantizedTensor, log_kernels)
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -132,4 +132,6 @@ def convert(model: nn.Module, mode: str = "dequant") -> nn.Module:
             new = QuantizedLinear(qt, module.bias, mode, name,
                                   act_quant=module.activation_fake_quantizer is not None)
         _set_module(model, name, new.to(device))
+    if mode == "int8":
+        log_kernels(model)
     return model

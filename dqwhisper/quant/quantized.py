@@ -80,9 +80,6 @@ class _QuantizedBase(nn.Module):
         self.register_buffer("scale", qt.scale)
         self.register_buffer("zero_point", qt.zero)
         rows = qt.int8_rows() if mode == "int8" else None
-        if mode == "int8" and rows is None and not isinstance(self, QuantizedConv1d):
-            log.info("%s: %s weights have no int8 kernel here; running it dequantized in float", name,
-                     qt.spec.granularity if qt.scale.shape[1] != 1 else f"{qt.spec.bits}-bit asymmetric")
         self.kernel = "int8" if rows is not None else "float"
         if rows is not None:
             self.register_buffer("w_int8", rows[0], persistent=False)
@@ -166,3 +163,18 @@ class QuantizedEmbedding(_QuantizedBase):
 
 
 QUANTIZED_TYPES = (QuantizedLinear, QuantizedConv1d, QuantizedEmbedding)
+
+
+def log_kernels(model: nn.Module) -> dict[str, int]:
+    """Count quantized modules by the kernel they run (int8 / float), log it, return the counts."""
+    counts: dict[str, int] = {}
+    fallback = []
+    for name, m in model.named_modules():
+        if isinstance(m, QUANTIZED_TYPES):
+            counts[m.kernel] = counts.get(m.kernel, 0) + 1
+            if m.mode == "int8" and m.kernel == "float" and not isinstance(m, QuantizedConv1d):
+                fallback.append(name)
+    if fallback:
+        log.info("int8 mode: %d quantized modules have no int8 kernel (per-group scales or 8-bit asymmetric) and "
+                 "run dequantized in float, e.g. %s", len(fallback), fallback[0])
+    return counts

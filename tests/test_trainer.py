@@ -252,3 +252,47 @@ def test_ddp_two_ranks_equal_one_rank_on_the_combined_batch(assets, tmp_path):
         torch.testing.assert_close(b["state"][k], v, atol=1e-6, rtol=0, msg=k)
         moved += int(not torch.equal(v, init[k]))
     assert moved > 0
+
+
+# ------------------------------------------------------------------------------------------- the paper's command
+@pytest.mark.parametrize("nj,alpha", [(1, "0"), (2, "0.9")])
+def test_paper_command_runs(assets, tmp_path, nj, alpha):
+    teacher, data, _ = assets
+    exp = tmp_path / "X"
+    cmd = ["bash", "scripts/train_ce_ctc.sh", "--nj", str(nj), "--expdir", str(exp), "--conf", "conf/jap_ts.yaml",
+           f"checkpoint_dir={exp}", f"data.data_dir={data}", "optim.lr=3e-5", "data.collector.minibatch_size=20",
+           f"loss.alpha={alpha}",
+           # tiny-model settings
+           f"teacher.name={teacher}", "data.audio_window=2.0", "data.bpe_vocab_size=300", "student.decoder_layers=[0,3]",
+           f"trainer.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "trainer.valid_every=1",
+           "trainer.progress=false", "trainer.num_threads=1"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for name in ("config.yaml", "train.log", "last.pt", "best.pt", "avg.pt"):
+        assert (exp / name).exists(), name
+    assert list((exp / "tensorboard").glob("events.*"))
+    saved = (exp / "config.yaml").read_text()
+    assert f"alpha: {alpha}" in saved and "minibatch_size: 20" in saved and "- ja" in saved
+    recs = losses_by_step(exp)
+    assert sorted(recs) == [1, 2]
+    assert (recs[1]["loss_kd"] > 0) == (alpha != "0")
+    if alpha != "0":
+        tags = set()
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        for ev in (exp / "tensorboard").glob("events.*"):
+            acc = EventAccumulator(str(ev))
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"])
+        assert "match/teacher_layer_of_student_layer_1" in tags and "dev/error" in tags
+
+
+def test_script_rejects_unknown_option_and_typo(assets, tmp_path):
+    res = subprocess.run(["bash", "scripts/train_ce_ctc.sh", "--njobs", "1", "--expdir", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "unknown option --njobs" in res.stderr
+    teacher, data, _ = assets
+    res = subprocess.run(["bash", "scripts/train_ce_ctc.sh", "--expdir", str(tmp_path / "x"), "--conf",
+                          "conf/jap_ts.yaml", "loss.alpa=0"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode != 0 and "loss.alpa" in res.stdout + res.stderr

@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
-log = get_logger(__name__)
+log = get_logger("dqwhisper.data.bpe")   # not __name__: "__main__" under python -m
 
 DEFAULT_VOCAB_SIZE = 500
 

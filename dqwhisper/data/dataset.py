@@ -71,6 +71,9 @@ class SpecAugment:
     num_time_masks: int = 2
     mask_value: float | None = None   # None: the mean of the utterance's log-mel
 
+    _ALIASES = {"freq_mask_param": ("freq_mask",), "time_mask_param": ("time_mask",),
+                "num_freq_masks": ("n_freq_masks",), "num_time_masks": ("n_time_masks",)}
+
     def __post_init__(self):
         import torchaudio.transforms as T
         self._freq = T.FrequencyMasking(self.freq_mask_param)
@@ -89,7 +92,12 @@ class SpecAugment:
             (lambda k: getattr(cfg, k, None))
         if get("enabled") is False:
             return None
-        return cls(**{f.name: get(f.name) for f in fields(cls) if get(f.name) is not None})
+        values = {}
+        for f in fields(cls):   # also the short names of dqwhisper.config.SpecAugmentConfig
+            for key in (f.name, *cls._ALIASES.get(f.name, ())):
+                if get(key) is not None:
+                    values[f.name] = get(key)
+        return cls(**values)
 
     def __call__(self, mel: torch.Tensor, n_mel_frames: int | None = None) -> torch.Tensor:
         """mel: (n_mels, T) -> masked copy. Masks time only within the first `n_mel_frames` frames."""

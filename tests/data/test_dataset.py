@@ -118,6 +118,11 @@ def test_spec_augment(tmp_path):
     torch.testing.assert_close(aug[:, 100:], plain[:, 100:], rtol=0, atol=0)   # padding frames untouched
     assert SpecAugment.from_config({"enabled": False}) is None and SpecAugment.from_config(None) is None
     assert SpecAugment.from_config(True).freq_mask_param == 27
+    from dqwhisper.config import SpecAugmentConfig
+    assert SpecAugment.from_config(SpecAugmentConfig(enabled=False)) is None
+    cfg = SpecAugment.from_config(SpecAugmentConfig(enabled=True, freq_mask=5, time_mask=7, n_freq_masks=1,
+                                                    n_time_masks=3))
+    assert (cfg.freq_mask_param, cfg.time_mask_param, cfg.num_freq_masks, cfg.num_time_masks) == (5, 7, 1, 3)
 
 
 def test_batch_sampler():

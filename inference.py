@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from whisper.model import ModelDimensions
 
-from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, decode_utterances, search_tag,
-                                select_utts)
+from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, decode_utterances, resolve_mel_padding,
+                                search_tag, select_utts)
 from dqwhisper.scoring import score_utterances, summarize, write_kaldi_text, write_results
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
 
@@ -146,13 +146,16 @@ def resolve_checkpoint(target: Path, is_exp: bool, choice: str) -> Path:
 
 
 def load_model(path: Path, device: torch.device):
+    """(model, written_by_dqwhisper): an export, or a checkpoint (ours or a released Whisper one)."""
     if path.suffix == ".dqw":
         from dqwhisper.quant.export import load_exported
 
-        return load_exported(path).to(device).eval()
-    from dqwhisper.models.student import load_checkpoint
+        return load_exported(path).to(device).eval(), True
+    from dqwhisper.models.student import model_from_checkpoint, read_checkpoint
 
-    return load_checkpoint(path, device)
+    ckpt = read_checkpoint(path)
+    ours = ckpt.get("dqwhisper") is not None
+    return model_from_checkpoint(ckpt, str(path)).to(device).eval(), ours
 
 
 def test_set_dirs(cfg: DictConfig, is_exp: bool) -> list[Path]:
@@ -223,7 +226,8 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
     device = resolve_device(dcfg.device)
     if dcfg.num_threads > 0:
         torch.set_num_threads(dcfg.num_threads)
-    model = load_model(ckpt, device)
+    model, ours = load_model(ckpt, device)
+    dcfg.mel_padding = resolve_mel_padding(dcfg.mel_padding, ours)
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)
     results = []

@@ -14,7 +14,8 @@ from whisper.decoding import DecodingOptions
 from whisper.model import Whisper
 
 from dqwhisper.decoding import (DecodeConfig, apply_audio_window, audio_to_mel, ctc_decode_batch, ctc_greedy,
-                                decode_batch, decode_utterances, decoding_options, search_tag, select_utts)
+                                decode_batch, decode_utterances, decoding_options, resolve_mel_padding, search_tag,
+                                select_utts)
 from dqwhisper.models.student import DQWhisper
 from dqwhisper.utils import DQWhisperError
 from tests.conftest import ROOT, tiny_dims
@@ -77,6 +78,30 @@ def test_audio_to_mel_uses_the_model_window():
     assert mel.shape == (2, 80, 200)
     full = audio_to_mel([noise(0.5, 0)], sharp_whisper(n_audio_ctx=1500))
     assert full.shape == (1, 80, 3000)
+
+
+def test_mel_padding_zeros_is_transcribe_style():
+    from whisper.audio import log_mel_spectrogram
+
+    audio = noise(0.75, 3)
+    model = sharp_whisper(n_audio_ctx=100)
+    mel = audio_to_mel([audio], model, padding="zeros")[0]
+    reference = log_mel_spectrogram(torch.from_numpy(audio), 80, padding=480000)  # as whisper.transcribe
+    assert mel.shape == (80, 200)
+    torch.testing.assert_close(mel[:, :75], reference[:, :75], atol=0, rtol=0)
+    assert bool((mel[:, 75:] == 0).all())
+    padded = audio_to_mel([audio], model, padding="audio")[0]
+    assert not torch.equal(padded[:, 75:], mel[:, 75:])  # training's mel: log-mel of silence, not zeros
+    long = audio_to_mel([noise(3.0, 4)], model, padding="zeros")
+    assert long.shape == (1, 80, 200) and bool((long[0, :, -1] != 0).any())  # cut to the window, no padding
+
+
+def test_resolve_mel_padding():
+    assert resolve_mel_padding("auto", written_by_dqwhisper=False) == "zeros"
+    assert resolve_mel_padding("auto", written_by_dqwhisper=True) == "audio"
+    assert resolve_mel_padding("zeros", written_by_dqwhisper=True) == "zeros"
+    with pytest.raises(DQWhisperError, match="mel_padding"):
+        resolve_mel_padding("none", True)
 
 
 @dataclass(frozen=True)
@@ -195,7 +220,8 @@ def _synthesize(text: str, lang: str, path: Path) -> None:
 
 @pytest.mark.slow
 def test_base_matches_faster_whisper(base_checkpoint, tmp_path):
-    """Real base weights: our batched greedy decode gives faster-whisper's tokens (CT2, fp32) on synthesized clips."""
+    """Real base weights: our greedy decode (transcribe-style mel) gives faster-whisper's tokens (CT2, fp32) on
+    synthesized clips."""
     ct2_dir = base_checkpoint.parent / "base-ct2"
     if shutil.which("espeak-ng") is None or not (ct2_dir / "model.bin").is_file():
         pytest.skip("needs espeak-ng and exp/models/base-ct2")
@@ -214,12 +240,13 @@ def test_base_matches_faster_whisper(base_checkpoint, tmp_path):
     ours = []
     for audio, (_, lang) in zip(audios, clips):
         options = decoding_options(DecodeConfig(), lang)
-        ours.append(decode_batch(model, audio_to_mel([audio], model), options)[0].tokens)
+        ours.append(decode_batch(model, audio_to_mel([audio], model, padding="zeros"), options)[0].tokens)
     fw = faster_whisper.WhisperModel(str(ct2_dir), device="cpu", compute_type="float32", cpu_threads=2)
     theirs = []
     for audio, (_, lang) in zip(audios, clips):
         segments, _ = fw.transcribe(audio, language=lang, beam_size=1, temperature=0.0, without_timestamps=True,
-                                    condition_on_previous_text=False, vad_filter=False)
+                                    condition_on_previous_text=False, vad_filter=False, no_speech_threshold=None,
+                                    log_prob_threshold=None, compression_ratio_threshold=None)
         theirs.append([t for s in segments for t in s.tokens])
     assert all(ours), "empty transcript"
     assert ours == theirs

@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Decoding speed of the teacher and the student, measured in one run on the same utterances.
+
+Systems (each decodes every utterance with its language forced, no timestamps, temperature 0):
+  teacher-openai-fp32     the anchor: openai-whisper fp32 (greedy unless --beam-size), one utterance at a time
+  teacher-fw-int8         faster-whisper int8 on the teacher's CT2 dir (exp/models/base-ct2)
+  teacher-fw-fp32         faster-whisper fp32 (with --fw-fp32): its agreement with the anchor is the parity check
+  student-float           --student PATH: a float student checkpoint through our decoding (its own audio window)
+  student-export          --student-export PATH: the exported low-bit model (dqwhisper.quant.export.load_exported)
+  student-fw-ct2          --student-ct2 DIR: faster-whisper on the student's CT2 export (--student-ct2-compute)
+
+Prints per system: RTF (wall seconds / audio seconds, model loading and one warm-up utterance excluded), speed
+relative to the anchor (anchor RTF / RTF), tokens per second, the pooled error (when the data has references) and
+the fraction of transcripts identical to the anchor's. Machine load moves absolute numbers: compare the ratios of
+one run. Example:
+  nice python bench/decode_speed.py --data data/demo/test --max-utts 12 --threads 2 --fw-fp32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dqwhisper.data.kaldi import DataDir  # noqa: E402
+from dqwhisper.decoding import DecodeConfig, decode_utterances  # noqa: E402
+from dqwhisper.scoring import score_utterances, summarize  # noqa: E402
+from dqwhisper.utils import DQWhisperError  # noqa: E402
+
+SAMPLE_RATE = 16000
+
+
+class Preloaded:
+    """The audio of the chosen utterances, read once, so that file reading is not timed."""
+
+    def __init__(self, data: DataDir, utts: list):
+        self.audio = {u.utt_id: data.load_audio(u) for u in utts}
+
+    def load_audio(self, utt):
+        return self.audio[utt.utt_id]
+
+
+def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig,
+              mel_padding: str) -> tuple[dict[str, str], float, int]:
+    cfg = replace(cfg, mel_padding=mel_padding)
+    decode_utterances(model, data, utts[:1], cfg, progress=False)  # warm-up
+    run = decode_utterances(model, data, utts, cfg, progress=False)
+    return {h.utt_id: h.text for h in run.hyps}, run.wall_seconds, run.n_tokens
+
+
+def time_faster_whisper(path: str, compute_type: str, data: Preloaded, utts: list, threads: int, beam_size: int,
+                        window_seconds: int | None) -> tuple[dict[str, str], float, int]:
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(path, device="cpu", compute_type=compute_type, cpu_threads=threads)
+    options = dict(beam_size=beam_size, temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
+                   vad_filter=False, no_speech_threshold=None, log_prob_threshold=None,
+                   compression_ratio_threshold=None, chunk_length=window_seconds)
+
+    def one(utt):
+        segments, _ = model.transcribe(data.audio[utt.utt_id], language=utt.lang, **options)
+        segments = list(segments)
+        return "".join(s.text for s in segments).strip(), sum(len(s.tokens) for s in segments)
+
+    one(utts[0])  # warm-up
+    texts, n_tokens = {}, 0
+    start = time.perf_counter()
+    for utt in utts:
+        texts[utt.utt_id], n = one(utt)
+        n_tokens += n
+    return texts, time.perf_counter() - start, n_tokens
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--data", default="data/demo/test", help="Kaldi data dir to decode")
+    p.add_argument("--max-utts", type=int, default=12, help="utterances decoded, spread over the languages")
+    p.add_argument("--threads", type=int, default=2, help="torch / CTranslate2 threads")
+    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--teacher", default=str(ROOT / "exp/models/base.pt"))
+    p.add_argument("--teacher-ct2", default=str(ROOT / "exp/models/base-ct2"))
+    p.add_argument("--fw-fp32", action="store_true", help="also faster-whisper fp32 on the teacher")
+    p.add_argument("--student", help="float student checkpoint (.pt)")
+    p.add_argument("--student-export", help="exported low-bit student (export/model.dqw)")
+    p.add_argument("--student-ct2", help="CT2 export of the student (export/ct2)")
+    p.add_argument("--student-ct2-compute", default="int8", help="compute type for --student-ct2")
+    p.add_argument("--student-window", type=float, help="audio window (s) of the CT2 student; default: from "
+                   "--student or --student-export, else 30")
+    p.add_argument("--teacher-mel-padding", default="zeros", choices=["zeros", "audio"],
+                   help="the teacher's mel: zeros = as openai transcribe / faster-whisper; audio = as training")
+    p.add_argument("--batch-size", type=int, default=1, help="our decoding: utterances per call")
+    p.add_argument("--json", help="write the table as JSON here")
+    p.add_argument("--dump", help="folder for each system's transcripts (<system>.txt, Kaldi lines)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    data = DataDir.load(args.data)
+    by_lang: dict[str, list] = {}
+    for u in data.utts:
+        by_lang.setdefault(u.lang, []).append(u)
+    utts = []  # round-robin over languages so a small sample covers all of them
+    while len(utts) < min(args.max_utts, len(data.utts)):
+        for lang in sorted(by_lang):
+            if by_lang[lang] and len(utts) < args.max_utts:
+                utts.append(by_lang[lang].pop(0))
+    utts.sort(key=lambda u: u.utt_id)
+    audio = Preloaded(data, utts)
+    audio_seconds = sum(len(a) for a in audio.audio.values()) / SAMPLE_RATE
+    print(f"{len(utts)} utterances, {audio_seconds:.1f} s of audio, languages {sorted({u.lang for u in utts})}, "
+          f"{args.threads} threads, beam {args.beam_size}", flush=True)
+    cfg = DecodeConfig(beam_size=args.beam_size, batch_size=args.batch_size)
+
+    from dqwhisper.models.student import load_checkpoint
+
+    systems = []
+    window = args.student_window
+
+    def add(name, fn):
+        texts, wall, n_tokens = fn()
+        systems.append(dict(name=name, texts=texts, wall=wall, n_tokens=n_tokens))
+        print(f"  {name}: {wall:.1f} s", flush=True)
+
+    add("teacher-openai-fp32", lambda: time_ours(load_checkpoint(args.teacher), audio, utts, cfg,
+                                                               args.teacher_mel_padding))
+    if Path(args.teacher_ct2, "model.bin").is_file():
+        add("teacher-fw-int8", lambda: time_faster_whisper(args.teacher_ct2, "int8", audio, utts, args.threads,
+                                                           args.beam_size, None))
+        if args.fw_fp32:
+            add("teacher-fw-fp32", lambda: time_faster_whisper(args.teacher_ct2, "float32", audio, utts,
+                                                               args.threads, args.beam_size, None))
+    else:
+        print(f"  (no {args.teacher_ct2}/model.bin: faster-whisper rows skipped)")
+    if args.student:
+        student = load_checkpoint(args.student)
+        window = window or student.dims.n_audio_ctx / 50
+        add("student-float", lambda: time_ours(student, audio, utts, cfg, "audio"))
+    if args.student_export:
+        from dqwhisper.quant.export import load_exported
+
+        exported = load_exported(args.student_export).eval()
+        window = window or exported.dims.n_audio_ctx / 50
+        add("student-export", lambda: time_ours(exported, audio, utts, cfg, "audio"))
+    if args.student_ct2:
+        add(f"student-fw-ct2-{args.student_ct2_compute}",
+            lambda: time_faster_whisper(args.student_ct2, args.student_ct2_compute, audio, utts, args.threads,
+                                        args.beam_size, round(window) if window else None))
+
+    refs = {u.utt_id: u.text for u in utts}
+    langs = {u.utt_id: u.lang for u in utts}
+    anchor = systems[0]
+    anchor_rtf = anchor["wall"] / audio_seconds
+    rows = []
+    print(f"\n{'system':<26}{'RTF':>8}{'speed vs anchor':>17}{'tokens/s':>10}{'error %':>9}{'same as anchor':>16}")
+    for s in systems:
+        rtf = s["wall"] / audio_seconds
+        error = summarize(score_utterances(refs, s["texts"], langs)[0])["overall"]["error"]
+        same = sum(s["texts"][u] == anchor["texts"][u] for u in refs) / len(refs)
+        row = dict(system=s["name"], rtf=rtf, speed_vs_anchor=anchor_rtf / rtf, tokens_per_second=s["n_tokens"] /
+                   s["wall"], error=error, same_as_anchor=same)
+        rows.append(row)
+        print(f"{s['name']:<26}{rtf:>8.3f}{row['speed_vs_anchor']:>16.2f}x{row['tokens_per_second']:>10.1f}"
+              f"{100 * error:>9.2f}{100 * same:>15.1f}%")
+    if args.dump:
+        from dqwhisper.scoring import write_kaldi_text
+
+        for s in systems:
+            write_kaldi_text(Path(args.dump) / f"{s['name']}.txt", s["texts"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(n_utts=len(utts), audio_seconds=audio_seconds,
+                                                   threads=args.threads, beam_size=args.beam_size, rows=rows),
+                                              indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DQWhisperError as e:
+        sys.exit(f"decode_speed.py: error: {e}")

@@ -139,8 +139,8 @@ def resolve_checkpoint(target: Path, is_exp: bool, choice: str) -> Path:
         path = Path(choice)
     if not path.is_file():
         found = [n for n, f in NAMED_CHECKPOINTS.items() if (target / f).is_file()]
-        raise DQWhisperError(f"{target}: checkpoint '{choice}' ({path}) does not exist; this experiment has "
-                             f"{', '.join(found) if found else 'no checkpoint (best.pt, last.pt, avg.pt, export/model.dqw)'}"
+        have = ", ".join(found) if found else "no checkpoint (best.pt, last.pt, avg.pt, export/model.dqw)"
+        raise DQWhisperError(f"{target}: checkpoint '{choice}' ({path}) does not exist; this experiment has {have}"
                              " (choose with decode.checkpoint=...)")
     return path
 

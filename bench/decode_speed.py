@@ -79,8 +79,8 @@ def time_faster_whisper(path: str, compute_type: str, data: Preloaded, utts: lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/demo/test", help="Kaldi data dir to decode")
     p.add_argument("--max-utts", type=int, default=12, help="utterances decoded, spread over the languages")
     p.add_argument("--threads", type=int, default=2, help="torch / CTranslate2 threads")

@@ -2,7 +2,8 @@
 
 `decode_batch` runs `whisper.decoding.DecodingTask` (greedy or beam search, its logit filters, no timestamps,
 temperature 0) on a batch of one language. `ctc_greedy` collapses CTC argmax paths into sentencepiece units.
-`decode_data_dir` ties both to a Kaldi data dir and times the run.
+`decode_utterances` ties both to a Kaldi data dir (batches of one language, longest first) and times the run.
+`audio_to_mel` makes the encoder input for the model's own window (`mel_padding` says how the window is filled).
 """
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ def decoding_options(cfg: DecodeConfig, language: str | None, fp16: bool = False
 
 @torch.no_grad()
 def decode_batch(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[DecodingResult]:
-    """mel (B, n_mels, 2 * n_audio_ctx) -> one whisper DecodingResult per row (beam search safe for B > 1)."""
+    """mel (B, n_mels, 2 * n_audio_ctx), or encoder output (B, n_audio_ctx, n_audio_state) which whisper then does not
+    re-encode -> one whisper DecodingResult per row (beam search safe for B > 1)."""
     if mel.ndim != 3:
-        raise ValueError(f"mel must be (B, n_mels, frames), got {tuple(mel.shape)}")
+        raise ValueError(f"mel must be (B, n_mels, frames) or (B, n_ctx, d), got {tuple(mel.shape)}")
     return BatchedDecodingTask(model, options).run(mel)
 
 
@@ -233,7 +235,8 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
     device = next(model.parameters()).device
     fp16 = bool(cfg.fp16) and device.type == "cuda"
     if cfg.beam_size < 1 or cfg.batch_size < 1:
-        raise DQWhisperError(f"decode.beam_size ({cfg.beam_size}) and decode.batch_size ({cfg.batch_size}) must be >= 1")
+        raise DQWhisperError(f"decode.beam_size ({cfg.beam_size}) and decode.batch_size ({cfg.batch_size}) "
+                             "must be >= 1")
     bpe = None
     if cfg.ctc:
         if getattr(model, "ctc_head", None) is None:

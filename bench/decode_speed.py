@@ -46,6 +46,9 @@ class Preloaded:
     def load_audio(self, utt):
         return self.audio[utt.utt_id]
 
+    def duration(self, utt):
+        return len(self.audio[utt.utt_id]) / SAMPLE_RATE
+
 
 def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig,
               mel_padding: str) -> tuple[dict[str, str], float, int]:

@@ -228,8 +228,8 @@ def _check_language(lang: str, where: str) -> None:
 
 def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, progress: bool = True,
                       bpe_fallback: str | Path | None = None) -> DecodeRun:
-    """Decode `utts` of DataDir `data` in batches of one language (forced from utt2lang, cfg.language, or detected),
-    longest first, and time it."""
+    """Decode `utts` of DataDir `data` (anything with load_audio(utt) and duration(utt)) in batches of one language
+    (forced from utt2lang or cfg.language, or detected), longest first, and time it (audio reading included)."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -258,11 +258,10 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
     start = time.perf_counter()
     for language, members in groups.items():
         options = decoding_options(cfg, language, fp16)
-        audios = {u.utt_id: data.load_audio(u) for u in members}
-        members = sorted(members, key=lambda u: (-len(audios[u.utt_id]), u.utt_id))
+        members = sorted(members, key=lambda u: (-data.duration(u), u.utt_id))  # similar lengths share a batch
         for i in range(0, len(members), cfg.batch_size):
             batch = members[i: i + cfg.batch_size]
-            waves = [audios.pop(u.utt_id) for u in batch]
+            waves = [data.load_audio(u) for u in batch]
             n_trimmed += sum(len(w) > n_window for w in waves)
             audio_seconds += sum(len(w) for w in waves) / SAMPLE_RATE
             mel = audio_to_mel(waves, model, device, padding)

@@ -115,7 +115,10 @@ class FakeData:
     """Just what decode_utterances needs from a DataDir."""
 
     def load_audio(self, utt: FakeUtt) -> np.ndarray:
-        return noise(utt.seconds, hash(utt.utt_id) % 1000)
+        return noise(utt.seconds, int(utt.utt_id.encode().hex(), 16) % 1000)
+
+    def duration(self, utt: FakeUtt) -> float:
+        return utt.seconds
 
 
 def test_decode_utterances_encoder_sees_model_window(model):

@@ -9,10 +9,13 @@ runs are exactly the trained ones. Other weights (per-group scales, float layers
 `--float` precision (`int8`: CTranslate2's own per-row int8 rounding). The fused CT2 matrices (self-attention
 q|k|v, cross-attention k|v) take the student's codes only when all their parts have them. Pruned vocabularies and
 the CTC head: see dqwhisper.models.ct2 (zero rows + a large negative projection bias at pruned ids; no CTC head).
+A student with a shorter audio window runs in CTranslate2 (`ct2_greedy`), not in faster-whisper 1.2's transcribe,
+which pads features to 30 s.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -94,6 +97,21 @@ def student_state_for_ct2(model: nn.Module) -> tuple[dict[str, Tensor], dict[str
     return state, int8
 
 
+def ct2_greedy(ct2_dir: str | Path, mel, prompts: list[list[int]], max_length: int = 128,
+               compute_type: str = "int8") -> list[list[int]]:
+    """Greedy decoding with CTranslate2 itself on our own log-mel features (B, n_mels, 2 * n_audio_ctx): works for
+    any audio window (faster-whisper's transcribe pads features to 30 s, so it runs only full-window students).
+    Returns the generated token ids after each prompt, without eot."""
+    import ctranslate2
+    import numpy as np
+
+    model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute_type)
+    feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(mel, dtype=np.float32)))
+    results = model.generate(feats, prompts, beam_size=1, max_length=max_length, return_scores=False,
+                             suppress_blank=False, suppress_tokens=[])
+    return [r.sequences_ids[0] for r in results]
+
+
 def export_ct2(source, out_dir: str | Path, float_precision: str = "float16", tokenizer_dir: str | Path | None = None):
     """Write a faster-whisper directory for `source` (model, .pt or .dqw); returns (out_dir, number of int8 weights
     that are the student's own codes)."""
@@ -107,6 +125,10 @@ def export_ct2(source, out_dir: str | Path, float_precision: str = "float16", to
     heads = model.alignment_heads.to_dense().nonzero().tolist() if model.alignment_heads is not None else None
     out = openai_to_ct2(ckpt, out_dir, FLOAT_CHOICES[float_precision], int8_weights=int8,
                         tokenizer_dir=tokenizer_dir, alignment_heads=heads)
+    if model.dims.n_audio_ctx != 1500:
+        log.warning("the student's audio window is %.1f s: faster-whisper's transcribe pads features to 30 s and "
+                    "will refuse it; run it through ctranslate2.models.Whisper (ct2_greedy)",
+                    model.dims.n_audio_ctx / 50)
     log.info("CT2 export: %d weights are the student's own int8 codes", len(int8))
     return Path(out), len(int8)
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/demo/test", help="Kaldi data dir to decode")
-    p.add_argument("--max-utts", type=int, default=12, help="utterances decoded, spread over the languages")
+    p.add_argument("--max-utts", type=int, default=12, help="utterances decoded, spread over the languages; 0 = all")
     p.add_argument("--threads", type=int, default=2, help="torch / CTranslate2 threads")
     p.add_argument("--beam-size", type=int, default=1)
     p.add_argument("--teacher", default=str(ROOT / "exp/models/base.pt"))
@@ -102,10 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="our decoding: utterances per call")
     p.add_argument("--json", help="write the table as JSON here")
     p.add_argument("--dump", help="folder for each system's transcripts (<system>.txt, Kaldi lines)")
+    p.add_argument("--only", help="comma-separated systems to run (default: all available); without the anchor "
+                   "there are no speed ratios")
+    p.add_argument("--against", help="a hyp.txt (e.g. inference.py's) to compare every system's transcripts with")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     data = DataDir.load(args.data)
+    if args.max_utts <= 0:
+        args.max_utts = len(data.utts)
     by_lang: dict[str, list] = {}
     for u in data.utts:
         by_lang.setdefault(u.lang, []).append(u)
@@ -126,7 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     systems = []
     window = args.student_window
 
+    only = None if args.only is None else set(args.only.split(","))
+
     def add(name, fn):
+        if only is not None and not any(name.startswith(o) for o in only):
+            return
         texts, wall, n_tokens = fn()
         systems.append(dict(name=name, texts=texts, wall=wall, n_tokens=n_tokens))
         print(f"  {name}: {wall:.1f} s", flush=True)
@@ -158,19 +167,36 @@ def main(argv: list[str] | None = None) -> None:
 
     refs = {u.utt_id: u.text for u in utts}
     langs = {u.utt_id: u.lang for u in utts}
-    anchor = systems[0]
-    anchor_rtf = anchor["wall"] / audio_seconds
+    anchor = next((s for s in systems if s["name"] == "teacher-openai-fp32"), None)
+    against = None
+    if args.against:
+        from dqwhisper.scoring import read_kaldi_text
+
+        against = read_kaldi_text(args.against)
+        missing = sorted(set(refs) - set(against))
+        if missing:
+            raise DQWhisperError(f"{args.against} has no transcript for {len(missing)} utterances (e.g. {missing[0]})")
+
+    def same(texts, other):
+        return None if other is None else sum(texts[u] == other[u] for u in refs) / len(refs)
+
+    def fmt(x, scale=1.0, suffix=""):
+        return "-" if x is None else f"{scale * x:.2f}{suffix}"
+
     rows = []
-    print(f"\n{'system':<26}{'RTF':>8}{'speed vs anchor':>17}{'tokens/s':>10}{'error %':>9}{'same as anchor':>16}")
+    print(f"\n{'system':<26}{'RTF':>8}{'speed vs anchor':>17}{'tokens/s':>10}{'error %':>9}{'same as anchor':>16}"
+          f"{'same as --against':>19}")
     for s in systems:
         rtf = s["wall"] / audio_seconds
-        error = summarize(score_utterances(refs, s["texts"], langs)[0])["overall"]["error"]
-        same = sum(s["texts"][u] == anchor["texts"][u] for u in refs) / len(refs)
-        row = dict(system=s["name"], rtf=rtf, speed_vs_anchor=anchor_rtf / rtf, tokens_per_second=s["n_tokens"] /
-                   s["wall"], error=error, same_as_anchor=same)
+        row = dict(system=s["name"], rtf=rtf, speed_vs_anchor=None if anchor is None else anchor["wall"] / s["wall"],
+                   tokens_per_second=s["n_tokens"] / s["wall"],
+                   error=summarize(score_utterances(refs, s["texts"], langs)[0])["overall"]["error"],
+                   same_as_anchor=same(s["texts"], None if anchor is None else anchor["texts"]),
+                   same_as_against=same(s["texts"], against))
         rows.append(row)
-        print(f"{s['name']:<26}{rtf:>8.3f}{row['speed_vs_anchor']:>16.2f}x{row['tokens_per_second']:>10.1f}"
-              f"{100 * error:>9.2f}{100 * same:>15.1f}%")
+        print(f"{s['name']:<26}{rtf:>8.3f}{fmt(row['speed_vs_anchor'], suffix='x'):>17}"
+              f"{row['tokens_per_second']:>10.1f}{fmt(row['error'], 100):>9}{fmt(row['same_as_anchor'], 100, '%'):>16}"
+              f"{fmt(row['same_as_against'], 100, '%'):>19}")
     if args.dump:
         from dqwhisper.scoring import write_kaldi_text
 

@@ -184,11 +184,35 @@ class WeightFakeQuantizer(nn.Module):
         self.weight_shape = tuple(weight.shape)
         self.grouped = spec.grouped_shape(self.weight_shape, name)
         self._cache: tuple | None = None
+        self._pending_init: str | None = None
+        self._weight_ref = [weight]  # a list, so the module does not register the weight as its own parameter
         if lsq:
-            w3 = weight.detach().float().reshape(self.grouped)
-            s, z = mse_scale_zero(w3, spec) if scale_init == "mse" else minmax_scale_zero(w3, spec)
+            # min/max now; the MSE search (seconds on a real model) runs on first use, and never when a checkpoint's
+            # scales are loaded over it (model_from_checkpoint prepares, then loads)
+            s, z = minmax_scale_zero(weight.detach().float().reshape(self.grouped), spec)
             self.scale = nn.Parameter(s.detach().clone())
             self.zero_point = None if z is None else nn.Parameter(z.detach().clone())
+            self._pending_init = scale_init if scale_init != "minmax" else None
+
+    @torch.no_grad()
+    def _init_scales(self) -> None:
+        if self._pending_init is None:
+            return
+        self._pending_init = None
+        w3 = self._weight_ref[0].detach().float().reshape(self.grouped).to(self.scale.device)
+        s, z = mse_scale_zero(w3, self.spec)
+        self.scale.copy_(s)
+        if z is not None:
+            self.zero_point.copy_(z)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._init_scales()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "scale" in state_dict:
+            self._pending_init = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -199,6 +223,7 @@ class WeightFakeQuantizer(nn.Module):
         """Effective (fp16-representable) scale (A, B) and integer zero point (A, B) or None."""
         if not self.lsq:
             return minmax_scale_zero(weight.detach().float().reshape(self.grouped), self.spec)
+        self._init_scales()
         n_per_scale = self.grouped[2]
         g = 1.0 / math.sqrt(n_per_scale * max(self.spec.qmax, 1))
         s = fp16_scale(_ScaleGrad.apply(self.scale, g))

@@ -137,3 +137,19 @@ def test_activation_fake_quant_per_token():
 def test_minmax_scale_all_zero_weight():
     s, z = minmax_scale_zero(torch.zeros(2, 1, 8), QuantSpec(8))
     assert bool((s > 0).all())
+
+
+def test_lsq_mse_init_runs_lazily_and_not_over_loaded_scales():
+    torch.manual_seed(0)
+    w = torch.randn(16, 512)
+    w[:, 0] *= 8
+    spec = QuantSpec(3)
+    fq = WeightFakeQuantizer(spec, w, lsq=True, scale_init="mse")
+    minmax = fq.scale.detach().clone()
+    sd = fq.state_dict()  # saving resolves the pending MSE search
+    assert not torch.equal(sd["scale"], minmax)
+    other = WeightFakeQuantizer(spec, w, lsq=True, scale_init="mse")
+    loaded = torch.full_like(minmax, 0.25)
+    other.load_state_dict({"scale": loaded})
+    other(w)
+    assert torch.equal(other.scale.detach(), loaded)  # the checkpoint's scales win: no search over them

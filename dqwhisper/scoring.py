@@ -113,7 +113,7 @@ def score_utterances(refs: dict[str, str], hyps: dict[str, str], langs: dict[str
         ref, hyp = normalize(refs[utt], lang, raw), normalize(hyps.get(utt, ""), lang, raw)
         out = _process(metric, [ref], [hyp])
         scores.append(UttScore(utt, lang, metric, ref, hyp, len(out.references[0]), *_counts(out.alignments[0])))
-        alignments[utt] = _alignment_lines(jiwer.visualize_alignment(out, show_measures=False))
+        alignments[utt] = _alignment_lines(jiwer.visualize_alignment(out, show_measures=False, skip_correct=False))
     return scores, alignments
 
 

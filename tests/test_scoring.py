@@ -56,6 +56,7 @@ def test_summary_pooled_and_macro():
     assert o["error"] == pytest.approx(3 / 17)  # pooled: (1 + 2) / (6 + 11)
     assert o["macro_error"] == pytest.approx((1 / 6 + 2 / 11) / 2)
     assert set(alignments) == set(refs) and alignments["j1"].startswith("REF:")
+    assert alignments["e2"].splitlines()[:2] == ["REF: white pink", "HYP: white pink"]  # correct ones shown too
     table = format_table(summary)
     assert "16.67" in table and "18.18" in table and "17.65" in table
 

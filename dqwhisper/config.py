@@ -30,12 +30,12 @@ class CollectorConfig:
 
 
 @dataclass
-class SpecAugmentConfig:
+class SpecAugmentConfig:  # field names as dqwhisper.data.dataset.SpecAugment takes them
     enabled: bool = False  # only applies when the encoder runs (never on cached features)
-    freq_mask: int = 27  # max width of a frequency mask (mel bins)
-    time_mask: int = 50  # max width of a time mask (mel frames)
-    n_freq_masks: int = 2
-    n_time_masks: int = 2
+    freq_mask_param: int = 27  # max width of a frequency mask (mel bins)
+    num_freq_masks: int = 2
+    time_mask_param: int = 40  # max width of a time mask (mel frames, 10 ms)
+    num_time_masks: int = 2
 
 
 @dataclass

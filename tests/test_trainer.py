@@ -296,3 +296,22 @@ def test_script_rejects_unknown_option_and_typo(assets, tmp_path):
                           "conf/jap_ts.yaml", "loss.alpa=0"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode != 0 and "loss.alpa" in res.stdout + res.stderr
+
+
+def test_trainable_encoder_uncached_with_encoder_matching_and_specaugment(assets, tmp_path):
+    """The GPU-style path on the CPU: the encoder trains (no encoder cache for the student), SpecAugment on,
+    encoder layers matched too."""
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[
+        "student.freeze_encoder=false", "loss.match.encoder=true", "data.spec_augment.enabled=true",
+        "data.spec_augment.time_mask_param=10", "trainer.max_steps=2", "trainer.valid_every=0"])
+    tr = Trainer(cfg)
+    assert tr.enc_cache is None and tr.train_base.spec_augment is not None and tr.enc_adapter is not None
+    before = tr.student.encoder.blocks[0].mlp[0].weight.detach().clone()
+    batch = collate_training([tr.train_set[i] for i in range(4)], tr.tokenizer.eot)
+    assert "mel" in batch and "enc" not in batch
+    named, info = tr.compute_losses(batch)
+    assert "enc_chosen" in info and len(info["enc_chosen"]) == 2
+    tr.train_step([batch])
+    assert not torch.equal(before, tr.student.encoder.blocks[0].mlp[0].weight)
+    assert tr.train_base.spec_augment.time_mask_param == 10

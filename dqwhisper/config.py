@@ -48,6 +48,7 @@ class DataConfig:
     audio_window: float = 30.0  # encoder window in seconds (30 = Whisper's own; the paper used 15)
     bpe_vocab_size: int = 500  # sentencepiece units of the CTC head (soft limit)
     max_bad_fraction: float = 0.1  # more bad utterances than this fraction is an error
+    max_train_utts: int = 0  # train on N utterances evenly spaced over the set (by id); 0 = all
     max_dev_utts: int = 0  # validate on N dev utterances evenly spaced over the set (by id); 0 = all
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)

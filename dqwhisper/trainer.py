@@ -160,13 +160,13 @@ class TrainingSet(torch.utils.data.Dataset):
     outputs (`t_logits` [, `t_index`], `t_feats`) where those caches are in use."""
 
     def __init__(self, base: WhisperDataset, enc_cache: FeatureCache | None = None,
-                 teacher_enc_cache: FeatureCache | None = None, teacher_cache: FeatureCache | None = None):
+                 teacher_enc_cache: FeatureCache | None = None, teacher_caches: list[FeatureCache] = ()):
         self.base = base
         self.enc_cache = enc_cache
         self.teacher_enc_cache = teacher_enc_cache
-        self.teacher_cache = teacher_cache
+        self.teacher_caches = list(teacher_caches)  # teacher logits; teacher features (when matching)
         self.audio_keys = [audio_key(base.data, utt) for utt, _, _, _ in base.items] \
-            if (enc_cache or teacher_enc_cache or teacher_cache) else []
+            if (enc_cache or teacher_enc_cache or self.teacher_caches) else []
         self.index = list(range(len(base)))  # items usable (cache filled), positions in base
 
     def __len__(self) -> int:
@@ -196,8 +196,8 @@ class TrainingSet(torch.utils.data.Dataset):
                 return None
         if self.teacher_enc_cache is not None:
             item["t_enc"] = self.teacher_enc_cache.get(self.audio_keys[i])["enc"]
-        if self.teacher_cache is not None:
-            item.update(self.teacher_cache.get(self.teacher_key(i)))
+        for cache in self.teacher_caches:
+            item.update(cache.get(self.teacher_key(i)))
         return item
 
 
@@ -302,10 +302,9 @@ class Trainer:
                       bpe=self.bpe, max_bad_fraction=cfg.data.max_bad_fraction, languages=languages)
         self.train_base = WhisperDataset(train_dir, spec_augment=spec, **common)
         self.dev_base = WhisperDataset(dev_dir, **common)
-        n_dev = len(self.dev_base.items)
-        if 0 < cfg.data.max_dev_utts < n_dev:  # evenly spaced over the id-sorted set, so every language stays
-            pick = sorted({int(i * n_dev / cfg.data.max_dev_utts) for i in range(cfg.data.max_dev_utts)})
-            self.dev_base.items = [self.dev_base.items[i] for i in pick]
+        for ds, n in ((self.train_base, cfg.data.max_train_utts), (self.dev_base, cfg.data.max_dev_utts)):
+            if 0 < n < len(ds.items):  # evenly spaced over the id-sorted set, so every language stays
+                ds.items = [ds.items[int(i * len(ds.items) / n)] for i in range(n)]
         self.dev_refs = {u.utt_id: u.text for u, _, _, _ in self.dev_base.items}
 
         vocab_keep = None
@@ -364,7 +363,7 @@ class Trainer:
 
     def _setup_caches(self) -> None:
         cfg = self.cfg
-        self.enc_cache = self.teacher_enc_cache = self.teacher_cache = None
+        self.enc_cache = self.teacher_enc_cache = self.teacher_cache = self.teacher_feat_cache = None
         student_cached = cfg.student.freeze_encoder and cfg.trainer.cache_encoder
         if student_cached:
             self.enc_cache = self._encoder_cache(self.student, "student encoder")
@@ -373,16 +372,20 @@ class Trainer:
             if self.enc_cache is None or tcache.dir != self.enc_cache.dir:
                 self.teacher_enc_cache = tcache
         if self.teacher is not None and cfg.trainer.cache_teacher and cfg.trainer.cache_encoder:
+            # logits and matching features in two caches, so that KD-only and KD + matching runs share the logits
             m = cfg.loss.match
-            feat = m.feature if m.enabled else "none"
             keep = None if self.keep is None else self.keep.tolist()
             t_enc = self.teacher_enc_cache or self.enc_cache or self._encoder_cache(self.teacher, "teacher")
-            key = module_key(self.teacher.decoder, kind="teacher_decoder", keep=keep, topk=cfg.loss.kd_topk,
-                             feature=feat, dtype=str(self.cache_dtype), encoder=t_enc.dir.name)
-            self.teacher_cache = FeatureCache(self.cache_root / "teacher", key,
-                                              info={"teacher": cfg.teacher.name, "feature": feat,
-                                                    "topk": cfg.loss.kd_topk})
-        self.train_set = TrainingSet(self.train_base, self.enc_cache, self.teacher_enc_cache, self.teacher_cache)
+            common = dict(dtype=str(self.cache_dtype), encoder=t_enc.dir.name)
+            key = module_key(self.teacher.decoder, kind="teacher_logits", keep=keep, topk=cfg.loss.kd_topk, **common)
+            self.teacher_cache = FeatureCache(self.cache_root / "teacher_logits", key,
+                                              info={"teacher": cfg.teacher.name, "topk": cfg.loss.kd_topk})
+            if m.enabled:
+                key = module_key(self.teacher.decoder, kind="teacher_features", feature=m.feature, **common)
+                self.teacher_feat_cache = FeatureCache(self.cache_root / "teacher_features", key,
+                                                       info={"teacher": cfg.teacher.name, "feature": m.feature})
+        teacher_caches = [c for c in (self.teacher_cache, self.teacher_feat_cache) if c is not None]
+        self.train_set = TrainingSet(self.train_base, self.enc_cache, self.teacher_enc_cache, teacher_caches)
         self.dev_set = TrainingSet(self.dev_base, self.enc_cache)
         if self.dist.main:
             t0 = time.time()
@@ -397,8 +400,7 @@ class Trainer:
         for ds in (self.train_set, self.dev_set):  # drop utterances whose audio failed while filling
             caches = [c for c in (ds.enc_cache, ds.teacher_enc_cache) if c is not None]
             ds.index = [i for i in ds.index if all(c.has(ds.audio_keys[i]) for c in caches)]
-            if ds.teacher_cache is not None:
-                ds.index = [i for i in ds.index if ds.teacher_cache.has(ds.teacher_key(i))]
+            ds.index = [i for i in ds.index if all(c.has(ds.teacher_key(i)) for c in ds.teacher_caches)]
         if not len(self.train_set):
             raise DQWhisperError(f"no usable training utterance in {self.train_base.data.path}")
 
@@ -430,11 +432,11 @@ class Trainer:
         log.info("encoder cache %s: %d utterances computed into %s", name, len(todo), cache.dir)
 
     def _fill_teacher_cache(self, ds: TrainingSet) -> None:
-        cache = ds.teacher_cache
-        if cache is None:
+        if not ds.teacher_caches:
             return
         enc_cache = ds.teacher_enc_cache or ds.enc_cache
-        todo = [i for i in ds.index if not cache.has(ds.teacher_key(i)) and enc_cache.has(ds.audio_keys[i])]
+        todo = [i for i in ds.index if enc_cache.has(ds.audio_keys[i])
+                and not all(c.has(ds.teacher_key(i)) for c in ds.teacher_caches)]
         if not todo:
             return
         from tqdm import tqdm
@@ -456,8 +458,11 @@ class Trainer:
                     n = len(toks[b])
                     entry = {k: (v[b, :n] if k != "t_feats" else v[:, b, :n]).to(
                         self.cache_dtype if v.is_floating_point() else v.dtype) for k, v in out.items()}
-                    cache.put(ds.teacher_key(i), entry)
-        log.info("teacher cache: %d utterances computed into %s", len(todo), cache.dir)
+                    for cache in ds.teacher_caches:
+                        fields = ("t_feats",) if cache is self.teacher_feat_cache else ("t_logits", "t_index")
+                        cache.put(ds.teacher_key(i), {k: v for k, v in entry.items() if k in fields})
+        log.info("teacher cache: %d utterances computed into %s", len(todo),
+                 ", ".join(str(c.dir) for c in ds.teacher_caches))
 
     # ------------------------------------------------------------------------------------------- forward/losses
     def _autocast(self):

@@ -100,6 +100,12 @@ def test_cache_is_reused_and_keyed_by_model(assets, tmp_path):
     other = write_tiny_model(tmp_path / "other.pt", seed=1)
     tr3 = Trainer(tiny_config(tmp_path / "c", data, other, overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"]))
     assert tr3.enc_cache.dir != tr.enc_cache.dir and tr3.teacher_cache.dir != tr.teacher_cache.dir
+    # KD-only and KD + matching share the teacher's logits; features have their own cache
+    tr4 = Trainer(tiny_config(tmp_path / "d", data, teacher, name="demo_student_kd",
+                              overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"]))
+    assert tr4.teacher_cache.dir == tr.teacher_cache.dir and tr4.teacher_feat_cache is None
+    assert tr.teacher_feat_cache is not None
+    assert {p: p.stat().st_mtime_ns for p in files} == stamp
 
 
 def test_teacher_adaptation_config_runs(assets, tmp_path):

@@ -7,13 +7,12 @@ output computed once) as whisper.decode runs it, for: float (the checkpoint as i
 per-channel on every weight -> convert(mode="int8"): int8 kernels for every linear and the tied vocabulary
 projection), and each with a pruned vocabulary of --keep text tokens + every special token (only the count matters
 for timing; the ids are the first N). Also reports the encoder time and the int8-vs-float logit agreement.
-Numbers move with machine load: compare only rows of one run.
+Each figure is the fastest of its repetitions (robust to other processes); compare only rows of one run.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -37,16 +36,18 @@ def decoder_step_ms(model, xa, steps: int) -> float:
     finally:
         for h in hooks:
             h.remove()
-    return 1000 * statistics.median(times)
+    return 1000 * min(times)  # the least-disturbed step: robust to other processes on a shared machine
 
 
 @torch.no_grad()
 def encoder_ms(model, mel, reps: int = 2) -> float:
     model.encoder(mel)
-    t = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t = time.perf_counter()
         model.encoder(mel)
-    return 1000 * (time.perf_counter() - t) / reps
+        times.append(time.perf_counter() - t)
+    return 1000 * min(times)
 
 
 def main() -> None:

@@ -97,6 +97,7 @@ class LossConfig:
 class OptimConfig:
     name: str = "adamw"  # adam | adamw
     lr: float = 1e-4
+    head_lr: Optional[float] = 1e-3  # lr of the layers training adds (CTC head, matching adapters); null = lr
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8

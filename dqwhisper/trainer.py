@@ -343,7 +343,12 @@ class Trainer:
         self._setup_caches()
         oc = cfg.optim
         opt_cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(self.params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+        head = {id(p) for m in (self.student.ctc_head, self.adapter, self.enc_adapter) if m is not None
+                for p in m.parameters()}
+        groups = [{"params": [p for p in self.params if id(p) not in head]},
+                  {"params": [p for p in self.params if id(p) in head],
+                   "lr": oc.head_lr if oc.head_lr is not None else oc.lr}]
+        self.optimizer = opt_cls([g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                  weight_decay=oc.weight_decay)
         total = cfg.trainer.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -145,12 +145,12 @@ def resolve_checkpoint(target: Path, is_exp: bool, choice: str) -> Path:
     return path
 
 
-def load_model(path: Path, device: torch.device):
-    """(model, written_by_dqwhisper): an export, or a checkpoint (ours or a released Whisper one)."""
+def load_model(path: Path, device: torch.device, export_mode: str = "int8"):
+    """(model, written_by_dqwhisper): an export (.dqw), or a checkpoint (ours or a released Whisper one)."""
     if path.suffix == ".dqw":
         from dqwhisper.quant.export import load_exported
 
-        return load_exported(path).to(device).eval(), True
+        return load_exported(path, mode=export_mode, device=device), True
     from dqwhisper.models.student import model_from_checkpoint, read_checkpoint
 
     ckpt = read_checkpoint(path)
@@ -226,7 +226,7 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
     device = resolve_device(dcfg.device)
     if dcfg.num_threads > 0:
         torch.set_num_threads(dcfg.num_threads)
-    model, ours = load_model(ckpt, device)
+    model, ours = load_model(ckpt, device, dcfg.export_mode)
     dcfg.mel_padding = resolve_mel_padding(dcfg.mel_padding, ours)
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.student_export:
         from dqwhisper.quant.export import load_exported
 
-        exported = load_exported(args.student_export).eval()
+        exported = load_exported(args.student_export, mode="int8")
         window = window or exported.dims.n_audio_ctx / 50
         add("student-export", lambda: time_ours(exported, audio, utts, cfg, "audio"))
     if args.student_ct2:

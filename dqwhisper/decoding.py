@@ -36,6 +36,7 @@ class DecodeConfig:
     out_dir: Optional[str] = None  # output folder; null = TARGET's decode_<set>_<tag>/
     tag: Optional[str] = None  # output folder tag; null = <checkpoint>_<greedy|beamN|ctc>
     checkpoint: str = "best"  # best | last | avg | export | path to a .pt file
+    export_mode: str = "int8"  # how export/model.dqw runs: int8 (int8 kernels) | dequant (exact float reference)
     beam_size: int = 1  # 1 = greedy; N > 1 = beam search with N beams
     patience: Optional[float] = None  # beam search patience; null = 1.0
     length_penalty: Optional[float] = None  # alpha in [0, 1] for ranking finished beams; null = length normalization

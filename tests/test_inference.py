@@ -191,3 +191,17 @@ def test_decode_sh_parallel_jobs_equal_one_run(checkpoint, data_dir, tmp_path):
     assert merged["per_language"] == single["per_language"] and merged["n_jobs"] == 2
     assert merged["rtf_elapsed"] > 0 and merged["decode"]["shard"] is None
     assert sorted(p.name for p in (tmp_path / "two" / "split2").iterdir()) == ["1", "1.log", "2", "2.log"]
+
+
+def test_experiment_export_checkpoint(checkpoint, data_dir, tmp_path):
+    """decode.checkpoint=export decodes export/model.dqw (here a float export: same transcripts as the .pt)."""
+    from dqwhisper.quant.export import export_checkpoint
+
+    exp = tmp_path / "exp"
+    export_checkpoint(checkpoint, exp / "export" / "model.dqw", float_dtype="float32")
+    (exp / "config.yaml").write_text(yaml.safe_dump({"decode": {"max_new_tokens": 4}}))
+    common = [f"decode.test_sets=[{data_dir}]"]
+    [res] = run("tiny", exp, common + ["decode.checkpoint=export", "decode.export_mode=dequant"])
+    assert res["out_dir"] == str(exp / "decode_test_export_greedy")
+    [ref] = run("tiny", checkpoint, common + ["decode.max_new_tokens=4", f"decode.out_dir={tmp_path / 'pt'}"])
+    assert (exp / "decode_test_export_greedy" / "hyp.txt").read_text() == (tmp_path / "pt" / "hyp.txt").read_text()

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from whisper.model import ModelDimensions
 
-from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, decode_utterances, resolve_mel_padding,
+from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, decode_utterances,
                                 search_tag, select_utts)
 from dqwhisper.scoring import score_utterances, summarize, write_kaldi_text, write_results
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
@@ -227,7 +227,6 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
     if dcfg.num_threads > 0:
         torch.set_num_threads(dcfg.num_threads)
     model, ours = load_model(ckpt, device, dcfg.export_mode)
-    dcfg.mel_padding = resolve_mel_padding(dcfg.mel_padding, ours)
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)
     results = []

@@ -16,11 +16,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from whisper.audio import HOP_LENGTH, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask
 from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES
 
+from dqwhisper.data.dataset import window_log_mel
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -44,7 +44,7 @@ class DecodeConfig:
     language: Optional[str] = None  # null = each utterance's utt2lang; "detect" = Whisper language ID; or one code
     ctc: bool = False  # CTC greedy decoding over the CTC head's sentencepiece units (no autoregressive decoder)
     audio_window: Optional[float] = None  # encoder window in seconds; null = the model's own (n_audio_ctx / 50)
-    mel_padding: str = "auto"  # audio | zeros | auto (zeros for checkpoints not written by dqwhisper); audio_to_mel
+    mel_padding: str = "zeros"  # zeros (transcribe-style, what training uses) | audio; see window_log_mel
     batch_size: int = 8  # utterances per whisper decoding call (one language per batch)
     device: str = "cpu"  # cpu | cuda | auto
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
@@ -96,40 +96,13 @@ def window_samples(model: Whisper) -> int:
     return model.dims.n_audio_ctx * SAMPLES_PER_FRAME
 
 
-MEL_PADDINGS = ("audio", "zeros")
 
 
 def audio_to_mel(audios: list[np.ndarray], model: Whisper, device: torch.device | str = "cpu",
-                 padding: str = "audio") -> Tensor:
-    """Waveforms -> log-mel (B, n_mels, 2 * n_audio_ctx) for the model's window.
-
-    padding "audio": pad/trim the waveform to the window, then the mel (DESIGN.md; what training feeds).
-    padding "zeros": the mel of the audio (normalized with Whisper's trailing 30 s of silence), cut after the
-    audio's frames and zero-padded to the window: openai-whisper's `transcribe` and faster-whisper do this.
-    """
-    if padding not in MEL_PADDINGS:
-        raise DQWhisperError(f"mel padding '{padding}': one of {MEL_PADDINGS}")
-    n = window_samples(model)
-    n_frames = 2 * model.dims.n_audio_ctx
-    mels = []
-    for a in audios:
-        a = torch.from_numpy(np.asarray(a, dtype=np.float32))
-        if padding == "audio":
-            mels.append(log_mel_spectrogram(pad_or_trim(a, n), model.dims.n_mels))
-        else:
-            mel = log_mel_spectrogram(a[:n], model.dims.n_mels, padding=N_SAMPLES)
-            mels.append(pad_or_trim(mel[:, : min(len(a), n) // HOP_LENGTH], n_frames))
-    return torch.stack(mels).to(device)
-
-
-def resolve_mel_padding(choice: str, written_by_dqwhisper: bool) -> str:
-    """decode.mel_padding "auto": a model trained here gets the mel it was trained on ("audio"); a released
-    Whisper checkpoint (no dqwhisper section) gets the reference implementations' input ("zeros")."""
-    if choice == "auto":
-        return "audio" if written_by_dqwhisper else "zeros"
-    if choice not in MEL_PADDINGS:
-        raise DQWhisperError(f"decode.mel_padding={choice}: one of auto, {', '.join(MEL_PADDINGS)}")
-    return choice
+                 padding: str = "zeros") -> Tensor:
+    """Waveforms -> log-mel (B, n_mels, 2 * n_audio_ctx) for the model's window (`window_log_mel`)."""
+    return torch.stack([window_log_mel(a, model.dims.n_mels, model.dims.n_audio_ctx, padding)
+                        for a in audios]).to(device)
 
 
 def ctc_greedy(logits: Tensor, lengths: Sequence[int] | None = None, blank: int = 0) -> list[list[int]]:
@@ -252,7 +225,7 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
             _check_language(key, f"utterance {u.utt_id}" if not cfg.language else "decode.language")
         groups.setdefault(key, []).append(u)
 
-    padding = resolve_mel_padding(cfg.mel_padding, written_by_dqwhisper=True)
+    padding = cfg.mel_padding
     n_window = window_samples(model)
     hyps, n_tokens, n_trimmed, audio_seconds = [], 0, 0, 0.0
     bar = tqdm(total=len(utts), desc="decode", unit="utt", disable=not progress, leave=False)
@@ -306,8 +279,8 @@ def search_tag(cfg: DecodeConfig) -> str:
         tag += "_detect"
     elif cfg.language:
         tag += f"_lang{cfg.language}"
-    if cfg.mel_padding == "zeros":
-        tag += "_melzeros"
+    if cfg.mel_padding != "zeros":
+        tag += f"_mel{cfg.mel_padding}"
     if cfg.raw:
         tag += "_raw"
     return tag
@@ -316,4 +289,4 @@ def search_tag(cfg: DecodeConfig) -> str:
 __all__ = ["DecodeConfig", "BatchedDecodingTask", "decoding_options", "decode_batch", "audio_to_mel", "ctc_greedy",
            "ctc_decode_batch", "load_ctc_bpe", "decode_utterances", "select_utts", "apply_audio_window",
            "search_tag", "DecodeRun", "UttHypothesis", "window_samples", "DETECT", "MEL_PADDINGS",
-           "resolve_mel_padding"]
+]

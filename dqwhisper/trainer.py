@@ -363,7 +363,7 @@ class Trainer:
 
     def _encoder_cache(self, model: DQWhisper, what: str) -> FeatureCache:
         key = module_key(model.encoder, kind="encoder", n_mels=model.dims.n_mels, n_audio_ctx=self.n_audio_ctx,
-                         dtype=str(self.cache_dtype))
+                         dtype=str(self.cache_dtype), mel="zeros")
         return FeatureCache(self.cache_root / "encoder", key, info={"what": what, "n_audio_ctx": self.n_audio_ctx})
 
     def _setup_caches(self) -> None:

@@ -15,6 +15,7 @@ import torch
 import whisper
 
 from dqwhisper.models.load import load_whisper
+from dqwhisper.data.dataset import window_log_mel
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -44,7 +45,7 @@ def transcribe_file(model: whisper.model.Whisper, path: str | Path, language: st
     """Greedy decoding without timestamps of the first 30 s window; language forced or detected."""
     audio = load_wav(path)
     n_ctx = model.dims.n_audio_ctx
-    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio, n_ctx * 320), model.dims.n_mels)
+    mel = window_log_mel(audio, model.dims.n_mels, n_ctx)
     mel = mel.to(next(model.parameters()).device)
     if language is None and model.is_multilingual:
         _, probs = model.detect_language(mel)

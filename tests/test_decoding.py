@@ -14,7 +14,7 @@ from whisper.decoding import DecodingOptions
 from whisper.model import Whisper
 
 from dqwhisper.decoding import (DecodeConfig, apply_audio_window, audio_to_mel, ctc_decode_batch, ctc_greedy,
-                                decode_batch, decode_utterances, decoding_options, resolve_mel_padding, search_tag,
+                                decode_batch, decode_utterances, decoding_options, search_tag,
                                 select_utts)
 from dqwhisper.models.student import DQWhisper
 from dqwhisper.utils import DQWhisperError
@@ -91,17 +91,14 @@ def test_mel_padding_zeros_is_transcribe_style():
     torch.testing.assert_close(mel[:, :75], reference[:, :75], atol=0, rtol=0)
     assert bool((mel[:, 75:] == 0).all())
     padded = audio_to_mel([audio], model, padding="audio")[0]
-    assert not torch.equal(padded[:, 75:], mel[:, 75:])  # training's mel: log-mel of silence, not zeros
+    assert not torch.equal(padded[:, 75:], mel[:, 75:])  # the 'audio' mode: log-mel of silence, not zeros
     long = audio_to_mel([noise(3.0, 4)], model, padding="zeros")
     assert long.shape == (1, 80, 200) and bool((long[0, :, -1] != 0).any())  # cut to the window, no padding
 
 
-def test_resolve_mel_padding():
-    assert resolve_mel_padding("auto", written_by_dqwhisper=False) == "zeros"
-    assert resolve_mel_padding("auto", written_by_dqwhisper=True) == "audio"
-    assert resolve_mel_padding("zeros", written_by_dqwhisper=True) == "zeros"
-    with pytest.raises(DQWhisperError, match="mel_padding"):
-        resolve_mel_padding("none", True)
+def test_mel_padding_rejects_unknown_modes():
+    with pytest.raises(DQWhisperError, match="mel padding 'none'"):
+        audio_to_mel([noise(0.5, 0)], sharp_whisper(n_audio_ctx=100), padding="none")
 
 
 @dataclass(frozen=True)

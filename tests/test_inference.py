@@ -103,20 +103,12 @@ def test_shards_merge_to_the_whole(checkpoint, data_dir, tmp_path):
     assert sorted(parts) == (tmp_path / "all" / "hyp.txt").read_text().splitlines()
 
 
-def test_mel_padding_auto_follows_the_checkpoint(checkpoint, data_dir, tmp_path):
-    from dataclasses import asdict
-
-    from whisper.model import Whisper
-
-    released = tmp_path / "released.pt"  # openai-whisper's own layout: no dqwhisper section
-    dims = tiny_dims(**TINY_STUDENT)
-    torch.save({"dims": asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, released)
+def test_mel_padding_is_zeros_unless_asked(checkpoint, data_dir, tmp_path):
     common = [f"decode.test_sets=[{data_dir}]", "decode.max_new_tokens=3"]
-    [ours] = run("tiny", checkpoint, common + [f"decode.out_dir={tmp_path / 'a'}"])
-    assert ours["decode"]["mel_padding"] == "audio"
-    [theirs] = run("tiny", released, common + [f"decode.out_dir={tmp_path / 'b'}"])
-    assert theirs["decode"]["mel_padding"] == "zeros"
-
+    [default] = run("tiny", checkpoint, common + [f"decode.out_dir={tmp_path / 'a'}"])
+    assert default["decode"]["mel_padding"] == "zeros"
+    [audio] = run("tiny", checkpoint, common + [f"decode.out_dir={tmp_path / 'b'}", "decode.mel_padding=audio"])
+    assert audio["decode"]["mel_padding"] == "audio"
 
 def test_error_experiment_dir_without_config(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"")

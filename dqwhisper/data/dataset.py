@@ -31,6 +31,28 @@ PREFIX_LEN = 4                   # sot, lang, transcribe, notimestamps
 NO_SPACE_LANGUAGES = {"ja", "zh", "yue", "th", "lo", "my", "km", "bo"}
 
 
+MEL_PADDINGS = ("zeros", "audio")
+
+
+def window_log_mel(audio: np.ndarray | torch.Tensor, n_mels: int, n_audio_ctx: int, padding: str = "zeros") -> torch.Tensor:
+    """Whisper's log-mel of one utterance for an encoder window of `n_audio_ctx` positions: (n_mels, 2*n_audio_ctx).
+
+    "zeros" (the toolkit's convention): the mel of the audio, normalized as openai-whisper's `transcribe` does (with
+    30 s of trailing silence), cut after the audio's frames and zero-padded to the window. openai's transcribe and
+    faster-whisper feed this; released Whisper models decode short clips far better from it.
+    "audio": the waveform padded/trimmed to the window, then the mel (the `whisper.decode` README example).
+    """
+    if padding not in MEL_PADDINGS:
+        raise DQWhisperError(f"mel padding '{padding}': one of {', '.join(MEL_PADDINGS)}")
+    a = torch.as_tensor(np.asarray(audio, dtype=np.float32)) if not torch.is_tensor(audio) else audio.float()
+    n = n_audio_ctx * SAMPLES_PER_FRAME
+    if padding == "audio":
+        return whisper.audio.log_mel_spectrogram(whisper.pad_or_trim(a, n), n_mels)
+    mel = whisper.audio.log_mel_spectrogram(a[:n], n_mels, padding=whisper.audio.N_SAMPLES)
+    frames = min(len(a), n) // whisper.audio.HOP_LENGTH
+    return whisper.pad_or_trim(mel[:, :frames], 2 * n_audio_ctx)
+
+
 def default_tokenizer(n_vocab: int = 51865) -> Tokenizer:
     """The multilingual tokenizer matching a model's vocabulary (51865: 99 languages, 51866: large-v3's 100)."""
     return get_tokenizer(multilingual=True, num_languages=n_vocab - 51765 - 1, task="transcribe")
@@ -214,9 +236,8 @@ class WhisperDataset(torch.utils.data.Dataset):
         return [u.utt_id for u, _, _, _ in self.items]
 
     def log_mel(self, audio: np.ndarray) -> torch.Tensor:
-        """(n_mels, 2*n_audio_ctx) log-mel of audio padded/trimmed to the window."""
-        audio = whisper.pad_or_trim(torch.from_numpy(np.asarray(audio, dtype=np.float32)), self.n_samples)
-        return whisper.audio.log_mel_spectrogram(audio, self.n_mels)
+        """(n_mels, 2*n_audio_ctx) log-mel of the audio for the window (`window_log_mel`, zero-padded mel)."""
+        return window_log_mel(audio, self.n_mels, self.n_samples // SAMPLES_PER_FRAME)
 
     def __getitem__(self, index: int) -> dict | None:
         utt, tokens, ctc, _ = self.items[index]

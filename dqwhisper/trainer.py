@@ -39,7 +39,7 @@ from dqwhisper.data.dataset import BatchSampler, WhisperDataset, collate, defaul
 from dqwhisper.distill.matching import FeatureAdapter, match_loss
 from dqwhisper.models.student import (DQWhisper, from_whisper, read_checkpoint, save_checkpoint,
                                       vocab_from_token_lists, window_frames)
-from dqwhisper.utils import DQWhisperError, atomic_torch_save, get_logger, resolve_device, set_seed
+from dqwhisper.utils import DQWhisperError, atomic_torch_save, atomic_write_bytes, get_logger, resolve_device, set_seed
 
 log = get_logger(__name__)
 
@@ -779,6 +779,9 @@ class Trainer:
         if self.cfg.trainer.valid_decode:
             langs = {u.utt_id: u.lang for u, _, _, _ in self.dev_base.items}
             result.update(score(hyps, self.dev_refs, langs))
+            if self.dist.main:  # the latest dev hypotheses, Kaldi text format
+                atomic_write_bytes(self.expdir / "dev_hyp.txt",
+                                   "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items())).encode())
         return result
 
     def _greedy(self, batch: dict) -> dict[str, str]:

@@ -269,7 +269,8 @@ def test_paper_command_runs(assets, tmp_path, nj, alpha):
            f"checkpoint_dir={exp}", f"data.data_dir={data}", "optim.lr=3e-5", "data.collector.minibatch_size=20",
            f"loss.alpha={alpha}",
            # tiny-model settings
-           f"teacher.name={teacher}", "data.audio_window=2.0", "data.bpe_vocab_size=300", "student.decoder_layers=[0,3]",
+           f"teacher.name={teacher}", "data.audio_window=2.0", "data.bpe_vocab_size=300",
+           "student.decoder_layers=[0,3]",
            f"trainer.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "trainer.valid_every=1",
            "trainer.progress=false", "trainer.num_threads=1"]
     env = {**os.environ, "PYTHON": sys.executable}

@@ -12,7 +12,8 @@
 #   3  teacher         CE adaptation of base to the demo corpus -> exp/demo/teacher_adapted
 #   4  students        students cut from the adapted teacher (2 decoder layers, pruned vocabulary), the same data
 #                      and steps: CE only, KD logits, KD + dynamic matching, + QAT 8-bit, + QAT 4-bit
-#   5  ptq + export    PTQ 4-bit of the float KD + matching student; every student exported to model.dqw
+#   5  ptq + export    PTQ 4-bit of the float KD + matching student; the adapted teacher and every student
+#                      exported to export/model.dqw (packed low-bit, or fp16 for float models)
 #   6  decode          every model on data/demo/test with inference.py (greedy, language from utt2lang)
 #   7  report          exp/demo/RESULTS.md, results.json, wer_vs_size.png
 # Everything a stage needs is on disk from the stages before it; exp/demo/stage_times.tsv keeps the wall times.
@@ -89,7 +90,8 @@ stage_export() {
   mkdir -p "$exp/student_ptq4"
   $py -m dqwhisper.quant.ptq "$exp/student_kd_dm/best.pt" w4 "$exp/student_ptq4/best.pt"
   cp "$exp/student_kd_dm/config.yaml" "$exp/student_ptq4/config.yaml"
-  for s in $students student_ptq4; do
+  # float models are exported too (fp16 tensors), so every row's size is a file that decodes as reported
+  for s in teacher_adapted $students student_ptq4; do
     mkdir -p "$exp/$s/export"
     $py -m dqwhisper.quant.export "$exp/$s/best.pt" "$exp/$s/export/model.dqw"
   done
@@ -97,16 +99,14 @@ stage_export() {
 stage_decode() {
   local common=("decode.test_sets=[$data/test]" "decode.num_threads=$decode_threads")
   $py inference.py base exp/models/base.pt "${common[@]}" "decode.out_dir=$exp/teacher_zeroshot/decode_test"
-  $py inference.py base "$exp/teacher_adapted" "${common[@]}" decode.checkpoint=best \
-    "decode.out_dir=$exp/teacher_adapted/decode_test"
-  for s in $students student_ptq4; do
+  for s in teacher_adapted $students student_ptq4; do
     $py inference.py base "$exp/$s" "${common[@]}" decode.checkpoint=export "decode.out_dir=$exp/$s/decode_test"
   done
 }
 stage_report() {
   local rows=(--row teacher_zeroshot "$exp/teacher_zeroshot/decode_test/results.json" exp/models/base.pt
-              --row teacher_adapted "$exp/teacher_adapted/decode_test/results.json" "$teacher_ckpt")
-  for s in $students student_ptq4; do
+)
+  for s in teacher_adapted $students student_ptq4; do
     rows+=(--row "$s" "$exp/$s/decode_test/results.json" "$exp/$s/export/model.dqw")
   done
   # the teacher's fp16 file: Whisper base as shipped (CTranslate2 float16 model.bin)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 from datetime import datetime, timezone
@@ -21,18 +22,18 @@ log = get_logger(__name__)
 
 
 def count_params(model_file: Path) -> int:
-    """Parameters of the model in `model_file` (a checkpoint or an exported .dqw file)."""
+    """Weights of the model in `model_file`: every float or quantized tensor of an exported .dqw file (not scales,
+    zero points or id tables), or every state-dict entry of a checkpoint but the sinusoid table and id tables."""
     if model_file.suffix == ".dqw":
-        from dqwhisper.quant.export import load_exported
+        from dqwhisper.quant.export import read_header
 
-        model = load_exported(model_file, mode="dequant")
-    else:
-        from dqwhisper.models.student import read_checkpoint
+        header, _ = read_header(model_file)
+        return sum(math.prod(e["shape"]) for e in header["tensors"].values() if e["kind"] in ("float", "quantized"))
+    from dqwhisper.models.student import read_checkpoint
 
-        sd = read_checkpoint(model_file)["model_state_dict"]
-        buffers = ("encoder.positional_embedding", "decoder.vocab_keep", "decoder.full_to_sub")
-        return sum(v.numel() for k, v in sd.items() if k not in buffers)
-    return sum(p.numel() for p in model.parameters())
+    sd = read_checkpoint(model_file)["model_state_dict"]
+    buffers = ("encoder.positional_embedding", "decoder.vocab_keep", "decoder.full_to_sub")
+    return sum(v.numel() for k, v in sd.items() if k not in buffers)
 
 
 def build_row(name: str, results_json: Path, model_file: Path, teacher_fp16_bytes: int) -> dict:

@@ -42,3 +42,14 @@ def test_report_missing_results_names_the_row(tmp_path, tiny_whisper):
     save_checkpoint(from_whisper(tiny_whisper), ckpt)
     with pytest.raises(DQWhisperError, match="row teacher_zeroshot: .*does not exist"):
         report.build_row("teacher_zeroshot", tmp_path / "nope.json", ckpt, 100)
+
+
+def test_params_of_an_exported_quantized_file_count_the_packed_weights(tmp_path, tiny_whisper):
+    from dqwhisper.quant import prepare
+    from dqwhisper.quant.export import export_model
+
+    student = from_whisper(tiny_whisper, decoder_layers=[0, 3])
+    n_float = sum(p.numel() for p in student.parameters())
+    prepare(student, {"enabled": True, "scope": "all", "weight": {"bits": 4}})
+    export_model(student, tmp_path / "m.dqw")
+    assert report.count_params(tmp_path / "m.dqw") == n_float

@@ -76,11 +76,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, out_pa
     if vocab_size < 300:
         raise DQWhisperError(f"train_bpe: vocab_size {vocab_size} too small with byte fallback (need >= 300)")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, character_coverage=character_coverage, hard_vocab_limit=False, num_threads=1,
-        input_sentence_size=0, shuffle_input_sentence=False, split_digits=True,
-        max_sentence_length=1 << 16, minloglevel=2, bos_id=-1, eos_id=-1, unk_id=0)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, character_coverage=character_coverage, hard_vocab_limit=False, num_threads=1,
+            input_sentence_size=0, shuffle_input_sentence=False, split_digits=True,
+            max_sentence_length=1 << 16, minloglevel=2, bos_id=-1, eos_id=-1, unk_id=0)
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
+        raise DQWhisperError(
+            f"train_bpe: sentencepiece could not train {vocab_size} pieces on {len(sentences)} transcripts "
+            f"({str(e).strip().splitlines()[-1]}); a larger data.bpe_vocab_size covers more scripts") from e
     bpe = BPE(model.getvalue())
     if out_path is not None:
         bpe.save(out_path)

@@ -30,3 +30,15 @@ def test_cli(tmp_path, capsys):
     d = make_data_dir(tmp_path, n=4)
     main([str(d), str(tmp_path / "m.model"), "--vocab-size", "300"])
     assert (tmp_path / "m.model").is_file() and "CTC units" in capsys.readouterr().out
+
+
+def test_too_few_pieces_for_the_scripts_is_a_clear_error():
+    import pytest
+
+    from dqwhisper.data.bpe import train_bpe
+    from dqwhisper.utils import DQWhisperError
+
+    # more distinct characters than pieces: 400 CJK characters + 256 bytes do not fit 300 pieces
+    texts = ["".join(chr(0x4E00 + i + j) for j in range(8)) for i in range(0, 400, 8)]
+    with pytest.raises(DQWhisperError, match="could not train 300 pieces"):
+        train_bpe(texts, vocab_size=300)

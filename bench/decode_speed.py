@@ -58,6 +58,17 @@ def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig,
     return {h.utt_id: h.text for h in run.hyps}, run.wall_seconds, run.n_tokens
 
 
+def time_each(one, utts: list) -> tuple[dict[str, str], float, int]:
+    """Run `one(utt) -> (text, n_tokens)` once to warm up, then over every utterance: (texts, seconds, tokens)."""
+    one(utts[0])
+    texts, n_tokens = {}, 0
+    start = time.perf_counter()
+    for utt in utts:
+        texts[utt.utt_id], n = one(utt)
+        n_tokens += n
+    return texts, time.perf_counter() - start, n_tokens
+
+
 def time_ct2_generate(path: str, compute_type: str, data: Preloaded, utts: list, threads: int,
                       window_seconds: float) -> tuple[dict[str, str], float, int]:
     """Greedy CTranslate2 decoding on our own mel for the export's window (log-mel included in the time)."""
@@ -78,13 +89,7 @@ def time_ct2_generate(path: str, compute_type: str, data: Preloaded, utts: list,
                              max_length=224)[0].sequences_ids[0]
         return tok.decode(ids).strip(), len(ids)
 
-    one(utts[0])  # warm-up
-    texts, n_tokens = {}, 0
-    start = time.perf_counter()
-    for utt in utts:
-        texts[utt.utt_id], n = one(utt)
-        n_tokens += n
-    return texts, time.perf_counter() - start, n_tokens
+    return time_each(one, utts)
 
 
 def time_faster_whisper(path: str, compute_type: str, data: Preloaded, utts: list, threads: int, beam_size: int,
@@ -101,13 +106,7 @@ def time_faster_whisper(path: str, compute_type: str, data: Preloaded, utts: lis
         segments = list(segments)
         return "".join(s.text for s in segments).strip(), sum(len(s.tokens) for s in segments)
 
-    one(utts[0])  # warm-up
-    texts, n_tokens = {}, 0
-    start = time.perf_counter()
-    for utt in utts:
-        texts[utt.utt_id], n = one(utt)
-        n_tokens += n
-    return texts, time.perf_counter() - start, n_tokens
+    return time_each(one, utts)
 
 
 def main(argv: list[str] | None = None) -> None:

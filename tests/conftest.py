@@ -19,16 +19,23 @@ def tiny_dims(**overrides) -> ModelDimensions:
     return ModelDimensions(**dims)
 
 
-@pytest.fixture
-def tiny_whisper() -> Whisper:
-    """A random multilingual-vocabulary Whisper with tiny widths, weights drawn with a fixed seed."""
-    torch.manual_seed(0)
-    model = Whisper(tiny_dims())
+def random_tiny_whisper(seed: int = 0, bias_std: float = 0.0, **dims) -> Whisper:
+    """A random multilingual-vocabulary Whisper with tiny widths: matrices and embeddings ~ N(0, 0.05); biases and
+    norms ~ N(0, bias_std) when bias_std > 0 (else as initialised)."""
+    torch.manual_seed(seed)
+    model = Whisper(tiny_dims(**dims))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim > 1 or "embedding" in name:
                 p.normal_(0, 0.05)
+            elif bias_std > 0:
+                p.normal_(0, bias_std)
     return model.eval()
+
+
+@pytest.fixture
+def tiny_whisper() -> Whisper:
+    return random_tiny_whisper()
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
 from hydra import compose, initialize_config_dir
-from whisper.model import Whisper
 
 from dqwhisper.config import register_configs
 from dqwhisper.models.student import from_whisper, save_checkpoint
-from tests.conftest import tiny_dims
+from tests.conftest import random_tiny_whisper
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -22,13 +20,7 @@ TEXTS = {
 
 
 def write_tiny_model(path: Path, seed: int = 0, **dims) -> Path:
-    torch.manual_seed(seed)
-    model = Whisper(tiny_dims(**dims))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1 or "embedding" in name:
-                p.normal_(0, 0.05)
-    save_checkpoint(from_whisper(model), path)
+    save_checkpoint(from_whisper(random_tiny_whisper(seed, **dims)), path)
     return path
 
 

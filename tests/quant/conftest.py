@@ -3,24 +3,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from whisper.model import Whisper
 
 from dqwhisper.models.student import from_whisper
-from tests.conftest import tiny_dims
+from tests.conftest import random_tiny_whisper
 
 # a pruned vocabulary: the first 1000 text tokens + every special token of the multilingual tokenizer
 PRUNED_KEEP = list(range(1000)) + list(range(50257, 51865))
 
 
 def make_student(seed: int = 0, vocab_keep=PRUNED_KEEP, ctc_units: int = 0, **dims) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    teacher = Whisper(tiny_dims(**dims))
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if p.ndim > 1 or "embedding" in name:
-                p.normal_(0, 0.05)
-            else:
-                p.normal_(0, 0.02)  # non-zero biases and norms, so that they matter in the comparisons
+    # non-zero biases and norms, so that they matter in the comparisons
+    teacher = random_tiny_whisper(seed, bias_std=0.02, **dims)
     return from_whisper(teacher, vocab_keep=vocab_keep, ctc_units=ctc_units).eval()
 
 

@@ -171,8 +171,10 @@ def write_kaldi_text(path: str | Path, texts: dict[str, str]) -> None:
 
 def read_kaldi_text(path: str | Path) -> dict[str, str]:
     """`utt-id text` lines; the text may be empty."""
+    from dqwhisper.data.kaldi import kaldi_lines
+
     out = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(kaldi_lines(Path(path).read_text(encoding="utf-8")), 1):
         if not line.strip():
             continue
         key, _, text = line.strip().partition(" ")

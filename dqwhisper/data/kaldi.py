@@ -39,6 +39,23 @@ def is_pipe(wav: str) -> bool:
     return wav.rstrip().endswith("|")
 
 
+def kaldi_lines(content: str) -> list[str]:
+    """The lines of a Kaldi file: split at "\\n" only, as Kaldi and `validate` do (str.splitlines would also split
+    inside a transcript at U+2028, U+0085, form feeds, ...). A trailing "\\r" stays on its line (callers strip)."""
+    lines = content.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def split_kaldi_line(line: str) -> tuple[str, str]:
+    """`key value...` -> (key, value): the key ends at the first whitespace; the value is stripped ("" if none)."""
+    parts = line.strip().split(maxsplit=1)
+    if not parts:
+        return "", ""
+    return parts[0], parts[1].strip() if len(parts) > 1 else ""
+
+
 def read_kaldi_map(path: Path, allow_empty_value: bool = False) -> tuple[dict[str, str], dict[str, int]]:
     """Read a `key value...` file. Returns ({key: value}, {key: line number}). Duplicate keys and missing values
     raise DQWhisperError naming the file and line."""
@@ -48,13 +65,10 @@ def read_kaldi_map(path: Path, allow_empty_value: bool = False) -> tuple[dict[st
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DQWhisperError(f"{path}: not UTF-8 ({e})") from e
-    for lineno, line in enumerate(content.splitlines(), 1):
-        line = line.strip()
-        if not line:
+    for lineno, line in enumerate(kaldi_lines(content), 1):
+        if not line.strip():
             continue
-        parts = line.split(maxsplit=1)
-        key = parts[0]
-        value = parts[1].strip() if len(parts) > 1 else ""
+        key, value = split_kaldi_line(line)
         if not value and not allow_empty_value:
             raise DQWhisperError(f"{path}:{lineno}: key '{key}' has no value")
         if key in values:
@@ -66,7 +80,7 @@ def read_kaldi_map(path: Path, allow_empty_value: bool = False) -> tuple[dict[st
 
 def _parse_segments(path: Path) -> dict[str, tuple[str, float, float]]:
     segs: dict[str, tuple[str, float, float]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(kaldi_lines(path.read_text(encoding="utf-8")), 1):
         parts = line.split()
         if not parts:
             continue

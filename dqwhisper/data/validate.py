@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dqwhisper.data.kaldi import is_pipe, load_wav, wav_duration
+from dqwhisper.data.kaldi import is_pipe, kaldi_lines, load_wav, split_kaldi_line, wav_duration
 from dqwhisper.utils import DQWhisperError
 
 PER_UTT_FILES = ("text", "utt2spk", "utt2lang")
@@ -53,17 +53,14 @@ def _read(report: Report, name: str, allow_empty: bool = False, n_fields: int | 
     values: dict[str, str] = {}
     prev_key: bytes | None = None
     unsorted_reported = False
-    for lineno, raw in enumerate(content.split("\n"), 1):
-        if raw == "" and lineno == content.count("\n") + 1:
-            break   # the text after the last newline
+    for lineno, raw in enumerate(kaldi_lines(content), 1):   # split as DataDir.load splits
         if raw[:1].isspace() and raw.strip():
             report.error(f"{path}:{lineno}: leading whitespace")
         line = raw.strip()
         if not line:
             report.error(f"{path}:{lineno}: empty line")
             continue
-        parts = line.split(maxsplit=1)
-        key, value = parts[0], (parts[1].strip() if len(parts) > 1 else "")
+        key, value = split_kaldi_line(line)
         if not value and not allow_empty:
             report.error(f"{path}:{lineno}: '{key}' has no value")
         if n_fields is not None and len(line.split()) != n_fields:

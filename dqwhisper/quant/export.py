@@ -6,7 +6,8 @@ Every tensor's bytes lie in `data` at the header's `offset` (from the start of d
 Header: `format`, `version`, `dims` (ModelDimensions), `quant` (the QuantConfig dict or null), `ctc_units`,
 `float_dtype`, `tokenizer` (multilingual, num_languages, languages the student was trained for, task),
 `encoder_positional` ("sinusoids": regenerated on load, not stored | "stored"), `vocab_keep` / `bpe_model` (tensor
-names or null), `source`, and `tensors`: name -> entry.
+names or null), `source`, `data_nbytes` and `data_sha256` (the data section's size and SHA-256: a truncated or damaged
+file is one error naming it; version 1 files have neither and are only bounds-checked), and `tensors`: name -> entry.
 - float entry: {"kind": "float", "dtype": "float16"|"float32", "shape"} — every non-quantized float tensor.
 - int entry: {"kind": "int", "dtype": "int32"|"uint8", "shape"} — vocab_keep, the sentencepiece model bytes.
 - quantized entry (name = module name): {"kind": "quantized", "module": "linear"|"embedding"|"conv1d", "shape",
@@ -22,6 +23,7 @@ runs int8 kernels (quantized.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import struct
 import sys
@@ -44,7 +46,8 @@ from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger, sha2
 log = get_logger(__name__)
 MAGIC = b"DQW1"
 FORMAT = "dqwhisper-export"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no data_nbytes / data_sha256
 ALIGN = 64
 FLOAT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 SKIP_BUFFERS = ("decoder.full_to_sub", "decoder.vocab_keep", "encoder.positional_embedding")
@@ -148,33 +151,68 @@ def export_model(model: nn.Module, path: str | Path, float_dtype: str = "float16
                       "languages": _languages(model, config), "task": "transcribe"},
         "source": source or {}, "tensors": tensors,
     }
+    data = b"".join(blob.parts)
+    header["data_nbytes"] = len(data)
+    header["data_sha256"] = hashlib.sha256(data).hexdigest()
     head = json.dumps(header, separators=(",", ":")).encode()
     prefix = MAGIC + struct.pack("<Q", len(head)) + head
     prefix += b"\0" * ((-len(prefix)) % ALIGN)
-    atomic_write_bytes(path, prefix + b"".join(blob.parts))
+    atomic_write_bytes(path, prefix + data)
     return header
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
-    """(header, byte offset of the data section)."""
+    """(header, byte offset of the data section). The file's size is checked against the header's `data_nbytes`."""
     path = Path(path)
     if not path.is_file():
         raise DQWhisperError(f"export file {path} does not exist")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         start = f.read(12)
         if len(start) < 12 or start[:4] != MAGIC:
             raise DQWhisperError(f"{path} is not a DQ-Whisper export file (bad magic)")
         (n,) = struct.unpack("<Q", start[4:])
+        if 12 + n > size:
+            raise DQWhisperError(f"{path} is truncated or damaged: its header says {n:,} header bytes, the file has "
+                                 f"{size:,} bytes in all; export it again")
         head = f.read(n)
     try:
         header = json.loads(head)
     except ValueError as e:
-        raise DQWhisperError(f"{path}: corrupt header ({e})") from e
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise DQWhisperError(f"{path}: format {header.get('format')} v{header.get('version')}, "
-                             f"this loader reads {FORMAT} v{VERSION}")
+        raise DQWhisperError(f"{path}: corrupt header ({e}); export it again") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or \
+            header.get("version") not in READABLE_VERSIONS:
+        got = (header.get("format"), header.get("version")) if isinstance(header, dict) else (None, None)
+        raise DQWhisperError(f"{path}: format {got[0]} v{got[1]}, this loader reads {FORMAT} "
+                             f"v{', v'.join(map(str, READABLE_VERSIONS))}")
     data_start = 12 + n
-    return header, data_start + (-data_start) % ALIGN
+    data_start += (-data_start) % ALIGN
+    want = header.get("data_nbytes")
+    if want is not None and size != data_start + want:
+        raise DQWhisperError(f"{path} is {'truncated' if size < data_start + want else 'damaged'}: {size:,} bytes, "
+                             f"its header says {data_start + want:,}; export it again")
+    return header, data_start
+
+
+def _check_data(path: Path, header: dict, data: memoryview) -> None:
+    """The data section against the header's SHA-256 (version 2) and every entry's bounds (all versions)."""
+    want = header.get("data_sha256")
+    if want is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise DQWhisperError(f"{path} is damaged: the data's SHA-256 is {got[:16]}..., its header says "
+                                 f"{want[:16]}...; export it again")
+
+    def bounds(e: dict) -> list[tuple[int, int]]:
+        if e.get("kind") == "quantized":
+            return [(p["offset"], p["nbytes"]) for p in (e["codes"], e["scale"], e["zero"]) if p is not None]
+        return [(e["offset"], e["nbytes"])]
+
+    for name, entry in header["tensors"].items():
+        for offset, nbytes in bounds(entry):
+            if offset < 0 or offset + nbytes > len(data):
+                raise DQWhisperError(f"{path} is truncated: tensor {name} needs bytes {offset:,}..{offset + nbytes:,}"
+                                     f" of the data section, which has {len(data):,}; export it again")
 
 
 def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor:
@@ -210,6 +248,7 @@ def load_exported(path: str | Path, mode: str = "dequant", device: str | torch.d
     header, start = read_header(path)
     raw = Path(path).read_bytes()
     data = memoryview(raw)[start:]
+    _check_data(Path(path), header, data)
     dims = ModelDimensions(**header["dims"])
     entries = header["tensors"]
     keep = None

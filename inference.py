@@ -247,6 +247,7 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
         scores, alignments = score_utterances(refs, hyps, {u.utt_id: u.lang for u in utts}, dcfg.raw,
                                               dcfg.cer_languages)
         summary = summarize(scores)
+        add_runaways(summary, dec)
         summary.update({
             "rtf": dec.rtf, "tokens_per_second": dec.tokens_per_second, "wall_seconds": dec.wall_seconds,
             "audio_seconds": dec.audio_seconds, "n_tokens": dec.n_tokens, "n_trimmed": dec.n_trimmed,
@@ -258,6 +259,16 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
         print(table, flush=True)
         results.append({**summary, "out_dir": str(out)})
     return results
+
+
+def add_runaways(summary: dict, dec) -> None:
+    """`n_runaways` per language and overall (hypotheses that still hit the token cap or fail the compression test
+    after fallback), their ids, and `n_fallbacks` (utterances decoded at more than one temperature)."""
+    for lang, entry in summary["per_language"].items():
+        entry["n_runaways"] = sum(h.runaway for h in dec.hyps if h.lang == lang)
+    summary["overall"]["n_runaways"] = len(dec.runaways)
+    summary["overall"]["n_fallbacks"] = dec.n_fallbacks
+    summary["runaway_utts"] = [h.utt_id for h in dec.runaways]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,6 +158,10 @@ def format_table(summary: dict, title: str = "") -> str:
     lines.append(f"{'overall':<8}{o['metric']:<8}{100 * o['error']:>9.2f}{o['n_utts']:>7}{o['n_errors']:>8}"
                  f"{o['n_ref_units']:>11}")
     lines.append(f"macro average over {len(summary['per_language'])} languages: {100 * o['macro_error']:.2f} %")
+    if o.get("n_runaways") is not None:
+        per = ", ".join(f"{lang} {v.get('n_runaways', 0)}" for lang, v in summary["per_language"].items())
+        lines.append(f"runaways (cap or compression test failed after fallback): {o['n_runaways']} ({per}); "
+                     f"{o.get('n_fallbacks', 0)} utterances fell back")
     if summary.get("rtf") is not None:
         lines.append(f"RTF {summary['rtf']:.4f}" + (f", {summary['tokens_per_second']:.1f} tokens/s"
                                                      if summary.get("tokens_per_second") is not None else ""))
@@ -248,6 +252,12 @@ def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: 
         **{k: parts[0][k] for k in ("model", "checkpoint", "test_set", "tag", "normalized", "device", "num_threads")},
         "n_jobs": len(parts), "decode": {**first, "shard": None},
     })
+    if all("n_runaways" in p["overall"] for p in parts):
+        for lang, entry in summary["per_language"].items():
+            entry["n_runaways"] = sum(p["per_language"].get(lang, {}).get("n_runaways", 0) for p in parts)
+        for key in ("n_runaways", "n_fallbacks"):
+            summary["overall"][key] = sum(p["overall"].get(key, 0) for p in parts)
+        summary["runaway_utts"] = sorted(u for p in parts for u in p.get("runaway_utts", []))
     out_dir = Path(out_dir)
     write_kaldi_text(out_dir / "hyp.txt", hyps)
     write_kaldi_text(out_dir / "ref.txt", refs)

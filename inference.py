@@ -24,6 +24,7 @@ from whisper.model import ModelDimensions
 
 from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, decode_utterances,
                                 search_tag, select_utts)
+from dqwhisper.models.load import load_model
 from dqwhisper.scoring import score_utterances, summarize, write_kaldi_text, write_results
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
 
@@ -145,19 +146,6 @@ def resolve_checkpoint(target: Path, is_exp: bool, choice: str) -> Path:
     return path
 
 
-def load_model(path: Path, device: torch.device, export_mode: str = "int8"):
-    """(model, written_by_dqwhisper): an export (.dqw), or a checkpoint (ours or a released Whisper one)."""
-    if path.suffix == ".dqw":
-        from dqwhisper.quant.export import load_exported
-
-        return load_exported(path, mode=export_mode, device=device), True
-    from dqwhisper.models.student import model_from_checkpoint, read_checkpoint
-
-    ckpt = read_checkpoint(path)
-    ours = ckpt.get("dqwhisper") is not None
-    return model_from_checkpoint(ckpt, str(path)).to(device).eval(), ours
-
-
 def test_set_dirs(cfg: DictConfig, is_exp: bool) -> list[Path]:
     sets = list(cfg.decode.test_sets)
     if not sets and is_exp and "data" in cfg and cfg.data.get("data_dir"):
@@ -226,7 +214,7 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
     device = resolve_device(dcfg.device)
     if dcfg.num_threads > 0:
         torch.set_num_threads(dcfg.num_threads)
-    model, ours = load_model(ckpt, device, dcfg.export_mode)
+    model = load_model(ckpt, device, dcfg.export_mode)
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)
     results = []

@@ -31,14 +31,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from faster_whisper import WhisperModel
 
-    if args.model.endswith(".dqw"):
-        from dqwhisper.quant.export import load_exported
+    from dqwhisper.models.load import load_model
 
-        model = load_exported(args.model, args.mode)
-    else:
-        from dqwhisper.models.student import load_checkpoint
-
-        model = load_checkpoint(args.model)
+    model = load_model(args.model, export_mode=args.mode)
     fw = WhisperModel(args.ct2_dir, device="cpu", compute_type=args.compute_type, cpu_threads=args.threads)
     audios = [whisper.load_audio(w) for w in args.wavs]
     opts = whisper.DecodingOptions(language=args.lang, without_timestamps=True, fp16=False, temperature=0.0)

@@ -6,7 +6,7 @@ Systems (each decodes every utterance with its language forced, no timestamps, t
   teacher-fw-int8         faster-whisper int8 on the teacher's CT2 dir (exp/models/base-ct2)
   teacher-fw-fp32         faster-whisper fp32 (with --fw-fp32): its agreement with the anchor is the parity check
   student-float           --student PATH: a float student checkpoint through our decoding (its own audio window)
-  student-export          --student-export PATH: the exported low-bit model (dqwhisper.quant.export.load_exported)
+  student-export          --student-export PATH: the exported low-bit model (dqwhisper.models.load_model, int8)
   student-fw-ct2          --student-ct2 DIR: faster-whisper on the student's CT2 export (--student-ct2-compute)
 
 Prints per system: RTF (wall seconds / audio seconds, model loading and one warm-up utterance excluded), speed
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads} threads, beam {args.beam_size}", flush=True)
     cfg = DecodeConfig(beam_size=args.beam_size, batch_size=args.batch_size)
 
-    from dqwhisper.models.student import load_checkpoint
+    from dqwhisper.models.load import load_model
 
     systems = []
     window = args.student_window
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         systems.append(dict(name=name, texts=texts, wall=wall, n_tokens=n_tokens))
         print(f"  {name}: {wall:.1f} s", flush=True)
 
-    add("teacher-openai-fp32", lambda: time_ours(load_checkpoint(args.teacher), audio, utts, cfg,
+    add("teacher-openai-fp32", lambda: time_ours(load_model(args.teacher), audio, utts, cfg,
                                                                args.teacher_mel_padding))
     if Path(args.teacher_ct2, "model.bin").is_file():
         add("teacher-fw-int8", lambda: time_faster_whisper(args.teacher_ct2, "int8", audio, utts, args.threads,
@@ -179,13 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"  (no {args.teacher_ct2}/model.bin: faster-whisper rows skipped)")
     if args.student:
-        student = load_checkpoint(args.student)
+        student = load_model(args.student)
         window = window or student.dims.n_audio_ctx / 50
         add("student-float", lambda: time_ours(student, audio, utts, cfg, "zeros"))
     if args.student_export:
-        from dqwhisper.quant.export import load_exported
-
-        exported = load_exported(args.student_export, mode="int8")
+        exported = load_model(args.student_export, export_mode="int8")
         window = window or exported.dims.n_audio_ctx / 50
         add("student-export", lambda: time_ours(exported, audio, utts, cfg, "zeros"))
     if args.student_ct2 and window and window < 30:

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from dqwhisper.models.student import from_whisper, load_checkpoint
+from dqwhisper.models.load import load_model
+from dqwhisper.models.student import from_whisper
 from dqwhisper.quant import convert, prepare
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = load_checkpoint(args.model)
+    base = load_model(args.model)
     n_ctx = int(args.window * 50)
     mel = torch.randn(1, base.dims.n_mels, 2 * n_ctx)
     keep = list(range(args.keep)) + list(range(50257, base.dims.n_vocab))

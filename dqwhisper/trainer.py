@@ -88,9 +88,9 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------------ the models
 def load_source(name: str, n_audio_ctx: int) -> DQWhisper:
     """Any Whisper (store name, openai/DQ-Whisper .pt) as a DQWhisper on the CPU with the training window."""
-    from dqwhisper.models.load import load_whisper
+    from dqwhisper.models.load import load_model
 
-    model = load_whisper(name, device="cpu")
+    model = load_model(name, device="cpu")
     keep = getattr(model.decoder, "vocab_keep", None)
     if getattr(model, "quant_config", None):
         raise DQWhisperError(f"{name}: a fake-quantized model cannot be a teacher or a source to cut from")

@@ -141,7 +141,7 @@ def test_inference_counts_runaways(tmp_path, monkeypatch):
     from dqwhisper.data.kaldi import Utterance, write_data_dir
 
     model = looping_model()
-    monkeypatch.setattr(inference, "load_model", lambda *a, **k: (model, False))
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: model)
     monkeypatch.setattr(inference, "check_model_name", lambda *a: None)
     data = tmp_path / "test"
     data.mkdir()

@@ -1,9 +1,12 @@
-"""`load_whisper`: one entry for every way a Whisper model reaches this toolkit.
+"""`load_model`: one entry for every way a Whisper model reaches this toolkit.
 
-- a `.pt` path: an openai-whisper checkpoint or one of ours (`student.load_checkpoint`);
-- a CTranslate2 / faster-whisper directory (converted in memory);
 - a size name ("base", "tiny.en", ...): the local model store `exp/models/<name>.pt` (checksum verified; env
-  DQWHISPER_MODEL_STORE moves the folder), then openai-whisper's own `whisper.load_model(name)` (downloads).
+  DQWHISPER_MODEL_STORE moves the folder), then openai-whisper's own `whisper.load_model(name)` (downloads);
+- a `.pt` path: an openai-whisper checkpoint or one of ours (training checkpoints best/last/avg/step_N.pt, PTQ);
+- a `.dqw` export (`dqwhisper.quant.export`): `export_mode` "int8" (int8 kernels) or "dequant" (float reference);
+- a CTranslate2 / faster-whisper directory (converted in memory);
+- an experiment directory (its config.yaml): its export/model.dqw, else best.pt, avg.pt, last.pt.
+`load_whisper` is the older name of the same function.
 """
 from __future__ import annotations
 
@@ -47,18 +50,35 @@ def _from_checkpoint(path: Path) -> DQWhisper:
 
 
 def _looks_like_path(name: str) -> bool:
-    return os.sep in name or name.endswith((".pt", ".pth", ".bin")) or name.startswith(".")
+    return os.sep in name or name.endswith((".pt", ".pth", ".bin", ".dqw")) or name.startswith(".")
 
 
-def load_whisper(name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu") -> Whisper:
-    """A Whisper model in eval mode on `device` (a DQWhisper for .pt files and store names)."""
+EXPERIMENT_CHECKPOINTS = ("export/model.dqw", "best.pt", "avg.pt", "last.pt")
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu",
+               export_mode: str = "int8") -> Whisper:
+    """A Whisper model in eval mode on `device` (module docstring lists what `name_or_path` may be)."""
     dev = resolve_device(None if device is None else str(device))
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if path.is_dir() and not (path / "model.bin").exists() and (path / "config.yaml").is_file():
+        found = [path / c for c in EXPERIMENT_CHECKPOINTS if (path / c).is_file()]
+        if not found:
+            raise DQWhisperError(f"experiment dir {path} has no checkpoint ({', '.join(EXPERIMENT_CHECKPOINTS)})")
+        log.info("experiment dir %s: loading %s", path, found[0])
+        path = found[0]
     if path.is_dir():
         if not (path / "model.bin").exists():
-            raise DQWhisperError(f"{path} is a directory without model.bin: not a CTranslate2 model directory")
+            raise DQWhisperError(f"{path} is a directory without model.bin (not a CTranslate2 model directory) "
+                                 "and without config.yaml (not an experiment dir)")
         model = ct2.load_ct2_model(path)
+    elif path.is_file() and path.suffix == ".dqw":
+        from dqwhisper.quant.export import load_exported
+
+        if export_mode not in ("int8", "dequant"):
+            raise DQWhisperError(f"export mode '{export_mode}': one of int8, dequant")
+        return load_exported(path, mode=export_mode, device=dev).eval()
     elif path.is_file():
         model = _from_checkpoint(path)
     elif _looks_like_path(name) or isinstance(name_or_path, Path):
@@ -88,4 +108,6 @@ def _load_online(name: str, stored: Path) -> Whisper:
                              f"(it builds base and tiny.en)") from e
 
 
-__all__ = ["load_whisper", "model_store", "verify_checksum"]
+load_whisper = load_model
+
+__all__ = ["load_model", "load_whisper", "model_store", "verify_checksum"]

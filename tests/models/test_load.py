@@ -182,3 +182,59 @@ def test_cli_subprocess(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_load_model_loads_every_kind(tiny_whisper, tiny_ct2, tmp_path, empty_model_store):
+    """Store name, openai .pt, a training checkpoint (QAT, with optimizer state), .dqw (int8 and dequant),
+    a CTranslate2 dir and an experiment dir: each loads through `load_model` and computes the same function as the
+    model it was made from (exactly, or within the int8 kernels' rounding)."""
+    import whisper
+
+    from dqwhisper.models import load_model
+    from dqwhisper.quant import prepare
+    from dqwhisper.quant.export import export_model
+    from tests.quant.conftest import make_student
+    from tests.quant.test_prepare import CONFIGS
+
+    empty_model_store.mkdir()
+    ct2_dir_to_checkpoint(tiny_ct2, empty_model_store / "mini.pt")
+    (empty_model_store / "mini.pt.sha256").write_text(sha256_file(empty_model_store / "mini.pt") + "  mini.pt\n")
+    openai_pt = tmp_path / "openai.pt"
+    torch.save({"dims": tiny_whisper.dims.__dict__, "model_state_dict": tiny_whisper.state_dict()}, openai_pt)
+    for source in ("mini", openai_pt, str(openai_pt), tiny_ct2):
+        _same_outputs(load_model(source), tiny_whisper)
+    assert isinstance(whisper.load_model(str(openai_pt)), Whisper)  # the file is openai's own format
+
+    qat = prepare(make_student(), CONFIGS["w8"])  # per-channel 8 bit: int8 mode runs the int8 kernels
+    exp = tmp_path / "exp"
+    save_checkpoint(qat, exp / "last.pt", config={"x": 1}, optimizer={"state": {}}, step=3)
+    loaded = load_model(exp / "last.pt")
+    assert loaded.quant_config == qat.quant_config and not loaded.training
+    _same_outputs(loaded, qat)
+    export_model(qat, exp / "export" / "model.dqw", float_dtype="float32")
+    mel = torch.randn(1, 80, 200, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([[50258, 50259, 50359, 50363, 440]])
+    with torch.no_grad():
+        want = qat.logits(tokens, qat.embed_audio(mel))
+        for mode, tol in (("dequant", 0.0), ("int8", 0.5)):
+            m = load_model(exp / "export" / "model.dqw", export_mode=mode)
+            got = m.logits(tokens, m.embed_audio(mel))
+            finite = torch.isfinite(want)
+            assert torch.equal(finite, torch.isfinite(got))
+            assert (got[finite] - want[finite]).abs().max() <= tol, mode
+    with pytest.raises(DQWhisperError, match="without config.yaml"):
+        load_model(exp)  # an experiment dir is recognised by its config.yaml
+    (exp / "config.yaml").write_text("x: 1\n")
+    m = load_model(exp, export_mode="dequant")  # the experiment's export wins over last.pt
+    from dqwhisper.quant import QuantizedLinear
+
+    assert any(isinstance(x, QuantizedLinear) for x in m.modules())
+    with torch.no_grad():
+        assert torch.equal(m.logits(tokens, m.embed_audio(mel)), want)
+    with pytest.raises(DQWhisperError, match="export mode"):
+        load_model(exp / "export" / "model.dqw", export_mode="int4")
+    empty = tmp_path / "empty_exp"
+    empty.mkdir()
+    (empty / "config.yaml").write_text("x: 1\n")
+    with pytest.raises(DQWhisperError, match="has no checkpoint"):
+        load_model(empty)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_step.py [--data data/demo] [--teacher base] [--steps 8] [--batch 16]
 
-Runs the real Trainer (the demo student config: all encoder layers + decoder layers 0 and 5 of the teacher, frozen
+Runs the real dqwhisper.train Trainer (the demo student config: all encoder layers + decoder layers 0 and 5, frozen
 cached encoder, pruned vocabulary) on the same fixed batches for every variant:
   ce          CE + CTC                                   (loss.alpha=0)
   kd          + T^2 KL to the cached teacher logits       (loss=kd)
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dqwhisper.config import register_configs  # noqa: E402
-from dqwhisper.trainer import Trainer, collate_training  # noqa: E402
+from dqwhisper.train import Trainer, make_trainer  # noqa: E402
+from dqwhisper.train.cache_set import collate_training  # noqa: E402
 
 
 def make_cfg(args, exp: str, overrides: list[str]):
@@ -77,13 +78,13 @@ def main() -> None:
                      "steps": {}}
     batches = None
     for name, overrides in variants:
-        tr = Trainer(make_cfg(args, name, overrides))
+        tr = make_trainer(make_cfg(args, name, overrides))
         if batches is None:  # the same utterances for every variant
-            ids = list(range(min(len(tr.train_set), args.batch * args.steps)))
+            ids = list(range(min(len(tr.parts.train_set), args.batch * args.steps)))
             groups = [ids[i: i + args.batch] for i in range(0, len(ids), args.batch)]
             batch_ids = groups[: args.steps]
         t0 = time.perf_counter()
-        batches = [collate_training([tr.train_set[i] for i in g], tr.tokenizer.eot) for g in batch_ids]
+        batches = [collate_training([tr.parts.train_set[i] for i in g], tr.parts.tokenizer.eot) for g in batch_ids]
         load = (time.perf_counter() - t0) / len(batches)
         step = time_steps(tr, batches)
         results["steps"][name] = {"step_s": round(step, 4), "batch_load_s": round(load, 4)}
@@ -96,12 +97,12 @@ def main() -> None:
     # cached vs uncached encoder: one pass over the first --epoch-utts utterances, CE only
     epoch = {}
     for cached in (True, False):
-        tr = Trainer(make_cfg(args, f"epoch_{cached}", [f"trainer.cache_encoder={cached}",
+        tr = make_trainer(make_cfg(args, f"epoch_{cached}", [f"trainer.cache_encoder={cached}",
                                                         "trainer.cache_teacher=false"]))
-        n = min(len(tr.train_set), args.epoch_utts)
+        n = min(len(tr.parts.train_set), args.epoch_utts)
         groups = [list(range(i, min(i + args.batch, n))) for i in range(0, n, args.batch)]
         t0 = time.perf_counter()
-        for batch in tr._loader(tr.train_set, groups):
+        for batch in tr.loader(tr.parts.train_set, groups):
             tr.train_step([batch])
         epoch["cached" if cached else "uncached"] = round(time.perf_counter() - t0, 2)
         del tr

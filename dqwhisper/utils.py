@@ -1,6 +1,7 @@
 """Small helpers shared by every module: logging, seeding, atomic writes, checksums."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -79,3 +80,8 @@ def resolve_device(device: str | None = None) -> torch.device:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise DQWhisperError(f"device '{device}' was asked for, but torch sees no CUDA device")
     return torch.device(device)
+
+
+def autocast(dtype: torch.dtype | None):
+    """CUDA autocast to `dtype` (bf16/fp16 AMP), or nothing when None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type="cuda", dtype=dtype)

@@ -20,7 +20,7 @@ import torch
 
 from dqwhisper import losses
 from dqwhisper.models.student import read_checkpoint
-from tests.train_fixtures import tiny_config, write_data_dir, write_tiny_model
+from tests.train.fixtures import tiny_config, write_data_dir, write_tiny_model
 
 RECIPES = {
     "ce": ("demo_student_ce", []),

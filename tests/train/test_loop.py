@@ -14,11 +14,13 @@ import torch
 import torch.multiprocessing as mp
 
 from dqwhisper.models.student import load_checkpoint, read_checkpoint
-from dqwhisper.trainer import Trainer, collate_training, lr_lambda, train
+from dqwhisper.train import make_trainer, train
+from dqwhisper.train.build import lr_lambda
+from dqwhisper.train.cache_set import collate_training
 from dqwhisper.utils import DQWhisperError
-from tests.train_fixtures import tiny_config, write_data_dir, write_tiny_model
+from tests.train.fixtures import tiny_config, write_data_dir, write_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,8 @@ def test_end_to_end_kd_dynamic_matching(assets, tmp_path):
 def test_training_lowers_the_loss_on_a_fixed_batch(assets, tmp_path):
     teacher, data, _ = assets
     cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=["optim.warmup_steps=0", "optim.scheduler=constant"])
-    tr = Trainer(cfg)
-    batch = collate_training([tr.train_set[i] for i in range(4)], tr.tokenizer.eot)
+    tr = make_trainer(cfg)
+    batch = collate_training([tr.parts.train_set[i] for i in range(4)], tr.parts.tokenizer.eot)
     first = tr.train_step([batch])["loss"]
     for _ in range(15):
         last = tr.train_step([batch])["loss"]
@@ -76,12 +78,13 @@ def test_cached_equals_uncached(assets, tmp_path):
     for cached in (True, False):
         cfg = tiny_config(tmp_path / f"exp{cached}", data, teacher,
                           overrides=[f"trainer.cache_encoder={cached}", f"trainer.cache_teacher={cached}"])
-        tr = Trainer(cfg)
-        assert (tr.enc_cache is not None) == cached and (tr.teacher_cache is not None) == cached
-        batch = collate_training([tr.train_set[i] for i in range(4)], tr.tokenizer.eot)
+        tr = make_trainer(cfg)
+        caches = tr.parts.caches
+        assert (caches.enc is not None) == cached and (caches.teacher_logits is not None) == cached
+        batch = collate_training([tr.parts.train_set[i] for i in range(4)], tr.parts.tokenizer.eot)
         assert ("enc" in batch) == cached and ("t_logits" in batch) == cached
-        named, info = tr.compute_losses(batch)
-        out[cached] = ({k: float(v) for k, v in named.items()}, info["chosen"])
+        named, info = tr.parts.model(batch)
+        out[cached] = ({k: float(v.detach()) for k, v in named.items()}, info["chosen"])
     assert out[True][1] == out[False][1]
     for k, v in out[True][0].items():
         assert v == pytest.approx(out[False][0][k], rel=1e-5, abs=1e-6), k
@@ -90,21 +93,21 @@ def test_cached_equals_uncached(assets, tmp_path):
 def test_cache_is_reused_and_keyed_by_model(assets, tmp_path):
     teacher, data, root = assets
     cfg = tiny_config(tmp_path / "a", data, teacher, overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"])
-    tr = Trainer(cfg)
+    c1 = make_trainer(cfg).parts.caches
     files = sorted(p for p in (tmp_path / "cache").rglob("*.pt"))
     assert files
     stamp = {p: p.stat().st_mtime_ns for p in files}
-    tr2 = Trainer(tiny_config(tmp_path / "b", data, teacher, overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"]))
+    shared = [f"trainer.cache_dir={tmp_path / 'cache'}"]
+    c2 = make_trainer(tiny_config(tmp_path / "b", data, teacher, overrides=shared)).parts.caches
     assert {p: p.stat().st_mtime_ns for p in files} == stamp  # nothing recomputed
-    assert tr2.enc_cache.dir == tr.enc_cache.dir
+    assert c2.enc.dir == c1.enc.dir
     other = write_tiny_model(tmp_path / "other.pt", seed=1)
-    tr3 = Trainer(tiny_config(tmp_path / "c", data, other, overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"]))
-    assert tr3.enc_cache.dir != tr.enc_cache.dir and tr3.teacher_cache.dir != tr.teacher_cache.dir
+    c3 = make_trainer(tiny_config(tmp_path / "c", data, other, overrides=shared)).parts.caches
+    assert c3.enc.dir != c1.enc.dir and c3.teacher_logits.dir != c1.teacher_logits.dir
     # KD-only and KD + matching share the teacher's logits; features have their own cache
-    tr4 = Trainer(tiny_config(tmp_path / "d", data, teacher, name="demo_student_kd",
-                              overrides=[f"trainer.cache_dir={tmp_path / 'cache'}"]))
-    assert tr4.teacher_cache.dir == tr.teacher_cache.dir and tr4.teacher_feat_cache is None
-    assert tr.teacher_feat_cache is not None
+    c4 = make_trainer(tiny_config(tmp_path / "d", data, teacher, name="demo_student_kd", overrides=shared)).parts.caches
+    assert c4.teacher_logits.dir == c1.teacher_logits.dir and c4.teacher_feats is None
+    assert c1.teacher_feats is not None
     assert {p: p.stat().st_mtime_ns for p in files} == stamp
 
 
@@ -119,27 +122,27 @@ def test_teacher_adaptation_config_runs(assets, tmp_path):
     assert model.dims.n_text_layer == 4 and not model.decoder.pruned
     # a student cut from the adapted teacher inherits its CTC head and sentencepiece units
     cfg2 = tiny_config(tmp_path / "s", data, tmp_path / "exp" / "best.pt", overrides=["trainer.max_steps=1"])
-    tr = Trainer(cfg2)
-    assert tr.bpe.model_bytes == model.ctc_bpe
-    assert torch.equal(tr.student.ctc_head.weight.cpu(), model.ctc_head.weight)
+    tr = make_trainer(cfg2)
+    assert tr.parts.bpe.model_bytes == model.ctc_bpe
+    assert torch.equal(tr.parts.student.ctc_head.weight.cpu(), model.ctc_head.weight)
 
 
 def test_nonfinite_steps_are_skipped_then_abort(assets, tmp_path, monkeypatch):
     teacher, data, _ = assets
     cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=["trainer.max_nonfinite=2"])
-    tr = Trainer(cfg)
-    batch = collate_training([tr.train_set[i] for i in range(2)], tr.tokenizer.eot)
-    before = {k: v.clone() for k, v in tr.student.state_dict().items()}
-    real = tr.compute_losses
+    tr = make_trainer(cfg)
+    batch = collate_training([tr.parts.train_set[i] for i in range(2)], tr.parts.tokenizer.eot)
+    before = {k: v.clone() for k, v in tr.parts.student.state_dict().items()}
+    real = tr.parts.model.forward
 
     def poisoned(*a, **k):
         named, info = real(*a, **k)
         named["loss"] = named["loss"] * float("nan")
         return named, info
 
-    monkeypatch.setattr(tr, "compute_losses", poisoned)
+    monkeypatch.setattr(tr.parts.model, "forward", poisoned)
     assert tr.train_step([batch]) is None and tr.nonfinite == 1
-    assert all(torch.equal(v, tr.student.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, tr.parts.student.state_dict()[k]) for k, v in before.items())
     assert tr.train_step([batch]) is None
     with pytest.raises(DQWhisperError, match="non-finite"):
         tr.train_step([batch])
@@ -232,29 +235,33 @@ def _ddp_worker(rank: int, world: int, port: int, teacher: str, data: str, exp: 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    tr = Trainer(tiny_config(Path(exp), Path(data), Path(teacher), overrides=["optim.warmup_steps=0"]))
-    items = [tr.train_set[i] for i in (range(4) if world == 1 else range(2 * rank, 2 * rank + 2))]
-    values = tr.train_step([collate_training(items, tr.tokenizer.eot)])
+    tr = make_trainer(tiny_config(Path(exp), Path(data), Path(teacher),
+                                  overrides=["optim.warmup_steps=0", "optim.grad_clip=0"]))
+    items = [tr.parts.train_set[i] for i in (range(4) if world == 1 else range(2 * rank, 2 * rank + 2))]
+    values = tr.train_step([collate_training(items, tr.parts.tokenizer.eot)])
     if rank == 0:
-        grads = {n: p.grad.clone() for n, p in tr.student.named_parameters() if p.grad is not None}
-        torch.save({"state": tr.student.state_dict(), "grads": grads, "chosen": values["chosen"]}, out)
+        grads = {n: p.grad.clone() for n, p in tr.parts.student.named_parameters() if p.grad is not None}
+        torch.save({"state": tr.parts.student.state_dict(), "grads": grads, "chosen": values["chosen"],
+                    "ddp": isinstance(tr.model, torch.nn.parallel.DistributedDataParallel)}, out)
     torch.distributed.destroy_process_group() if world > 1 else None
 
 
 def test_ddp_two_ranks_equal_one_rank_on_the_combined_batch(assets, tmp_path):
-    """2 gloo ranks with 2 utterances each vs 1 process with the 4: same gradients and same updated weights. The
-    utterances have different token counts (losses are normalised by the global count). Tolerances: gradients
+    """2 gloo ranks with 2 utterances each vs 1 process with the 4: same gradients and same updated weights. DDP
+    wraps the DistillModel and averages the gradients (nothing syncs them by hand); no clipping, so the gradients
+    themselves are compared. The utterances have different token counts (losses are normalised by the global
+    count over the world size). Tolerances: gradients
     rtol 1e-4 / atol 1e-8 (float32 sums in a different order); weights atol 1e-5 = 1% of one Adam step at lr 1e-3
     (Adam's first step is about lr * sign(g), so a gradient element near 0 may differ by a fraction of a step)."""
     teacher, data, _ = assets
-    Trainer(tiny_config(tmp_path / "warm", data, teacher))  # fill the cache once
+    make_trainer(tiny_config(tmp_path / "warm", data, teacher))  # fill the cache once
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _ddp_worker(0, 1, 0, str(teacher), str(data), str(tmp_path / "e1"), str(one))
     port = 29500 + os.getpid() % 2000
     mp.spawn(_ddp_worker, args=(2, port, str(teacher), str(data), str(tmp_path / "e2"), str(two)), nprocs=2)
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    assert a["chosen"] == b["chosen"]
-    init = Trainer(tiny_config(tmp_path / "e3", data, teacher)).student.state_dict()
+    assert a["chosen"] == b["chosen"] and b["ddp"] and not a["ddp"]
+    init = make_trainer(tiny_config(tmp_path / "e3", data, teacher)).parts.student.state_dict()
     moved = 0
     assert set(a["grads"]) == set(b["grads"]) and a["grads"]
     for k, g in a["grads"].items():
@@ -317,13 +324,14 @@ def test_trainable_encoder_uncached_with_encoder_matching_and_specaugment(assets
     cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[
         "student.freeze_encoder=false", "loss.match.encoder=true", "data.spec_augment.enabled=true",
         "data.spec_augment.time_mask_param=10", "trainer.max_steps=2", "trainer.valid_every=0"])
-    tr = Trainer(cfg)
-    assert tr.enc_cache is None and tr.train_base.spec_augment is not None and tr.enc_adapter is not None
-    before = tr.student.encoder.blocks[0].mlp[0].weight.detach().clone()
-    batch = collate_training([tr.train_set[i] for i in range(4)], tr.tokenizer.eot)
+    tr = make_trainer(cfg)
+    p = tr.parts
+    assert p.caches.enc is None and p.train_base.spec_augment is not None and p.model.enc_adapter is not None
+    before = tr.parts.student.encoder.blocks[0].mlp[0].weight.detach().clone()
+    batch = collate_training([tr.parts.train_set[i] for i in range(4)], tr.parts.tokenizer.eot)
     assert "mel" in batch and "enc" not in batch
-    named, info = tr.compute_losses(batch)
+    named, info = tr.parts.model(batch)
     assert "enc_chosen" in info and len(info["enc_chosen"]) == 2
     tr.train_step([batch])
-    assert not torch.equal(before, tr.student.encoder.blocks[0].mlp[0].weight)
-    assert tr.train_base.spec_augment.time_mask_param == 10
+    assert not torch.equal(before, tr.parts.student.encoder.blocks[0].mlp[0].weight)
+    assert tr.parts.train_base.spec_augment.time_mask_param == 10

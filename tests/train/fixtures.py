@@ -11,7 +11,7 @@ from dqwhisper.config import register_configs
 from dqwhisper.models.student import from_whisper, save_checkpoint
 from tests.conftest import random_tiny_whisper
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 TEXTS = {
     "en": ["hello world", "the cat sat", "good morning", "a red apple", "see you soon", "thank you"],

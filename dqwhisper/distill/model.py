@@ -1,0 +1,143 @@
+"""The distillation model: the student, the frozen teacher's targets and the matching adapters as one module whose
+`forward(batch)` returns the named losses (WeNet's ASRModel.forward), so DDP wraps it and syncs its gradients.
+
+    loss = beta * CTC + (1 - alpha) * CE + alpha * (KD + lambda_match * match)     (dqwhisper.losses.combine)
+
+The teacher is not a submodule: it is frozen, lives in a target provider (dqwhisper.distill.teacher), and so stays
+out of DDP, of `state_dict()` and of `train()`/`eval()`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from dqwhisper import losses
+from dqwhisper.distill.matching import FeatureAdapter, match_loss
+from dqwhisper.distill.teacher import TeacherTargets
+from dqwhisper.models.student import DQWhisper
+from dqwhisper.utils import autocast
+
+
+def feature_adapter(student: DQWhisper, teacher: DQWhisper, feature: str, side: str = "decoder") -> FeatureAdapter:
+    """Teacher -> student width maps, one per student layer, for `ffn` (4d) or `block` (d) features."""
+    width = (lambda m: m.dims.n_text_state) if side == "decoder" else (lambda m: m.dims.n_audio_state)
+    layers = student.dims.n_text_layer if side == "decoder" else student.dims.n_audio_layer
+    scale = 4 if feature == "ffn" else 1
+    return FeatureAdapter(layers, width(teacher) * scale, width(student) * scale)
+
+
+class DistillModel(nn.Module):
+    """forward(batch) -> ({"loss", "loss_ce", "loss_ctc", "loss_kd", "loss_match"}, info).
+
+    batch: the collated training batch (dqwhisper.train.cache_set.collate_training): `tokens_in`, `targets`,
+    `ctc_targets`, `ctc_target_lengths`, `enc_lengths`, and `enc` (cached encoder output) or `mel`; teacher
+    targets when cached. info: `n_tokens`, and `chosen` / `enc_chosen` (teacher layer per student layer).
+    `loss`: the `loss` config section (alpha, beta, kd_temperature, lambda_match, label_smoothing, match).
+    `all_reduce`/`world_size`: under DDP, the sum across ranks; losses are then normalised by the global count
+    over the world size, and the matching distances summed before the layer choice.
+    """
+
+    def __init__(self, student: DQWhisper, loss: Any, teacher: TeacherTargets | None = None,
+                 adapter: FeatureAdapter | None = None, enc_adapter: FeatureAdapter | None = None,
+                 freeze_encoder: bool = True, amp_dtype: torch.dtype | None = None,
+                 all_reduce: Callable[[Tensor], Tensor] | None = None, world_size: int = 1):
+        super().__init__()
+        self.student = student
+        self.adapter = adapter
+        self.enc_adapter = enc_adapter
+        self.teacher = teacher
+        self.loss_cfg = loss
+        self.freeze_encoder = freeze_encoder
+        self.amp_dtype = amp_dtype
+        self.all_reduce = all_reduce
+        self.world_size = world_size
+
+    def train(self, mode: bool = True) -> "DistillModel":
+        super().train(mode)
+        if mode and self.freeze_encoder:
+            self.student.encoder.eval()
+        return self
+
+    def _targets(self, batch: dict, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens_in, targets in the student's vocabulary ids, mask of the counted positions)."""
+        tokens_in = batch["tokens_in"].to(dev)
+        targets_full = batch["targets"].to(dev)
+        mask = targets_full != losses.IGNORE
+        targets = targets_full
+        if self.student.decoder.vocab_keep is not None:
+            targets = self.student.decoder.to_subset_ids(targets_full)
+            targets = torch.where(mask & (targets >= 0), targets, torch.full_like(targets, losses.IGNORE))
+        return tokens_in, targets, mask
+
+    def _student(self, batch: dict, tokens_in: Tensor, want_match: bool, match_encoder: bool):
+        """-> (encoder output xa, subset logits, decoder features | None, encoder features | None)."""
+        dev, m = tokens_in.device, self.loss_cfg.match
+        enc_feats = s_feats = None
+        with autocast(self.amp_dtype):
+            if "enc" in batch:
+                xa = batch["enc"].to(dev).float()
+            else:
+                mel = batch["mel"].to(dev)
+                if self.freeze_encoder:
+                    with torch.no_grad():
+                        xa = self.student.encoder(mel)
+                elif match_encoder:
+                    xa, eb, ef = self.student.encoder.forward_features(mel)
+                    enc_feats = ef if m.feature == "ffn" else eb
+                else:
+                    xa = self.student.encoder(mel)
+            self.student.decoder.subset_logits = True
+            try:
+                if want_match:
+                    logits, ffn, blocks = self.student.decoder.forward_features(tokens_in, xa)
+                    s_feats = ffn if m.feature == "ffn" else blocks
+                else:
+                    logits = self.student.decoder(tokens_in, xa)
+            finally:
+                self.student.decoder.subset_logits = False
+        return xa, logits, s_feats, enc_feats
+
+    def forward(self, batch: dict, with_teacher: bool = True) -> tuple[dict[str, Tensor], dict]:
+        cfg, m = self.loss_cfg, self.loss_cfg.match
+        dev = next(self.student.parameters()).device
+        tokens_in, targets, mask = self._targets(batch, dev)
+        distil = with_teacher and self.teacher is not None and cfg.alpha > 0
+        want_match = distil and m.enabled
+        n_tok = mask.sum().float()
+        n_ctc = batch["ctc_target_lengths"].sum().float()
+        norm_tok = norm_ctc = reduce = None
+        if self.all_reduce is not None and self.student.training:
+            counts = self.all_reduce(torch.stack([n_tok, n_ctc]).to(dev))
+            norm_tok, norm_ctc = counts[0] / self.world_size, counts[1] / self.world_size
+            reduce = self.all_reduce
+        xa, logits, s_feats, enc_feats = self._student(batch, tokens_in, want_match,
+                                                       want_match and m.encoder and not self.freeze_encoder)
+
+        out = {"ce": losses.ce(logits, targets, cfg.label_smoothing, normalizer=norm_tok)}
+        if cfg.beta > 0 and self.student.ctc_head is not None:
+            enc_lengths = batch["enc_lengths"].clamp(max=xa.shape[1])
+            out["ctc"] = losses.ctc(self.student.ctc_logits(xa), enc_lengths.to(dev), batch["ctc_targets"].to(dev),
+                                    batch["ctc_target_lengths"].to(dev), normalizer=norm_ctc)
+        info: dict = {}
+        if distil:
+            t = self.teacher(batch, tokens_in, xa, want_match)
+            out["kd"] = losses.kd_logits(logits, t["t_logits"], mask, cfg.kd_temperature,
+                                         teacher_index=t.get("t_index"), normalizer=norm_tok)
+            if want_match:
+                match, info["chosen"], _ = match_loss(s_feats, t["t_feats"], mask, m.mode, m.distance,
+                                                      m.temperature, self.adapter, normalizer=norm_tok,
+                                                      all_reduce=reduce)
+                if enc_feats is not None:
+                    t_enc_feats = self.teacher.encoder_features(batch["mel"].to(dev))
+                    frames = torch.arange(xa.shape[1], device=dev)[None] < batch["enc_lengths"].to(dev)[:, None]
+                    enc_match, info["enc_chosen"], _ = match_loss(enc_feats, t_enc_feats, frames, m.mode,
+                                                                  m.distance, m.temperature, self.enc_adapter,
+                                                                  all_reduce=reduce)
+                    match = 0.5 * (match + enc_match)
+                out["match"] = match
+        named = losses.combine(out.get("ce"), out.get("ctc"), out.get("kd"), out.get("match"),
+                               alpha=cfg.alpha if distil else 0.0, beta=cfg.beta, lambda_match=cfg.lambda_match)
+        info["n_tokens"] = int(n_tok)
+        return named, info

@@ -1,0 +1,227 @@
+"""build(cfg) -> Parts: every object a training run needs, made in a fixed order (models, sentencepiece units,
+data, caches, the DistillModel, optimiser, scheduler). The order is part of the result: each step that draws random
+numbers (new layers, adapters) draws them in this order after `set_seed`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from whisper.tokenizer import Tokenizer
+
+from dqwhisper.config import validate as validate_config
+from dqwhisper.data.bpe import BPE, train_bpe
+from dqwhisper.data.dataset import WhisperDataset, default_tokenizer, text_tokens
+from dqwhisper.data.kaldi import DataDir
+from dqwhisper.distill.model import DistillModel, feature_adapter
+from dqwhisper.distill.teacher import CachedTargets, LiveTargets, TeacherTargets
+from dqwhisper.models.load import load_model
+from dqwhisper.models.student import DQWhisper, from_whisper, vocab_from_token_lists, window_frames
+from dqwhisper.quant import prepare
+from dqwhisper.train.cache_set import CacheFiller, Caches, TrainingSet, check_usable
+from dqwhisper.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_device
+from dqwhisper.utils import DQWhisperError, get_logger, resolve_device, set_seed
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Parts:
+    tokenizer: Tokenizer
+    bpe: BPE | None
+    model: DistillModel  # student, teacher targets, adapters
+    train_base: WhisperDataset
+    dev_base: WhisperDataset
+    caches: Caches
+    train_set: TrainingSet
+    dev_set: TrainingSet
+    params: list[nn.Parameter]  # what the optimiser trains, in its order
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def student(self) -> DQWhisper:
+        return self.model.student
+
+
+def load_source(name: str, n_audio_ctx: int) -> DQWhisper:
+    """Any Whisper (store name, openai/DQ-Whisper .pt) as a DQWhisper on the CPU with the training window."""
+    model = load_model(name, device="cpu")
+    keep = getattr(model.decoder, "vocab_keep", None)
+    if getattr(model, "quant_config", None):
+        raise DQWhisperError(f"{name}: a fake-quantized model cannot be a teacher or a source to cut from")
+    if n_audio_ctx > model.dims.n_audio_ctx:
+        raise DQWhisperError(f"{name} was trained with a {model.dims.n_audio_ctx / 50:g} s window; data.audio_window "
+                             f"= {n_audio_ctx / 50:g} s is larger")
+    out = from_whisper(model, ctc_units=getattr(model, "ctc_units", 0),
+                       vocab_keep=None if keep is None else keep.tolist(), n_audio_ctx=n_audio_ctx)
+    return out.eval()
+
+
+def build_student(cfg: Any, source: DQWhisper, vocab_keep: list[int] | None, ctc_units: int,
+                  n_audio_ctx: int) -> DQWhisper:
+    s = cfg.student
+    enc = None if s.encoder_layers is None else list(s.encoder_layers)
+    dec = None if s.decoder_layers is None else list(s.decoder_layers)
+    if s.init == "copy" and (enc is not None or dec is not None):
+        raise DQWhisperError("student.init=copy keeps every layer: leave student.encoder_layers/decoder_layers null")
+    return from_whisper(source, ctc_units=ctc_units, vocab_keep=vocab_keep, encoder_layers=enc,
+                        decoder_layers=dec, n_audio_ctx=n_audio_ctx)
+
+
+def set_trainable(student: DQWhisper, cfg: Any) -> list[nn.Parameter]:
+    for p in student.encoder.parameters():
+        p.requires_grad_(not cfg.student.freeze_encoder)
+    for p in student.decoder.parameters():
+        p.requires_grad_(not cfg.student.freeze_decoder)
+    if student.ctc_head is not None:
+        for p in student.ctc_head.parameters():
+            p.requires_grad_(bool(cfg.student.train_ctc_head))
+    return [p for p in student.parameters() if p.requires_grad]
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str, floor: float) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+def make_bpe(cfg: Any, source: DQWhisper, train_dir: Path, languages: list[str] | None) -> BPE | None:
+    """CTC units: the source's own sentencepiece model when it has a CTC head (the student inherits the head), else
+    one trained on the training text."""
+    if not cfg.student.ctc:
+        return None
+    if source.ctc_bpe is not None and source.ctc_units > 0:
+        return BPE.load(source.ctc_bpe)
+    data = DataDir.load(train_dir).filter(languages=languages)
+    return train_bpe([u.text for u in data.utts], cfg.data.bpe_vocab_size)
+
+
+def make_datasets(cfg: Any, tokenizer: Tokenizer, bpe: BPE | None, n_mels: int, n_audio_ctx: int,
+                  languages: list[str] | None) -> tuple[WhisperDataset, WhisperDataset]:
+    data_dir = Path(cfg.data.data_dir)
+    spec = cfg.data.spec_augment if not cfg.student.freeze_encoder else None
+    if cfg.data.spec_augment.enabled and cfg.student.freeze_encoder:
+        log.info("data.spec_augment is off: the encoder is frozen (its outputs are features, not trained)")
+    common = dict(tokenizer=tokenizer, n_mels=n_mels, n_audio_ctx=n_audio_ctx, bpe=bpe,
+                  max_bad_fraction=cfg.data.max_bad_fraction, languages=languages)
+    train = WhisperDataset(data_dir / cfg.data.train_set, spec_augment=spec, **common)
+    dev = WhisperDataset(data_dir / cfg.data.dev_set, **common)
+    for ds, n in ((train, cfg.data.max_train_utts), (dev, cfg.data.max_dev_utts)):
+        if 0 < n < len(ds.items):  # evenly spaced over the id-sorted set, so every language stays
+            ds.items = [ds.items[int(i * len(ds.items) / n)] for i in range(n)]
+    return train, dev
+
+
+def make_optimizer(cfg: Any, params: list[nn.Parameter], head: list[nn.Module | None]):
+    """AdamW/Adam with the new layers (`head`: CTC head, adapters) at optim.head_lr; the warm-up + decay schedule."""
+    oc = cfg.optim
+    opt_cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
+    head_ids = {id(p) for m in head if m is not None for p in m.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in head_ids]},
+              {"params": [p for p in params if id(p) in head_ids],
+               "lr": oc.head_lr if oc.head_lr is not None else oc.lr}]
+    optimizer = opt_cls([g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+                        weight_decay=oc.weight_decay)
+    total = cfg.trainer.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, oc.warmup_steps, total, oc.scheduler, oc.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def setup(cfg: Any) -> tuple[torch.device, DistInfo, torch.dtype | None]:
+    """Checked config -> (this rank's device, the process group, the AMP dtype); threads, experiment dir."""
+    validate_config(cfg)
+    device = resolve_device(cfg.trainer.device)
+    dist = init_distributed(device)
+    device = rank_device(device, dist)
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.amp) if device.type == "cuda" else None
+    return device, dist, amp_dtype
+
+
+def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype | None = None) -> Parts:
+    set_seed(cfg.trainer.seed)
+    expdir = Path(cfg.checkpoint_dir)
+    n_audio_ctx = window_frames(cfg.data.audio_window)
+    tokenizer = default_tokenizer()
+    languages = None if cfg.data.languages is None else list(cfg.data.languages)
+
+    need_teacher = cfg.loss.alpha > 0 and bool(cfg.teacher.name)
+    src_name = cfg.student.name or cfg.teacher.name
+    source = load_source(src_name, n_audio_ctx)
+    teacher = None
+    if need_teacher:
+        teacher = source if src_name == cfg.teacher.name else load_source(cfg.teacher.name, n_audio_ctx)
+        teacher.requires_grad_(False)
+        teacher.to(device).eval()
+
+    bpe = make_bpe(cfg, source, Path(cfg.data.data_dir) / cfg.data.train_set, languages)
+    if bpe is not None and dist.main:
+        bpe.save(expdir / "bpe.model")
+    train_base, dev_base = make_datasets(cfg, tokenizer, bpe, source.dims.n_mels, n_audio_ctx, languages)
+
+    vocab_keep = None
+    if cfg.student.prune_vocab:
+        lists = text_tokens(train_base.data, tokenizer, languages).values()
+        vocab_keep = vocab_from_token_lists(list(lists), source.dims.n_vocab, tokenizer.eot)
+    ctc_units = bpe.vocab_size if bpe is not None else 0
+    student = build_student(cfg, source, vocab_keep, ctc_units, n_audio_ctx)
+    student.ctc_bpe = bpe.model_bytes if bpe is not None else None
+    if cfg.quant.enabled:
+        prepare(student, OmegaConf.to_object(cfg.quant) if OmegaConf.is_config(cfg.quant) else cfg.quant)
+    student.to(device)
+    del source
+    params = set_trainable(student, cfg)
+
+    adapter = enc_adapter = None
+    m = cfg.loss.match
+    if need_teacher and m.enabled:
+        adapter = feature_adapter(student, teacher, m.feature).to(device)
+        params += list(adapter.parameters())
+        if m.encoder and not cfg.student.freeze_encoder:
+            enc_adapter = feature_adapter(student, teacher, m.feature, side="encoder").to(device)
+            params += list(enc_adapter.parameters())
+    if not params:
+        raise DQWhisperError("nothing to train: every parameter is frozen")
+
+    tc = cfg.trainer
+    filler = CacheFiller(Path(tc.cache_dir) if tc.cache_dir else Path("exp/cache"), getattr(torch, tc.cache_dtype),
+                         n_audio_ctx, device, tc.valid_batch_size, amp_dtype, tc.progress)
+    caches = filler.open(cfg, student, teacher)
+    train_set = TrainingSet(train_base, caches.enc, caches.teacher_enc, caches.teacher)
+    dev_set = TrainingSet(dev_base, caches.enc)
+    targets: TeacherTargets | None = None
+    if teacher is not None:
+        kind = CachedTargets if caches.teacher_logits is not None else LiveTargets
+        targets = kind(teacher, student.decoder.vocab_keep, cfg.loss.kd_topk, m.feature if m.enabled else None,
+                       amp_dtype)
+    if dist.main:
+        filler.fill(train_set, dev_set, caches, student, targets)
+    barrier(dist)
+    check_usable(train_set, dev_set)
+
+    model = DistillModel(student, cfg.loss, targets, adapter, enc_adapter, cfg.student.freeze_encoder, amp_dtype,
+                         all_reduce=all_reduce_sum if dist.enabled else None, world_size=dist.world_size)
+    optimizer, scheduler = make_optimizer(cfg, params, [student.ctc_head, adapter, enc_adapter])
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    keep = student.decoder.vocab_keep
+    log.info("student: %d encoder / %d decoder layers, %.1fM parameters (%.1fM trainable), vocabulary %s, "
+             "CTC units %d, window %.1f s; teacher: %s", student.dims.n_audio_layer, student.dims.n_text_layer,
+             sum(p.numel() for p in student.parameters()) / 1e6, sum(p.numel() for p in params) / 1e6,
+             "full" if keep is None else len(keep), ctc_units, n_audio_ctx / 50,
+             cfg.teacher.name if teacher is not None else "none")
+    return Parts(tokenizer, bpe, model, train_base, dev_base, caches, train_set, dev_set, params, optimizer,
+                 scheduler, scaler)

@@ -1,0 +1,304 @@
+"""The training loop: `train_one_epoch`, `validate`, checkpoints at each validation, resume, and `train(cfg)`.
+
+One `Trainer` per process. Under `torchrun` each rank reads its share of the batches (the data package's
+BatchSampler) and DDP wraps the DistillModel, so the ranks' gradients are averaged by torch. Losses are normalised
+by the global token count over the world size, so N ranks step exactly as one process on the concatenated batch.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import whisper
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from dqwhisper import losses
+from dqwhisper.data.dataset import BatchSampler
+from dqwhisper.decoding import decode_batch
+from dqwhisper.scoring import score_utterances, summarize
+from dqwhisper.train import dist as D
+from dqwhisper.train.build import Parts, build, setup
+from dqwhisper.train.cache_set import TrainingSet, collate_training
+from dqwhisper.train.checkpoint import TopK, load_state, save_state
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, autocast, get_logger
+
+log = get_logger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: Any, parts: Parts, dist: D.DistInfo, device: torch.device,
+                 amp_dtype: torch.dtype | None = None):
+        self.cfg, self.parts, self.dist, self.device, self.amp_dtype = cfg, parts, dist, device, amp_dtype
+        self.model = D.wrap(parts.model, dist, device)  # DDP(DistillModel) under torchrun
+        self.expdir = Path(cfg.checkpoint_dir)
+        self.writer = None
+        self.step = self.epoch = self.batch_in_epoch = self.nonfinite = 0
+        self.topk = TopK(self.expdir, cfg.trainer.keep_top_k)
+        self.loss_log: list[dict] = []
+        self.chosen_counts: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+
+    # ---------------------------------------------------------------------------------------------- one step
+    def train_step(self, batches: list[dict]) -> dict[str, float] | None:
+        """One optimizer step over `accum_grad` micro-batches. Returns the logged values, None when skipped."""
+        p = self.parts
+        self.model.train()
+        p.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = defaultdict(float)
+        finite, info = True, {}
+        for n, batch in enumerate(batches):
+            last = n == len(batches) - 1
+            with nullcontext() if last or not self.dist.enabled else self.model.no_sync():
+                named, info = self.model(batch)
+                loss = named["loss"] / len(batches)
+                flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+                finite = D.all_reduce_sum(flag).item() == 0
+                if finite or self.dist.enabled:  # DDP expects the backward of every synced forward
+                    (p.scaler.scale(loss) if p.scaler else loss).backward()
+            if not finite:
+                break
+            for k, v in named.items():
+                totals[k] += float(v.detach()) / len(batches)
+        if finite:
+            if p.scaler:
+                p.scaler.unscale_(p.optimizer)
+            clip = self.cfg.optim.grad_clip
+            norm = torch.nn.utils.clip_grad_norm_(p.params, clip if clip > 0 else float("inf"))
+            finite = bool(torch.isfinite(norm))
+            totals["grad_norm"] = float(norm)
+        if not finite:
+            return self._skip_step()
+        if p.scaler:
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+        else:
+            p.optimizer.step()
+        totals["lr"] = p.scheduler.get_last_lr()[0]
+        p.scheduler.step()
+        self.step += 1
+        if "chosen" in info:
+            totals["chosen"] = info["chosen"]
+            for i, j in enumerate(info["chosen"]):
+                self.chosen_counts[i][j] += 1
+        return dict(totals)
+
+    def _skip_step(self) -> None:
+        p, tc = self.parts, self.cfg.trainer
+        p.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", self.step + 1, self.nonfinite)
+        if p.scaler:
+            p.scaler.update()
+        if self.nonfinite > tc.max_nonfinite:
+            raise DQWhisperError(f"{self.nonfinite} non-finite steps (trainer.max_nonfinite={tc.max_nonfinite}): "
+                                 "lower optim.lr or check the data")
+        with warnings.catch_warnings():  # the skipped step keeps the schedule in step with the data
+            warnings.simplefilter("ignore", UserWarning)
+            p.scheduler.step()
+        self.step += 1
+        return None
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def loader(self, ds: TrainingSet, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+        pad = self.parts.tokenizer.eot
+        return torch.utils.data.DataLoader(
+            ds, batch_sampler=batches, collate_fn=lambda items: collate_training(items, pad),
+            num_workers=self.cfg.data.collector.num_workers if ds.enc_cache is None else 0)
+
+    def train_one_epoch(self, sampler: BatchSampler, bar: tqdm, start_step: int) -> str | None:
+        """The rest of the current epoch. Returns "done" (max_steps), "stopped" (stop_after_steps) or None."""
+        tc, accum = self.cfg.trainer, self.cfg.optim.accum_grad
+        sampler.set_epoch(self.epoch)
+        batches = list(sampler)
+        n_usable = len(batches) - len(batches) % accum if len(batches) >= accum else len(batches)
+        loader = iter(self.loader(self.parts.train_set, batches[self.batch_in_epoch: n_usable]))
+        while self.batch_in_epoch < n_usable:
+            group = [next(loader) for _ in range(min(accum, n_usable - self.batch_in_epoch))]
+            self.batch_in_epoch += len(group)
+            values = self.train_step(group)
+            bar.update(1)
+            if values is not None:
+                self._log_train(values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}")
+            if tc.valid_every and self.step % tc.valid_every == 0 and self.step < tc.max_steps:
+                self.validate_and_save()
+            if tc.stop_after_steps and self.step - start_step >= tc.stop_after_steps:
+                log.info("stopping after %d steps (trainer.stop_after_steps), without a checkpoint", self.step)
+                return "stopped"
+            if self.step >= tc.max_steps:
+                return "done"
+        return None
+
+    def run(self) -> dict:
+        """Run to trainer.max_steps (or max_epochs), validating and checkpointing; returns the summary."""
+        cfg, tc = self.cfg, self.cfg.trainer
+        if tc.resume and (self.expdir / "last.pt").exists():
+            self.load_state(self.expdir / "last.pt")
+        elif self.dist.main:  # a fresh run: the logs start empty
+            for name in ("train_losses.jsonl", "dev_results.jsonl"):
+                (self.expdir / name).unlink(missing_ok=True)
+        if cfg.quant.enabled and cfg.quant.ptq:
+            log.info("post-training quantization: no training steps")
+            metric = self.validate_and_save()
+            self.finish()
+            return {"steps": 0, "dev_metric": metric}
+        if self.dist.main and tc.tensorboard:
+            self.writer = SummaryWriter(str(self.expdir / "tensorboard"), purge_step=self.step or None)
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not (tc.progress and self.dist.main))
+        c = cfg.data.collector
+        sampler = BatchSampler(self.parts.train_set.lengths, c.minibatch_size, c.max_frames or None,
+                               shuffle=c.shuffle, seed=tc.seed, drop_last=False, rank=self.dist.rank,
+                               world_size=self.dist.world_size)
+        start_step, t0 = self.step, time.time()
+        state = "done" if self.step >= tc.max_steps else None
+        while state is None and not (tc.max_epochs and self.epoch >= tc.max_epochs):
+            state = self.train_one_epoch(sampler, bar, start_step)
+            if state is None:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        bar.close()
+        if state == "stopped":
+            return {"steps": self.step, "stopped": True}
+        elapsed = time.time() - t0
+        metric = self.validate_and_save()
+        self.finish()
+        summary = {"steps": self.step, "epochs": self.epoch, "train_seconds": round(elapsed, 2),
+                   "seconds_per_step": round(elapsed / max(1, self.step - start_step), 4),
+                   "dev_metric": metric, "best_metric": self.topk.best_metric, "nonfinite_steps": self.nonfinite,
+                   "chosen_layers": {i: dict(c) for i, c in self.chosen_counts.items()}}
+        if self.dist.main:
+            (self.expdir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            log.info("done: %s", json.dumps(summary))
+        return summary
+
+    def _log_train(self, values: dict) -> None:
+        chosen = values.pop("chosen", None)
+        record = {"step": self.step, **{k: round(v, 6) for k, v in values.items()}}
+        if chosen is not None:
+            record["chosen"] = chosen
+        self.loss_log.append(record)
+        if not self.dist.main:
+            return
+        with open(self.expdir / "train_losses.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"train/{k}", v, self.step)
+            for i, j in enumerate(chosen or []):
+                self.writer.add_scalar(f"match/teacher_layer_of_student_layer_{i}", j, self.step)
+        if self.step % self.cfg.trainer.log_every == 0:
+            log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items()) +
+                     (f" chosen={chosen}" if chosen is not None else ""))
+
+    # --------------------------------------------------------------------------------------------- validation
+    def validate(self) -> dict[str, float]:
+        """Dev loss (CE + beta CTC, no teacher) and greedy WER/CER. Rank 0 only."""
+        model, ds, bs = self.parts.model, self.parts.dev_set, self.cfg.trainer.valid_batch_size
+        model.eval()
+        tot, n_tok = defaultdict(float), 0
+        hyps: dict[str, str] = {}
+        with torch.no_grad():
+            for batch in self.loader(ds, [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]):
+                named, info = model(batch, with_teacher=False)
+                for k, v in named.items():
+                    tot[k] += float(v) * info["n_tokens"]
+                n_tok += info["n_tokens"]
+                if self.cfg.trainer.valid_decode:
+                    hyps.update(self._greedy(batch))
+        result = {k: v / max(1, n_tok) for k, v in tot.items() if k in ("loss", "loss_ce", "loss_ctc")}
+        if self.cfg.trainer.valid_decode:
+            items = self.parts.dev_base.items
+            summary = summarize(score_utterances({u.utt_id: u.text for u, _, _, _ in items}, hyps,
+                                                 {u.utt_id: u.lang for u, _, _, _ in items})[0])
+            result["error"] = summary["overall"]["error"]
+            result.update({f"error_{lang}": v["error"] for lang, v in summary["per_language"].items()})
+            if self.dist.main:  # the latest dev hypotheses, Kaldi text format
+                atomic_write_bytes(self.expdir / "dev_hyp.txt",
+                                   "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items())).encode())
+        return result
+
+    def _greedy(self, batch: dict) -> dict[str, str]:
+        student = self.parts.student
+        if "enc" in batch:
+            xa = batch["enc"].to(self.device).float()
+        else:
+            with autocast(self.amp_dtype):
+                xa = student.encoder(batch["mel"].to(self.device)).float()
+        out, by_lang = {}, defaultdict(list)
+        for b, lang in enumerate(batch["langs"]):
+            by_lang[lang].append(b)
+        longest = int((batch["targets"] != losses.IGNORE).sum(1).max()) + 4
+        for lang, idx in by_lang.items():
+            opts = whisper.DecodingOptions(task="transcribe", language=lang, without_timestamps=True, fp16=False,
+                                           temperature=0.0, sample_len=min(224, 2 * longest + 10))
+            with autocast(self.amp_dtype):
+                res = decode_batch(student, xa[idx], opts)
+            for b, r in zip(idx, res):
+                out[batch["utt_ids"][b]] = r.text
+        return out
+
+    def validate_and_save(self) -> float:
+        metric_value = float("nan")
+        if self.dist.main:
+            t0 = time.time()
+            result = self.validate()
+            metric_value = result["error" if "error" in result else "loss"]
+            log.info("step %d dev (%.1f s): %s", self.step, time.time() - t0,
+                     " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+            if self.writer is not None:
+                for k, v in result.items():
+                    if isinstance(v, (int, float)):
+                        self.writer.add_scalar(f"dev/{k}", v, self.step)
+                self.writer.flush()
+            with open(self.expdir / "dev_results.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **result}) + "\n")
+            self.topk.save(self.parts.student, self.step, metric_value, self._config_dict())
+            self.save_state(self.expdir / "last.pt")
+        D.barrier(self.dist)
+        return metric_value
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _config_dict(self) -> dict | None:
+        return OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else None
+
+    def save_state(self, path: Path) -> None:
+        save_state(path, self.parts, self._config_dict(), step=self.step, epoch=self.epoch,
+                   batch_in_epoch=self.batch_in_epoch, best_metric=self.topk.best_metric, kept=self.topk.kept,
+                   nonfinite=self.nonfinite)
+
+    def load_state(self, path: Path) -> None:
+        ckpt = load_state(path, self.parts, self.device)
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.topk.best_metric, self.topk.kept, self.nonfinite = ckpt["best_metric"], ckpt["kept"], ckpt["nonfinite"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+    def finish(self) -> None:
+        """Average the kept checkpoints into avg.pt (rank 0)."""
+        if self.dist.main and self.cfg.trainer.average:
+            self.topk.average()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        D.barrier(self.dist)
+
+
+def make_trainer(cfg: Any) -> Trainer:
+    device, dist, amp_dtype = setup(cfg)
+    return Trainer(cfg, build(cfg, device, dist, amp_dtype), dist, device, amp_dtype)
+
+
+def train(cfg: Any) -> dict:
+    """The Hydra entry point's body: set up, build the parts, run the loop."""
+    trainer = make_trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        D.cleanup(trainer.dist)

@@ -1,0 +1,71 @@
+"""DistillModel: one forward -> the named losses; teacher targets from the live provider; the teacher stays out."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dqwhisper.config import LossConfig, MatchConfig
+from dqwhisper.distill.model import DistillModel, feature_adapter
+from dqwhisper.distill.teacher import CachedTargets, LiveTargets
+from dqwhisper.models.student import from_whisper
+from tests.conftest import random_tiny_whisper
+
+
+def tiny_batch(n_mels: int = 80, n_audio_ctx: int = 100) -> dict:
+    torch.manual_seed(0)
+    tokens = torch.tensor([[50258, 50259, 50359, 50363, 11, 12, 13, 50257],
+                           [50258, 50260, 50359, 50363, 21, 22, 50257, 50257]])
+    targets = tokens[:, 1:].clone()
+    targets[:, :3] = -100  # the prefix
+    targets[1, -1] = -100  # padding
+    return {"mel": torch.randn(2, n_mels, 2 * n_audio_ctx), "tokens_in": tokens[:, :-1], "targets": targets,
+            "ctc_targets": torch.tensor([1, 2, 3, 4, 5]), "ctc_target_lengths": torch.tensor([3, 2]),
+            "enc_lengths": torch.tensor([100, 80])}
+
+
+@pytest.fixture
+def pair():
+    teacher = from_whisper(random_tiny_whisper(0)).eval().requires_grad_(False)
+    student = from_whisper(teacher, ctc_units=10, decoder_layers=[0, 3])
+    return student, teacher
+
+
+def test_forward_returns_the_named_losses_and_their_sum(pair):
+    student, teacher = pair
+    loss = OmegaConf.structured(LossConfig(alpha=0.9, beta=0.1, match=MatchConfig(enabled=True)))
+    model = DistillModel(student, loss, LiveTargets(teacher, None, match_feature="ffn"),
+                         feature_adapter(student, teacher, "ffn"))
+    named, info = model.train()(tiny_batch())
+    assert set(named) == {"loss", "loss_ce", "loss_ctc", "loss_kd", "loss_match"}
+    assert all(bool(torch.isfinite(v)) and float(v) > 0 for v in named.values())
+    expect = 0.1 * named["loss_ctc"] + 0.1 * named["loss_ce"] + 0.9 * (named["loss_kd"] + named["loss_match"])
+    torch.testing.assert_close(named["loss"], expect)
+    assert len(info["chosen"]) == 2 and info["n_tokens"] == 7
+    named["loss"].backward()
+    assert student.decoder.blocks[0].mlp[0].weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(k.startswith("teacher") for k in model.state_dict())  # the teacher is not a submodule
+    assert not student.encoder.training  # frozen encoder stays in eval mode
+
+
+def test_without_teacher_or_alpha_zero_only_ce_and_ctc(pair):
+    student, teacher = pair
+    model = DistillModel(student, OmegaConf.structured(LossConfig(alpha=0.9, beta=0.1)),
+                         LiveTargets(teacher, None))
+    named, _ = model.eval()(tiny_batch(), with_teacher=False)
+    assert float(named["loss_kd"]) == 0 and float(named["loss_match"]) == 0
+    torch.testing.assert_close(named["loss"], 0.1 * named["loss_ctc"] + named["loss_ce"])
+
+
+def test_cached_targets_read_the_batch(pair):
+    student, teacher = pair
+    live = LiveTargets(teacher, None, match_feature="block")
+    batch = tiny_batch()
+    xa = teacher.encoder(batch["mel"])
+    out = live.outputs(batch["tokens_in"], xa)
+    batch.update(t_logits=out["t_logits"], t_feats=list(out["t_feats"]))
+    cached = CachedTargets(teacher, None, match_feature="block")(batch, batch["tokens_in"], xa, want_match=True)
+    again = live(batch, batch["tokens_in"], xa, want_match=True)
+    torch.testing.assert_close(cached["t_logits"], again["t_logits"])
+    assert len(cached["t_feats"]) == len(again["t_feats"]) == teacher.dims.n_text_layer

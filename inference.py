@@ -9,11 +9,17 @@ Overrides use Hydra's syntax on the experiment's config (`decode.test_sets=[data
 
 Per test set it writes `decode_<set>_<tag>/` (in TARGET, or next to a checkpoint file; `decode.out_dir` replaces
 it): hyp.txt, ref.txt, utt_errors.tsv, alignment.txt, results.json, summary.txt. It prints each summary.
+Settings, test sets (every selected audio header) and output dirs are checked before the model loads; hyp.txt
+grows batch by batch (an interrupted run keeps what it decoded); unreadable utterances are skipped and listed in
+results.json (`skipped`; more than decode.max_bad_fraction is an error), empty references are decoded but not
+scored (`empty_references`).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,10 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from whisper.model import ModelDimensions
 
-from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, decode_utterances,
+from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, check_decode_config, decode_utterances,
                                 search_tag, select_utts)
 from dqwhisper.models.load import load_model
-from dqwhisper.scoring import score_utterances, summarize, write_kaldi_text, write_results
+from dqwhisper.scoring import empty_references, score_utterances, summarize, write_kaldi_text, write_results
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
 
 log = get_logger("dqwhisper.inference")
@@ -155,17 +161,83 @@ def test_set_dirs(cfg: DictConfig, is_exp: bool) -> list[Path]:
     return [Path(s) for s in sets]
 
 
-def load_test_set(path: Path):
-    """DataDir.load plus a check that every audio file exists, so a broken set fails before any decoding."""
+@dataclass
+class DecodeSet:
+    path: Path
+    data: object  # DataDir
+    utts: list  # the utterances decode.languages / max_utts / shard select
+    durations: dict[str, float]  # seconds from the audio headers (pipes: not run here)
+    bad: dict[str, str]  # utterances whose audio is missing or unreadable: reason
+
+
+def load_test_set(path: Path, dcfg: DecodeConfig) -> DecodeSet:
+    """DataDir.load, the selection, and every selected audio header read, so that a broken set fails (or its
+    unreadable utterances are known) before the model loads. Pipes are not run here: each runs once, when decoded."""
     from dqwhisper.data.kaldi import DataDir, is_pipe
 
     data = DataDir.load(path)
     if not data.utts:
         raise DQWhisperError(f"{path}: test set has no utterances")
-    for wav in sorted({u.wav for u in data.utts}):
-        if not is_pipe(wav) and not Path(data.resolve(wav)).is_file():
-            raise DQWhisperError(f"{path / 'wav.scp'}: audio file {data.resolve(wav)} does not exist")
-    return data
+    utts = select_utts(data.utts, dcfg)
+    if not utts:
+        raise DQWhisperError(f"{path}: no utterance left after decode.languages / max_utts / shard")
+    durations, bad = {}, {}
+    for u in utts:
+        if is_pipe(u.wav):
+            continue
+        wav = data.resolve(u.wav)
+        if not Path(wav).is_file():
+            bad[u.utt_id] = f"audio file {wav} does not exist"
+            continue
+        try:
+            durations[u.utt_id] = data.duration(u)
+        except Exception as e:  # noqa: BLE001 - any reader error makes the utterance bad
+            bad[u.utt_id] = f"unreadable audio {wav}: {e}"
+            continue
+        if durations[u.utt_id] <= 0:
+            bad[u.utt_id] = f"audio {wav} has no samples"
+    for utt_id, reason in bad.items():
+        log.warning("%s: skipping utterance %s: %s", path, utt_id, reason)
+    check_bad_fraction(path, bad, len(utts), dcfg.max_bad_fraction)
+    return DecodeSet(path, data, utts, durations, bad)
+
+
+def check_bad_fraction(path: Path, bad: dict[str, str], n_total: int, max_fraction: float) -> None:
+    if len(bad) > max_fraction * n_total:
+        first = "; ".join(f"{u}: {r}" for u, r in list(bad.items())[:3])
+        raise DQWhisperError(f"{path}: {len(bad)} of {n_total} utterances cannot be read, more than "
+                             f"decode.max_bad_fraction={max_fraction}: {first}")
+
+
+def check_out_dir(out: Path) -> None:
+    """Create `out` and write a probe file there, so an unwritable output dir fails before any decoding."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DQWhisperError(f"output dir {out}: cannot write there ({e.strerror or e}); "
+                             "choose another with decode.out_dir=DIR") from None
+
+
+class HypWriter:
+    """Appends each batch's hypotheses to `hyp.txt` as they come (flushed), so an interrupted run keeps them
+    (`run` rewrites the file sorted by utterance id at the end)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "w", encoding="utf-8")
+        self.n = 0
+
+    def __call__(self, hyps) -> None:
+        self.file.write("".join(" ".join([h.utt_id, *h.text.split()]) + "\n" for h in hyps))
+        self.file.flush()
+        self.n += len(hyps)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
 
 
 def set_names(paths: list[Path]) -> list[str]:
@@ -189,6 +261,7 @@ def plan(target: str | Path, overrides: list[str]) -> Plan:
     target = Path(target)
     cfg, is_exp = load_config(target, overrides)
     dcfg: DecodeConfig = OmegaConf.to_object(cfg.decode)
+    check_decode_config(dcfg)
     if dcfg.languages is None and is_exp and "data" in cfg and cfg.data.get("languages"):
         dcfg.languages = list(cfg.data.languages)
     sets = test_set_dirs(cfg, is_exp)
@@ -206,11 +279,17 @@ def plan(target: str | Path, overrides: list[str]) -> Plan:
 
 
 def run(model_name: str, target: str | Path, overrides: list[str], progress: bool = True) -> list[dict]:
-    """Decode and score every test set; return the results.json dicts (with "out_dir" added)."""
+    """Decode and score every test set; return the results.json dicts (with "out_dir" added).
+
+    Before the model loads: the decode settings, every test set (files, selected utterances' audio headers) and
+    every output dir are checked. Unreadable utterances are skipped and counted (more than decode.max_bad_fraction
+    of a set is an error); hypotheses reach hyp.txt batch by batch; empty references are decoded but not scored."""
     target = Path(target)
     p = plan(target, overrides)
     dcfg, is_exp, ckpt, tag = p.cfg, p.is_exp, p.checkpoint, p.tag
-    datas = [load_test_set(s) for s in p.test_sets]  # validate every set before loading the model
+    sets = [load_test_set(s, dcfg) for s in p.test_sets]
+    for out in p.out_dirs:
+        check_out_dir(out)
     device = resolve_device(dcfg.device)
     if dcfg.num_threads > 0:
         torch.set_num_threads(dcfg.num_threads)
@@ -218,32 +297,53 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)
     results = []
-    for path, out, data in zip(p.test_sets, p.out_dirs, datas):
-        utts = select_utts(data.utts, dcfg)
-        if not utts:
-            raise DQWhisperError(f"{path}: no utterance left after decode.languages / max_utts / shard")
+    for ts, out in zip(sets, p.out_dirs):
+        path = ts.path
+        utts = [u for u in ts.utts if u.utt_id not in ts.bad]
+        bad = dict(ts.bad)
+
+        def on_skip(utt_id: str, reason: str, bad=bad, n=len(ts.utts), path=path) -> None:
+            bad[utt_id] = reason
+            check_bad_fraction(path, bad, n, dcfg.max_bad_fraction)
+
         log.info("decoding %s (%d utterances) with %s -> %s", path, len(utts), ckpt, out)
-        dec = decode_utterances(model, data, utts, dcfg, progress=progress,
-                                bpe_fallback=target / "bpe.model" if is_exp else None)
+        writer = HypWriter(out / "hyp.txt")
+        try:
+            dec = decode_utterances(model, ts.data, utts, dcfg, progress=progress,
+                                    bpe_fallback=target / "bpe.model" if is_exp else None,
+                                    durations=ts.durations, on_batch=writer, on_skip=on_skip)
+        except BaseException:
+            writer.close()
+            log.error("%s: decoding stopped; the %d hypotheses decoded so far are in %s", path, writer.n,
+                      out / "hyp.txt")
+            raise
+        writer.close()
         hyps = {h.utt_id: h.text for h in dec.hyps}
-        refs = {u.utt_id: u.text for u in utts}
-        out.mkdir(parents=True, exist_ok=True)
+        refs = {u.utt_id: u.text for u in utts if u.utt_id in hyps}
+        langs = {u.utt_id: u.lang for u in utts}
         write_kaldi_text(out / "hyp.txt", hyps)
         write_kaldi_text(out / "ref.txt", refs)
         if dcfg.language == DETECT:
             write_kaldi_text(out / "hyp_lang.txt", {h.utt_id: h.language for h in dec.hyps})
-        scores, alignments = score_utterances(refs, hyps, {u.utt_id: u.lang for u in utts}, dcfg.raw,
-                                              dcfg.cer_languages)
+        empty = empty_references(refs, langs, dcfg.raw)
+        try:
+            scores, alignments = score_utterances(refs, hyps, langs, dcfg.raw, dcfg.cer_languages)
+        except DQWhisperError as e:
+            raise DQWhisperError(f"{path}: {e} (the hypotheses are in {out / 'hyp.txt'})") from None
         summary = summarize(scores)
         add_runaways(summary, dec)
         summary.update({
             "rtf": dec.rtf, "tokens_per_second": dec.tokens_per_second, "wall_seconds": dec.wall_seconds,
             "audio_seconds": dec.audio_seconds, "n_tokens": dec.n_tokens, "n_trimmed": dec.n_trimmed,
+            "n_selected": len(ts.utts), "n_skipped": len(bad), "skipped": bad, "empty_references": empty,
             "model": model_name, "checkpoint": str(ckpt), "test_set": str(path), "tag": tag,
             "normalized": not dcfg.raw, "device": str(device), "num_threads": torch.get_num_threads(),
             "decode": asdict(dcfg),
         })
-        table = write_results(out, scores, alignments, summary, title=f"{path} | {ckpt} | {tag}")
+        title = f"{path} | {ckpt} | {tag}"
+        if bad or empty:
+            title += f" | {len(bad)} unreadable utterance(s) skipped, {len(empty)} empty reference(s) not scored"
+        table = write_results(out, scores, alignments, summary, title=title)
         print(table, flush=True)
         results.append({**summary, "out_dir": str(out)})
     return results

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, Logi
 from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES
 
-from dqwhisper.data.dataset import window_log_mel
+from dqwhisper.data.dataset import MEL_PADDINGS, window_log_mel
+from dqwhisper.data.kaldi import is_pipe
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -72,6 +73,31 @@ class DecodeConfig:
     token_cap_margin: int = 10  # (and at most max_new_tokens); null tokens_per_second = only max_new_tokens
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens is produced twice in one hypothesis
     seed: int = 0  # seed of the fallback sampling (the same input decodes the same way)
+    max_bad_fraction: float = 0.1  # unreadable utterances are skipped and counted; more than this fraction: error
+
+
+def check_decode_config(cfg: DecodeConfig) -> None:
+    """Value checks that need no model, so a bad setting fails before anything loads."""
+    checks = [
+        (cfg.beam_size >= 1, f"decode.beam_size={cfg.beam_size}: must be >= 1"),
+        (cfg.batch_size >= 1, f"decode.batch_size={cfg.batch_size}: must be >= 1"),
+        (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
+         f"decode.max_new_tokens={cfg.max_new_tokens}: must be >= 1 (or null)"),
+        (cfg.patience is None or cfg.patience > 0, f"decode.patience={cfg.patience}: must be > 0 (or null)"),
+        (cfg.length_penalty is None or 0 <= cfg.length_penalty <= 1,
+         f"decode.length_penalty={cfg.length_penalty}: must be in [0, 1] (or null)"),
+        (cfg.audio_window is None or cfg.audio_window > 0, f"decode.audio_window={cfg.audio_window}: must be > 0"),
+        (cfg.mel_padding in MEL_PADDINGS, f"decode.mel_padding={cfg.mel_padding}: one of {', '.join(MEL_PADDINGS)}"),
+        (cfg.export_mode in ("int8", "dequant"), f"decode.export_mode={cfg.export_mode}: int8 | dequant"),
+        (0 <= cfg.max_bad_fraction <= 1, f"decode.max_bad_fraction={cfg.max_bad_fraction}: must be in [0, 1]"),
+        (cfg.num_threads >= 0, f"decode.num_threads={cfg.num_threads}: must be >= 0"),
+        (cfg.best_of >= 1, f"decode.best_of={cfg.best_of}: must be >= 1"),
+        (len(cfg.temperatures) > 0, "decode.temperatures: give at least one ([0.0] = no fallback)"),
+        (cfg.no_repeat_ngram_size >= 0, f"decode.no_repeat_ngram_size={cfg.no_repeat_ngram_size}: must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise DQWhisperError(msg)
 
 
 def decoding_options(cfg: DecodeConfig, language: str | None, fp16: bool = False, temperature: float = 0.0,
@@ -381,6 +407,7 @@ class DecodeRun:
     audio_seconds: float
     n_tokens: int
     n_trimmed: int  # utterances longer than the window, cut to it
+    skipped: dict[str, str] = field(default_factory=dict)  # utterances whose audio could not be read: reason
 
     @property
     def runaways(self) -> list[UttHypothesis]:
@@ -421,16 +448,21 @@ def _check_language(lang: str, where: str) -> None:
 
 
 def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, progress: bool = True,
-                      bpe_fallback: str | Path | None = None) -> DecodeRun:
+                      bpe_fallback: str | Path | None = None, durations: dict[str, float] | None = None,
+                      on_batch: Callable[[list[UttHypothesis]], None] | None = None,
+                      on_skip: Callable[[str, str], None] | None = None) -> DecodeRun:
     """Decode `utts` of DataDir `data` (anything with load_audio(utt) and duration(utt)) in batches of one language
-    (forced from utt2lang or cfg.language, or detected), longest first, and time it (audio reading included)."""
+    (forced from utt2lang or cfg.language, or detected), longest first, and time it (audio reading included).
+
+    `durations` (seconds by utt_id, e.g. from a header check) orders the batches without reading audio again; a
+    wav.scp pipe is never run for its duration (its command runs once, when it is decoded; unknown lengths sort
+    last). `on_batch` gets each batch's hypotheses as soon as they exist (to write them incrementally). An
+    utterance whose audio cannot be read is skipped: `on_skip(utt_id, reason)` (which may raise) and `skipped`."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     fp16 = bool(cfg.fp16) and device.type == "cuda"
-    if cfg.beam_size < 1 or cfg.batch_size < 1:
-        raise DQWhisperError(f"decode.beam_size ({cfg.beam_size}) and decode.batch_size ({cfg.batch_size}) "
-                             "must be >= 1")
+    check_decode_config(cfg)
     bpe = None
     if cfg.ctc:
         if getattr(model, "ctc_head", None) is None:
@@ -448,13 +480,30 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
     padding = cfg.mel_padding
     n_window = window_samples(model)
     hyps, n_tokens, n_trimmed, audio_seconds = [], 0, 0, 0.0
+    skipped: dict[str, str] = {}
     bar = tqdm(total=len(utts), desc="decode", unit="utt", disable=not progress, leave=False)
     start = time.perf_counter()
     for language, members in groups.items():
-        members = sorted(members, key=lambda u: (-data.duration(u), u.utt_id))  # similar lengths share a batch
+        members = sorted(members, key=lambda u: (-_duration(data, u, durations), u.utt_id))  # similar lengths
         for i in range(0, len(members), cfg.batch_size):
-            batch = members[i: i + cfg.batch_size]
-            waves = [data.load_audio(u) for u in batch]
+            batch, waves = [], []
+            for u in members[i: i + cfg.batch_size]:
+                try:
+                    wave = data.load_audio(u)
+                    if len(wave) == 0:
+                        raise DQWhisperError("zero samples")
+                except Exception as e:  # noqa: BLE001 - any decoder error makes the utterance bad, as in training
+                    reason = f"unreadable audio: {e}"
+                    skipped[u.utt_id] = reason
+                    log.warning("skipping utterance %s: %s", u.utt_id, reason)
+                    if on_skip is not None:
+                        on_skip(u.utt_id, reason)
+                    continue
+                batch.append(u)
+                waves.append(wave)
+            bar.update(len(members[i: i + cfg.batch_size]) - len(batch))
+            if not batch:
+                continue
             n_trimmed += sum(len(w) > n_window for w in waves)
             audio_seconds += sum(len(w) for w in waves) / SAMPLE_RATE
             mel = audio_to_mel(waves, model, device, padding)
@@ -465,10 +514,12 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
                 seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
                 results = [(h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
                            for h in decode_mels(model, mel, language, seconds, cfg, fp16)]
-            for u, w, (text, n, lang_used, runaway, tries) in zip(batch, waves, results):
-                hyps.append(UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used,
-                                          runaway, tries))
-                n_tokens += n
+            new = [UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used, runaway, tries)
+                   for u, w, (text, n, lang_used, runaway, tries) in zip(batch, waves, results)]
+            hyps += new
+            n_tokens += sum(h.n_tokens for h in new)
+            if on_batch is not None:
+                on_batch(new)
             bar.update(len(batch))
     wall = time.perf_counter() - start
     bar.close()
@@ -476,7 +527,19 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
         log.warning("%d of %d utterances are longer than the model's %.2f s window and were cut to it",
                     n_trimmed, len(utts), n_window / SAMPLE_RATE)
     hyps.sort(key=lambda h: h.utt_id)
-    return DecodeRun(hyps, wall, audio_seconds, n_tokens, n_trimmed)
+    return DecodeRun(hyps, wall, audio_seconds, n_tokens, n_trimmed, skipped)
+
+
+def _duration(data, utt, durations: dict[str, float] | None) -> float:
+    """Seconds for ordering: the known value, else the header; 0 for a pipe (not run just to measure it)."""
+    if durations is not None and utt.utt_id in durations:
+        return durations[utt.utt_id]
+    if is_pipe(getattr(utt, "wav", "") or ""):
+        return 0.0
+    try:
+        return data.duration(utt)
+    except Exception:  # noqa: BLE001 - unreadable: decoding skips it with the reason
+        return 0.0
 
 
 def apply_audio_window(model: Whisper, seconds: float | None) -> Whisper:
@@ -508,7 +571,7 @@ def search_tag(cfg: DecodeConfig) -> str:
     return tag
 
 
-__all__ = ["DecodeConfig", "BatchedDecodingTask", "decoding_options", "decode_batch", "decode_mels", "Hypothesis",
+__all__ = ["DecodeConfig", "check_decode_config", "BatchedDecodingTask", "decoding_options", "decode_batch", "decode_mels", "Hypothesis",
            "token_cap", "SuppressSpecial", "NoRepeatNGram", "TokenCap", "audio_to_mel", "ctc_greedy",
            "ctc_decode_batch", "load_ctc_bpe", "decode_utterances", "select_utts", "apply_audio_window",
            "search_tag", "DecodeRun", "UttHypothesis", "window_samples", "DETECT", "MEL_PADDINGS",

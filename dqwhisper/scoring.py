@@ -92,9 +92,11 @@ def _alignment_lines(visualization: str) -> str:
 
 def score_utterances(refs: dict[str, str], hyps: dict[str, str], langs: dict[str, str], raw: bool = False,
                      cer_languages: Iterable[str] = CER_LANGUAGES) -> tuple[list[UttScore], dict[str, str]]:
-    """Score every utterance of `refs` (a missing hypothesis counts as empty).
+    """Score every utterance of `refs` (a missing hypothesis counts as empty) whose reference is not empty.
 
-    Returns the per-utterance scores (sorted by utterance id) and jiwer's alignment visualisation per utterance.
+    A reference that is empty after normalization (blank, or only "[noise]"-like text the normalizers remove) has no
+    error rate: it is left out with a warning (`empty_references` lists them); when every reference is empty this is
+    an error. Returns the per-utterance scores (sorted by utterance id) and jiwer's alignment per utterance.
     """
     extra = sorted(set(hyps) - set(refs))
     if extra:
@@ -106,8 +108,15 @@ def score_utterances(refs: dict[str, str], hyps: dict[str, str], langs: dict[str
     if no_lang:
         raise DQWhisperError(f"{len(no_lang)} utterances have no language (e.g. '{no_lang[0]}')")
     cer_languages = tuple(cer_languages)
+    empty = set(empty_references(refs, langs, raw))
+    if empty:
+        if len(empty) == len(refs):
+            raise DQWhisperError(f"all {len(refs)} reference transcripts are empty (after normalization): "
+                                 "nothing to score")
+        log.warning("%d utterance(s) have an empty reference transcript (after normalization) and are not scored, "
+                    "e.g. %s", len(empty), sorted(empty)[0])
     scores, alignments = [], {}
-    for utt in sorted(refs):
+    for utt in sorted(set(refs) - empty):
         lang = langs[utt]
         metric = metric_for(lang, cer_languages)
         ref, hyp = normalize(refs[utt], lang, raw), normalize(hyps.get(utt, ""), lang, raw)
@@ -115,6 +124,11 @@ def score_utterances(refs: dict[str, str], hyps: dict[str, str], langs: dict[str
         scores.append(UttScore(utt, lang, metric, ref, hyp, len(out.references[0]), *_counts(out.alignments[0])))
         alignments[utt] = _alignment_lines(jiwer.visualize_alignment(out, show_measures=False, skip_correct=False))
     return scores, alignments
+
+
+def empty_references(refs: dict[str, str], langs: dict[str, str], raw: bool = False) -> list[str]:
+    """Utterances whose reference is empty once normalized as scoring normalizes it (sorted ids)."""
+    return sorted(u for u, text in refs.items() if not normalize(text, langs.get(u, ""), raw))
 
 
 def _rate(errors: int, n_ref: int) -> float:
@@ -244,13 +258,16 @@ def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: 
     langs = {u.utt_id: u.lang for u in DataDir.load(data_dir).utts}
     scores, alignments = score_utterances(refs, hyps, langs, first["raw"], first["cer_languages"])
     summary = summarize(scores)
-    totals = {k: sum(p[k] for p in parts) for k in ("wall_seconds", "audio_seconds", "n_tokens", "n_trimmed")}
+    totals = {k: sum(p.get(k, 0) for p in parts)
+              for k in ("wall_seconds", "audio_seconds", "n_tokens", "n_trimmed", "n_skipped")}
+    skipped = {u: r for p in parts for u, r in (p.get("skipped") or {}).items()}
     summary.update({
         "rtf": totals["wall_seconds"] / max(totals["audio_seconds"], 1e-9),
         "rtf_elapsed": None if elapsed_seconds is None else elapsed_seconds / max(totals["audio_seconds"], 1e-9),
         "tokens_per_second": totals["n_tokens"] / max(totals["wall_seconds"], 1e-9), **totals,
         **{k: parts[0][k] for k in ("model", "checkpoint", "test_set", "tag", "normalized", "device", "num_threads")},
-        "n_jobs": len(parts), "decode": {**first, "shard": None},
+        "n_jobs": len(parts), "decode": {**first, "shard": None}, "skipped": skipped,
+        "empty_references": empty_references(refs, langs, first["raw"]),
     })
     if all("n_runaways" in p["overall"] for p in parts):
         for lang, entry in summary["per_language"].items():
@@ -293,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(format_table(summary, title=str(args.hyp)))
 
 
-__all__ = ["CER_LANGUAGES", "UttScore", "normalize", "metric_for", "score_utterances", "summarize", "format_table",
+__all__ = ["CER_LANGUAGES", "UttScore", "normalize", "empty_references", "metric_for", "score_utterances", "summarize", "format_table",
            "write_results", "write_kaldi_text", "read_kaldi_text", "score_files", "merge_parts"]
 
 if __name__ == "__main__":

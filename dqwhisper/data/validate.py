@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dqwhisper.data.kaldi import is_pipe, kaldi_lines, load_wav, split_kaldi_line, wav_duration
+from dqwhisper.data.kaldi import SAMPLE_RATE, is_pipe, kaldi_lines, load_wav, split_kaldi_line, wav_duration
 from dqwhisper.utils import DQWhisperError
 
 PER_UTT_FILES = ("text", "utt2spk", "utt2lang")
@@ -182,9 +182,10 @@ def _check_audio(report: Report, wavs: dict[str, str], seg_times: dict, utt_keys
                 report.error(f"{report.path / 'wav.scp'}: '{rec}': audio file missing: {resolved}")
                 continue
         try:
-            durations[rec] = wav_duration(resolved)
-            if is_pipe(value):
-                load_wav(resolved)
+            if is_pipe(value):  # run the command once: its decoded samples give the duration
+                durations[rec] = len(load_wav(resolved)) / SAMPLE_RATE
+            else:
+                durations[rec] = wav_duration(resolved)
         except DQWhisperError as e:
             report.error(f"{report.path / 'wav.scp'}: '{rec}': unreadable audio: {e}")
         except Exception as e:  # noqa: BLE001

@@ -77,14 +77,16 @@ def main() -> None:
     rows = {}
     for name, model in variants.items():
         with torch.no_grad():
-            full_mel = torch.randn(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx, generator=torch.Generator().manual_seed(1))
+            full_mel = torch.randn(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx,
+                                   generator=torch.Generator().manual_seed(1))
             xa = model.encoder(full_mel)
         rows[name] = {"decoder_step_ms": decoder_step_ms(model, xa, args.steps),
                       "encoder_ms_30s": encoder_ms(model, full_mel)}
         print(name, rows[name], flush=True)
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
-        tokens = torch.cat([torch.tensor([[50258, 50259, 50359, 50363]]), torch.randint(220, 5000, (1, 16), generator=g)], 1)
+        prefix = torch.tensor([[50258, 50259, 50359, 50363]])
+        tokens = torch.cat([prefix, torch.randint(220, 5000, (1, 16), generator=g)], 1)
         full_mel = torch.randn(1, base.dims.n_mels, 2 * base.dims.n_audio_ctx, generator=g)
         ref = base.decoder(tokens, base.encoder(full_mel))
         out = variants["int8"].decoder(tokens, variants["int8"].encoder(full_mel))

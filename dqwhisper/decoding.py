@@ -219,7 +219,8 @@ def token_cap(seconds: float | None, cfg: DecodeConfig, model: Whisper) -> int:
 
 def _fails(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
     """openai transcribe's fallback test (plus hitting the cap): True = decode this row again, hotter."""
-    too_repetitive = cfg.compression_ratio_threshold is not None and r.compression_ratio > cfg.compression_ratio_threshold
+    ratio = cfg.compression_ratio_threshold
+    too_repetitive = ratio is not None and r.compression_ratio > ratio
     unlikely = cfg.logprob_threshold is not None and r.avg_logprob < cfg.logprob_threshold
     if unlikely and cfg.no_speech_threshold is not None and r.no_speech_prob > cfg.no_speech_threshold:
         unlikely = False  # silence: openai's transcribe does not fall back (and drops the segment)
@@ -574,5 +575,5 @@ def search_tag(cfg: DecodeConfig) -> str:
 __all__ = ["DecodeConfig", "check_decode_config", "BatchedDecodingTask", "decoding_options", "decode_batch", "decode_mels", "Hypothesis",
            "token_cap", "SuppressSpecial", "NoRepeatNGram", "TokenCap", "audio_to_mel", "ctc_greedy",
            "ctc_decode_batch", "load_ctc_bpe", "decode_utterances", "select_utts", "apply_audio_window",
-           "search_tag", "DecodeRun", "UttHypothesis", "window_samples", "DETECT", "MEL_PADDINGS",
+           "search_tag", "DecodeRun", "UttHypothesis", "window_samples", "DETECT",
 ]

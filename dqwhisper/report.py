@@ -71,7 +71,8 @@ def _machine() -> str:
 
 def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot_name: str | None) -> str:
     langs = sorted({lang for r in rows for lang in r["per_language"]})
-    metric = {lang: next(r["per_language"][lang]["metric"] for r in rows if lang in r["per_language"]) for lang in langs}
+    metric = {lang: next(r["per_language"][lang]["metric"] for r in rows if lang in r["per_language"])
+              for lang in langs}
     head = ["model", "params (M)", "size (MB)", "x smaller than teacher fp16"]
     head += [f"{lang} {metric[lang].upper()} %" for lang in langs] + ["avg %", "RTF"]
     lines = ["# DQ-Whisper demo results", "",
@@ -80,7 +81,8 @@ def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot
              "normalized with Whisper's normalizers; lower is better. RTF = decoding wall seconds / audio seconds.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"], f"{r['params'] / 1e6:.1f}", f"{r['size_bytes'] / 1e6:.1f}", f"{r['ratio_vs_teacher_fp16']:.2f}"]
+        cells = [r["name"], f"{r['params'] / 1e6:.1f}", f"{r['size_bytes'] / 1e6:.1f}",
+                 f"{r['ratio_vs_teacher_fp16']:.2f}"]
         for lang in langs:
             v = r["per_language"].get(lang)
             cells.append("—" if v is None else f"{100 * v['error']:.1f}")

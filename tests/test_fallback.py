@@ -57,8 +57,8 @@ def test_greedy_loop_hits_the_cap_without_fallback(mel):
     for h in hyps:
         assert h.tokens[1:] == [X] * (h.cap - 1) and h.hit_cap and h.runaway and h.n_tries == 1
         assert h.compression_ratio > 2.4
-    [beam] = decode_mels(looping_model(), mel[:1], "en", [2.0], DecodeConfig(temperatures=[0.0], beam_size=3,
-                                                                              tokens_per_second=4.0, token_cap_margin=2))
+    cfg = DecodeConfig(temperatures=[0.0], beam_size=3, tokens_per_second=4.0, token_cap_margin=2)
+    [beam] = decode_mels(looping_model(), mel[:1], "en", [2.0], cfg)
     assert beam.runaway and beam.hit_cap and Y not in beam.tokens
 
 

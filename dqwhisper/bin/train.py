@@ -1,4 +1,4 @@
-"""Training entry point: `python -m dqwhisper.bin.train [--config-name X] [key=value ...]` (see scripts/train_ce_ctc.sh).
+"""Training entry point: `python -m dqwhisper.bin.train [--config-name X] [key=value ...]` (scripts/train_ce_ctc.sh).
 
 Thin on purpose: compose the config (conf/ + dqwhisper/config.py schemas), write the resolved copy into the
 experiment dir, hand over to dqwhisper.train (set up, build the parts, run the loop).

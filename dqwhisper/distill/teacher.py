@@ -34,7 +34,8 @@ class TeacherTargets:
         return next(self.teacher.parameters()).dtype
 
     def outputs(self, tokens_in: Tensor, xa: Tensor) -> dict[str, Tensor]:
-        """tokens_in (B, L), teacher encoder output xa (B, T, d) -> t_logits [, t_index] [, t_feats (n_layer, B, L, D)]."""
+        """tokens_in (B, L), the teacher encoder's output xa (B, T, d) -> t_logits [, t_index] [, t_feats
+        (n_layer, B, L, D)]."""
         with torch.no_grad(), autocast(self.amp_dtype):
             logits, ffn, blocks = self.teacher.decoder.forward_features(tokens_in, xa.to(self.dtype))
         if self.keep is not None:

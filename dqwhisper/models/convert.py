@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out_dir")
     b.add_argument("--quantization", default=None, choices=[q for q in ct2.QUANTIZATIONS if q])
     b.add_argument("--tokenizer-dir", default=None,
-                   help="a CT2 dir whose tokenizer.json + vocabulary.txt to copy (default: a matching one in the store)")
+                   help="a CT2 dir whose tokenizer.json + vocabulary.txt to copy (default: a matching one in store)")
     c = sub.add_parser("join-parts", help="concatenate model.bin.part1 part2 ... into one model.bin")
     c.add_argument("out")
     c.add_argument("parts", nargs="+")

@@ -402,7 +402,8 @@ def quantize_int8_rows(w: Tensor) -> Int8Weight:
 
 
 def _state_and_meta(model_or_ckpt) -> tuple[ModelDimensions, dict[str, Tensor], list[int] | None, list | None]:
-    """(dims, float state_dict, vocab_keep, alignment heads) from a Whisper/DQWhisper, a checkpoint dict or a .pt path."""
+    """(dims, float state_dict, vocab_keep, alignment heads) from a Whisper/DQWhisper, a checkpoint dict or a .pt
+    path."""
     if isinstance(model_or_ckpt, (str, Path)):
         from dqwhisper.models.student import read_checkpoint
 
@@ -510,8 +511,8 @@ def openai_to_ct2_variables(dims: ModelDimensions, state_dict: Mapping[str, Tens
                 (put_norm if _is_norm(ct2_prefix) else put_linear)(ct2_prefix, oa_prefix)
             for ct2_prefix, parts in _fused(side, i):
                 put_weight(ct2_prefix + "/weight", [p + ".weight" for p in parts])
-                rows = [state_dict[p + ".weight"].shape[0] if p + ".weight" in state_dict else given[p + ".weight"].q.shape[0]
-                        for p in parts]
+                rows = [state_dict[p + ".weight"].shape[0] if p + ".weight" in state_dict
+                        else given[p + ".weight"].q.shape[0] for p in parts]
                 put_bias(ct2_prefix + "/bias", [p + ".bias" for p in parts], rows)
     variables["encoder/position_encodings/encodings"] = _cast(need("encoder.positional_embedding"), float_dtype)
     variables["decoder/position_encodings/encodings"] = _cast(need("decoder.positional_embedding"), float_dtype)

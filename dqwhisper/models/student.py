@@ -38,7 +38,8 @@ class DQAudioEncoder(AudioEncoder):
         if x.shape[1:] != self.positional_embedding.shape:
             raise DQWhisperError(
                 f"mel of {mel.shape[-1]} frames does not fit this encoder's window of "
-                f"{self.positional_embedding.shape[0]} positions (expected {2 * self.positional_embedding.shape[0]} frames)"
+                f"{self.positional_embedding.shape[0]} positions "
+                f"(expected {2 * self.positional_embedding.shape[0]} frames)"
             )
         x = (x + self.positional_embedding).to(x.dtype)
         block_outs, ffn_acts = [], []
@@ -240,7 +241,8 @@ def vocab_from_token_lists(token_lists: Sequence[Sequence[int]], n_vocab: int, f
     return sorted(keep)
 
 
-def save_checkpoint(model: DQWhisper | Whisper, path: str | Path, config: dict | None = None, **train_state: Any) -> None:
+def save_checkpoint(model: DQWhisper | Whisper, path: str | Path, config: dict | None = None,
+                    **train_state: Any) -> None:
     """Atomic save in openai-whisper's layout plus a `dqwhisper` section (docs/DESIGN.md)."""
     keep = getattr(model.decoder, "vocab_keep", None)
     meta = {
@@ -265,7 +267,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        raise DQWhisperError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DQWhisperError(f"checkpoint {path} could not be read ({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
         raise DQWhisperError(f"checkpoint {path} is not a Whisper checkpoint (no 'dims' / 'model_state_dict')")
     return ckpt

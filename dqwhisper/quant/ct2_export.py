@@ -15,7 +15,6 @@ which pads features to 30 s.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path

@@ -128,7 +128,8 @@ def export_model(model: nn.Module, path: str | Path, float_dtype: str = "float16
     if pos is not None and torch.equal(pos.float().cpu(), sinusoids(dims.n_audio_ctx, dims.n_audio_state)):
         enc_pos = "sinusoids"
     for key, value in state.items():
-        if key in covered or (key in SKIP_BUFFERS and not (key == "encoder.positional_embedding" and enc_pos == "stored")):
+        stored_pos = key == "encoder.positional_embedding" and enc_pos == "stored"
+        if key in covered or (key in SKIP_BUFFERS and not stored_pos):
             continue
         if not torch.is_floating_point(value):
             raise DQWhisperError(f"export: unexpected non-float tensor {key} ({value.dtype})")
@@ -342,7 +343,8 @@ def check_export(ckpt_path: str | Path, dqw_path: str | Path, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     dims = ref_model.dims
     mel = torch.randn(1, dims.n_mels, 2 * dims.n_audio_ctx, generator=g)
-    tokens = torch.tensor([[50258, 50259, 50359, 50363] + [int(i) for i in torch.randint(220, 5000, (12,), generator=g)]])
+    text = [int(i) for i in torch.randint(220, 5000, (12,), generator=g)]
+    tokens = torch.tensor([[50258, 50259, 50359, 50363] + text])
     keep = getattr(ref_model.decoder, "vocab_keep", None)
     if keep is not None:
         tokens = keep[torch.searchsorted(keep, tokens).clamp(max=len(keep) - 1)]

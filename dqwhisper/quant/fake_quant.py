@@ -6,10 +6,12 @@ Conventions (shared with convert and the export file, so the three agree bit for
 - Signed codes for symmetric quantization, `[-2^(b-1), 2^(b-1) - 1]`; unsigned `[0, 2^b - 1]` with an integer zero
   point for asymmetric. min/max scales cover the range without clipping: symmetric `amax / (2^(b-1) - 0.5)` (all 2^b
   levels used, error <= scale / 2 everywhere), asymmetric `(max - min) / (2^b - 1)` with 0 in the range.
-- Effective scales are float16 values (the export stores fp16 scales; min/max scales round up, so never clip), so a dequantized export reproduces the
-  fake-quantized weights exactly: `w_q = (codes - zero) * scale` in float32 in both places.
-- Straight-through estimator for the rounding (and for the at most half-step clipping at the ends of the grid); LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020) learns
-  the scale with its gradient scaled by `1 / sqrt(n * Qp)`, n = weights sharing that scale, Qp = the largest code.
+- Effective scales are float16 values (the export stores fp16 scales; min/max scales round up, so never clip), so a
+  dequantized export reproduces the fake-quantized weights exactly: `w_q = (codes - zero) * scale` in float32 in both
+  places.
+- Straight-through estimator for the rounding (and for the at most half-step clipping at the ends of the grid); LSQ
+  (Esser et al., "Learned Step Size Quantization", ICLR 2020) learns the scale with its gradient scaled by
+  `1 / sqrt(n * Qp)`, n = weights sharing that scale, Qp = the largest code.
 """
 from __future__ import annotations
 

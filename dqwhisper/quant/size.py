@@ -119,7 +119,8 @@ def format_report(report: dict, per_tensor: bool = False) -> str:
     lines.append(f"{'group':16s} {'elements':>12s} {'bits/w':>7s} {'bytes':>13s}")
     for name, g in sorted(report["groups"].items()):
         lines.append(f"{name:16s} {g['numel']:12,d} {g['bits']:7.2f} {g['bytes']:13,d}")
-    lines.append(f"{report['file']}: {report['bytes_on_disk']:,} bytes on disk ({report['bytes_on_disk'] / 1e6:.2f} MB)")
+    size = report["bytes_on_disk"]
+    lines.append(f"{report['file']}: {size:,} bytes on disk ({size / 1e6:.2f} MB)")
     if "teacher" in report:
         t = report["teacher"]
         lines.append(f"teacher {t['path']}: {t['float_elements']:,} float elements (parameters + the "

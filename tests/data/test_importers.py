@@ -50,7 +50,7 @@ def test_fleurs(tmp_path):
         write_wav(src / "audio" / split / f"{1000 + i}.wav", 0.5)
         lines.append((split, f"{i}\t{1000 + i}.wav\t你好，世界{i}。\t你好 世界{i}\tn i h a o\t8000\tMALE\n"))
     for split in ("train", "dev"):
-        (src / f"{split}.tsv").write_text("".join(l for s, l in lines if s == split), encoding="utf-8")
+        (src / f"{split}.tsv").write_text("".join(line for s, line in lines if s == split), encoding="utf-8")
     import_fleurs(src, tmp_path / "out")
     data = _check(tmp_path / "out" / "train", 2, "zh")
     assert data.utts[0].text == "你好，世界0。"

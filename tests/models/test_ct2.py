@@ -66,7 +66,8 @@ def test_given_int8_weights_are_written_as_is(tiny_whisper, tmp_path):
     raw = ct2.read_model_bin(out / "model.bin")
     fused = raw.variables["decoder/layer_1/self_attention/linear_0/weight"]
     assert fused.dtype == torch.int8
-    assert torch.equal(fused, torch.cat([given[f"decoder.blocks.1.attn.{p}.weight"].q for p in ("query", "key", "value")]))
+    qkv = [given[f"decoder.blocks.1.attn.{p}.weight"].q for p in ("query", "key", "value")]
+    assert torch.equal(fused, torch.cat(qkv))
     assert torch.equal(raw.variables["encoder/layer_0/ffn/linear_0/weight"], given["encoder.blocks.0.mlp.0.weight"].q)
     assert torch.allclose(raw.variables["encoder/layer_0/ffn/linear_0/weight_scale"], torch.full((256,), 100.0))
     # untouched weights stay float; reading back dequantizes the int8 ones

@@ -1,6 +1,8 @@
 """prepare swaps exactly the modules the scope names; convert reproduces the fake-quant forward; config errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -195,7 +197,7 @@ def test_int8_equals_fake_quant_with_activation_quant(inputs):
     torch.testing.assert_close(out[keep], ref[keep], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[2] / "conf" / "quant").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "conf" / "quant").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_quant_yaml_resolves_and_prepares(path):
     cfg = resolve_config(OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(path)))

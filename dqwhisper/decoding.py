@@ -572,8 +572,8 @@ def search_tag(cfg: DecodeConfig) -> str:
     return tag
 
 
-__all__ = ["DecodeConfig", "check_decode_config", "BatchedDecodingTask", "decoding_options", "decode_batch", "decode_mels", "Hypothesis",
-           "token_cap", "SuppressSpecial", "NoRepeatNGram", "TokenCap", "audio_to_mel", "ctc_greedy",
-           "ctc_decode_batch", "load_ctc_bpe", "decode_utterances", "select_utts", "apply_audio_window",
+__all__ = ["DecodeConfig", "check_decode_config", "BatchedDecodingTask", "decoding_options", "decode_batch",
+           "decode_mels", "Hypothesis", "token_cap", "SuppressSpecial", "NoRepeatNGram", "TokenCap", "audio_to_mel",
+           "ctc_greedy", "ctc_decode_batch", "load_ctc_bpe", "decode_utterances", "select_utts", "apply_audio_window",
            "search_tag", "DecodeRun", "UttHypothesis", "window_samples", "DETECT",
 ]

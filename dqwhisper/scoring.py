@@ -310,8 +310,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(format_table(summary, title=str(args.hyp)))
 
 
-__all__ = ["CER_LANGUAGES", "UttScore", "normalize", "empty_references", "metric_for", "score_utterances", "summarize", "format_table",
-           "write_results", "write_kaldi_text", "read_kaldi_text", "score_files", "merge_parts"]
+__all__ = ["CER_LANGUAGES", "UttScore", "normalize", "empty_references", "metric_for", "score_utterances", "summarize",
+           "format_table", "write_results", "write_kaldi_text", "read_kaldi_text", "score_files", "merge_parts"]
 
 if __name__ == "__main__":
     main()

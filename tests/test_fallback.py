@@ -1,5 +1,6 @@
 """openai transcribe's rules in `decode_mels`: temperature fallback on a crafted looping decoder, the token cap,
 special-token suppression, no-repeat n-gram, and runaways counted in inference.py's results.json."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,9 +40,11 @@ def looping_model(start: dict[int, float] | None = None, table: dict | None = No
     more likely per token than the loop."""
     loop = {X: 0.0, W: -0.1}
     model = random_tiny_whisper()
-    model.decoder = TableDecoder(table or {X: loop, W: loop, V: loop, Y: {Z: 0.0}, Z: {Z2: 0.0}, Z2: {Z3: 0.0},
-                                           Z3: {TOK.eot: 0.0}},
-                                 start or {X: 0.0, W: 0.0, V: 0.0, Y: -0.3}, model.dims.n_vocab)
+    model.decoder = TableDecoder(
+        table or {X: loop, W: loop, V: loop, Y: {Z: 0.0}, Z: {Z2: 0.0}, Z2: {Z3: 0.0}, Z3: {TOK.eot: 0.0}},
+        start or {X: 0.0, W: 0.0, V: 0.0, Y: -0.3},
+        model.dims.n_vocab,
+    )
     return model
 
 
@@ -110,8 +113,13 @@ def test_no_repeat_ngram(mel):
     [h] = decode_mels(looping_model(start={X: 0.0}, table=table), mel[:1], "en", None, cfg)
     grams = list(zip(h.tokens, h.tokens[1:]))
     assert len(grams) == len(set(grams)) and len(h.tokens) >= 4
-    [plain] = decode_mels(looping_model(start={X: 0.0}, table=table), mel[:1], "en", None,
-                          DecodeConfig(temperatures=[0.0], tokens_per_second=None, max_new_tokens=12))
+    [plain] = decode_mels(
+        looping_model(start={X: 0.0}, table=table),
+        mel[:1],
+        "en",
+        None,
+        DecodeConfig(temperatures=[0.0], tokens_per_second=None, max_new_tokens=12),
+    )
     assert plain.tokens == [X] * 12
 
 
@@ -153,8 +161,9 @@ def test_inference_counts_runaways(tmp_path, monkeypatch):
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(b"")
     common = [f"decode.test_sets=[{data}]", "decode.tokens_per_second=4.0", "decode.token_cap_margin=2"]
-    [res] = inference.run("tiny", ckpt, common + [f"decode.out_dir={tmp_path / 'a'}", "decode.temperatures=[0.0]"],
-                          progress=False)
+    [res] = inference.run(
+        "tiny", ckpt, common + [f"decode.out_dir={tmp_path / 'a'}", "decode.temperatures=[0.0]"], progress=False
+    )
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["overall"]["n_runaways"] == 3 and saved["runaway_utts"] == ["utt0", "utt1", "utt2"]
     assert {k: v["n_runaways"] for k, v in saved["per_language"].items()} == {"de": 1, "en": 2}

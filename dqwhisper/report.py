@@ -53,6 +53,7 @@ def build_row(name: str, results_json: Path, model_file: Path, teacher_fp16_byte
         "per_language": per_lang,
         "avg_error": sum(errors) / len(errors) if errors else None,
         "rtf": res.get("rtf"),
+        "n_runaways": res["overall"].get("n_runaways"),
         "model_file": str(model_file),
     }
 
@@ -74,11 +75,13 @@ def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot
     metric = {lang: next(r["per_language"][lang]["metric"] for r in rows if lang in r["per_language"])
               for lang in langs}
     head = ["model", "params (M)", "size (MB)", "x smaller than teacher fp16"]
-    head += [f"{lang} {metric[lang].upper()} %" for lang in langs] + ["avg %", "RTF"]
+    head += [f"{lang} {metric[lang].upper()} %" for lang in langs] + ["avg %", "RTF", "runaways"]
     lines = ["# DQ-Whisper demo results", "",
              f"Run finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}.", "",
              "Error rates are on `data/demo/test` (WER for space-delimited languages, CER for ja/zh), "
-             "normalized with Whisper's normalizers; lower is better. RTF = decoding wall seconds / audio seconds.",
+             "normalized with Whisper's normalizers; lower is better. RTF = decoding wall seconds / audio seconds. "
+             "runaways = hypotheses that still hit the token cap or fail the compression test after "
+             "temperature fallback.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['params'] / 1e6:.1f}", f"{r['size_bytes'] / 1e6:.1f}",
@@ -88,6 +91,7 @@ def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot
             cells.append("—" if v is None else f"{100 * v['error']:.1f}")
         cells.append("—" if r["avg_error"] is None else f"{100 * r['avg_error']:.1f}")
         cells.append("—" if r["rtf"] is None else f"{r['rtf']:.3f}")
+        cells.append("—" if r.get("n_runaways") is None else str(r["n_runaways"]))
         lines.append("| " + " | ".join(cells) + " |")
     if plot_name:
         lines += ["", f"![average error vs size]({plot_name})"]

@@ -7,8 +7,8 @@ from dqwhisper.models.student import from_whisper, save_checkpoint
 from dqwhisper.utils import DQWhisperError
 
 
-def _results(path, per_language, rtf):
-    path.write_text(json.dumps({"per_language": per_language, "overall": {}, "rtf": rtf, "model": "base",
+def _results(path, per_language, rtf, overall=None):
+    path.write_text(json.dumps({"per_language": per_language, "overall": overall or {}, "rtf": rtf, "model": "base",
                                 "checkpoint": "x.pt"}))
     return path
 
@@ -19,7 +19,7 @@ def test_report_rows_ratio_average_and_files(tmp_path, tiny_whisper):
     save_checkpoint(student, ckpt)
     res = _results(tmp_path / "results.json", {
         "en": {"metric": "wer", "error": 0.10, "n_utts": 20},
-        "ja": {"metric": "cer", "error": 0.30, "n_utts": 20}}, 0.05)
+        "ja": {"metric": "cer", "error": 0.30, "n_utts": 20}}, 0.05, {"n_runaways": 3})
     out = tmp_path / "out"
     (tmp_path / "times.tsv").write_text("models\t12.5\ndata\t30\n")
     teacher_bytes = 10 * ckpt.stat().st_size
@@ -34,6 +34,7 @@ def test_report_rows_ratio_average_and_files(tmp_path, tiny_whisper):
     assert row["params"] == expected_params
     md = (out / "RESULTS.md").read_text()
     assert "| student |" in md and "20.0" in md and "| total | 42 |" in md
+    assert "| avg % | RTF | runaways |" in md and "| 0.050 | 3 |" in md and row["n_runaways"] == 3
     assert (out / "wer_vs_size.png").stat().st_size > 1000
 
 

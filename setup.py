@@ -8,6 +8,6 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch", "torchaudio", "openai-whisper", "hydra-core", "omegaconf", "sentencepiece", "jiwer",
-        "tensorboard", "soundfile", "tqdm",
+        "tensorboard", "soundfile", "tqdm", "faster-whisper",  # faster-whisper: Silero VAD for transcribe
     ],
 )

@@ -97,6 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-chunk-seconds", type=float, default=None)
+    p.add_argument("--no-merge", action="store_true", help="one VAD region per chunk (no merging up to the window)")
     p.add_argument("--workdir", default=None, help="where the recordings are written (default: a temp dir)")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
             row["per_language"].setdefault(lang, {})["per_utterance_rtf"] = wall / secs
             refs = {u.utt_id: u.text for u in utts}
             s_utt = summarize(score_utterances(refs, hyps, {u: lang for u in refs})[0])["overall"]
-            lcfg = LongFormConfig(decode=cfg, max_chunk_seconds=args.max_chunk_seconds)
+            lcfg = LongFormConfig(decode=cfg, max_chunk_seconds=args.max_chunk_seconds, merge=not args.no_merge)
             t0 = time.perf_counter()
             result = transcribe_file(model, rec["path"], lang, lcfg)
             long_wall += time.perf_counter() - t0

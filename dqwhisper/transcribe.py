@@ -53,6 +53,7 @@ class LongFormConfig:
     block_seconds: float = 120.0  # audio read (and VAD'd) per step; the memory bound
     vad: VadConfig = field(default_factory=VadConfig)
     max_chunk_seconds: Optional[float] = None  # chunk length limit; None = the model's window
+    merge: bool = True  # merge consecutive speech regions up to the limit (False: one region, one chunk)
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(batch_size=8))
 
 
@@ -155,9 +156,9 @@ def speech_regions(audio: np.ndarray, vad: VadConfig) -> list[tuple[int, int]]:
     return [(int(r["start"]), min(int(r["end"]), len(audio))) for r in get_speech_timestamps(audio, opts)]
 
 
-def plan_chunks(regions: list[tuple[int, int]], max_samples: int) -> list[tuple[int, int]]:
-    """Merge consecutive regions into spans of at most `max_samples` (the span keeps the pauses between them) and
-    cut a longer region into equal pieces that fit. Spans are in order and do not overlap."""
+def plan_chunks(regions: list[tuple[int, int]], max_samples: int, merge: bool = True) -> list[tuple[int, int]]:
+    """Merge consecutive regions into spans of at most `max_samples` (the span keeps the pauses between them; not
+    with merge=False) and cut a longer region into equal pieces that fit. Spans are in order and do not overlap."""
     pieces = []
     for start, end in regions:
         n = max(1, math.ceil((end - start) / max_samples))
@@ -165,14 +166,16 @@ def plan_chunks(regions: list[tuple[int, int]], max_samples: int) -> list[tuple[
         pieces += [(s, min(s + step, end)) for s in range(start, end, step)]
     spans: list[tuple[int, int]] = []
     for start, end in pieces:
-        if spans and end - spans[-1][0] <= max_samples and start >= spans[-1][1]:
+        if merge and spans and end - spans[-1][0] <= max_samples and start >= spans[-1][1]:
             spans[-1] = (spans[-1][0], end)
         else:
             spans.append((max(start, spans[-1][1]) if spans else start, end))
     return [(s, e) for s, e in spans if e > s]
 
 
-def stream_chunks(blocks: Iterator[np.ndarray], max_samples: int, vad: VadConfig) -> Iterator[Chunk]:
+def stream_chunks(
+    blocks: Iterator[np.ndarray], max_samples: int, vad: VadConfig, merge: bool = True
+) -> Iterator[Chunk]:
     """Chunks of speech from a stream of audio blocks, in order. The audio kept between blocks is the unfinished
     tail (the last chunk that may still grow, or the last region that may still go on), so memory is bounded by
     about one block plus one window."""
@@ -188,7 +191,7 @@ def stream_chunks(blocks: Iterator[np.ndarray], max_samples: int, vad: VadConfig
         regions = speech_regions(buf, vad)
         keep_from = len(buf)
         if final:
-            spans = plan_chunks(regions, max_samples)
+            spans = plan_chunks(regions, max_samples, merge)
         else:
             cut = len(buf) - guard  # a region ending after this may go on in the next block
             closed = [r for r in regions if r[1] <= cut]
@@ -196,7 +199,7 @@ def stream_chunks(blocks: Iterator[np.ndarray], max_samples: int, vad: VadConfig
             if open_start < cut - 4 * max_samples:  # minutes of speech without a pause: cut it here
                 closed.append((open_start, cut))
                 open_start = cut
-            spans = plan_chunks(closed, max_samples)
+            spans = plan_chunks(closed, max_samples, merge)
             keep_from = open_start
             if spans:  # the last chunk may still take the next region
                 keep_from = min(keep_from, spans[-1][0])
@@ -268,7 +271,7 @@ def transcribe_audio(
             progress.update(round(batch[-1].end / SAMPLE_RATE - progress.n, 2))
 
     batch: list[Chunk] = []
-    for chunk in stream_chunks(blocks, max_samples, cfg.vad):
+    for chunk in stream_chunks(blocks, max_samples, cfg.vad, cfg.merge):
         batch.append(chunk)
         if len(batch) == dcfg.batch_size:
             run(batch)

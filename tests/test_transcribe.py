@@ -70,6 +70,7 @@ def test_plan_chunks_respects_the_window():
         assert all(covered[s:e].all() for s, e in regions)  # every speech sample is in a chunk
     # short regions with short pauses are merged up to the window; a long one is cut into equal pieces
     assert plan_chunks([(0, 10), (20, 30), (40, 95)], 50) == [(0, 30), (40, 68), (68, 95)]
+    assert plan_chunks([(0, 10), (20, 30), (40, 95)], 50, merge=False) == [(0, 10), (20, 30), (40, 68), (68, 95)]
 
 
 @pytest.mark.parametrize("block_seconds", [1.0, 3.0, 7.0, 100.0])

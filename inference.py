@@ -115,10 +115,17 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return True
 
 
+def _is_model_dir(path: Path) -> bool:
+    """A model directory (Hugging Face or CTranslate2) rather than an experiment dir."""
+    from dqwhisper.interop.hf import is_hf_dir
+
+    return not (path / "config.yaml").is_file() and (is_hf_dir(path) or (path / "model.bin").is_file())
+
+
 def load_config(target: Path, overrides: list[str]) -> tuple[DictConfig, bool]:
     """(config, is_experiment): the experiment's saved config (or a bare one) with a typed `decode` section."""
     schema = OmegaConf.structured(DecodeConfig)
-    if target.is_dir():
+    if target.is_dir() and not _is_model_dir(target):
         path = target / "config.yaml"
         if not path.is_file():
             raise DQWhisperError(f"{target}: not an experiment dir (no config.yaml); "

@@ -5,6 +5,8 @@
 - a `.pt` path: an openai-whisper checkpoint or one of ours (training checkpoints best/last/avg/step_N.pt, PTQ);
 - a `.dqw` export (`dqwhisper.quant.export`): `export_mode` "int8" (int8 kernels) or "dequant" (float reference);
 - a CTranslate2 / faster-whisper directory (converted in memory);
+- a Hugging Face `transformers` Whisper directory as `save_pretrained` writes it (`dqwhisper.interop.hf`);
+- a whisper.cpp model file (`ggml-*.bin`, its weights dequantized as ggml does; `dqwhisper.interop.ggml`);
 - an experiment directory (its config.yaml): its export/model.dqw, else best.pt, avg.pt, last.pt.
 `load_whisper` is the older name of the same function.
 """
@@ -69,10 +71,16 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         log.info("experiment dir %s: loading %s", path, found[0])
         path = found[0]
     if path.is_dir():
-        if not (path / "model.bin").exists():
-            raise DQWhisperError(f"{path} is a directory without model.bin (not a CTranslate2 model directory) "
-                                 "and without config.yaml (not an experiment dir)")
-        model = ct2.load_ct2_model(path)
+        from dqwhisper.interop import hf
+
+        if hf.is_hf_dir(path):
+            model = hf.load_hf_dir(path)
+        elif (path / "model.bin").exists():
+            model = ct2.load_ct2_model(path)
+        else:
+            raise DQWhisperError(f"{path} is a directory without model.bin (not a CTranslate2 model directory), "
+                                 "without config.json + model.safetensors / pytorch_model.bin (not a Hugging Face "
+                                 "model directory) and without config.yaml (not an experiment dir)")
     elif path.is_file() and path.suffix == ".dqw":
         from dqwhisper.quant.export import load_exported
 
@@ -80,7 +88,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
             raise DQWhisperError(f"export mode '{export_mode}': one of int8, dequant")
         return load_exported(path, mode=export_mode, device=dev).eval()
     elif path.is_file():
-        model = _from_checkpoint(path)
+        from dqwhisper.interop import ggml
+
+        model = ggml.load_ggml(path) if ggml.is_ggml_file(path) else _from_checkpoint(path)
     elif _looks_like_path(name) or isinstance(name_or_path, Path):
         raise DQWhisperError(f"model {path} does not exist")
     else:

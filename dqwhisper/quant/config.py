@@ -11,7 +11,8 @@ from typing import Any, Mapping
 from dqwhisper.utils import DQWhisperError
 
 SCOPES = ("decoder", "encoder", "all")
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "ggml_q4_0", "ggml_q5_0", "ggml_q8_0")
+GGML_BITS = {"ggml_q4_0": 4, "ggml_q5_0": 5, "ggml_q8_0": 8}  # ggml's block formats (blocks of 32, its scale rule)
 SCALE_INITS = ("minmax", "mse")
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -20,7 +21,7 @@ MIN_BITS, MAX_BITS = 2, 8
 class WeightQuantConfig:
     bits: int = 8  # 2..8
     symmetric: bool = True  # symmetric (zero point 0) or asymmetric (integer zero point per scale)
-    granularity: str = "per_channel"  # per_tensor | per_channel (per output row) | per_group
+    granularity: str = "per_channel"  # per_tensor | per_channel (per output row) | per_group | ggml_q4_0/q5_0/q8_0
     group_size: int = 64  # with per_group: consecutive input columns sharing one scale
     lsq: bool = False  # learnable step size (LSQ, Esser et al. 2020) instead of a scale recomputed from the weights
     scale_init: str = "mse"  # LSQ init: minmax (no clipping) | mse (clipping ratio with the least squared error)
@@ -99,6 +100,17 @@ def validate(cfg: QuantConfig) -> QuantConfig:
     if w.granularity == "per_group" and (isinstance(w.group_size, bool) or not isinstance(w.group_size, int)
                                          or w.group_size < 2):
         raise DQWhisperError(f"quant config: quant.weight.group_size = {w.group_size!r}, must be an integer >= 2")
+    if w.granularity in GGML_BITS:
+        if w.bits != GGML_BITS[w.granularity] or not w.symmetric or w.lsq:
+            raise DQWhisperError(f"quant config: quant.weight.granularity = {w.granularity} is ggml's own rule: it needs "
+                                 f"quant.weight.bits = {GGML_BITS[w.granularity]}, symmetric = true, lsq = false "
+                                 f"(got bits {w.bits}, symmetric {w.symmetric}, lsq {w.lsq})")
+        if cfg.embedding_bits not in (None, w.bits):
+            raise DQWhisperError(f"quant config: quant.embedding_bits = {cfg.embedding_bits}: a ggml file stores the "
+                                 f"token embedding in its one type ({w.granularity})")
+        if cfg.conv and cfg.scope != "decoder":
+            raise DQWhisperError("quant config: ggml keeps the convolution kernels in f16; set quant.conv=false with "
+                                 f"quant.weight.granularity = {w.granularity}")
     if w.scale_init not in SCALE_INITS:
         raise DQWhisperError(f"quant config: quant.weight.scale_init = {w.scale_init!r}, must be one of "
                              f"{list(SCALE_INITS)}")

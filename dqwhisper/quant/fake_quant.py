@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dqwhisper.quant import ggml_format
+from dqwhisper.quant.ggml_format import QK as GGML_QK
 from dqwhisper.utils import DQWhisperError
 
 SCALE_MIN = 2.0 ** -14  # smallest normal float16: scales never reach zero or a subnormal
@@ -51,6 +53,11 @@ class QuantSpec:
             return 1, 1, rows * width
         if self.granularity == "per_channel":
             return rows, 1, width
+        if self.granularity.startswith("ggml_"):
+            if width % GGML_QK:
+                raise DQWhisperError(f"quant config: ggml's blocks of {GGML_QK} do not divide the input width {width} "
+                                     f"of {what} {tuple(shape)}; exclude that module")
+            return rows, width // GGML_QK, GGML_QK
         if self.granularity == "per_group":
             if self.group_size <= 0 or width % self.group_size:
                 raise DQWhisperError(f"quant config: group_size {self.group_size} does not divide the input width "
@@ -221,8 +228,15 @@ class WeightFakeQuantizer(nn.Module):
         return (f"bits={s.bits}, symmetric={s.symmetric}, granularity={s.granularity}, "
                 f"group_size={s.group_size}, lsq={self.lsq}")
 
+    @property
+    def ggml(self) -> bool:
+        return self.spec.granularity.startswith("ggml_")
+
     def scale_zero(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         """Effective (fp16-representable) scale (A, B) and integer zero point (A, B) or None."""
+        if self.ggml:
+            _, _, s = ggml_format.quantize_blocks(weight, self.spec.granularity)
+            return s.reshape(self.grouped[:2]), None
         if not self.lsq:
             return minmax_scale_zero(weight.detach().float().reshape(self.grouped), self.spec)
         self._init_scales()
@@ -236,6 +250,9 @@ class WeightFakeQuantizer(nn.Module):
 
     def codes(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(integer-valued float codes (A, B, G), scale (A, B), zero (A, B) or None) — what convert and export store."""
+        if self.ggml:  # ggml's rule: codes from the float32 scale, weights from its fp16 rounding (may be negative)
+            q, _, s = ggml_format.quantize_blocks(weight, self.spec.granularity)
+            return q.reshape(self.grouped), s.reshape(self.grouped[:2]), None
         s, z = self.scale_zero(weight)
         return quantize_codes(weight.float().reshape(self.grouped), s, z, self.spec), s, z
 
@@ -246,8 +263,11 @@ class WeightFakeQuantizer(nn.Module):
                    None if not self.lsq else (self.scale.data_ptr(), self.scale._version))
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        q, s, z = self.codes(weight)
-        out = dequantize_codes(q, s, z).reshape(self.weight_shape).to(weight.dtype)
+        if self.ggml:
+            out = ggml_format.fake_quantize(weight, self.spec.granularity)
+        else:
+            q, s, z = self.codes(weight)
+            out = dequantize_codes(q, s, z).reshape(self.weight_shape).to(weight.dtype)
         if cacheable:
             self._cache = (key, out)
         else:

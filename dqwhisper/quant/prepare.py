@@ -55,10 +55,13 @@ def weight_spec(cfg: QuantConfig, module: nn.Module) -> QuantSpec:
     bits, granularity = w.bits, w.granularity
     if isinstance(module, nn.Embedding) and cfg.embedding_bits is not None:
         bits = cfg.embedding_bits
+    if isinstance(module, nn.Conv1d) and granularity.startswith("ggml_"):
+        raise DQWhisperError("ggml keeps the convolution kernels in f16: set quant.conv=false")
     if isinstance(module, nn.Conv1d) and granularity == "per_group":
         granularity = "per_channel"  # a kernel's taps x input channels do not form natural groups
     return QuantSpec(bits=bits, symmetric=w.symmetric, granularity=granularity,
-                     group_size=w.group_size if granularity == "per_group" else 0)
+                     group_size=w.group_size if granularity == "per_group" else
+                     (32 if granularity.startswith("ggml_") else 0))
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

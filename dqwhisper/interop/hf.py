@@ -1,0 +1,419 @@
+"""Hugging Face `transformers` Whisper in and out.
+
+Import: a local directory as `save_pretrained` writes it (config.json + model.safetensors or pytorch_model.bin,
+possibly sharded with an index) becomes an openai-whisper `Whisper` (any size; the names mapped by `HF_TO_OPENAI`).
+Reading needs `safetensors` for .safetensors files; `transformers` itself is not needed to import.
+
+Export: `export_hf(CKPT, OUT_DIR)` writes a directory that `WhisperForConditionalGeneration.from_pretrained` and
+`WhisperProcessor.from_pretrained` load offline: config (the student's audio window as `max_source_positions`),
+model.safetensors, generation_config.json (language/task token ids; suppressed as our decoder does: openai-whisper's
+non-speech set, every special and timestamp token, the ids a pruned vocabulary dropped), the feature extractor (chunk length = the audio window) and tokenizer files built from
+openai-whisper's bundled tiktoken ranks. A pruned vocabulary is expanded back to the full id space (zero rows,
+suppressed in generation); a quantized student is written with its dequantized weights (HF has no format for our
+codes) and the export says so. Needs the `hf` extra (transformers, safetensors).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from whisper.model import ModelDimensions, Whisper
+
+from dqwhisper.utils import DQWhisperError, get_logger
+
+log = get_logger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+FRAMES_PER_SECOND = 50
+
+# (HF name pattern, openai name pattern); {i} is a layer index
+_LAYER = [
+    ("self_attn.q_proj", "attn.query"), ("self_attn.k_proj", "attn.key"), ("self_attn.v_proj", "attn.value"),
+    ("self_attn.out_proj", "attn.out"), ("self_attn_layer_norm", "attn_ln"),
+    ("encoder_attn.q_proj", "cross_attn.query"), ("encoder_attn.k_proj", "cross_attn.key"),
+    ("encoder_attn.v_proj", "cross_attn.value"), ("encoder_attn.out_proj", "cross_attn.out"),
+    ("encoder_attn_layer_norm", "cross_attn_ln"),
+    ("fc1", "mlp.0"), ("fc2", "mlp.2"), ("final_layer_norm", "mlp_ln"),
+]
+_TOP = [
+    ("model.encoder.conv1", "encoder.conv1"), ("model.encoder.conv2", "encoder.conv2"),
+    ("model.encoder.embed_positions.weight", "encoder.positional_embedding"),
+    ("model.encoder.layer_norm", "encoder.ln_post"),
+    ("model.decoder.embed_tokens.weight", "decoder.token_embedding.weight"),
+    ("model.decoder.embed_positions.weight", "decoder.positional_embedding"),
+    ("model.decoder.layer_norm", "decoder.ln"),
+]
+
+
+def hf_to_openai_name(name: str) -> str | None:
+    """An HF Whisper parameter name -> openai-whisper's; None for names openai has no place for (proj_out: tied)."""
+    if name == "proj_out.weight":
+        return None
+    m = re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        side, i, part, kind = m.groups()
+        for hf, oa in _LAYER:
+            if part == hf:
+                return f"{side}.blocks.{i}.{oa}.{kind}"
+        raise DQWhisperError(f"HF Whisper weight {name}: unknown layer part '{part}'")
+    for hf, oa in _TOP:
+        if name == hf or name.startswith(hf + "."):
+            return oa + name[len(hf):]
+    raise DQWhisperError(f"HF Whisper weight {name}: no openai-whisper counterpart")
+
+
+def openai_to_hf_name(name: str) -> str:
+    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        side, i, part, kind = m.groups()
+        for hf, oa in _LAYER:
+            if part == oa:
+                return f"model.{side}.layers.{i}.{hf}.{kind}"
+        raise DQWhisperError(f"openai-whisper weight {name}: unknown block part '{part}'")
+    for hf, oa in _TOP:
+        if name == oa or name.startswith(oa + "."):
+            return hf + name[len(oa):]
+    raise DQWhisperError(f"openai-whisper weight {name}: no HF counterpart")
+
+
+def dims_from_hf_config(cfg: dict, source: str = "config.json") -> ModelDimensions:
+    if cfg.get("model_type") not in (None, "whisper"):
+        raise DQWhisperError(f"{source}: model_type '{cfg.get('model_type')}' is not whisper")
+    try:
+        d = int(cfg["d_model"])
+        for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
+            if int(cfg.get(key, 4 * d)) != 4 * d:
+                raise DQWhisperError(f"{source}: {key} = {cfg[key]} but openai-whisper's blocks need 4 * d_model = "
+                                     f"{4 * d}")
+        return ModelDimensions(
+            n_mels=int(cfg["num_mel_bins"]), n_audio_ctx=int(cfg["max_source_positions"]), n_audio_state=d,
+            n_audio_head=int(cfg["encoder_attention_heads"]), n_audio_layer=int(cfg["encoder_layers"]),
+            n_vocab=int(cfg["vocab_size"]), n_text_ctx=int(cfg["max_target_positions"]), n_text_state=d,
+            n_text_head=int(cfg["decoder_attention_heads"]), n_text_layer=int(cfg["decoder_layers"]))
+    except KeyError as e:
+        raise DQWhisperError(f"{source}: missing key {e} of a Whisper config") from e
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and any((p / f).is_file() for f in WEIGHT_FILES)
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    files: list[Path]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise DQWhisperError(f"{path / index}: not a weight index ({e})") from e
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            break
+    else:
+        files = [path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()][:1]
+    sd: dict[str, Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise DQWhisperError(f"{f}: weight file named by the index does not exist")
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                sd.update(load_file(str(f)))
+            else:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except ImportError as e:
+            raise DQWhisperError(f"{f}: reading safetensors needs the 'hf' extra (pip install -e .[hf])") from e
+        except Exception as e:  # safetensors / torch raise several types for damaged files
+            raise DQWhisperError(f"{f}: could not be read ({type(e).__name__}: {e})") from e
+    return sd
+
+
+def load_hf_dir(path: str | Path) -> Whisper:
+    """A local HF Whisper directory -> openai-whisper `Whisper` (float32, CPU, eval)."""
+    path = Path(path)
+    if not is_hf_dir(path):
+        raise DQWhisperError(f"{path}: not a Hugging Face Whisper directory (config.json + {' or '.join(WEIGHT_FILES)})")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise DQWhisperError(f"{path / 'config.json'}: not JSON ({e})") from e
+    dims = dims_from_hf_config(cfg, str(path / "config.json"))
+    hf = _read_weights(path)
+    hf = {k[len("model."):] if k.startswith("model.model.") else k: v for k, v in hf.items()}
+    if not any(k.startswith("model.") for k in hf):  # a bare WhisperModel checkpoint ("encoder.", "decoder.")
+        hf = {("model." + k if k.startswith(("encoder.", "decoder.")) else k): v for k, v in hf.items()}
+    sd = {}
+    for name, value in hf.items():
+        new = hf_to_openai_name(name)
+        if new is not None:
+            sd[new] = value.float()
+    model = Whisper(dims)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise DQWhisperError(f"{path}: HF weights do not fill openai-whisper {dims}: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+    if "proj_out.weight" in hf and not torch.equal(hf["proj_out.weight"].float(), model.decoder.token_embedding.weight):
+        raise DQWhisperError(f"{path}: proj_out.weight differs from the token embedding (untied output projection "
+                             "has no place in openai-whisper)")
+    heads = (cfg.get("alignment_heads") or _generation_alignment_heads(path))
+    if heads:
+        from dqwhisper.models import ct2
+
+        ct2.set_alignment_heads(model, heads)
+    log.info("loaded HF Whisper %s: %s", path, dims)
+    return model.eval()
+
+
+def _generation_alignment_heads(path: Path) -> list | None:
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        try:
+            return json.loads(gen.read_text()).get("alignment_heads")
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------- export
+def dequantized_float_model(model: Whisper) -> tuple[Whisper, list[str]]:
+    """A plain float openai-whisper copy of any model of ours: fake-quantized weights replaced by their dequantized
+    values, a pruned vocabulary expanded to the full ids (zero rows). Returns (model, notes on what changed)."""
+    notes: list[str] = []
+    sd: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    quantized = {name for name, m in modules.items() if hasattr(m, "weight_fake_quantizer")}
+    packed = {name for name, m in modules.items() if hasattr(m, "qtensor") or hasattr(m, "qweight")}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            mod, _, leaf = key.rpartition(".")
+            if mod in quantized:
+                if leaf == "weight":
+                    sd[key] = modules[mod].weight_fake_quantizer(modules[mod].weight).float().clone()
+                elif leaf == "bias":
+                    sd[key] = value.float().clone()
+                continue  # scales / zero points
+            if mod in packed:
+                continue
+            if key.startswith(("ctc_head.", "decoder.vocab_keep", "decoder.full_to_sub")):
+                continue
+            sd[key] = value.float().clone()
+        for name in packed:
+            m = modules[name]
+            qt = m.quantized_tensor() if hasattr(m, "quantized_tensor") else None
+            if qt is None:
+                raise DQWhisperError(f"{name}: a packed quantized module without quantized_tensor()")
+            sd[name + ".weight"] = qt.dequantize().float()
+            if getattr(m, "bias", None) is not None:
+                sd[name + ".bias"] = m.bias.float().clone()
+    if quantized or packed:
+        notes.append(f"{len(quantized | packed)} quantized weights written dequantized (float), "
+                     f"quant config {getattr(model, 'quant_config', None)}")
+    keep = getattr(model.decoder, "vocab_keep", None)
+    dims = model.dims
+    if keep is not None:
+        emb = sd["decoder.token_embedding.weight"]
+        full = emb.new_zeros(dims.n_vocab, emb.shape[1])
+        full[keep] = emb
+        sd["decoder.token_embedding.weight"] = full
+        notes.append(f"pruned vocabulary ({len(keep)} of {dims.n_vocab} ids) expanded to the full ids with zero rows")
+    if getattr(model, "ctc_head", None) is not None:
+        notes.append("CTC head left out (no place in a Whisper model)")
+    out = Whisper(dims)
+    out.load_state_dict(sd)
+    return out.eval(), notes
+
+
+def pruned_ids(model: Whisper) -> list[int]:
+    keep = getattr(model.decoder, "vocab_keep", None)
+    if keep is None:
+        return []
+    mask = torch.ones(model.dims.n_vocab, dtype=torch.bool)
+    mask[keep] = False
+    return mask.nonzero().flatten().tolist()
+
+
+def hf_config(dims: ModelDimensions, tok) -> dict:
+    if dims.n_audio_state != dims.n_text_state:
+        raise DQWhisperError(f"HF Whisper needs one width for encoder and decoder, this model has "
+                             f"{dims.n_audio_state} / {dims.n_text_state}")
+    return {
+        "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
+        "vocab_size": dims.n_vocab, "num_mel_bins": dims.n_mels, "d_model": dims.n_audio_state,
+        "encoder_layers": dims.n_audio_layer, "encoder_attention_heads": dims.n_audio_head,
+        "decoder_layers": dims.n_text_layer, "decoder_attention_heads": dims.n_text_head,
+        "encoder_ffn_dim": 4 * dims.n_audio_state, "decoder_ffn_dim": 4 * dims.n_text_state,
+        "max_source_positions": dims.n_audio_ctx, "max_target_positions": dims.n_text_ctx,
+        "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
+        "pad_token_id": tok.eot, "bos_token_id": tok.eot, "eos_token_id": tok.eot,
+        "decoder_start_token_id": tok.sot, "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
+        "use_cache": True, "torch_dtype": "float32",
+    }
+
+
+def openai_suppress_tokens(tok) -> list[int]:
+    """openai-whisper's default suppression ("-1"): non-speech symbols and the task/prefix tokens."""
+    ids = set(tok.non_speech_tokens)
+    ids.update([tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm])
+    if tok.no_speech is not None:
+        ids.add(tok.no_speech)
+    return sorted(ids)
+
+
+def generation_config(dims: ModelDimensions, tok, suppress_extra: list[int], alignment_heads: list | None) -> dict:
+    from whisper.tokenizer import LANGUAGES
+
+    langs = list(LANGUAGES)[: tok.num_languages] if dims.n_vocab >= 51865 else []
+    return {
+        "decoder_start_token_id": tok.sot, "eos_token_id": tok.eot, "pad_token_id": tok.eot, "bos_token_id": tok.eot,
+        "max_length": dims.n_text_ctx, "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
+        # as our decoder (no-timestamp mode): openai's default set and every token after end-of-text
+        "suppress_tokens": sorted(set(openai_suppress_tokens(tok)) | set(range(tok.eot + 1, dims.n_vocab))
+                                  | set(suppress_extra)),
+        "no_timestamps_token_id": tok.no_timestamps, "prev_sot_token_id": tok.sot_prev,
+        "is_multilingual": dims.n_vocab >= 51865,
+        "lang_to_id": {f"<|{c}|>": tok.encoding._special_tokens[f"<|{c}|>"] for c in langs},
+        "task_to_id": {"transcribe": tok.transcribe, "translate": tok.translate} if langs else {},
+        "alignment_heads": alignment_heads or [], "return_timestamps": False,
+    }
+
+
+def _tiktoken_ranks(multilingual: bool) -> dict[bytes, int]:
+    import base64
+    import os
+
+    import whisper.tokenizer as wt
+
+    name = "multilingual" if multilingual else "gpt2"
+    path = os.path.join(os.path.dirname(wt.__file__), "assets", f"{name}.tiktoken")
+    with open(path) as f:
+        return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+
+
+def bpe_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-2 byte-level vocab.json / merges of a tiktoken rank table (merge of a token: the split into two lower-ranked
+    tokens that byte-pair encoding with the lower ranks reaches)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    enc = bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(enc[c] for c in b)
+
+    vocab = {to_str(t): r for t, r in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([c]) for c in token]
+        while len(parts) > 2:  # byte-pair encode with the ranks below this token's
+            best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], 1 << 62))
+            if ranks.get(parts[best] + parts[best + 1], 1 << 62) >= rank:
+                break
+            parts[best: best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) != 2:
+            raise DQWhisperError(f"tiktoken token {token!r} (rank {rank}) is not one merge of two lower tokens")
+        merges.append((to_str(parts[0]), to_str(parts[1])))
+    return vocab, merges
+
+
+def write_processor(out_dir: Path, dims: ModelDimensions, tok) -> None:
+    """WhisperProcessor files (tokenizer + feature extractor) built offline from openai-whisper's assets."""
+    from tokenizers import AddedToken
+    from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
+
+    multilingual = dims.n_vocab >= 51865
+    vocab, merges = bpe_vocab_merges(_tiktoken_ranks(multilingual))
+    specials = sorted(tok.encoding._special_tokens.items(), key=lambda kv: kv[1])
+    for name, i in specials:
+        vocab[name] = i
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n, _ in specials if
+                          not re.fullmatch(r"<\|\d+\.\d+\|>", n)], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(n, special=False, normalized=False) for n, _ in specials if
+                          re.fullmatch(r"<\|\d+\.\d+\|>", n)])
+    bad = [(n, i) for n, i in specials if tokenizer.convert_tokens_to_ids(n) != i]
+    if bad:
+        raise DQWhisperError(f"tokenizer build: special tokens got other ids than openai-whisper's: {bad[:4]}")
+    seconds = dims.n_audio_ctx / FRAMES_PER_SECOND
+    seconds = int(seconds) if seconds == int(seconds) else seconds
+    fe = WhisperFeatureExtractor(feature_size=dims.n_mels, chunk_length=seconds)
+    fe.n_samples = dims.n_audio_ctx * 320
+    fe.nb_max_frames = 2 * dims.n_audio_ctx
+    WhisperProcessor(feature_extractor=fe, tokenizer=tokenizer).save_pretrained(out_dir)
+
+
+def export_hf(ckpt: str | Path, out_dir: str | Path) -> list[str]:
+    """Write CKPT (anything `load_whisper` reads, a .dqw export too) as a transformers Whisper directory.
+    Returns the notes (also written to OUT_DIR/DQWHISPER_EXPORT.md)."""
+    from safetensors.torch import save_file
+
+    from dqwhisper.data.dataset import default_tokenizer
+    from dqwhisper.models.load import load_whisper
+
+    out_dir = Path(out_dir)
+    src = str(ckpt)
+    if src.endswith(".dqw"):
+        from dqwhisper.quant.export import load_exported
+
+        model = load_exported(Path(src), mode="dequant", device="cpu")
+    else:
+        model = load_whisper(src, device="cpu")
+    float_model, notes = dequantized_float_model(model)
+    dims = float_model.dims
+    if dims.n_vocab < 51865:
+        from whisper.tokenizer import get_tokenizer
+
+        tok = get_tokenizer(multilingual=False)
+    else:
+        tok = default_tokenizer(dims.n_vocab)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {openai_to_hf_name(k): v.contiguous() for k, v in float_model.state_dict().items()}
+    save_file(sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(dims, tok), indent=2))
+    heads = None
+    if getattr(model, "alignment_heads", None) is not None:
+        dense = model.alignment_heads.to_dense() if model.alignment_heads.is_sparse else model.alignment_heads
+        heads = dense.nonzero().tolist()
+    dropped = pruned_ids(model)
+    if dropped:
+        notes.append(f"{len(dropped)} pruned ids added to generation_config.suppress_tokens")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config(dims, tok, dropped, heads), indent=2))
+    write_processor(out_dir, dims, tok)
+    seconds = dims.n_audio_ctx / FRAMES_PER_SECOND
+    notes.insert(0, f"audio window {seconds:g} s: max_source_positions = {dims.n_audio_ctx}, feature extractor "
+                    f"chunk_length = {seconds:g} (input_features of {2 * dims.n_audio_ctx} frames)")
+    (out_dir / "DQWHISPER_EXPORT.md").write_text(
+        f"# Exported by dqwhisper export-hf from {ckpt}\n\n" + "".join(f"- {n}\n" for n in notes)
+        + f"\ndims: {json.dumps(asdict(dims))}\n")
+    for n in notes:
+        log.info("export-hf: %s", n)
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dqwhisper export-hf", description=export_hf.__doc__)
+    p.add_argument("checkpoint", help=".pt checkpoint, .dqw export, store name, CT2 or HF directory")
+    p.add_argument("out_dir")
+    args = p.parse_args(argv)
+    try:
+        notes = export_hf(args.checkpoint, args.out_dir)
+    except DQWhisperError as e:
+        print(f"export-hf: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"export-hf: error: needs the 'hf' extra (pip install -e .[hf]): {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_dir}" + "".join(f"\n  {n}" for n in notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ temperatures [0.0] and no duration-based token cap. Speeds are RTF
 (wall seconds / audio seconds) with one thread per runtime, measured in one run: compare them only with each
 other. Results go to OUT_DIR/*.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,11 @@ def score(utts, texts: dict[str, str]) -> dict:
     refs = {u.utt_id: u.text for u in utts}
     scores, _ = score_utterances(refs, texts, {u.utt_id: u.lang for u in utts})
     s = summarize(scores)
-    return {"pooled": s["overall"]["error"], "avg_over_languages": s["overall"]["macro_error"],
-            "per_language": {k: v["error"] for k, v in s["per_language"].items()}}
+    return {
+        "pooled": s["overall"]["error"],
+        "avg_over_languages": s["overall"]["macro_error"],
+        "per_language": {k: v["error"] for k, v in s["per_language"].items()},
+    }
 
 
 def cmd_hf_roundtrip(a) -> dict:
@@ -76,8 +80,11 @@ def cmd_hf_roundtrip(a) -> dict:
     out = Path(a.out) / "hf_roundtrip"
     export_hf(a.ckpt, out)
     back = load_whisper(out)
-    ref = {k: v for k, v in src.state_dict().items() if not k.startswith(("ctc_head", "decoder.vocab_keep",
-                                                                          "decoder.full_to_sub"))}
+    ref = {
+        k: v
+        for k, v in src.state_dict().items()
+        if not k.startswith(("ctc_head", "decoder.vocab_keep", "decoder.full_to_sub"))
+    }
     got = back.state_dict()
     same = [k for k in ref if k in got and torch.equal(ref[k].float(), got[k])]
     from transformers import WhisperForConditionalGeneration
@@ -88,10 +95,15 @@ def cmd_hf_roundtrip(a) -> dict:
     hfm.save_pretrained(resaved)
     back2 = load_whisper(resaved).state_dict()
     same2 = [k for k in ref if k in back2 and torch.equal(ref[k].float(), back2[k])]
-    return {"ckpt": a.ckpt, "tensors": len(ref), "identical": len(same), "missing": sorted(set(ref) - set(got)),
-            "identical_after_transformers_save_pretrained": len(same2),
-            "params_ours": sum(v.numel() for v in ref.values() if v.dtype.is_floating_point),
-            "params_transformers": n_hf}
+    return {
+        "ckpt": a.ckpt,
+        "tensors": len(ref),
+        "identical": len(same),
+        "missing": sorted(set(ref) - set(got)),
+        "identical_after_transformers_save_pretrained": len(same2),
+        "params_ours": sum(v.numel() for v in ref.values() if v.dtype.is_floating_point),
+        "params_transformers": n_hf,
+    }
 
 
 def cmd_hf_tokens(a) -> dict:
@@ -111,19 +123,42 @@ def cmd_hf_tokens(a) -> dict:
         mel = mel_of(data.load_audio(u), model.dims)
         with torch.no_grad():
             mine = ours_tokens(model, mel, u.lang)
-            seq = hfm.generate(input_features=mel[None], language=u.lang, task="transcribe", return_timestamps=False,
-                               max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
+            seq = hfm.generate(
+                input_features=mel[None],
+                language=u.lang,
+                task="transcribe",
+                return_timestamps=False,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                num_beams=1,
+            )
         seq = seq.sequences if hasattr(seq, "sequences") else seq
         theirs = [int(t) for t in seq[0] if int(t) < tok.eot]
         ours_txt[u.utt_id], hf_txt[u.utt_id] = tok.decode(mine), tok.decode(theirs)
-        rows.append({"utt": u.utt_id, "match": mine == theirs, "ours": tok.decode(mine), "hf": tok.decode(theirs),
-                     "n_ours": len(mine), "n_hf": len(theirs),
-                     "first_diff": next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y),
-                                        min(len(mine), len(theirs)))})
+        rows.append(
+            {
+                "utt": u.utt_id,
+                "match": mine == theirs,
+                "ours": tok.decode(mine),
+                "hf": tok.decode(theirs),
+                "n_ours": len(mine),
+                "n_hf": len(theirs),
+                "first_diff": next(
+                    (i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs))
+                ),
+            }
+        )
     n_match = sum(r["match"] for r in rows)
-    return {"ckpt": a.ckpt, "export_notes": notes, "n_utts": len(rows), "exact_match": n_match,
-            "exact_match_fraction": n_match / len(rows), "error_ours": score(utts, ours_txt),
-            "error_transformers": score(utts, hf_txt), "mismatches": [r for r in rows if not r["match"]]}
+    return {
+        "ckpt": a.ckpt,
+        "export_notes": notes,
+        "n_utts": len(rows),
+        "exact_match": n_match,
+        "exact_match_fraction": n_match / len(rows),
+        "error_ours": score(utts, ours_txt),
+        "error_transformers": score(utts, hf_txt),
+        "mismatches": [r for r in rows if not r["match"]],
+    }
 
 
 def _whispercpp_texts(runner, data, utts, dims, mode: str, tok) -> tuple[dict, float, float]:
@@ -167,15 +202,24 @@ def cmd_ggml(a) -> dict:
     data, utts = utterances(a.data, a.max_utts)
     ours, ours_wall = _ours_texts(file_model, data, utts, tok)
     runner = WhisperCpp(out, n_threads=a.threads)
-    res = {"ckpt": a.ckpt, "file": str(out), "type": a.type, "bytes": info["bytes"], "audio_ctx": info["audio_ctx"],
-           "notes": info["notes"], "n_utts": len(utts), "error_ours_same_weights": score(utts, ours)}
+    res = {
+        "ckpt": a.ckpt,
+        "file": str(out),
+        "type": a.type,
+        "bytes": info["bytes"],
+        "audio_ctx": info["audio_ctx"],
+        "notes": info["notes"],
+        "n_utts": len(utts),
+        "error_ours_same_weights": score(utts, ours),
+    }
     for mode in a.modes.split(","):
         texts, wall, audio_s = _whispercpp_texts(runner, data, utts, file_model.dims, mode, tok)
         e = score(utts, texts)
         res[f"error_whispercpp_{mode}"] = e
         res[f"ratio_{mode}_pooled"] = e["pooled"] / max(res["error_ours_same_weights"]["pooled"], 1e-9)
-        res[f"ratio_{mode}_avg"] = e["avg_over_languages"] / max(res["error_ours_same_weights"]["avg_over_languages"],
-                                                                   1e-9)
+        res[f"ratio_{mode}_avg"] = e["avg_over_languages"] / max(
+            res["error_ours_same_weights"]["avg_over_languages"], 1e-9
+        )
         res[f"same_text_{mode}"] = sum(texts[k] == ours[k] for k in ours)
         res[f"rtf_whispercpp_{mode}"] = wall / audio_s
     if a.reference:
@@ -194,7 +238,6 @@ def cmd_speed(a) -> dict:
 
     torch.set_num_threads(a.threads)
     model = load_any(a.ckpt)
-    tok = default_tokenizer(model.dims.n_vocab)
     data, utts = utterances(a.data, a.max_utts)
     audio_s = sum(len(data.load_audio(u)) / 16000 for u in utts)
     res = {"ckpt": a.ckpt, "n_utts": len(utts), "audio_seconds": audio_s, "threads": a.threads, "rtf": {}}
@@ -212,8 +255,12 @@ def cmd_speed(a) -> dict:
 
         dqw = load_exported(Path(a.dqw), mode="int8", device="cpu")
     for rep in range(a.repeats):  # interleaved, so load changes hit every runtime alike
-        for name in ["ours_torch_fp32"] + (["ours_dqw_int8"] if dqw is not None else []) + ["transformers_fp32"] + \
-                [f"whispercpp_{t}" for t in runners]:
+        for name in (
+            ["ours_torch_fp32"]
+            + (["ours_dqw_int8"] if dqw is not None else [])
+            + ["transformers_fp32"]
+            + [f"whispercpp_{t}" for t in runners]
+        ):
             wall = 0.0
             for u in utts:
                 audio = data.load_audio(u)
@@ -225,11 +272,19 @@ def cmd_speed(a) -> dict:
                     elif name == "ours_dqw_int8":
                         ours_tokens(dqw, mel, u.lang)
                     elif name == "transformers_fp32":
-                        hfm.generate(input_features=mel[None], language=u.lang, task="transcribe",
-                                     return_timestamps=False, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
+                        hfm.generate(
+                            input_features=mel[None],
+                            language=u.lang,
+                            task="transcribe",
+                            return_timestamps=False,
+                            max_new_tokens=MAX_NEW,
+                            do_sample=False,
+                            num_beams=1,
+                        )
                     else:
-                        runners[name.split("_", 1)[1]].decode_pcm(audio[: model.dims.n_audio_ctx * 320], u.lang,
-                                                                  max_tokens=MAX_NEW)
+                        runners[name.split("_", 1)[1]].decode_pcm(
+                            audio[: model.dims.n_audio_ctx * 320], u.lang, max_tokens=MAX_NEW
+                        )
                 wall += time.perf_counter() - t0
             res["rtf"].setdefault(name, []).append(wall / audio_s)
     res["rtf_best"] = {k: min(v) for k, v in res["rtf"].items()}
@@ -263,7 +318,9 @@ def main(argv=None) -> int:
     print(json.dumps(brief, indent=1, ensure_ascii=False))
     if res.get("mismatches"):
         for r in res["mismatches"]:
-            print(f"MISMATCH {r['utt']} (first diff at token {r['first_diff']}):\n  ours: {r['ours']}\n  hf:   {r['hf']}")
+            print(
+                f"MISMATCH {r['utt']} (first diff at token {r['first_diff']}):\n  ours: {r['ours']}\n  hf:   {r['hf']}"
+            )
     print(f"wrote {path}")
     return 0
 

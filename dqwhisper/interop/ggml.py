@@ -17,6 +17,7 @@ block format (`quant.weight.granularity=ggml_q4_0` ...) and the same `--type`, t
 for bit; otherwise the dequantized float weights are quantized by ggml's rule (post-training), and the export
 says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def blocks_bytes(codes: Tensor, d: Tensor, fmt_name: str) -> bytes:
         body = q.astype(np.int8).view(np.uint8)
     else:
         q = q.astype(np.uint8)
-        lo, hi = q[:, : QK // 2], q[:, QK // 2:]
+        lo, hi = q[:, : QK // 2], q[:, QK // 2 :]
         qs = (lo & 0x0F) | ((hi & 0x0F) << 4)
         if fmt_name == "q4_0":
             body = qs
@@ -79,7 +80,7 @@ def unpack_blocks(data: bytes, fmt_name: str, n_blocks: int) -> tuple[np.ndarray
     d = raw[:, :2].copy().view(np.float16).reshape(n_blocks)
     if fmt_name == "q8_0":
         return raw[:, 2:].copy().view(np.int8).astype(np.int16), d
-    qs = raw[:, -QK // 2:]
+    qs = raw[:, -QK // 2 :]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int16)
     if fmt_name == "q5_0":
         hbits = np.unpackbits(raw[:, 2:6], axis=-1, bitorder="little").astype(np.int16)
@@ -120,8 +121,12 @@ def _file_tensors(model: Whisper, full_vocab: Tensor | None) -> dict[str, Tensor
 
 
 def tensor_type(name: str, t: Tensor, file_type: str) -> str:
-    if t.ndim < 2 or name in ("encoder.conv1.bias", "encoder.conv2.bias", "encoder.positional_embedding",
-                              "decoder.positional_embedding"):
+    if t.ndim < 2 or name in (
+        "encoder.conv1.bias",
+        "encoder.conv2.bias",
+        "encoder.positional_embedding",
+        "decoder.positional_embedding",
+    ):
         return "f32"
     if t.ndim == 3 or file_type == "f16":
         return "f16"
@@ -158,8 +163,10 @@ def write_ggml(model: Whisper, path: str | Path, file_type: str = "f16") -> dict
         if g == f"ggml_{file_type}":
             notes.append(f"{len(trained)} fake-quantized {file_type} weights written as their trained codes")
         else:
-            notes.append(f"the model was quantized as {g} {quant['weight']['bits']}-bit; its dequantized weights are "
-                         f"re-quantized by ggml's {file_type} rule (post-training, not the trained codes)")
+            notes.append(
+                f"the model was quantized as {g} {quant['weight']['bits']}-bit; its dequantized weights are "
+                f"re-quantized by ggml's {file_type} rule (post-training, not the trained codes)"
+            )
     sd = _file_tensors(float_model, None)
     multilingual = dims.n_vocab >= 51865
     tokens = _tiktoken_tokens(multilingual)
@@ -171,9 +178,22 @@ def write_ggml(model: Whisper, path: str | Path, file_type: str = "f16") -> dict
     counts: dict[str, int] = {}
     with open(tmp, "wb") as f:
         f.write(struct.pack("<i", MAGIC))
-        f.write(struct.pack("<11i", dims.n_vocab, FULL_AUDIO_CTX, dims.n_audio_state, dims.n_audio_head,
-                            dims.n_audio_layer, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
-                            dims.n_text_layer, dims.n_mels, ftype))
+        f.write(
+            struct.pack(
+                "<11i",
+                dims.n_vocab,
+                FULL_AUDIO_CTX,
+                dims.n_audio_state,
+                dims.n_audio_head,
+                dims.n_audio_layer,
+                dims.n_text_ctx,
+                dims.n_text_state,
+                dims.n_text_head,
+                dims.n_text_layer,
+                dims.n_mels,
+                ftype,
+            )
+        )
         f.write(struct.pack("<2i", *filters.shape))
         f.write(filters.astype("<f4").tobytes())
         f.write(struct.pack("<i", len(tokens)))
@@ -184,12 +204,14 @@ def write_ggml(model: Whisper, path: str | Path, file_type: str = "f16") -> dict
             kind = tensor_type(name, t, file_type)
             if kind in FORMATS:
                 if t.shape[-1] % QK:
-                    raise DQWhisperError(f"{name}: width {t.shape[-1]} is not a multiple of {QK}; ggml {kind} "
-                                         f"cannot store it")
+                    raise DQWhisperError(
+                        f"{name}: width {t.shape[-1]} is not a multiple of {QK}; ggml {kind} cannot store it"
+                    )
                 if name in trained:
                     codes, d = trained[name]
-                    if name == "decoder.token_embedding.weight" and getattr(model.decoder, "vocab_keep", None) is not None:
-                        codes, d = _expand_blocks(codes, d, model.decoder.vocab_keep, dims.n_vocab, t.shape[1])
+                    keep = getattr(model.decoder, "vocab_keep", None)
+                    if name == "decoder.token_embedding.weight" and keep is not None:
+                        codes, d = _expand_blocks(codes, d, keep, dims.n_vocab, t.shape[1])
                     data = blocks_bytes(codes, d, kind)
                 else:
                     data = pack_blocks(t, kind)
@@ -206,13 +228,23 @@ def write_ggml(model: Whisper, path: str | Path, file_type: str = "f16") -> dict
             counts[kind] = counts.get(kind, 0) + 1
     tmp.replace(path)
     if dims.n_audio_ctx < FULL_AUDIO_CTX:
-        notes.insert(0, f"audio window {dims.n_audio_ctx / 50:g} s: run whisper.cpp with audio_ctx = "
-                        f"{dims.n_audio_ctx} (whisper-cli -ac {dims.n_audio_ctx}); the file holds the full "
-                        f"{FULL_AUDIO_CTX}-position table")
+        notes.insert(
+            0,
+            f"audio window {dims.n_audio_ctx / 50:g} s: run whisper.cpp with audio_ctx = "
+            f"{dims.n_audio_ctx} (whisper-cli -ac {dims.n_audio_ctx}); the file holds the full "
+            f"{FULL_AUDIO_CTX}-position table",
+        )
     dropped = pruned_ids(model)
-    info = {"type": file_type, "audio_ctx": dims.n_audio_ctx if dims.n_audio_ctx < FULL_AUDIO_CTX else 0,
-            "n_audio_ctx": dims.n_audio_ctx, "tensor_types": counts, "pruned_ids": len(dropped),
-            "bytes": path.stat().st_size, "dims": asdict(dims), "notes": notes}
+    info = {
+        "type": file_type,
+        "audio_ctx": dims.n_audio_ctx if dims.n_audio_ctx < FULL_AUDIO_CTX else 0,
+        "n_audio_ctx": dims.n_audio_ctx,
+        "tensor_types": counts,
+        "pruned_ids": len(dropped),
+        "bytes": path.stat().st_size,
+        "dims": asdict(dims),
+        "notes": notes,
+    }
     Path(str(path) + ".json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -241,8 +273,19 @@ def read_ggml(path: str | Path) -> dict:
     (magic,) = ints(1)
     if magic != MAGIC:
         raise DQWhisperError(f"{path}: not a whisper.cpp model file (magic {magic:#x})")
-    keys = ("n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer", "n_text_ctx",
-            "n_text_state", "n_text_head", "n_text_layer", "n_mels", "ftype")
+    keys = (
+        "n_vocab",
+        "n_audio_ctx",
+        "n_audio_state",
+        "n_audio_head",
+        "n_audio_layer",
+        "n_text_ctx",
+        "n_text_state",
+        "n_text_head",
+        "n_text_layer",
+        "n_mels",
+        "ftype",
+    )
     hparams = dict(zip(keys, ints(11)))
     n_mel, n_fft = ints(2)
     filters = np.frombuffer(data, "<f4", n_mel * n_fft, off).reshape(n_mel, n_fft)
@@ -251,18 +294,18 @@ def read_ggml(path: str | Path) -> dict:
     vocab = []
     for _ in range(n_tok):
         (n,) = ints(1)
-        vocab.append(data[off: off + n])
+        vocab.append(data[off : off + n])
         off += n
     tensors = {}
     while off < len(data):
         n_dims, n_name, ttype = ints(3)
         ne = ints(n_dims)
-        name = data[off: off + n_name].decode()
+        name = data[off : off + n_name].decode()
         off += n_name
         kind = GGML_TYPE_NAME[ttype]
         count = int(np.prod(ne))
         nbytes = {"f32": 4 * count, "f16": 2 * count}.get(kind) or count // QK * FORMATS.get(kind).block_bytes
-        tensors[name] = (kind, tuple(ne[::-1]), data[off: off + nbytes])
+        tensors[name] = (kind, tuple(ne[::-1]), data[off : off + nbytes])
         off += nbytes
     return {"hparams": hparams, "filters": filters, "vocab": vocab, "tensors": tensors}
 
@@ -285,11 +328,18 @@ def load_ggml(path: str | Path) -> Whisper:
     hp = f["hparams"]
     sidecar = Path(str(path) + ".json")
     audio_ctx = json.loads(sidecar.read_text()).get("audio_ctx", 0) if sidecar.is_file() else 0
-    dims = ModelDimensions(n_mels=hp["n_mels"], n_audio_ctx=audio_ctx or hp["n_audio_ctx"],
-                           n_audio_state=hp["n_audio_state"], n_audio_head=hp["n_audio_head"],
-                           n_audio_layer=hp["n_audio_layer"], n_vocab=hp["n_vocab"], n_text_ctx=hp["n_text_ctx"],
-                           n_text_state=hp["n_text_state"], n_text_head=hp["n_text_head"],
-                           n_text_layer=hp["n_text_layer"])
+    dims = ModelDimensions(
+        n_mels=hp["n_mels"],
+        n_audio_ctx=audio_ctx or hp["n_audio_ctx"],
+        n_audio_state=hp["n_audio_state"],
+        n_audio_head=hp["n_audio_head"],
+        n_audio_layer=hp["n_audio_layer"],
+        n_vocab=hp["n_vocab"],
+        n_text_ctx=hp["n_text_ctx"],
+        n_text_state=hp["n_text_state"],
+        n_text_head=hp["n_text_head"],
+        n_text_layer=hp["n_text_layer"],
+    )
     sd = {}
     for name, (kind, shape, data) in f["tensors"].items():
         if kind == "f32":
@@ -308,8 +358,9 @@ def load_ggml(path: str | Path) -> Whisper:
     model = Whisper(dims)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise DQWhisperError(f"{path}: whisper.cpp tensors do not fill {dims}: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
+        raise DQWhisperError(
+            f"{path}: whisper.cpp tensors do not fill {dims}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     return model.eval()
 
 
@@ -337,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     except DQWhisperError as e:
         print(f"export-ggml: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({info['bytes'] / 1e6:.1f} MB, {args.type}; tensors {info['tensor_types']})"
-          + "".join(f"\n  {n}" for n in info["notes"]))
+    print(
+        f"wrote {args.out} ({info['bytes'] / 1e6:.1f} MB, {args.type}; tensors {info['tensor_types']})"
+        + "".join(f"\n  {n}" for n in info["notes"])
+    )
     return 0
 
 

@@ -7,11 +7,13 @@ Reading needs `safetensors` for .safetensors files; `transformers` itself is not
 Export: `export_hf(CKPT, OUT_DIR)` writes a directory that `WhisperForConditionalGeneration.from_pretrained` and
 `WhisperProcessor.from_pretrained` load offline: config (the student's audio window as `max_source_positions`),
 model.safetensors, generation_config.json (language/task token ids; suppressed as our decoder does: openai-whisper's
-non-speech set, every special and timestamp token, the ids a pruned vocabulary dropped), the feature extractor (chunk length = the audio window) and tokenizer files built from
-openai-whisper's bundled tiktoken ranks. A pruned vocabulary is expanded back to the full id space (zero rows,
-suppressed in generation); a quantized student is written with its dequantized weights (HF has no format for our
-codes) and the export says so. Needs the `hf` extra (transformers, safetensors).
+non-speech set, every special and timestamp token, the ids a pruned vocabulary dropped), the feature extractor
+(chunk length = the audio window) and tokenizer files built from openai-whisper's bundled tiktoken ranks. A pruned
+vocabulary is expanded back to the full id space (zero rows, suppressed in generation); a quantized student is
+written with its dequantized weights (HF has no format for our codes) and the export says so. Needs the `hf` extra
+(transformers, safetensors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,21 +31,33 @@ from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 FRAMES_PER_SECOND = 50
 
 # (HF name pattern, openai name pattern); {i} is a layer index
 _LAYER = [
-    ("self_attn.q_proj", "attn.query"), ("self_attn.k_proj", "attn.key"), ("self_attn.v_proj", "attn.value"),
-    ("self_attn.out_proj", "attn.out"), ("self_attn_layer_norm", "attn_ln"),
-    ("encoder_attn.q_proj", "cross_attn.query"), ("encoder_attn.k_proj", "cross_attn.key"),
-    ("encoder_attn.v_proj", "cross_attn.value"), ("encoder_attn.out_proj", "cross_attn.out"),
+    ("self_attn.q_proj", "attn.query"),
+    ("self_attn.k_proj", "attn.key"),
+    ("self_attn.v_proj", "attn.value"),
+    ("self_attn.out_proj", "attn.out"),
+    ("self_attn_layer_norm", "attn_ln"),
+    ("encoder_attn.q_proj", "cross_attn.query"),
+    ("encoder_attn.k_proj", "cross_attn.key"),
+    ("encoder_attn.v_proj", "cross_attn.value"),
+    ("encoder_attn.out_proj", "cross_attn.out"),
     ("encoder_attn_layer_norm", "cross_attn_ln"),
-    ("fc1", "mlp.0"), ("fc2", "mlp.2"), ("final_layer_norm", "mlp_ln"),
+    ("fc1", "mlp.0"),
+    ("fc2", "mlp.2"),
+    ("final_layer_norm", "mlp_ln"),
 ]
 _TOP = [
-    ("model.encoder.conv1", "encoder.conv1"), ("model.encoder.conv2", "encoder.conv2"),
+    ("model.encoder.conv1", "encoder.conv1"),
+    ("model.encoder.conv2", "encoder.conv2"),
     ("model.encoder.embed_positions.weight", "encoder.positional_embedding"),
     ("model.encoder.layer_norm", "encoder.ln_post"),
     ("model.decoder.embed_tokens.weight", "decoder.token_embedding.weight"),
@@ -65,7 +79,7 @@ def hf_to_openai_name(name: str) -> str | None:
         raise DQWhisperError(f"HF Whisper weight {name}: unknown layer part '{part}'")
     for hf, oa in _TOP:
         if name == hf or name.startswith(hf + "."):
-            return oa + name[len(hf):]
+            return oa + name[len(hf) :]
     raise DQWhisperError(f"HF Whisper weight {name}: no openai-whisper counterpart")
 
 
@@ -79,7 +93,7 @@ def openai_to_hf_name(name: str) -> str:
         raise DQWhisperError(f"openai-whisper weight {name}: unknown block part '{part}'")
     for hf, oa in _TOP:
         if name == oa or name.startswith(oa + "."):
-            return hf + name[len(oa):]
+            return hf + name[len(oa) :]
     raise DQWhisperError(f"openai-whisper weight {name}: no HF counterpart")
 
 
@@ -90,13 +104,21 @@ def dims_from_hf_config(cfg: dict, source: str = "config.json") -> ModelDimensio
         d = int(cfg["d_model"])
         for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
             if int(cfg.get(key, 4 * d)) != 4 * d:
-                raise DQWhisperError(f"{source}: {key} = {cfg[key]} but openai-whisper's blocks need 4 * d_model = "
-                                     f"{4 * d}")
+                raise DQWhisperError(
+                    f"{source}: {key} = {cfg[key]} but openai-whisper's blocks need 4 * d_model = {4 * d}"
+                )
         return ModelDimensions(
-            n_mels=int(cfg["num_mel_bins"]), n_audio_ctx=int(cfg["max_source_positions"]), n_audio_state=d,
-            n_audio_head=int(cfg["encoder_attention_heads"]), n_audio_layer=int(cfg["encoder_layers"]),
-            n_vocab=int(cfg["vocab_size"]), n_text_ctx=int(cfg["max_target_positions"]), n_text_state=d,
-            n_text_head=int(cfg["decoder_attention_heads"]), n_text_layer=int(cfg["decoder_layers"]))
+            n_mels=int(cfg["num_mel_bins"]),
+            n_audio_ctx=int(cfg["max_source_positions"]),
+            n_audio_state=d,
+            n_audio_head=int(cfg["encoder_attention_heads"]),
+            n_audio_layer=int(cfg["encoder_layers"]),
+            n_vocab=int(cfg["vocab_size"]),
+            n_text_ctx=int(cfg["max_target_positions"]),
+            n_text_state=d,
+            n_text_head=int(cfg["decoder_attention_heads"]),
+            n_text_layer=int(cfg["decoder_layers"]),
+        )
     except KeyError as e:
         raise DQWhisperError(f"{source}: missing key {e} of a Whisper config") from e
 
@@ -140,14 +162,16 @@ def load_hf_dir(path: str | Path) -> Whisper:
     """A local HF Whisper directory -> openai-whisper `Whisper` (float32, CPU, eval)."""
     path = Path(path)
     if not is_hf_dir(path):
-        raise DQWhisperError(f"{path}: not a Hugging Face Whisper directory (config.json + {' or '.join(WEIGHT_FILES)})")
+        raise DQWhisperError(
+            f"{path}: not a Hugging Face Whisper directory (config.json + {' or '.join(WEIGHT_FILES)})"
+        )
     try:
         cfg = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise DQWhisperError(f"{path / 'config.json'}: not JSON ({e})") from e
     dims = dims_from_hf_config(cfg, str(path / "config.json"))
     hf = _read_weights(path)
-    hf = {k[len("model."):] if k.startswith("model.model.") else k: v for k, v in hf.items()}
+    hf = {k[len("model.") :] if k.startswith("model.model.") else k: v for k, v in hf.items()}
     if not any(k.startswith("model.") for k in hf):  # a bare WhisperModel checkpoint ("encoder.", "decoder.")
         hf = {("model." + k if k.startswith(("encoder.", "decoder.")) else k): v for k, v in hf.items()}
     sd = {}
@@ -158,12 +182,15 @@ def load_hf_dir(path: str | Path) -> Whisper:
     model = Whisper(dims)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise DQWhisperError(f"{path}: HF weights do not fill openai-whisper {dims}: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
+        raise DQWhisperError(
+            f"{path}: HF weights do not fill openai-whisper {dims}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     if "proj_out.weight" in hf and not torch.equal(hf["proj_out.weight"].float(), model.decoder.token_embedding.weight):
-        raise DQWhisperError(f"{path}: proj_out.weight differs from the token embedding (untied output projection "
-                             "has no place in openai-whisper)")
-    heads = (cfg.get("alignment_heads") or _generation_alignment_heads(path))
+        raise DQWhisperError(
+            f"{path}: proj_out.weight differs from the token embedding (untied output projection "
+            "has no place in openai-whisper)"
+        )
+    heads = cfg.get("alignment_heads") or _generation_alignment_heads(path)
     if heads:
         from dqwhisper.models import ct2
 
@@ -214,8 +241,10 @@ def dequantized_float_model(model: Whisper) -> tuple[Whisper, list[str]]:
             if getattr(m, "bias", None) is not None:
                 sd[name + ".bias"] = m.bias.float().clone()
     if quantized or packed:
-        notes.append(f"{len(quantized | packed)} quantized weights written dequantized (float), "
-                     f"quant config {getattr(model, 'quant_config', None)}")
+        notes.append(
+            f"{len(quantized | packed)} quantized weights written dequantized (float), "
+            f"quant config {getattr(model, 'quant_config', None)}"
+        )
     keep = getattr(model.decoder, "vocab_keep", None)
     dims = model.dims
     if keep is not None:
@@ -242,19 +271,34 @@ def pruned_ids(model: Whisper) -> list[int]:
 
 def hf_config(dims: ModelDimensions, tok) -> dict:
     if dims.n_audio_state != dims.n_text_state:
-        raise DQWhisperError(f"HF Whisper needs one width for encoder and decoder, this model has "
-                             f"{dims.n_audio_state} / {dims.n_text_state}")
+        raise DQWhisperError(
+            f"HF Whisper needs one width for encoder and decoder, this model has "
+            f"{dims.n_audio_state} / {dims.n_text_state}"
+        )
     return {
-        "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
-        "vocab_size": dims.n_vocab, "num_mel_bins": dims.n_mels, "d_model": dims.n_audio_state,
-        "encoder_layers": dims.n_audio_layer, "encoder_attention_heads": dims.n_audio_head,
-        "decoder_layers": dims.n_text_layer, "decoder_attention_heads": dims.n_text_head,
-        "encoder_ffn_dim": 4 * dims.n_audio_state, "decoder_ffn_dim": 4 * dims.n_text_state,
-        "max_source_positions": dims.n_audio_ctx, "max_target_positions": dims.n_text_ctx,
-        "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
-        "pad_token_id": tok.eot, "bos_token_id": tok.eot, "eos_token_id": tok.eot,
-        "decoder_start_token_id": tok.sot, "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
-        "use_cache": True, "torch_dtype": "float32",
+        "architectures": ["WhisperForConditionalGeneration"],
+        "model_type": "whisper",
+        "vocab_size": dims.n_vocab,
+        "num_mel_bins": dims.n_mels,
+        "d_model": dims.n_audio_state,
+        "encoder_layers": dims.n_audio_layer,
+        "encoder_attention_heads": dims.n_audio_head,
+        "decoder_layers": dims.n_text_layer,
+        "decoder_attention_heads": dims.n_text_head,
+        "encoder_ffn_dim": 4 * dims.n_audio_state,
+        "decoder_ffn_dim": 4 * dims.n_text_state,
+        "max_source_positions": dims.n_audio_ctx,
+        "max_target_positions": dims.n_text_ctx,
+        "activation_function": "gelu",
+        "scale_embedding": False,
+        "tie_word_embeddings": True,
+        "pad_token_id": tok.eot,
+        "bos_token_id": tok.eot,
+        "eos_token_id": tok.eot,
+        "decoder_start_token_id": tok.sot,
+        "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
+        "use_cache": True,
+        "torch_dtype": "float32",
     }
 
 
@@ -272,16 +316,23 @@ def generation_config(dims: ModelDimensions, tok, suppress_extra: list[int], ali
 
     langs = list(LANGUAGES)[: tok.num_languages] if dims.n_vocab >= 51865 else []
     return {
-        "decoder_start_token_id": tok.sot, "eos_token_id": tok.eot, "pad_token_id": tok.eot, "bos_token_id": tok.eot,
-        "max_length": dims.n_text_ctx, "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
+        "decoder_start_token_id": tok.sot,
+        "eos_token_id": tok.eot,
+        "pad_token_id": tok.eot,
+        "bos_token_id": tok.eot,
+        "max_length": dims.n_text_ctx,
+        "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
         # as our decoder (no-timestamp mode): openai's default set and every token after end-of-text
-        "suppress_tokens": sorted(set(openai_suppress_tokens(tok)) | set(range(tok.eot + 1, dims.n_vocab))
-                                  | set(suppress_extra)),
-        "no_timestamps_token_id": tok.no_timestamps, "prev_sot_token_id": tok.sot_prev,
+        "suppress_tokens": sorted(
+            set(openai_suppress_tokens(tok)) | set(range(tok.eot + 1, dims.n_vocab)) | set(suppress_extra)
+        ),
+        "no_timestamps_token_id": tok.no_timestamps,
+        "prev_sot_token_id": tok.sot_prev,
         "is_multilingual": dims.n_vocab >= 51865,
         "lang_to_id": {f"<|{c}|>": tok.encoding._special_tokens[f"<|{c}|>"] for c in langs},
         "task_to_id": {"transcribe": tok.transcribe, "translate": tok.translate} if langs else {},
-        "alignment_heads": alignment_heads or [], "return_timestamps": False,
+        "alignment_heads": alignment_heads or [],
+        "return_timestamps": False,
     }
 
 
@@ -317,7 +368,7 @@ def bpe_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
             best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], 1 << 62))
             if ranks.get(parts[best] + parts[best + 1], 1 << 62) >= rank:
                 break
-            parts[best: best + 2] = [parts[best] + parts[best + 1]]
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
         if len(parts) != 2:
             raise DQWhisperError(f"tiktoken token {token!r} (rank {rank}) is not one merge of two lower tokens")
         merges.append((to_str(parts[0]), to_str(parts[1])))
@@ -335,10 +386,13 @@ def write_processor(out_dir: Path, dims: ModelDimensions, tok) -> None:
     for name, i in specials:
         vocab[name] = i
     tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
-    tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n, _ in specials if
-                          not re.fullmatch(r"<\|\d+\.\d+\|>", n)], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(n, special=False, normalized=False) for n, _ in specials if
-                          re.fullmatch(r"<\|\d+\.\d+\|>", n)])
+    tokenizer.add_tokens(
+        [AddedToken(n, special=True, normalized=False) for n, _ in specials if not re.fullmatch(r"<\|\d+\.\d+\|>", n)],
+        special_tokens=True,
+    )
+    tokenizer.add_tokens(
+        [AddedToken(n, special=False, normalized=False) for n, _ in specials if re.fullmatch(r"<\|\d+\.\d+\|>", n)]
+    )
     bad = [(n, i) for n, i in specials if tokenizer.convert_tokens_to_ids(n) != i]
     if bad:
         raise DQWhisperError(f"tokenizer build: special tokens got other ids than openai-whisper's: {bad[:4]}")
@@ -388,11 +442,16 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> list[str]:
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config(dims, tok, dropped, heads), indent=2))
     write_processor(out_dir, dims, tok)
     seconds = dims.n_audio_ctx / FRAMES_PER_SECOND
-    notes.insert(0, f"audio window {seconds:g} s: max_source_positions = {dims.n_audio_ctx}, feature extractor "
-                    f"chunk_length = {seconds:g} (input_features of {2 * dims.n_audio_ctx} frames)")
+    notes.insert(
+        0,
+        f"audio window {seconds:g} s: max_source_positions = {dims.n_audio_ctx}, feature extractor "
+        f"chunk_length = {seconds:g} (input_features of {2 * dims.n_audio_ctx} frames)",
+    )
     (out_dir / "DQWHISPER_EXPORT.md").write_text(
-        f"# Exported by dqwhisper export-hf from {ckpt}\n\n" + "".join(f"- {n}\n" for n in notes)
-        + f"\ndims: {json.dumps(asdict(dims))}\n")
+        f"# Exported by dqwhisper export-hf from {ckpt}\n\n"
+        + "".join(f"- {n}\n" for n in notes)
+        + f"\ndims: {json.dumps(asdict(dims))}\n"
+    )
     for n in notes:
         log.info("export-hf: %s", n)
     return notes

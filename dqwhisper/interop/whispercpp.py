@@ -5,6 +5,7 @@ Two inputs: `decode_pcm` lets whisper.cpp make the log-mel itself (what its user
 log-mel of 30 s of silence), `decode_mel` feeds our own log-mel (`whisper_set_mel`; frames after the audio are
 zeros in the encoder window, as in training), so the model export is compared without the feature difference.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,9 @@ class WhisperCpp:
                     out.append(int(t))
         return out
 
-    def decode_pcm(self, audio: np.ndarray, language: str, audio_ctx: int | None = None,
-                   max_tokens: int = 0) -> list[int]:
+    def decode_pcm(
+        self, audio: np.ndarray, language: str, audio_ctx: int | None = None, max_tokens: int = 0
+    ) -> list[int]:
         """16 kHz float32 audio -> text token ids (whisper.cpp's own log-mel)."""
         a = np.ascontiguousarray(audio, dtype=np.float32)
         rc = self.pw.whisper_full(self.ctx, self._params(language, audio_ctx, max_tokens), a, len(a))
@@ -73,7 +75,9 @@ class WhisperCpp:
             raise DQWhisperError(f"whisper.cpp ({self.path}) failed with code {rc}")
         return self._tokens()
 
-    def decode_mel(self, mel: np.ndarray, language: str, audio_ctx: int | None = None, max_tokens: int = 0) -> list[int]:
+    def decode_mel(
+        self, mel: np.ndarray, language: str, audio_ctx: int | None = None, max_tokens: int = 0
+    ) -> list[int]:
         """Our log-mel (n_mels, audio frames), without the window's zero padding -> text token ids."""
         m = np.ascontiguousarray(mel, dtype=np.float32)
         if m.shape[0] != self.n_mels:

@@ -102,8 +102,9 @@ def validate(cfg: QuantConfig) -> QuantConfig:
         raise DQWhisperError(f"quant config: quant.weight.group_size = {w.group_size!r}, must be an integer >= 2")
     if w.granularity in GGML_BITS:
         if w.bits != GGML_BITS[w.granularity] or not w.symmetric or w.lsq:
-            raise DQWhisperError(f"quant config: quant.weight.granularity = {w.granularity} is ggml's own rule: it needs "
-                                 f"quant.weight.bits = {GGML_BITS[w.granularity]}, symmetric = true, lsq = false "
+            raise DQWhisperError(f"quant config: quant.weight.granularity = {w.granularity} is ggml's own rule: "
+                                 f"it needs quant.weight.bits = {GGML_BITS[w.granularity]}, symmetric = true, "
+                                 "lsq = false "
                                  f"(got bits {w.bits}, symmetric {w.symmetric}, lsq {w.lsq})")
         if cfg.embedding_bits not in (None, w.bits):
             raise DQWhisperError(f"quant config: quant.embedding_bits = {cfg.embedding_bits}: a ggml file stores the "

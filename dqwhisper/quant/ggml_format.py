@@ -10,6 +10,7 @@ port; the codes are computed with the float32 `d`, the weights with its float16 
 dequantizes. Here codes are returned signed (code - 8, code - 16, code), so `weight = codes * scale`; the block
 layouts on disk are in `dqwhisper.interop.ggml`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ GRANULARITY_PREFIX = "ggml_"  # quant.weight.granularity = ggml_q4_0 | ggml_q5_0
 
 
 def block_format(name: str) -> BlockFormat:
-    key = name[len(GRANULARITY_PREFIX):] if name.startswith(GRANULARITY_PREFIX) else name
+    key = name[len(GRANULARITY_PREFIX) :] if name.startswith(GRANULARITY_PREFIX) else name
     if key not in FORMATS:
         raise DQWhisperError(f"unknown ggml block format '{name}': one of {', '.join(FORMATS)}")
     return FORMATS[key]

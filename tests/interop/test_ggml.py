@@ -1,6 +1,7 @@
 """whisper.cpp export: ggml block formats against the gguf package's reference quantizers, the file layout, QAT in
 ggml's formats (the file holds the fake-quantized codes bit for bit), and (when pywhispercpp is installed) a load
 and decode through whisper.cpp itself."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,8 +71,13 @@ def test_file_layout_float(tmp_path):
     info = write_ggml(model, tmp_path / "m.bin", "f16")
     f = read_ggml(tmp_path / "m.bin")
     hp = f["hparams"]
-    assert (hp["n_vocab"], hp["n_audio_ctx"], hp["n_audio_state"], hp["n_text_layer"], hp["ftype"]) == \
-        (51865, 1500, 64, 4, 1)
+    assert (hp["n_vocab"], hp["n_audio_ctx"], hp["n_audio_state"], hp["n_text_layer"], hp["ftype"]) == (
+        51865,
+        1500,
+        64,
+        4,
+        1,
+    )
     from dqwhisper.data.dataset import default_tokenizer
 
     enc = default_tokenizer().encoding
@@ -81,8 +87,10 @@ def test_file_layout_float(tmp_path):
     assert set(t) == set(model.state_dict())
     kind, shape, data = t["decoder.blocks.0.mlp.0.weight"]
     assert (kind, shape) == ("f16", (256, 64))
-    np.testing.assert_array_equal(np.frombuffer(data, "<f2").reshape(shape),
-                                  model.decoder.blocks[0].mlp[0].weight.detach().numpy().astype(np.float16))
+    np.testing.assert_array_equal(
+        np.frombuffer(data, "<f2").reshape(shape),
+        model.decoder.blocks[0].mlp[0].weight.detach().numpy().astype(np.float16),
+    )
     assert t["encoder.conv1.bias"][:2] == ("f32", (64, 1))
     assert t["encoder.conv1.weight"][:2] == ("f16", (64, 80, 3))
     assert t["encoder.positional_embedding"][:2] == ("f32", (1500, 64))
@@ -113,8 +121,12 @@ def test_short_window_pruned_student(tmp_path):
 def test_qat_codes_written_bit_for_bit(tmp_path, fmt):
     from gguf import quants
 
-    quant = {"enabled": True, "scope": "decoder", "conv": False,
-             "weight": {"bits": int(fmt[1]), "granularity": f"ggml_{fmt}", "lsq": False}}
+    quant = {
+        "enabled": True,
+        "scope": "decoder",
+        "conv": False,
+        "weight": {"bits": int(fmt[1]), "granularity": f"ggml_{fmt}", "lsq": False},
+    }
     s = _student(quant)
     with torch.no_grad():  # move the latent weights as training would, so codes are not those of the copied float
         for p in s.decoder.parameters():
@@ -141,8 +153,9 @@ def test_qat_codes_written_bit_for_bit(tmp_path, fmt):
             codes, dh = codes[keep], dh[keep]
         assert torch.equal(codes, q) and torch.equal(dh, sc)  # the trained codes and scales, bit for bit
         # and the runtime's dequantization (gguf's reference) of those blocks is the fake-quantized forward weight
-        deq = quants.dequantize(np.frombuffer(data, np.uint8).reshape(-1, len(data) // (int(np.prod(shape)) // 32)),
-                                _gguf_type(fmt)).reshape(shape)
+        deq = quants.dequantize(
+            np.frombuffer(data, np.uint8).reshape(-1, len(data) // (int(np.prod(shape)) // 32)), _gguf_type(fmt)
+        ).reshape(shape)
         if name == "decoder.token_embedding":
             deq = deq[keep.numpy()]
         np.testing.assert_array_equal(deq, fq(m.weight).detach().numpy())
@@ -153,8 +166,10 @@ def test_ggml_quant_config_errors():
     with pytest.raises(DQWhisperError, match="bits = 4"):
         prepare(_student(), {"enabled": True, "weight": {"bits": 8, "granularity": "ggml_q4_0", "lsq": False}})
     with pytest.raises(DQWhisperError, match="convolution"):
-        prepare(_student(), {"enabled": True, "scope": "all",
-                             "weight": {"bits": 4, "granularity": "ggml_q4_0", "lsq": False}})
+        prepare(
+            _student(),
+            {"enabled": True, "scope": "all", "weight": {"bits": 4, "granularity": "ggml_q4_0", "lsq": False}},
+        )
 
 
 def test_fake_quant_gradient_is_straight_through():

@@ -1,5 +1,6 @@
 """Hugging Face import/export: name mapping round trip (no transformers needed), a local HF dir wherever a model
 name goes, and (with the hf extra) transformers loading our export offline with the same logits and tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -113,7 +114,8 @@ def test_transformers_loads_export(tmp_path):
     tok = whisper.tokenizer.get_tokenizer(True, num_languages=99)
     for text in [" hello world, it's 12:30!", "日本語のテキストです。", " Привет, мир", " ¿Qué tal?"]:
         assert proc.tokenizer.encode(text, add_special_tokens=False) == tok.encode(text)
-    ids = [tok.sot, tok.to_language_token("de"), tok.transcribe, tok.no_timestamps] + tok.encode(" Guten Tag") + [tok.eot]
+    prefix = [tok.sot, tok.to_language_token("de"), tok.transcribe, tok.no_timestamps]
+    ids = prefix + tok.encode(" Guten Tag") + [tok.eot]
     assert proc.tokenizer.decode(ids, skip_special_tokens=True) == " Guten Tag"
     # HF round trip: its directory back through our loader gives the exported weights
     back = load_whisper(out)
@@ -135,8 +137,16 @@ def test_inference_and_transcribe_take_an_hf_dir_and_a_ggml_file(tmp_path):
     from dqwhisper.interop.ggml import write_ggml
     from dqwhisper.transcribe import main as transcribe_main
 
-    teacher = random_tiny_whisper(seed=6, bias_std=0.02, n_audio_state=384, n_audio_head=6, n_text_state=384,
-                                  n_text_head=6, n_audio_layer=1, n_text_layer=2)  # tiny's widths (MODEL=tiny)
+    teacher = random_tiny_whisper(
+        seed=6,
+        bias_std=0.02,
+        n_audio_state=384,
+        n_audio_head=6,
+        n_text_state=384,
+        n_text_head=6,
+        n_audio_layer=1,
+        n_text_layer=2,
+    )  # tiny's widths (MODEL=tiny)
     s = from_whisper(teacher, decoder_layers=[0, 1])
     save_checkpoint(s, tmp_path / "s.pt")
     hf.export_hf(tmp_path / "s.pt", tmp_path / "hfdir")
@@ -148,8 +158,12 @@ def test_inference_and_transcribe_take_an_hf_dir_and_a_ggml_file(tmp_path):
     write_data_dir(test, [Utterance("a", "a.wav", "hello", "spk", "en")])
     hyps = {}
     for name, target in [("pt", tmp_path / "s.pt"), ("hf", tmp_path / "hfdir")]:
-        [res] = inference.run("tiny", target, [f"decode.test_sets=[{test}]", f"decode.out_dir={tmp_path / name}",
-                                               "decode.max_new_tokens=8"], progress=False)
+        [res] = inference.run(
+            "tiny",
+            target,
+            [f"decode.test_sets=[{test}]", f"decode.out_dir={tmp_path / name}", "decode.max_new_tokens=8"],
+            progress=False,
+        )
         hyps[name] = (tmp_path / name / "hyp.txt").read_text()
     assert hyps["hf"] == hyps["pt"]
     assert transcribe_main(["--model", str(tmp_path / "hfdir"), "--language", "en", str(test / "a.wav")]) == 0

@@ -212,3 +212,17 @@ def test_load_ggml_gives_the_file_weights(tmp_path, fmt):
         codes, _, scale = quantize_blocks(w, fmt)
         assert torch.equal(got, (codes * scale[:, None]).reshape(w.shape))
     torch.testing.assert_close(back.encoder.ln_post.weight, s.encoder.ln_post.weight, atol=0, rtol=0)
+
+
+def test_ggml_qat_student_exports_to_dqw_exactly(tmp_path):
+    """The project's own packed file (.dqw) stores ggml-format codes too (signed codes, fp16 scales of either sign),
+    and runs them bit for bit like the fake-quantized checkpoint."""
+    from dqwhisper.quant.export import check_export, export_checkpoint
+
+    quant = {"enabled": True, "conv": False, "weight": {"bits": 4, "granularity": "ggml_q4_0", "lsq": False}}
+    s = _student(quant)
+    save_checkpoint(s, tmp_path / "qat.pt")
+    export_checkpoint(tmp_path / "qat.pt", tmp_path / "qat.dqw", float_dtype="float32")
+    res = check_export(tmp_path / "qat.pt", tmp_path / "qat.dqw")
+    assert res["dequant"]["max_abs_diff"] == 0.0
+    assert res["int8"]["argmax_agree"] == 1.0

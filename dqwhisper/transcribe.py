@@ -346,7 +346,16 @@ def main(argv: list[str] | None = None, prog: str = "dqwhisper transcribe") -> i
     from dqwhisper.models.load import load_model
     from dqwhisper.utils import resolve_device
 
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.language is not None:
+        from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+        code = args.language.lower()
+        code = code if code in LANGUAGES else TO_LANGUAGE_CODE.get(code)
+        if code is None:
+            parser.error(f"--language {args.language}: not a Whisper language code or name")
+        args.language = code
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     decode = DecodeConfig(

@@ -192,6 +192,11 @@ def test_detected_language_and_model_error(tiny_pt, tmp_path, monkeypatch, capsy
     assert res["language"] in LANGUAGES
     assert main([str(wav), "--model", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(wav), "--model", str(tiny_pt), "--language", "klingon"])
+    assert "--language klingon: not a Whisper language" in capsys.readouterr().err
+    assert main([str(wav), "--model", str(tiny_pt), "--language", "Japanese", "-o", str(tmp_path), "-f", "json"]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["language"] == "ja"
 
 
 def test_python_dash_m_help():

@@ -24,12 +24,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, LogitFilter
 from whisper.model import Whisper
-from whisper.tokenizer import LANGUAGES
+from whisper.tokenizer import LANGUAGES, get_tokenizer
 
+from dqwhisper.data.bpe import BPE
 from dqwhisper.data.dataset import MEL_PADDINGS, window_log_mel
 from dqwhisper.data.kaldi import is_pipe
+from dqwhisper.models.student import set_audio_window, window_frames
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -238,8 +241,6 @@ def _language_codes(model: Whisper, features: Tensor, languages: list[str | None
     todo = [i for i, lang in enumerate(languages) if lang in (None, DETECT)]
     if todo:
         if model.is_multilingual:
-            from whisper.tokenizer import get_tokenizer
-
             tok = get_tokenizer(True, num_languages=model.num_languages, task="transcribe")
             _, probs = model.detect_language(features[todo], tok)
             for i, p in zip(todo, probs):
@@ -362,7 +363,6 @@ def ctc_greedy(logits: Tensor, lengths: Sequence[int] | None = None, blank: int 
 
 def load_ctc_bpe(model: Whisper, fallback: str | Path | None = None):
     """The sentencepiece model of the CTC units: the checkpoint's serialized copy, else a bpe.model file."""
-    from dqwhisper.data.bpe import BPE
 
     proto = getattr(model, "ctc_bpe", None)
     if proto:
@@ -459,7 +459,6 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
     wav.scp pipe is never run for its duration (its command runs once, when it is decoded; unknown lengths sort
     last). `on_batch` gets each batch's hypotheses as soon as they exist (to write them incrementally). An
     utterance whose audio cannot be read is skipped: `on_skip(utt_id, reason)` (which may raise) and `skipped`."""
-    from tqdm import tqdm
 
     device = next(model.parameters()).device
     fp16 = bool(cfg.fp16) and device.type == "cuda"
@@ -547,7 +546,6 @@ def apply_audio_window(model: Whisper, seconds: float | None) -> Whisper:
     """Shrink the encoder window to `seconds` for decoding (None: keep the model's own)."""
     if seconds is None:
         return model
-    from dqwhisper.models.student import set_audio_window, window_frames
 
     frames = window_frames(seconds)
     if frames > model.dims.n_audio_ctx:

@@ -16,6 +16,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dqwhisper.models.student import read_checkpoint
+from dqwhisper.quant.dqw import read_header
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
@@ -25,11 +27,8 @@ def count_params(model_file: Path) -> int:
     """Weights of the model in `model_file`: every float or quantized tensor of an exported .dqw file (not scales,
     zero points or id tables), or every state-dict entry of a checkpoint but the sinusoid table and id tables."""
     if model_file.suffix == ".dqw":
-        from dqwhisper.quant.export import read_header
-
         header, _ = read_header(model_file)
         return sum(math.prod(e["shape"]) for e in header["tensors"].values() if e["kind"] in ("float", "quantized"))
-    from dqwhisper.models.student import read_checkpoint
 
     sd = read_checkpoint(model_file)["model_state_dict"]
     buffers = ("encoder.positional_embedding", "decoder.vocab_keep", "decoder.full_to_sub")

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 import jiwer
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
+from dqwhisper.data.kaldi import DataDir, kaldi_lines
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
@@ -189,7 +190,6 @@ def write_kaldi_text(path: str | Path, texts: dict[str, str]) -> None:
 
 def read_kaldi_text(path: str | Path) -> dict[str, str]:
     """`utt-id text` lines; the text may be empty."""
-    from dqwhisper.data.kaldi import kaldi_lines
 
     out = {}
     for lineno, line in enumerate(kaldi_lines(Path(path).read_text(encoding="utf-8")), 1):
@@ -222,7 +222,6 @@ def write_results(out_dir: str | Path, scores: Sequence[UttScore], alignments: d
 def score_files(data_dir: str | Path, hyp_path: str | Path, raw: bool = False,
                 cer_languages: Iterable[str] = CER_LANGUAGES) -> tuple[list[UttScore], dict[str, str], dict]:
     """Score a Kaldi hyp file against a data dir's `text` and `utt2lang`."""
-    from dqwhisper.data.kaldi import DataDir
 
     data = DataDir.load(data_dir)
     hyps = read_kaldi_text(hyp_path)
@@ -239,7 +238,6 @@ def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: 
     hyp.txt / ref.txt are concatenated; the scoring switches come from the parts' results.json; `rtf` is the
     parts' summed decoding time over the audio (compute per audio second), `rtf_elapsed` the wall-clock time of
     the parallel run (when given) over the audio."""
-    from dqwhisper.data.kaldi import DataDir
 
     hyps: dict[str, str] = {}
     refs: dict[str, str] = {}

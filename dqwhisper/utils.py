@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -9,7 +10,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -85,3 +86,19 @@ def resolve_device(device: str | None = None) -> torch.device:
 def autocast(dtype: torch.dtype | None):
     """CUDA autocast to `dtype` (bf16/fp16 AMP), or nothing when None."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """The one wrapper of every command-line entry point: `main(argv)` runs; a DQWhisperError becomes one line on
+    stderr (`error: <message>`) and exit code 1. `python -m ...`, the `dqwhisper` subcommands and the top-level
+    scripts all go through it."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return int(main(argv) or 0)
+        except DQWhisperError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return run

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from dqwhisper.data.kaldi import DataDir
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
 log = get_logger("dqwhisper.data.bpe")   # not __name__: "__main__" under python -m
@@ -96,7 +97,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, out_pa
 def train_bpe_from_data_dir(data_dir: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE,
                             out_path: str | os.PathLike | None = None,
                             languages: list[str] | None = None) -> BPE:
-    from dqwhisper.data.kaldi import DataDir
     data = DataDir.load(data_dir)
     if languages is not None:
         data = data.filter(languages=list(languages))

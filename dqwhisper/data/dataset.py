@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
+import torchaudio.transforms as T
 import whisper
 from whisper.tokenizer import LANGUAGES, Tokenizer, get_tokenizer
 
@@ -34,7 +35,8 @@ NO_SPACE_LANGUAGES = {"ja", "zh", "yue", "th", "lo", "my", "km", "bo"}
 MEL_PADDINGS = ("zeros", "audio")
 
 
-def window_log_mel(audio: np.ndarray | torch.Tensor, n_mels: int, n_audio_ctx: int, padding: str = "zeros") -> torch.Tensor:
+def window_log_mel(audio: np.ndarray | torch.Tensor, n_mels: int, n_audio_ctx: int,
+                   padding: str = "zeros") -> torch.Tensor:
     """Whisper's log-mel of one utterance for an encoder window of `n_audio_ctx` positions: (n_mels, 2*n_audio_ctx).
 
     "zeros" (the toolkit's convention): the mel of the audio, normalized as openai-whisper's `transcribe` does (with
@@ -97,7 +99,6 @@ class SpecAugment:
                 "num_freq_masks": ("n_freq_masks",), "num_time_masks": ("n_time_masks",)}
 
     def __post_init__(self):
-        import torchaudio.transforms as T
         self._freq = T.FrequencyMasking(self.freq_mask_param)
         self._time = T.TimeMasking(self.time_mask_param)
 

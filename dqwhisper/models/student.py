@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from whisper.model import AudioEncoder, LayerNorm, ModelDimensions, TextDecoder, Whisper
 
+from dqwhisper.quant.prepare import prepare
 from dqwhisper.utils import DQWhisperError, atomic_torch_save
 
 FRAMES_PER_SECOND = 50  # encoder positions per second of audio (mel hop 10 ms, conv stride 2)
@@ -285,8 +286,6 @@ def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>") -> DQWhisper
         raise DQWhisperError(f"checkpoint {source} has a {dims.n_audio_ctx}-position window but no positional table")
     model = DQWhisper(dims, ctc_units=meta.get("ctc_units", 0), vocab_keep=meta.get("vocab_keep"))
     if meta.get("quant"):
-        from dqwhisper.quant import prepare  # imported here: quantization is optional for float checkpoints
-
         prepare(model, meta["quant"])
     model.ctc_bpe = meta.get("bpe_model")
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -304,6 +303,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> DQW
     return model.to(device).eval()
 
 
+def export_state(model_or_ckpt: Whisper | dict) -> dict[str, Any]:
+    """What the converters take, from a model or a checkpoint dict: `dims` (ModelDimensions), `state_dict`,
+    `vocab_keep` (list or None), `alignment_heads` (list of [layer, head] or None)."""
+    if isinstance(model_or_ckpt, Whisper):
+        m = model_or_ckpt
+        keep = getattr(m.decoder, "vocab_keep", None)
+        heads = m.alignment_heads.to_dense().nonzero().tolist() if m.alignment_heads is not None else None
+        return {"dims": m.dims, "state_dict": dict(m.state_dict()),
+                "vocab_keep": None if keep is None else keep.tolist(), "alignment_heads": heads}
+    dims = model_or_ckpt["dims"]
+    return {"dims": dims if isinstance(dims, ModelDimensions) else ModelDimensions(**dims),
+            "state_dict": dict(model_or_ckpt["model_state_dict"]),
+            "vocab_keep": (model_or_ckpt.get("dqwhisper") or {}).get("vocab_keep"),
+            "alignment_heads": model_or_ckpt.get("alignment_heads")}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -311,5 +326,5 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = [
     "DQWhisper", "DQTextDecoder", "DQAudioEncoder", "LayerNorm", "set_audio_window", "from_whisper",
     "window_frames", "save_checkpoint", "read_checkpoint", "load_checkpoint", "model_from_checkpoint",
-    "vocab_from_token_lists", "count_parameters", "FRAMES_PER_SECOND", "SAMPLES_PER_FRAME",
+    "vocab_from_token_lists", "export_state", "count_parameters", "FRAMES_PER_SECOND", "SAMPLES_PER_FRAME",
 ]

@@ -5,8 +5,12 @@ entry point of the package (prepare, ptq, export) goes through it, so a bad sett
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dqwhisper.utils import DQWhisperError
 
@@ -52,8 +56,6 @@ class QuantConfig:
 
 def _plain(cfg: Any) -> Any:
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
         if isinstance(cfg, (DictConfig, ListConfig)):
             return OmegaConf.to_container(cfg, resolve=True)
     except ImportError:  # omegaconf is optional for users of the package alone
@@ -86,7 +88,6 @@ def _check_bits(bits: Any, key: str) -> None:
 
 def validate(cfg: QuantConfig) -> QuantConfig:
     """Raise DQWhisperError naming the key for any setting the quantizer cannot honour."""
-    import re
 
     w = cfg.weight
     _check_bits(w.bits, "quant.weight.bits")
@@ -139,6 +140,5 @@ def resolve_config(cfg: QuantConfig | Mapping | Any) -> QuantConfig:
 
 def register_configs() -> None:
     """Register the schema for Hydra's `quant` group (a key typo in conf/quant/*.yaml is then an error)."""
-    from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(group="quant", name="quant_schema", node=QuantConfig)

@@ -19,11 +19,15 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dqwhisper.models.ct2 import Int8Weight, openai_to_ct2
+from dqwhisper.models.student import export_state, load_checkpoint
+from dqwhisper.quant.dqw import load_exported
 from dqwhisper.quant.fake_quant import FAKE_QUANTIZED_TYPES
+from dqwhisper.quant.prepare import quantize_module_weight
 from dqwhisper.quant.quantized import QUANTIZED_TYPES, QuantizedTensor
 from dqwhisper.utils import DQWhisperError, get_logger
 
@@ -37,20 +41,12 @@ def _load(source) -> nn.Module:
     if isinstance(source, nn.Module):
         return source
     path = Path(source)
-    if path.suffix == ".dqw":
-        from dqwhisper.quant.export import load_exported
-
-        return load_exported(path, "dequant")
-    from dqwhisper.models.student import load_checkpoint
-
-    return load_checkpoint(path)
+    return load_exported(path, "dequant") if path.suffix == ".dqw" else load_checkpoint(path)
 
 
 def _quantized_tensor(module: nn.Module) -> QuantizedTensor:
     if isinstance(module, QUANTIZED_TYPES):
         return module.quantized_tensor()
-    from dqwhisper.quant.prepare import quantize_module_weight
-
     return quantize_module_weight(module)
 
 
@@ -101,8 +97,7 @@ def ct2_greedy(ct2_dir: str | Path, mel, prompts: list[list[int]], max_length: i
     """Greedy decoding with CTranslate2 itself on our own log-mel features (B, n_mels, 2 * n_audio_ctx): works for
     any audio window (faster-whisper's transcribe pads features to 30 s, so it runs only full-window students).
     Returns the generated token ids after each prompt, without eot."""
-    import ctranslate2
-    import numpy as np
+    import ctranslate2  # optional: only this function needs it
 
     model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute_type)
     feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(mel, dtype=np.float32)))
@@ -118,12 +113,9 @@ def export_ct2(source, out_dir: str | Path, float_precision: str = "float16", to
         raise DQWhisperError(f"--float {float_precision!r}: use one of {list(FLOAT_CHOICES)}")
     model = _load(source)
     state, int8 = student_state_for_ct2(model)
-    keep = getattr(model.decoder, "vocab_keep", None)
-    ckpt = {"dims": model.dims, "model_state_dict": state,
-            "dqwhisper": {"vocab_keep": None if keep is None else keep.tolist()}}
-    heads = model.alignment_heads.to_dense().nonzero().tolist() if model.alignment_heads is not None else None
-    out = openai_to_ct2(ckpt, out_dir, FLOAT_CHOICES[float_precision], int8_weights=int8,
-                        tokenizer_dir=tokenizer_dir, alignment_heads=heads)
+    meta = export_state(model)
+    out = openai_to_ct2(model.dims, state, out_dir, FLOAT_CHOICES[float_precision], vocab_keep=meta["vocab_keep"],
+                        alignment_heads=meta["alignment_heads"], int8_weights=int8, tokenizer_dir=tokenizer_dir)
     if model.dims.n_audio_ctx != 1500:
         log.warning("the student's audio window is %.1f s: faster-whisper's transcribe pads features to 30 s and "
                     "will refuse it; run it through ctranslate2.models.Whisper (ct2_greedy)",

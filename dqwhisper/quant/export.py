@@ -1,301 +1,27 @@
-"""The compact export file `model.dqw` and its loader.
+"""Export a checkpoint as `model.dqw` (the file format and its loader: dqwhisper.quant.dqw), optionally a
+CTranslate2 directory too, and check the file against the checkpoint.
 
-Layout (little-endian):
-    b"DQW1" | u64 header length | header (UTF-8 JSON) | zero padding to a multiple of 64 | data
-Every tensor's bytes lie in `data` at the header's `offset` (from the start of data, 64-byte aligned) and `nbytes`.
-Header: `format`, `version`, `dims` (ModelDimensions), `quant` (the QuantConfig dict or null), `ctc_units`,
-`float_dtype`, `tokenizer` (multilingual, num_languages, languages the student was trained for, task),
-`encoder_positional` ("sinusoids": regenerated on load, not stored | "stored"), `vocab_keep` / `bpe_model` (tensor
-names or null), `source`, `data_nbytes` and `data_sha256` (the data section's size and SHA-256: a truncated or damaged
-file is one error naming it; version 1 files have neither and are only bounds-checked), and `tensors`: name -> entry.
-- float entry: {"kind": "float", "dtype": "float16"|"float32", "shape"} — every non-quantized float tensor.
-- int entry: {"kind": "int", "dtype": "int32"|"uint8", "shape"} — vocab_keep, the sentencepiece model bytes.
-- quantized entry (name = module name): {"kind": "quantized", "module": "linear"|"embedding"|"conv1d", "shape",
-  "bits", "symmetric", "granularity", "group_size", "act_quant", "codes": {offset, nbytes} (codes - qmin, bit-packed,
-  see packing.py), "scale": {offset, nbytes, shape (A, B)} float16, "zero": {offset, nbytes} uint8 or null}.
-The module's bias, if any, is a separate float entry `<name>.bias`.
-
-Loading rebuilds a DQWhisper (whisper.decode runs on it) with QuantizedLinear/Embedding/Conv1d modules:
-mode "dequant" is the exact reference (equals the fake-quant forward bit for bit when the float tensors are stored in
-float32; with float16 storage, equal to a fake-quant model whose float tensors are rounded to float16), mode "int8"
-runs int8 kernels (quantized.py).
+    python -m dqwhisper.quant.export CKPT OUT.dqw [--float-dtype float16|float32] [--ct2 DIR] [--check]
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import struct
-import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from whisper.model import ModelDimensions, sinusoids
 
-from dqwhisper.quant.fake_quant import FAKE_QUANTIZED_TYPES, FakeQuantizedConv1d, FakeQuantizedEmbedding, QuantSpec
-from dqwhisper.quant.packing import pack_codes, unpack_codes
-from dqwhisper.quant.prepare import _set_module, quantize_module_weight
-from dqwhisper.quant.quantized import (QUANTIZED_TYPES, QuantizedConv1d, QuantizedEmbedding, QuantizedLinear,
-                                       QuantizedTensor, log_kernels)
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger, sha256_file
+from dqwhisper.models.student import load_checkpoint, model_from_checkpoint, read_checkpoint
+from dqwhisper.quant.ct2_export import export_ct2
+from dqwhisper.quant.dqw import ALIGN, FLOAT_DTYPES, export_model, load_exported, read_header
+from dqwhisper.utils import command, get_logger, sha256_file
 
 log = get_logger(__name__)
-MAGIC = b"DQW1"
-FORMAT = "dqwhisper-export"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: no data_nbytes / data_sha256
-ALIGN = 64
-FLOAT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-SKIP_BUFFERS = ("decoder.full_to_sub", "decoder.vocab_keep", "encoder.positional_embedding")
-
-
-class _Blob:
-    def __init__(self):
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def add(self, data: bytes) -> dict:
-        pad = (-self.size) % ALIGN
-        if pad:
-            self.parts.append(b"\0" * pad)
-            self.size += pad
-        entry = {"offset": self.size, "nbytes": len(data)}
-        self.parts.append(data)
-        self.size += len(data)
-        return entry
-
-
-def _tensor_bytes(t: Tensor) -> bytes:
-    return t.detach().cpu().contiguous().numpy().tobytes()
-
-
-def _module_kind(module: nn.Module) -> str:
-    if isinstance(module, (FakeQuantizedEmbedding, QuantizedEmbedding)):
-        return "embedding"
-    if isinstance(module, (FakeQuantizedConv1d, QuantizedConv1d)):
-        return "conv1d"
-    return "linear"
-
-
-def _quantized_entry(qt: QuantizedTensor, kind: str, act_quant: bool, blob: _Blob) -> dict:
-    spec = qt.spec
-    unsigned = (qt.codes.to(torch.int16) - spec.qmin).to(torch.uint8).numpy()
-    entry = {"kind": "quantized", "module": kind, "shape": list(qt.shape), "bits": spec.bits,
-             "symmetric": spec.symmetric, "granularity": spec.granularity, "group_size": spec.group_size,
-             "act_quant": act_quant}
-    entry["codes"] = blob.add(pack_codes(unsigned, spec.bits))
-    scale16 = qt.scale.to(torch.float16)
-    if not torch.equal(scale16.float(), qt.scale.float()):
-        raise DQWhisperError("a quantization scale is not float16-representable (not from this package's quantizer?)")
-    entry["scale"] = {**blob.add(_tensor_bytes(scale16)), "shape": list(qt.scale.shape)}
-    entry["zero"] = None if qt.zero is None else blob.add(_tensor_bytes(qt.zero.to(torch.uint8)))
-    return entry
-
-
-def _languages(model: nn.Module, config: dict | None) -> list[str] | None:
-    langs = None
-    if isinstance(config, dict):
-        langs = (config.get("data") or {}).get("languages")
-    return list(langs) if langs else None
-
-
-def export_model(model: nn.Module, path: str | Path, float_dtype: str = "float16", config: dict | None = None,
-                 source: dict | None = None) -> dict:
-    """Write a (fake-quantized, converted or float) DQWhisper to `path`; returns the header."""
-    if float_dtype not in FLOAT_DTYPES:
-        raise DQWhisperError(f"float_dtype {float_dtype!r}: use one of {list(FLOAT_DTYPES)}")
-    blob = _Blob()
-    tensors: dict[str, Any] = {}
-    covered: set[str] = set()
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, FAKE_QUANTIZED_TYPES):
-            qt = quantize_module_weight(module)
-            act = getattr(module, "activation_fake_quantizer", None) is not None
-        elif isinstance(module, QUANTIZED_TYPES):
-            qt, act = module.quantized_tensor(), bool(getattr(module, "act_quant", False))
-        else:
-            continue
-        tensors[name] = _quantized_entry(qt, _module_kind(module), act, blob)
-        covered.update(k for k in state if k.startswith(name + ".") and not k.endswith(".bias"))
-    dims = model.dims
-    enc_pos = "stored"
-    pos = state.get("encoder.positional_embedding")
-    if pos is not None and torch.equal(pos.float().cpu(), sinusoids(dims.n_audio_ctx, dims.n_audio_state)):
-        enc_pos = "sinusoids"
-    for key, value in state.items():
-        stored_pos = key == "encoder.positional_embedding" and enc_pos == "stored"
-        if key in covered or (key in SKIP_BUFFERS and not stored_pos):
-            continue
-        if not torch.is_floating_point(value):
-            raise DQWhisperError(f"export: unexpected non-float tensor {key} ({value.dtype})")
-        t = value.detach().cpu().to(FLOAT_DTYPES[float_dtype])
-        tensors[key] = {"kind": "float", "dtype": float_dtype, "shape": list(t.shape), **blob.add(_tensor_bytes(t))}
-    keep = getattr(model.decoder, "vocab_keep", None)
-    if keep is not None:
-        tensors["vocab_keep"] = {"kind": "int", "dtype": "int32", "shape": [len(keep)],
-                                 **blob.add(_tensor_bytes(keep.to(torch.int32)))}
-    bpe = getattr(model, "ctc_bpe", None)
-    if bpe:
-        tensors["bpe_model"] = {"kind": "int", "dtype": "uint8", "shape": [len(bpe)], **blob.add(bytes(bpe))}
-    n_languages = dims.n_vocab - 51765 - int(dims.n_vocab >= 51865)
-    header = {
-        "format": FORMAT, "version": VERSION, "dims": asdict(dims),
-        "quant": getattr(model, "quant_config", None), "ctc_units": int(getattr(model, "ctc_units", 0)),
-        "float_dtype": float_dtype, "encoder_positional": enc_pos,
-        "vocab_keep": "vocab_keep" if keep is not None else None, "bpe_model": "bpe_model" if bpe else None,
-        "tokenizer": {"multilingual": dims.n_vocab >= 51865, "num_languages": n_languages,
-                      "languages": _languages(model, config), "task": "transcribe"},
-        "source": source or {}, "tensors": tensors,
-    }
-    data = b"".join(blob.parts)
-    header["data_nbytes"] = len(data)
-    header["data_sha256"] = hashlib.sha256(data).hexdigest()
-    head = json.dumps(header, separators=(",", ":")).encode()
-    prefix = MAGIC + struct.pack("<Q", len(head)) + head
-    prefix += b"\0" * ((-len(prefix)) % ALIGN)
-    atomic_write_bytes(path, prefix + data)
-    return header
-
-
-def read_header(path: str | Path) -> tuple[dict, int]:
-    """(header, byte offset of the data section). The file's size is checked against the header's `data_nbytes`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DQWhisperError(f"export file {path} does not exist")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        start = f.read(12)
-        if len(start) < 12 or start[:4] != MAGIC:
-            raise DQWhisperError(f"{path} is not a DQ-Whisper export file (bad magic)")
-        (n,) = struct.unpack("<Q", start[4:])
-        if 12 + n > size:
-            raise DQWhisperError(f"{path} is truncated or damaged: its header says {n:,} header bytes, the file has "
-                                 f"{size:,} bytes in all; export it again")
-        head = f.read(n)
-    try:
-        header = json.loads(head)
-    except ValueError as e:
-        raise DQWhisperError(f"{path}: corrupt header ({e}); export it again") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or \
-            header.get("version") not in READABLE_VERSIONS:
-        got = (header.get("format"), header.get("version")) if isinstance(header, dict) else (None, None)
-        raise DQWhisperError(f"{path}: format {got[0]} v{got[1]}, this loader reads {FORMAT} "
-                             f"v{', v'.join(map(str, READABLE_VERSIONS))}")
-    data_start = 12 + n
-    data_start += (-data_start) % ALIGN
-    want = header.get("data_nbytes")
-    if want is not None and size != data_start + want:
-        raise DQWhisperError(f"{path} is {'truncated' if size < data_start + want else 'damaged'}: {size:,} bytes, "
-                             f"its header says {data_start + want:,}; export it again")
-    return header, data_start
-
-
-def _check_data(path: Path, header: dict, data: memoryview) -> None:
-    """The data section against the header's SHA-256 (version 2) and every entry's bounds (all versions)."""
-    want = header.get("data_sha256")
-    if want is not None:
-        got = hashlib.sha256(data).hexdigest()
-        if got != want:
-            raise DQWhisperError(f"{path} is damaged: the data's SHA-256 is {got[:16]}..., its header says "
-                                 f"{want[:16]}...; export it again")
-
-    def bounds(e: dict) -> list[tuple[int, int]]:
-        if e.get("kind") == "quantized":
-            return [(p["offset"], p["nbytes"]) for p in (e["codes"], e["scale"], e["zero"]) if p is not None]
-        return [(e["offset"], e["nbytes"])]
-
-    for name, entry in header["tensors"].items():
-        for offset, nbytes in bounds(entry):
-            if offset < 0 or offset + nbytes > len(data):
-                raise DQWhisperError(f"{path} is truncated: tensor {name} needs bytes {offset:,}..{offset + nbytes:,}"
-                                     f" of the data section, which has {len(data):,}; export it again")
-
-
-def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor:
-    spec = QuantSpec(entry["bits"], entry["symmetric"], entry["granularity"], entry["group_size"])
-    shape = tuple(entry["shape"])
-    n = int(np.prod(shape))
-    c = entry["codes"]
-    codes = unpack_codes(data[c["offset"]:c["offset"] + c["nbytes"]], spec.bits, n).astype(np.int16) + spec.qmin
-    codes = torch.from_numpy(codes.reshape(shape)).to(torch.int8 if spec.symmetric else torch.uint8)
-    s = entry["scale"]
-    scale = torch.from_numpy(np.frombuffer(data[s["offset"]:s["offset"] + s["nbytes"]], np.float16).copy())
-    scale = scale.float().reshape(s["shape"])
-    if tuple(scale.shape) != spec.grouped_shape(shape, name)[:2]:
-        raise DQWhisperError(f"export entry {name}: scale shape {tuple(scale.shape)} does not fit {spec}")
-    zero = None
-    if entry["zero"] is not None:
-        z = entry["zero"]
-        zero = torch.from_numpy(np.frombuffer(data[z["offset"]:z["offset"] + z["nbytes"]], np.uint8).copy())
-        zero = zero.float().reshape(scale.shape)
-    return QuantizedTensor(codes, scale, zero, spec)
-
-
-def _read_plain(entry: dict, data: memoryview) -> Tensor:
-    dtype = {"float16": np.float16, "float32": np.float32, "int32": np.int32, "uint8": np.uint8}[entry["dtype"]]
-    arr = np.frombuffer(data[entry["offset"]:entry["offset"] + entry["nbytes"]], dtype).copy()
-    return torch.from_numpy(arr.reshape(entry["shape"]))
-
-
-def load_exported(path: str | Path, mode: str = "dequant", device: str | torch.device = "cpu"):
-    """model.dqw -> a runnable DQWhisper in eval mode (`export_header` attribute holds the header)."""
-    from dqwhisper.models.student import DQWhisper
-
-    header, start = read_header(path)
-    raw = Path(path).read_bytes()
-    data = memoryview(raw)[start:]
-    _check_data(Path(path), header, data)
-    dims = ModelDimensions(**header["dims"])
-    entries = header["tensors"]
-    keep = None
-    if header.get("vocab_keep"):
-        keep = _read_plain(entries[header["vocab_keep"]], data).long()
-    model = DQWhisper(dims, ctc_units=header.get("ctc_units", 0), vocab_keep=keep)
-    state = {}
-    for name, entry in entries.items():
-        if entry["kind"] == "float":
-            state[name] = _read_plain(entry, data).float()
-    if header["encoder_positional"] == "sinusoids":
-        state["encoder.positional_embedding"] = sinusoids(dims.n_audio_ctx, dims.n_audio_state)
-    quantized = {n: e for n, e in entries.items() if e["kind"] == "quantized"}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in quantized or not k.endswith(".weight")]
-    missing = [k for k in missing if not k.startswith(("decoder.vocab_keep", "decoder.full_to_sub"))]
-    if missing or unexpected:
-        raise DQWhisperError(f"{path} does not match its own dims: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, entry in quantized.items():
-        qt = _read_quantized(entry, data, name)
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as e:
-            raise DQWhisperError(f"{path}: quantized tensor for {name}, which this model does not have") from e
-        if tuple(old.weight.shape) != qt.shape:
-            raise DQWhisperError(f"{path}: {name} has shape {qt.shape}, the model expects {tuple(old.weight.shape)}")
-        if entry["module"] == "embedding":
-            new = QuantizedEmbedding(qt, mode, name, act_quant=entry["act_quant"])
-        elif entry["module"] == "conv1d":
-            new = QuantizedConv1d(qt, old.bias, old, mode, name)
-        else:
-            new = QuantizedLinear(qt, old.bias, mode, name, act_quant=entry["act_quant"])
-        _set_module(model, name, new)
-    if header.get("bpe_model"):
-        model.ctc_bpe = bytes(_read_plain(entries[header["bpe_model"]], data).numpy().tobytes())
-    model.quant_config = header.get("quant")
-    model.export_header = header
-    if mode == "int8":
-        log_kernels(model)
-    return model.to(device).eval()
+__all__ = ["ALIGN", "FLOAT_DTYPES", "export_model", "load_exported", "read_header", "export_checkpoint", "main",
+           "check_export"]
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, float_dtype: str = "float16") -> dict:
     """A training checkpoint (fake-quantized when it has a quant config; float otherwise) -> model.dqw."""
-    from dqwhisper.models.student import model_from_checkpoint, read_checkpoint
-
     ckpt = read_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, str(ckpt_path)).eval()
     meta = ckpt.get("dqwhisper") or {}
@@ -305,6 +31,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, float_dtype: str =
     return export_model(model, out, float_dtype=float_dtype, config=meta.get("config"), source=source)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dqwhisper.quant.export",
                                 description="Export a DQ-Whisper checkpoint as a packed low-bit model.dqw "
@@ -316,29 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ct2", metavar="DIR", help="also write a CTranslate2 model directory (see quant/ct2_export.py)")
     p.add_argument("--check", action="store_true", help="reload the file and compare with the checkpoint's forward")
     args = p.parse_args(argv)
-    try:
-        header = export_checkpoint(args.checkpoint, args.out, args.float_dtype)
-        size = Path(args.out).stat().st_size
-        nq = sum(e["kind"] == "quantized" for e in header["tensors"].values())
-        print(f"wrote {args.out}: {size:,} bytes ({size / 1e6:.2f} MB), {nq} quantized tensors")
-        if args.check:
-            print(check_export(args.checkpoint, args.out))
-        if args.ct2:
-            from dqwhisper.quant.ct2_export import export_ct2
-
-            export_ct2(args.checkpoint, args.ct2)
-            print(f"wrote {args.ct2}")
-    except DQWhisperError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    header = export_checkpoint(args.checkpoint, args.out, args.float_dtype)
+    size = Path(args.out).stat().st_size
+    nq = sum(e["kind"] == "quantized" for e in header["tensors"].values())
+    print(f"wrote {args.out}: {size:,} bytes ({size / 1e6:.2f} MB), {nq} quantized tensors")
+    if args.check:
+        print(check_export(args.checkpoint, args.out))
+    if args.ct2:
+        export_ct2(args.checkpoint, args.ct2)
+        print(f"wrote {args.ct2}")
     return 0
 
 
 @torch.no_grad()
 def check_export(ckpt_path: str | Path, dqw_path: str | Path, seed: int = 0) -> dict:
     """Max |logit difference| on random mel/tokens: checkpoint (fake-quant) vs the file in both run modes."""
-    from dqwhisper.models.student import load_checkpoint
-
     ref_model = load_checkpoint(ckpt_path)
     g = torch.Generator().manual_seed(seed)
     dims = ref_model.dims

@@ -9,13 +9,27 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from dqwhisper.quant.config import QuantConfig, resolve_config
-from dqwhisper.quant.fake_quant import (FAKE_QUANTIZED_TYPES, ActivationFakeQuantizer, FakeQuantizedConv1d,
-                                        FakeQuantizedEmbedding, FakeQuantizedLinear, QuantSpec, WeightFakeQuantizer)
-from dqwhisper.quant.quantized import (QUANTIZED_TYPES, QuantizedConv1d, QuantizedEmbedding, QuantizedLinear,
-                                       QuantizedTensor, log_kernels)
+from dqwhisper.quant.fake_quant import (
+    FAKE_QUANTIZED_TYPES,
+    ActivationFakeQuantizer,
+    FakeQuantizedConv1d,
+    FakeQuantizedEmbedding,
+    FakeQuantizedLinear,
+    QuantSpec,
+    WeightFakeQuantizer,
+)
+from dqwhisper.quant.quantized import (
+    QUANTIZED_TYPES,
+    QuantizedConv1d,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedTensor,
+    log_kernels,
+)
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -64,7 +78,7 @@ def weight_spec(cfg: QuantConfig, module: nn.Module) -> QuantSpec:
                      (32 if granularity.startswith("ggml_") else 0))
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -98,7 +112,7 @@ def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
         else:
             new = FakeQuantizedLinear(module, wfq, afq)
         new.train(module.training)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     model.quant_config = cfg.to_dict()
     log.info("prepare: %d modules fake-quantized (%d-bit %s%s, scope %s)", len(specs), cfg.weight.bits,
              cfg.weight.granularity, " LSQ" if cfg.weight.lsq else "", cfg.scope)
@@ -111,7 +125,6 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def quantize_module_weight(module: nn.Module) -> QuantizedTensor:
     """The codes/scales a fake-quantized module's forward uses, as a QuantizedTensor."""
-    import torch
 
     with torch.no_grad():
         q, s, z = module.weight_fake_quantizer.codes(module.weight)
@@ -134,7 +147,7 @@ def convert(model: nn.Module, mode: str = "dequant") -> nn.Module:
         else:
             new = QuantizedLinear(qt, module.bias, mode, name,
                                   act_quant=module.activation_fake_quantizer is not None)
-        _set_module(model, name, new.to(device))
+        set_module(model, name, new.to(device))
     if mode == "int8":
         log_kernels(model)
     return model

@@ -14,7 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from dqwhisper.models.student import load_checkpoint, read_checkpoint, save_checkpoint
 from dqwhisper.quant.config import QuantConfig, resolve_config
+from dqwhisper.quant.prepare import prepare
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -23,7 +27,6 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "quant"
 
 def load_quant_config(name_or_path: str, overrides: list[str] | None = None) -> QuantConfig:
     """A conf/quant name or YAML path, plus dotted overrides -> validated QuantConfig (enabled, ptq set)."""
-    from omegaconf import OmegaConf
 
     path = Path(name_or_path)
     if not path.is_file():
@@ -43,8 +46,6 @@ def load_quant_config(name_or_path: str, overrides: list[str] | None = None) -> 
 
 
 def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path):
-    from dqwhisper.models.student import load_checkpoint, read_checkpoint, save_checkpoint
-    from dqwhisper.quant.prepare import prepare
 
     ckpt = read_checkpoint(student_path)
     meta = ckpt.get("dqwhisper") or {}

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from dqwhisper.models.ct2 import read_model_bin
+from dqwhisper.models.student import read_checkpoint
+from dqwhisper.quant.dqw import read_header
 from dqwhisper.utils import DQWhisperError
 
 
 def teacher_fp16_bytes(path: str | Path) -> dict:
-    from dqwhisper.models.student import read_checkpoint
 
     sd = read_checkpoint(path)["model_state_dict"]
     floats = {k: v for k, v in sd.items() if torch.is_floating_point(v)}
@@ -41,7 +43,6 @@ def _group(name: str) -> str:
 
 
 def dqw_tensors(path: Path) -> list[dict]:
-    from dqwhisper.quant.export import read_header
 
     header, _ = read_header(path)
     rows = []
@@ -59,7 +60,6 @@ def dqw_tensors(path: Path) -> list[dict]:
 
 
 def pt_tensors(path: Path) -> list[dict]:
-    from dqwhisper.models.student import read_checkpoint
 
     rows = []
     for name, t in read_checkpoint(path)["model_state_dict"].items():
@@ -70,7 +70,6 @@ def pt_tensors(path: Path) -> list[dict]:
 
 
 def ct2_tensors(path: Path) -> list[dict]:
-    from dqwhisper.models.ct2 import read_model_bin
 
     rows = []
     for name, t in read_model_bin(path).variables.items():

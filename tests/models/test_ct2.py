@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dqwhisper.models import ct2
+from dqwhisper.models.student import export_state
 from dqwhisper.models.student import from_whisper
 from dqwhisper.utils import DQWhisperError
 
@@ -20,7 +21,7 @@ def empty_model_store(tmp_path, monkeypatch):
 
 
 def _export(model, tmp_path, **kw):
-    return ct2.openai_to_ct2(model, tmp_path / "ct2", tokenizer_dir=None, **kw)
+    return ct2.openai_to_ct2(**export_state(model), out_dir=tmp_path / "ct2", tokenizer_dir=None, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

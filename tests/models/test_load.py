@@ -7,7 +7,9 @@ import pytest
 import torch
 from whisper.model import Whisper
 
-from dqwhisper.models import ct2, load_whisper
+from dqwhisper.models import ct2
+from dqwhisper.models.load import load_model, load_whisper
+from dqwhisper.models.student import export_state
 from dqwhisper.models.convert import ct2_dir_to_checkpoint, main as convert_main
 from dqwhisper.models.student import DQWhisper, save_checkpoint
 from dqwhisper.utils import DQWhisperError, sha256_file
@@ -21,7 +23,7 @@ def empty_model_store(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_ct2(tiny_whisper, tmp_path):
-    return ct2.openai_to_ct2(tiny_whisper, tmp_path / "tiny-ct2")
+    return ct2.openai_to_ct2(**export_state(tiny_whisper), out_dir=tmp_path / "tiny-ct2")
 
 
 def _same_outputs(a: Whisper, b: Whisper) -> None:
@@ -190,7 +192,6 @@ def test_load_model_loads_every_kind(tiny_whisper, tiny_ct2, tmp_path, empty_mod
     model it was made from (exactly, or within the int8 kernels' rounding)."""
     import whisper
 
-    from dqwhisper.models import load_model
     from dqwhisper.quant import prepare
     from dqwhisper.quant.export import export_model
     from tests.quant.conftest import make_student

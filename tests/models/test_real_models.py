@@ -11,7 +11,9 @@ import pytest
 import torch
 import whisper
 
-from dqwhisper.models import ct2, load_whisper
+from dqwhisper.models import ct2
+from dqwhisper.models.load import load_whisper
+from dqwhisper.models.student import export_state, read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +128,7 @@ def test_converted_base_gives_faster_whisper_tokens(lang, clips, base_model, bas
 
 
 def test_exported_base_loads_in_faster_whisper(tmp_path, clips, base_checkpoint, base_ct2_dir):
-    out = ct2.openai_to_ct2(base_checkpoint, tmp_path / "base-export")
+    out = ct2.openai_to_ct2(**export_state(read_checkpoint(base_checkpoint)), out_dir=tmp_path / "base-export")
     assert (out / "model.bin").read_bytes() == (base_ct2_dir / "model.bin").read_bytes()
     assert json.loads((out / "config.json").read_text()) == json.loads((base_ct2_dir / "config.json").read_text())
     original, exported = _faster_whisper(base_ct2_dir), _faster_whisper(out)
@@ -137,7 +139,8 @@ def test_exported_base_loads_in_faster_whisper(tmp_path, clips, base_checkpoint,
 def test_exported_int8_base_decodes_like_ctranslate2_int8(tmp_path, clips, base_checkpoint, base_ct2_dir):
     """Our int8 export = CTranslate2's own int8 quantization at load time (same per-row rule)."""
     fw = pytest.importorskip("faster_whisper")
-    out = ct2.openai_to_ct2(base_checkpoint, tmp_path / "base-int8", "int8")
+    out = ct2.openai_to_ct2(**export_state(read_checkpoint(base_checkpoint)), out_dir=tmp_path / "base-int8",
+                            quantization="int8")
     assert (out / "model.bin").stat().st_size < 0.55 * (base_ct2_dir / "model.bin").stat().st_size
     ours = fw.WhisperModel(str(out), device="cpu", compute_type="int8_float32", cpu_threads=2)
     theirs = fw.WhisperModel(str(base_ct2_dir), device="cpu", compute_type="int8_float32", cpu_threads=2)

@@ -9,7 +9,7 @@ import whisper
 from dqwhisper.data.dataset import default_tokenizer, text_ids
 from dqwhisper.data.kaldi import Utterance, write_data_dir
 from dqwhisper.models.student import from_whisper
-from dqwhisper.models.vocab import gather_teacher_logits, main, single_byte_tokens, vocab_from_data_dirs
+from dqwhisper.data.vocab import gather_teacher_logits, main, single_byte_tokens, vocab_from_data_dirs
 from dqwhisper.quant import prepare
 from dqwhisper.quant.export import export_model, load_exported
 from tests.quant.conftest import make_student

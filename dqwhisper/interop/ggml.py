@@ -20,18 +20,18 @@ says so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import struct
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from whisper.model import Whisper, sinusoids
+import whisper.audio
+from whisper.model import ModelDimensions, Whisper, sinusoids
 
+from dqwhisper.interop.hf import _tiktoken_ranks, dequantized_float_model, pruned_ids
 from dqwhisper.quant.ggml_format import FORMATS, QK, quantize_blocks
 from dqwhisper.utils import DQWhisperError, get_logger
 
@@ -89,8 +89,6 @@ def unpack_blocks(data: bytes, fmt_name: str, n_blocks: int) -> tuple[np.ndarray
 
 
 def _tiktoken_tokens(multilingual: bool) -> list[bytes]:
-    from dqwhisper.interop.hf import _tiktoken_ranks
-
     ranks = _tiktoken_ranks(multilingual)
     tokens = sorted(ranks, key=ranks.get)
     if [ranks[t] for t in tokens] != list(range(len(tokens))):
@@ -99,8 +97,6 @@ def _tiktoken_tokens(multilingual: bool) -> list[bytes]:
 
 
 def mel_filters(n_mels: int) -> np.ndarray:
-    import whisper.audio
-
     return whisper.audio.mel_filters("cpu", n_mels).numpy().astype(np.float32)
 
 
@@ -148,8 +144,6 @@ def _trained_blocks(model: Whisper, file_type: str) -> dict[str, tuple[Tensor, T
 def write_ggml(model: Whisper, path: str | Path, file_type: str = "f16") -> dict:
     """Write `model` (any of ours: float, fake-quantized, pruned, short-window) as a whisper.cpp model file.
     Returns the sidecar info (also written to PATH.json): audio_ctx to run with, notes."""
-    from dqwhisper.interop.hf import dequantized_float_model, pruned_ids
-
     if file_type not in TYPES:
         raise DQWhisperError(f"ggml type '{file_type}': one of {', '.join(TYPES)}")
     dims = model.dims
@@ -322,8 +316,6 @@ def load_ggml(path: str | Path) -> Whisper:
     """A whisper.cpp model file -> openai-whisper `Whisper` with the weights the file holds (quantized blocks
     dequantized exactly as ggml does: code * fp16 d). The audio window comes from the PATH.json sidecar when there
     is one (a short-window export), else the file's n_audio_ctx."""
-    from whisper.model import ModelDimensions
-
     f = read_ggml(path)
     hp = f["hparams"]
     sidecar = Path(str(path) + ".json")
@@ -362,38 +354,3 @@ def load_ggml(path: str | Path) -> Whisper:
             f"{path}: whisper.cpp tensors do not fill {dims}: missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
     return model.eval()
-
-
-def export_ggml(ckpt: str | Path, out: str | Path, file_type: str = "f16") -> dict:
-    from dqwhisper.models.load import load_whisper
-
-    src = str(ckpt)
-    if src.endswith(".dqw"):
-        from dqwhisper.quant.export import load_exported
-
-        model = load_exported(Path(src), mode="dequant", device="cpu")
-    else:
-        model = load_whisper(src, device="cpu")
-    return write_ggml(model, out, file_type)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dqwhisper export-ggml", description="write a whisper.cpp model file")
-    p.add_argument("checkpoint", help=".pt checkpoint, .dqw export, store name, CT2 or HF directory")
-    p.add_argument("out", help="OUT.bin (a sidecar OUT.bin.json says how to run it)")
-    p.add_argument("--type", default="f16", choices=TYPES, help="weight type of the 2-D tensors (default f16)")
-    args = p.parse_args(argv)
-    try:
-        info = export_ggml(args.checkpoint, args.out, args.type)
-    except DQWhisperError as e:
-        print(f"export-ggml: error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {args.out} ({info['bytes'] / 1e6:.1f} MB, {args.type}; tensors {info['tensor_types']})"
-        + "".join(f"\n  {n}" for n in info["notes"])
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,6 +19,7 @@ import torch
 import whisper
 from whisper.model import Whisper
 
+from dqwhisper.interop import ggml, hf
 from dqwhisper.models import ct2
 from dqwhisper.models.student import DQWhisper, model_from_checkpoint, read_checkpoint
 from dqwhisper.models.store import model_store, verify_checksum
@@ -57,8 +58,6 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         log.info("experiment dir %s: loading %s", path, found[0])
         path = found[0]
     if path.is_dir():
-        from dqwhisper.interop import hf
-
         if hf.is_hf_dir(path):
             model = hf.load_hf_dir(path)
         elif (path / "model.bin").exists():
@@ -72,8 +71,6 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
             raise DQWhisperError(f"export mode '{export_mode}': one of int8, dequant")
         return load_exported(path, mode=export_mode, device=dev).eval()
     elif path.is_file():
-        from dqwhisper.interop import ggml
-
         model = ggml.load_ggml(path) if ggml.is_ggml_file(path) else _from_checkpoint(path)
     elif _looks_like_path(name) or isinstance(name_or_path, Path):
         raise DQWhisperError(f"model {path} does not exist")

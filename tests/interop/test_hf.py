@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dqwhisper.interop import hf
+from dqwhisper.interop import hf, hf_export
 from dqwhisper.models.load import load_whisper
 from dqwhisper.models.student import from_whisper, save_checkpoint
 from dqwhisper.quant import prepare
@@ -96,7 +96,7 @@ def test_transformers_loads_export(tmp_path):
     s = from_whisper(teacher, vocab_keep=keep, decoder_layers=[0, 3], n_audio_ctx=50)
     save_checkpoint(s, tmp_path / "s.pt")
     out = tmp_path / "hf"
-    hf.export_hf(tmp_path / "s.pt", out)
+    hf_export.export_hf(tmp_path / "s.pt", out)
     model = transformers.WhisperForConditionalGeneration.from_pretrained(out).eval()
     proc = transformers.WhisperProcessor.from_pretrained(out)
     assert model.config.max_source_positions == 50 and proc.feature_extractor.nb_max_frames == 100
@@ -149,7 +149,7 @@ def test_inference_and_transcribe_take_an_hf_dir_and_a_ggml_file(tmp_path):
     )  # tiny's widths (MODEL=tiny)
     s = from_whisper(teacher, decoder_layers=[0, 1])
     save_checkpoint(s, tmp_path / "s.pt")
-    hf.export_hf(tmp_path / "s.pt", tmp_path / "hfdir")
+    hf_export.export_hf(tmp_path / "s.pt", tmp_path / "hfdir")
     write_ggml(s, tmp_path / "s.bin", "f16")
     test = tmp_path / "data"
     test.mkdir()

@@ -12,7 +12,7 @@ from dqwhisper.models.load import load_model
 @pytest.mark.hf
 def test_base_hf_round_trip_identical(base_checkpoint, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from dqwhisper.interop.hf import export_hf
+    from dqwhisper.interop.hf_export import export_hf
 
     export_hf(base_checkpoint, tmp_path / "hf")
     ours = load_model(base_checkpoint)
@@ -35,7 +35,7 @@ def test_base_hf_round_trip_identical(base_checkpoint, tmp_path):
 @pytest.mark.ggml
 def test_base_ggml_q8_0_loads_in_whisper_cpp(base_checkpoint, tmp_path):
     pytest.importorskip("_pywhispercpp")
-    from dqwhisper.interop.ggml import export_ggml
+    from dqwhisper.interop.ggml_export import export_ggml
     from dqwhisper.interop.whispercpp import WhisperCpp
     from dqwhisper.quant.ggml_format import quantize_blocks
 

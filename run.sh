@@ -67,8 +67,12 @@ train() {  # train NAME CONF [overrides...]: one experiment, skipped when its fi
   if [ "$stage" = 0 ] && [ -f "$exp/$name/best.pt" ] && [ -f "$exp/$name/.done" ]; then
     log "$name: trained before, skipped"; return 0
   fi
+  local again=()  # an interrupted run continues from its last.pt; a finished one (or one without last.pt) starts over
+  if [ -f "$exp/$name/last.pt" ] && [ ! -f "$exp/$name/.done" ]; then again=(trainer.resume=true)
+  elif [ -f "$exp/$name/config.yaml" ]; then again=(trainer.overwrite=true); fi
+  rm -f "$exp/$name/.done"
   bash scripts/train_ce_ctc.sh --nj "$nj" --expdir "$exp/$name" --conf "$conf" \
-    data.data_dir="$data" "${step_args[@]+"${step_args[@]}"}" "$@"
+    data.data_dir="$data" "${step_args[@]+"${step_args[@]}"}" "$@" "${again[@]+"${again[@]}"}"
   touch "$exp/$name/.done"
 }
 

@@ -122,7 +122,10 @@ class TrainerConfig:
     valid_batch_size: int = 16
     keep_top_k: int = 3  # step_<N>.pt kept by dev metric
     average: bool = True  # write avg.pt, the average of the kept checkpoints
-    resume: bool = False  # continue from checkpoint_dir/last.pt when it exists
+    resume: bool = False  # continue from checkpoint_dir/last.pt (an error when there is none)
+    overwrite: bool = False  # start over in a checkpoint_dir that holds an experiment (its outputs are removed)
+    save_every_steps: int = 0  # also write last.pt every N steps, between validations; 0 = only at validations
+    save_every_minutes: float = 10.0  # also write last.pt when this much time passed since the last one; 0 = off
     cache_encoder: bool = True  # frozen encoder: compute its outputs once, on disk
     cache_teacher: bool = True  # frozen teacher: its decoder outputs once, on disk
     cache_dir: Optional[str] = None  # null = exp/cache (shared between experiments; keyed by audio + model)
@@ -168,6 +171,9 @@ def validate(cfg: TrainConfig | DictConfig) -> None:
         (cfg.trainer.amp in ("none", "bf16", "fp16"), f"trainer.amp={cfg.trainer.amp}: none|bf16|fp16"),
         (cfg.trainer.cache_dtype in ("float16", "bfloat16", "float32"), "trainer.cache_dtype"),
         (cfg.data.collector.minibatch_size >= 1, "data.collector.minibatch_size must be >= 1"),
+        (not (cfg.trainer.resume and cfg.trainer.overwrite), "trainer.resume and trainer.overwrite: choose one"),
+        (cfg.trainer.save_every_steps >= 0 and cfg.trainer.save_every_minutes >= 0,
+         "trainer.save_every_steps / save_every_minutes must be >= 0"),
         (cfg.student.init != "pretrained" or cfg.student.name, "student.init=pretrained needs student.name"),
         (cfg.loss.alpha == 0 or cfg.teacher.name or cfg.quant.ptq,
          "loss.alpha > 0 distils from a teacher: set teacher.name"),

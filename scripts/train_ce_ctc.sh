@@ -26,20 +26,32 @@ python=${PYTHON:-.venv/bin/python}
 [ -x "$python" ] || python=python3
 
 overrides=("$@")
-has_ckpt_dir=0
+ckpt_dir=
 for o in "${overrides[@]+"${overrides[@]}"}"; do
-  case "$o" in checkpoint_dir=*) has_ckpt_dir=1 ;; esac
+  case "$o" in checkpoint_dir=*) ckpt_dir=${o#checkpoint_dir=} ;; esac
 done
-[ $has_ckpt_dir = 1 ] || overrides+=("checkpoint_dir=$expdir")
+[ -n "$ckpt_dir" ] || { ckpt_dir=$expdir; overrides+=("checkpoint_dir=$expdir"); }
 
 conf_dir=$(cd "$(dirname "$conf")" && pwd)
 conf_name=$(basename "$conf" .yaml)
-mkdir -p "$expdir"
+mkdir -p "$expdir" "$ckpt_dir"
+# One training per experiment dir: the lock (dqwhisper/train/expdir.py takes the same one) is held by this shell and
+# what it starts, and released by the kernel when they end, killed or not.
+exec 9>>"$ckpt_dir/.lock"
+if ! flock -n 9; then
+  echo "$0: error: $ckpt_dir is in use by another training ($(cat "$ckpt_dir/.lock" 2>/dev/null || true)): wait for" \
+    "it to end, or train into another --expdir" >&2
+  exit 1
+fi
+echo "pid $$ on host $(hostname) since $(date '+%F %T')" > "$ckpt_dir/.lock"
+DQWHISPER_EXPDIR_LOCKED=$(cd "$ckpt_dir" && pwd -P)
+export DQWHISPER_EXPDIR_LOCKED
+# torchrun through dqwhisper.bin.launch: a training error stays the last line (no torchrun traceback after it)
 if [ "$nj" -gt 1 ]; then
   port=${master_port:-$((29500 + RANDOM % 1000))}
-  launcher=("$python" -m torch.distributed.run --nproc_per_node "$nj" --master_port "$port")
+  launcher=("$python" -m dqwhisper.bin.launch --nproc_per_node "$nj" --master_port "$port")
 else
-  launcher=("$python" -m torch.distributed.run --nproc_per_node 1 --standalone)
+  launcher=("$python" -m dqwhisper.bin.launch --nproc_per_node 1 --standalone)
 fi
 log "training $conf ($nj process(es)) into $expdir; log: $expdir/train.log"
 "${launcher[@]}" -m dqwhisper.bin.train \

@@ -5,15 +5,14 @@ experiment dir, hand over to dqwhisper.train (set up, build the parts, run the l
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dqwhisper.config import register_configs
 from dqwhisper.train import train
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes
+from dqwhisper.utils import DQWhisperError
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -22,10 +21,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_bytes(Path(cfg.checkpoint_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     try:
-        train(cfg)
+        train(cfg)  # rank 0 writes the resolved config.yaml once it holds the experiment dir
     except DQWhisperError as e:
         raise SystemExit(f"train: {e}") from None
 

@@ -26,7 +26,7 @@ log = get_logger(__name__)
 
 SAMPLES_PER_FRAME = 320          # encoder frame = 2 mel frames of 160 samples = 20 ms
 MAX_TEXT_TOKENS = 448            # Whisper's n_text_ctx: prefix + text + eot must fit
-PREFIX_LEN = 4                   # sot, lang, transcribe, notimestamps
+PREFIX_LEN = 4                   # sot, lang, transcribe, notimestamps (English-only models: sot, notimestamps)
 # Scripts written without spaces: their transcripts are tokenized as they are. Others get a leading space, as
 # Whisper itself emits (" Hello world").
 NO_SPACE_LANGUAGES = {"ja", "zh", "yue", "th", "lo", "my", "km", "bo"}
@@ -55,9 +55,22 @@ def window_log_mel(audio: np.ndarray | torch.Tensor, n_mels: int, n_audio_ctx: i
     return whisper.pad_or_trim(mel[:, :frames], 2 * n_audio_ctx)
 
 
+N_VOCAB_ENGLISH = 51864  # the *.en models (GPT-2 vocabulary + specials, no language tokens)
+
+
 def default_tokenizer(n_vocab: int = 51865) -> Tokenizer:
-    """The multilingual tokenizer matching a model's vocabulary (51865: 99 languages, 51866: large-v3's 100)."""
+    """The tokenizer of a model's vocabulary `dims.n_vocab`: 51864 English-only (*.en), 51865 multilingual
+    (99 languages), 51866 large-v3's 100 languages."""
+    if n_vocab == N_VOCAB_ENGLISH:
+        return get_tokenizer(multilingual=False)
+    if n_vocab < 51865:
+        raise DQWhisperError(f"a Whisper vocabulary of {n_vocab} ids is neither English-only ({N_VOCAB_ENGLISH}) nor "
+                             "multilingual (51865 + languages added)")
     return get_tokenizer(multilingual=True, num_languages=n_vocab - 51765 - 1, task="transcribe")
+
+
+def is_multilingual(tokenizer: Tokenizer) -> bool:
+    return not tokenizer.encoding.name.startswith("gpt2")
 
 
 def text_ids(tokenizer: Tokenizer, text: str, lang: str) -> list[int]:
@@ -66,6 +79,10 @@ def text_ids(tokenizer: Tokenizer, text: str, lang: str) -> list[int]:
 
 
 def prefix_ids(tokenizer: Tokenizer, lang: str) -> list[int]:
+    """The decoder prompt Whisper decodes with: [sot, lang, transcribe, notimestamps]; English-only models have no
+    language or task token: [sot, notimestamps]."""
+    if not is_multilingual(tokenizer):
+        return [tokenizer.sot, tokenizer.no_timestamps]
     return [tokenizer.sot, tokenizer.to_language_token(lang), tokenizer.transcribe, tokenizer.no_timestamps]
 
 
@@ -157,6 +174,7 @@ class WhisperDataset(torch.utils.data.Dataset):
         if languages is not None:
             self.data = self.data.filter(languages=list(languages))
         self.tokenizer = tokenizer or default_tokenizer()
+        self.prefix_len = len(prefix_ids(self.tokenizer, "en"))
         self.n_mels = n_mels
         self.n_audio_ctx = n_audio_ctx
         self.n_samples = n_audio_ctx * SAMPLES_PER_FRAME
@@ -186,6 +204,8 @@ class WhisperDataset(torch.utils.data.Dataset):
             return "empty transcript", None
         if utt.lang not in LANGUAGES:
             return f"unknown language: '{utt.lang}'", None
+        if utt.lang != "en" and not is_multilingual(self.tokenizer):
+            return f"language '{utt.lang}': the model is English-only", None
         tokens = prefix_ids(self.tokenizer, utt.lang) + text_ids(self.tokenizer, utt.text, utt.lang) + \
             [self.tokenizer.eot]
         if len(tokens) > MAX_TEXT_TOKENS:
@@ -260,13 +280,13 @@ class WhisperDataset(torch.utils.data.Dataset):
         if self.spec_augment is not None:
             mel = self.spec_augment(mel, 2 * n_frames)
         return dict(utt_id=utt.utt_id, lang=utt.lang, mel=mel, tokens=list(tokens), ctc_targets=list(ctc),
-                    n_frames=n_frames)
+                    n_frames=n_frames, prefix_len=self.prefix_len)
 
 
 def collate(items: list[dict | None], pad_id: int) -> dict:
     """Batch items (None = skipped bad utterance, dropped). `pad_id` is normally the eot token.
-    tokens_in (B, L) = tokens[:-1] padded with pad_id; targets (B, L) = tokens[1:] with the 3 prefix targets
-    (lang, transcribe, notimestamps) and padding set to -100."""
+    tokens_in (B, L) = tokens[:-1] padded with pad_id; targets (B, L) = tokens[1:] with the prefix targets
+    (lang, transcribe, notimestamps; the item's `prefix_len` - 1 of them, 3 unless given) and padding set to -100."""
     items = [it for it in items if it is not None]
     if not items:
         raise DQWhisperError("collate: every utterance of this batch was bad")
@@ -277,7 +297,7 @@ def collate(items: list[dict | None], pad_id: int) -> dict:
         tok = torch.tensor(it["tokens"], dtype=torch.long)
         tokens_in[i, : len(tok) - 1] = tok[:-1]
         targets[i, : len(tok) - 1] = tok[1:]
-        targets[i, : PREFIX_LEN - 1] = -100
+        targets[i, : it.get("prefix_len", PREFIX_LEN) - 1] = -100
     ctc = [torch.tensor(it["ctc_targets"], dtype=torch.long) for it in items]
     return dict(
         utt_ids=[it["utt_id"] for it in items],

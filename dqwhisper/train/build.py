@@ -16,7 +16,7 @@ from whisper.tokenizer import Tokenizer
 
 from dqwhisper.config import validate as validate_config
 from dqwhisper.data.bpe import BPE, train_bpe
-from dqwhisper.data.dataset import WhisperDataset, default_tokenizer, text_tokens
+from dqwhisper.data.dataset import N_VOCAB_ENGLISH, WhisperDataset, default_tokenizer, is_multilingual, text_tokens
 from dqwhisper.data.kaldi import DataDir
 from dqwhisper.distill.model import DistillModel, feature_adapter
 from dqwhisper.distill.teacher import CachedTargets, LiveTargets, TeacherTargets
@@ -62,6 +62,50 @@ def load_source(name: str, n_audio_ctx: int) -> DQWhisper:
     out = from_whisper(model, ctc_units=getattr(model, "ctc_units", 0),
                        vocab_keep=None if keep is None else keep.tolist(), n_audio_ctx=n_audio_ctx)
     return out.eval()
+
+
+def check_languages(tokenizer: Tokenizer, model_name: str, train_dir: Path, languages: list[str] | None) -> None:
+    """An English-only model (*.en) trains on English only: say so at set-up, not as a run of bad utterances."""
+    if is_multilingual(tokenizer):
+        return
+    others = [lang for lang in DataDir.load(train_dir).filter(languages=languages).languages if lang != "en"]
+    if others:
+        raise DQWhisperError(f"{model_name} is an English-only model (vocabulary of {N_VOCAB_ENGLISH} ids, no language "
+                             f"tokens) but {train_dir} has languages {others}: set data.languages=[en] or use a "
+                             "multilingual model")
+
+
+def check_compatible(teacher: DQWhisper, source: DQWhisper, teacher_name: str, source_name: str) -> None:
+    """Teacher and student (the model it is cut from) must read the same mel and speak the same vocabulary."""
+    t, s = teacher.dims, source.dims
+
+    def kind(n_vocab: int) -> str:
+        return "English-only" if n_vocab == N_VOCAB_ENGLISH else f"multilingual, {n_vocab - 51765 - 1} languages"
+
+    problems = []
+    if t.n_mels != s.n_mels:
+        problems.append(f"the teacher takes {t.n_mels}-bin log-mels, the student {s.n_mels}")
+    if t.n_vocab != s.n_vocab:
+        problems.append(f"the teacher's vocabulary has {t.n_vocab} ids ({kind(t.n_vocab)}), the student's "
+                        f"{s.n_vocab} ({kind(s.n_vocab)})")
+    if t.n_text_ctx < s.n_text_ctx:
+        problems.append(f"the teacher reads {t.n_text_ctx} text positions, the student {s.n_text_ctx}")
+    if problems:
+        raise DQWhisperError(f"teacher {teacher_name} cannot teach a student cut from {source_name}: "
+                             + "; ".join(problems) + " (choose a teacher of the same Whisper family)")
+
+
+def check_teacher_vocab(teacher: DQWhisper, student: DQWhisper, teacher_name: str) -> None:
+    """A teacher with a pruned vocabulary must keep every id the student keeps (KD reads its logits there)."""
+    t_keep = teacher.decoder.vocab_keep
+    if t_keep is None:
+        return
+    s_keep = student.decoder.vocab_keep
+    missing = (set(range(student.dims.n_vocab)) if s_keep is None else set(s_keep.tolist())) - set(t_keep.tolist())
+    if missing:
+        raise DQWhisperError(f"teacher {teacher_name} has a pruned vocabulary without {len(missing)} token id(s) the "
+                             f"student keeps (e.g. {min(missing)}): use a teacher with the full vocabulary, or prune "
+                             "the student on the same training text")
 
 
 def build_student(cfg: Any, source: DQWhisper, vocab_keep: list[int] | None, ctc_units: int,
@@ -156,15 +200,17 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
     set_seed(cfg.trainer.seed)
     expdir = Path(cfg.checkpoint_dir)
     n_audio_ctx = window_frames(cfg.data.audio_window)
-    tokenizer = default_tokenizer()
     languages = None if cfg.data.languages is None else list(cfg.data.languages)
 
     need_teacher = cfg.loss.alpha > 0 and bool(cfg.teacher.name)
     src_name = cfg.student.name or cfg.teacher.name
     source = load_source(src_name, n_audio_ctx)
+    tokenizer = default_tokenizer(source.dims.n_vocab)  # the model's own: multilingual or English-only, 99/100 langs
+    check_languages(tokenizer, src_name, Path(cfg.data.data_dir) / cfg.data.train_set, languages)
     teacher = None
     if need_teacher:
         teacher = source if src_name == cfg.teacher.name else load_source(cfg.teacher.name, n_audio_ctx)
+        check_compatible(teacher, source, cfg.teacher.name, src_name)
         teacher.requires_grad_(False)
         teacher.to(device).eval()
 
@@ -179,6 +225,8 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         vocab_keep = vocab_from_token_lists(list(lists), source.dims.n_vocab, tokenizer.eot)
     ctc_units = bpe.vocab_size if bpe is not None else 0
     student = build_student(cfg, source, vocab_keep, ctc_units, n_audio_ctx)
+    if teacher is not None:
+        check_teacher_vocab(teacher, student, cfg.teacher.name)
     student.ctc_bpe = bpe.model_bytes if bpe is not None else None
     if cfg.quant.enabled:
         prepare(student, OmegaConf.to_object(cfg.quant) if OmegaConf.is_config(cfg.quant) else cfg.quant)

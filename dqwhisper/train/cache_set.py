@@ -55,7 +55,8 @@ class TrainingSet(torch.utils.data.Dataset):
             utt, tokens, ctc, _ = self.base.items[i]
             entry = self.enc_cache.get(self.audio_keys[i])
             item = dict(utt_id=utt.utt_id, lang=utt.lang, mel=torch.zeros(0), tokens=list(tokens),
-                        ctc_targets=list(ctc), n_frames=int(entry["n_frames"]), enc=entry["enc"])
+                        ctc_targets=list(ctc), n_frames=int(entry["n_frames"]), enc=entry["enc"],
+                        prefix_len=self.base.prefix_len)
         else:
             item = self.base[i]
             if item is None:

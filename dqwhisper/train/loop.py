@@ -1,4 +1,5 @@
-"""The training loop: `train_one_epoch`, `validate`, checkpoints at each validation, resume, and `train(cfg)`.
+"""The training loop: `train_one_epoch`, `validate`, checkpoints (last.pt at each validation and every
+trainer.save_every_steps / save_every_minutes), resume (the jsonl logs cut back to the resumed step), `train(cfg)`.
 
 One `Trainer` per process. Under `torchrun` each rank reads its share of the batches (the data package's
 BatchSampler) and DDP wraps the DistillModel, so the ranks' gradients are averaged by torch. Losses are normalised
@@ -7,6 +8,7 @@ by the global token count over the world size, so N ranks step exactly as one pr
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -28,6 +30,7 @@ from dqwhisper.train import dist as D
 from dqwhisper.train.build import Parts, build, setup
 from dqwhisper.train.cache_set import TrainingSet, collate_training
 from dqwhisper.train.checkpoint import TopK, load_state, save_state
+from dqwhisper.train.expdir import open_experiment
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, autocast, get_logger
 
 log = get_logger(__name__)
@@ -41,6 +44,7 @@ class Trainer:
         self.expdir = Path(cfg.checkpoint_dir)
         self.writer = None
         self.step = self.epoch = self.batch_in_epoch = self.nonfinite = 0
+        self.last_save = time.time()  # of last.pt
         self.topk = TopK(self.expdir, cfg.trainer.keep_top_k)
         self.loss_log: list[dict] = []
         self.chosen_counts: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
@@ -129,6 +133,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if tc.valid_every and self.step % tc.valid_every == 0 and self.step < tc.max_steps:
                 self.validate_and_save()
+            elif self.step < tc.max_steps and self._periodic_save_due():
+                if self.dist.main:
+                    self.save_state(self.expdir / "last.pt")
+                self.last_save = time.time()
             if tc.stop_after_steps and self.step - start_step >= tc.stop_after_steps:
                 log.info("stopping after %d steps (trainer.stop_after_steps), without a checkpoint", self.step)
                 return "stopped"
@@ -136,11 +144,23 @@ class Trainer:
                 return "done"
         return None
 
+    def _periodic_save_due(self) -> bool:
+        """last.pt between validations: every trainer.save_every_steps steps or save_every_minutes minutes (rank 0
+        decides alone: only it writes)."""
+        tc = self.cfg.trainer
+        if tc.save_every_steps and self.step % tc.save_every_steps == 0:
+            return True
+        return bool(tc.save_every_minutes) and time.time() - self.last_save >= 60 * tc.save_every_minutes
+
     def run(self) -> dict:
         """Run to trainer.max_steps (or max_epochs), validating and checkpointing; returns the summary."""
         cfg, tc = self.cfg, self.cfg.trainer
+        self.last_save = time.time()
         if tc.resume and (self.expdir / "last.pt").exists():
             self.load_state(self.expdir / "last.pt")
+            if self.dist.main:  # records of steps after last.pt were made by the killed run: they are redone
+                for name in ("train_losses.jsonl", "dev_results.jsonl"):
+                    truncate_log(self.expdir / name, self.step)
         elif self.dist.main:  # a fresh run: the logs start empty
             for name in ("train_losses.jsonl", "dev_results.jsonl"):
                 (self.expdir / name).unlink(missing_ok=True)
@@ -262,6 +282,7 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **result}) + "\n")
             self.topk.save(self.parts.student, self.step, metric_value, self._config_dict())
             self.save_state(self.expdir / "last.pt")
+        self.last_save = time.time()
         D.barrier(self.dist)
         return metric_value
 
@@ -290,15 +311,35 @@ class Trainer:
         D.barrier(self.dist)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the jsonl records of steps <= `step` (and drop a line a kill cut short); atomic."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+
+
 def make_trainer(cfg: Any) -> Trainer:
     device, dist, amp_dtype = setup(cfg)
     return Trainer(cfg, build(cfg, device, dist, amp_dtype), dist, device, amp_dtype)
 
 
 def train(cfg: Any) -> dict:
-    """The Hydra entry point's body: set up, build the parts, run the loop."""
-    trainer = make_trainer(cfg)
+    """The Hydra entry point's body: take the experiment dir (rank 0: lock, resume / overwrite rules, config.yaml),
+    set up, build the parts, run the loop."""
+    lock = open_experiment(cfg) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        return trainer.run()
+        trainer = make_trainer(cfg)
+        try:
+            return trainer.run()
+        finally:
+            D.cleanup(trainer.dist)
     finally:
-        D.cleanup(trainer.dist)
+        if lock is not None:
+            lock.release()

@@ -1,4 +1,5 @@
 """The bad inputs of docs/bad_inputs.md that data, decoding and export handle: each test names its row."""
+
 from __future__ import annotations
 
 import pytest
@@ -46,12 +47,19 @@ def _damaged(src, dst, edit):
     return dst
 
 
-@pytest.mark.parametrize("what,edit,message", [
-    ("truncated by 100 bytes", lambda b: b[:-100], "is truncated: .* bytes, its header says"),
-    ("one byte flipped", lambda b: b[:-5000] + bytes([b[-5000] ^ 0xFF]) + b[-4999:], "is damaged: the data's SHA-256"),
-    ("bytes appended", lambda b: b + b"\0" * 64, "is damaged: .* bytes, its header says"),
-    ("cut inside the header", lambda b: b[:40], "is truncated or damaged: its header says"),
-])
+@pytest.mark.parametrize(
+    "what,edit,message",
+    [
+        ("truncated by 100 bytes", lambda b: b[:-100], "is truncated: .* bytes, its header says"),
+        (
+            "one byte flipped",
+            lambda b: b[:-5000] + bytes([b[-5000] ^ 0xFF]) + b[-4999:],
+            "is damaged: the data's SHA-256",
+        ),
+        ("bytes appended", lambda b: b + b"\0" * 64, "is damaged: .* bytes, its header says"),
+        ("cut inside the header", lambda b: b[:40], "is truncated or damaged: its header says"),
+    ],
+)
 def test_damaged_dqw_is_one_error_naming_it(dqw_file, tmp_path, what, edit, message):
     from dqwhisper.quant.export import load_exported
     from dqwhisper.utils import DQWhisperError
@@ -71,8 +79,8 @@ def test_truncated_version1_dqw_is_one_error(dqw_file, tmp_path):
 
     raw = dqw_file.read_bytes()
     (n,) = struct.unpack("<Q", raw[4:12])
-    header = json.loads(raw[12:12 + n])
-    data = raw[12 + n + (-(12 + n)) % ALIGN:]
+    header = json.loads(raw[12 : 12 + n])
+    data = raw[12 + n + (-(12 + n)) % ALIGN :]
     header.update(version=1)
     del header["data_nbytes"], header["data_sha256"]
     head = json.dumps(header).encode()
@@ -105,15 +113,25 @@ def _no_model_load(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the check")
+
     monkeypatch.setattr(inference, "load_model", refuse)
 
 
 def _decode(checkpoint, test_set, out, *extra):
     import inference
 
-    return inference.run("tiny", checkpoint, [f"decode.test_sets=[{test_set}]", f"decode.out_dir={out}",
-                                              "decode.max_new_tokens=3", "decode.num_threads=1", *extra],
-                         progress=False)
+    return inference.run(
+        "tiny",
+        checkpoint,
+        [
+            f"decode.test_sets=[{test_set}]",
+            f"decode.out_dir={out}",
+            "decode.max_new_tokens=3",
+            "decode.num_threads=1",
+            *extra,
+        ],
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("empty", ["", "[noise]"])
@@ -133,8 +151,9 @@ def test_empty_reference_is_decoded_not_scored(checkpoint, data_dir, tmp_path, e
 def test_all_references_empty_is_an_error(checkpoint, data_dir, tmp_path):
     from dqwhisper.utils import DQWhisperError
 
-    ts = _copy_set(data_dir, tmp_path / "set",
-                   edit_text=lambda t: "".join(line.split(" ")[0] + "\n" for line in t.splitlines()))
+    ts = _copy_set(
+        data_dir, tmp_path / "set", edit_text=lambda t: "".join(line.split(" ")[0] + "\n" for line in t.splitlines())
+    )
     with pytest.raises(DQWhisperError, match="all 4 reference transcripts are empty.*hypotheses are in"):
         _decode(checkpoint, ts, tmp_path / "out")
     assert len((tmp_path / "out" / "hyp.txt").read_text().splitlines()) == 4
@@ -146,8 +165,11 @@ def test_unreadable_audio_fails_before_the_model_loads(checkpoint, data_dir, tmp
     ts = _copy_set(data_dir, tmp_path / "set")
     (ts / "u3.wav").write_bytes(b"RIFF this is not a wav file" * 20)  # utt3, de: the last language decoded
     _no_model_load(monkeypatch)
-    with pytest.raises(DQWhisperError, match=r"1 of 4 utterances cannot be read, more than decode.max_bad_fraction"
-                                             r"=0.1: utt3: unreadable audio .*u3.wav"):
+    with pytest.raises(
+        DQWhisperError,
+        match=r"1 of 4 utterances cannot be read, more than decode.max_bad_fraction"
+        r"=0.1: utt3: unreadable audio .*u3.wav",
+    ):
         _decode(checkpoint, ts, tmp_path / "out")
 
 
@@ -184,8 +206,11 @@ def test_hypotheses_decoded_before_a_failure_are_kept(checkpoint, data_dir, tmp_
     from dqwhisper.utils import DQWhisperError
 
     ts = _copy_set(data_dir, tmp_path / "set", wav_scp=lambda s: s.replace("utt3 u3.wav", "utt3 false |"))
-    with pytest.raises(DQWhisperError, match=r"1 of 4 utterances cannot be read.*utt3: unreadable audio: wav.scp "
-                                             r"command failed"):
+    with pytest.raises(
+        DQWhisperError,
+        match=r"1 of 4 utterances cannot be read.*utt3: unreadable audio: wav.scp "
+        r"command failed",
+    ):
         _decode(checkpoint, ts, tmp_path / "out", "decode.max_bad_fraction=0")
     kept = sorted(line.split(" ")[0] for line in (tmp_path / "out" / "hyp.txt").read_text().splitlines())
     assert kept == ["utt0", "utt1", "utt2"]
@@ -195,8 +220,13 @@ def test_wav_scp_pipes_run_once_per_utterance(checkpoint, data_dir, tmp_path):
     from dqwhisper.data.validate import validate_data_dir
 
     log = tmp_path / "runs.log"
-    ts = _copy_set(data_dir, tmp_path / "set", wav_scp=lambda s: "".join(
-        f"{k} sh -c 'echo {k} >> {log}; cat {data_dir / v}' |\n" for k, v in (x.split() for x in s.splitlines())))
+    ts = _copy_set(
+        data_dir,
+        tmp_path / "set",
+        wav_scp=lambda s: "".join(
+            f"{k} sh -c 'echo {k} >> {log}; cat {data_dir / v}' |\n" for k, v in (x.split() for x in s.splitlines())
+        ),
+    )
     _decode(checkpoint, ts, tmp_path / "out")
     assert sorted(log.read_text().split()) == ["utt0", "utt1", "utt2", "utt3"]
     log.unlink()

@@ -4,6 +4,7 @@
 print their own one-line error (`train: ...`); torchrun's ChildFailedError report after it (some 30 lines) is left
 out, and the worker's exit code is passed on (a worker killed by a signal gets one line saying so).
 """
+
 from __future__ import annotations
 
 import logging

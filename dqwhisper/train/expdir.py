@@ -9,6 +9,7 @@
   or `trainer.overwrite=true` (which removes the old run's outputs first).
 - Temp files of atomic writes (`.<name>.*.tmp`) that a killed run left behind are removed once the lock is held.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -27,8 +28,19 @@ log = get_logger(__name__)
 
 LOCK_NAME = ".lock"
 LOCKED_ENV = "DQWHISPER_EXPDIR_LOCKED"
-TRAINING_OUTPUTS = ("config.yaml", "last.pt", "best.pt", "avg.pt", "bpe.model", "train_losses.jsonl",
-                    "dev_results.jsonl", "dev_hyp.txt", "train_summary.json", "tensorboard", "step_*.pt")
+TRAINING_OUTPUTS = (
+    "config.yaml",
+    "last.pt",
+    "best.pt",
+    "avg.pt",
+    "bpe.model",
+    "train_losses.jsonl",
+    "dev_results.jsonl",
+    "dev_hyp.txt",
+    "train_summary.json",
+    "tensorboard",
+    "step_*.pt",
+)
 # what belongs to the old model too and goes with trainer.overwrite=true
 DERIVED_OUTPUTS = ("export", "decode_*")
 
@@ -45,11 +57,12 @@ class ExpLock:
             holder = self.path.read_text(errors="replace").strip() or "holder unknown"
             os.close(self.fd)
             self.fd = None
-            raise DQWhisperError(f"{expdir} is in use by another training ({holder}): wait for it to end, or train "
-                                 "into another checkpoint_dir") from None
+            raise DQWhisperError(
+                f"{expdir} is in use by another training ({holder}): wait for it to end, or train "
+                "into another checkpoint_dir"
+            ) from None
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%F %T')}\n"
-                 .encode())
+        os.write(self.fd, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%F %T')}\n".encode())
 
     def release(self) -> None:
         if self.fd is not None:
@@ -89,19 +102,24 @@ def open_experiment(cfg: Any) -> ExpLock | None:
         if tc.resume:
             if not (expdir / "last.pt").is_file():
                 had = f" (it holds {', '.join(p.name for p in found)})" if found else ""
-                raise DQWhisperError(f"trainer.resume=true but {expdir / 'last.pt'} does not exist: nothing to resume"
-                                     f"{had}; drop trainer.resume to start a new run (trainer.overwrite=true replaces "
-                                     "what is there)")
+                raise DQWhisperError(
+                    f"trainer.resume=true but {expdir / 'last.pt'} does not exist: nothing to resume"
+                    f"{had}; drop trainer.resume to start a new run (trainer.overwrite=true replaces "
+                    "what is there)"
+                )
         elif found:
             if not tc.overwrite:
-                raise DQWhisperError(f"{expdir} already holds an experiment ({', '.join(p.name for p in found[:5])}"
-                                     f"{', ...' if len(found) > 5 else ''}): continue it with trainer.resume=true, "
-                                     "replace it with trainer.overwrite=true, or train into another checkpoint_dir")
+                raise DQWhisperError(
+                    f"{expdir} already holds an experiment ({', '.join(p.name for p in found[:5])}"
+                    f"{', ...' if len(found) > 5 else ''}): continue it with trainer.resume=true, "
+                    "replace it with trainer.overwrite=true, or train into another checkpoint_dir"
+                )
             old = existing_outputs(expdir, TRAINING_OUTPUTS + DERIVED_OUTPUTS)
             for p in old:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-            log.warning("trainer.overwrite=true: removed the previous run's %s from %s",
-                        ", ".join(p.name for p in old), expdir)
+            log.warning(
+                "trainer.overwrite=true: removed the previous run's %s from %s", ", ".join(p.name for p in old), expdir
+            )
         if OmegaConf.is_config(cfg):
             atomic_write_bytes(expdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     except BaseException:

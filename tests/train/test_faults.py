@@ -1,7 +1,9 @@
 """Bad inputs and faults around a training run (docs/bad_inputs.md): the experiment-dir lock, existing experiments,
 resume without a checkpoint, the model's own tokenizer (*.en, 128 mels / 51866 ids), teacher/student compatibility,
 last.pt between validations, logs without repeated steps after resume, one-line errors of train_ce_ctc.sh, and a
-fault-injection run (random kill -9s, some inside a checkpoint write) that ends bit-identical to an uninterrupted one."""
+fault-injection run (random kill -9s, some inside a checkpoint write) that ends bit-identical to an uninterrupted
+one."""
+
 from __future__ import annotations
 
 import fcntl
@@ -45,8 +47,11 @@ def test_locked_dir_refuses_a_second_run_naming_the_holder(assets, tmp_path):
         held.write("pid 4242 on host elsewhere since 2026-11-30 12:00:00\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(DQWhisperError, match=rf"{exp} is in use by another training \(pid 4242 on host "
-                                                 "elsewhere since 2026-11-30 12:00:00\): wait for it to end"):
+        with pytest.raises(
+            DQWhisperError,
+            match=rf"{exp} is in use by another training \(pid 4242 on host "
+            r"elsewhere since 2026-11-30 12:00:00\): wait for it to end",
+        ):
             train(tiny_config(exp, data, teacher))
     assert not (exp / "config.yaml").exists()  # the refused run wrote nothing
 
@@ -54,16 +59,28 @@ def test_locked_dir_refuses_a_second_run_naming_the_holder(assets, tmp_path):
 def test_existing_experiment_needs_resume_or_overwrite(assets, tmp_path):
     teacher, data, _ = assets
     exp = tmp_path / "exp"
-    train(tiny_config(exp, data, teacher, overrides=FAST + ["trainer.max_steps=2", "trainer.valid_every=1",
-                                                            "trainer.seed=1"]))
+    train(
+        tiny_config(
+            exp, data, teacher, overrides=FAST + ["trainer.max_steps=2", "trainer.valid_every=1", "trainer.seed=1"]
+        )
+    )
     old_steps = {p.name for p in exp.glob("step_*.pt")}
     assert old_steps
-    with pytest.raises(DQWhisperError, match=rf"{exp} already holds an experiment \(.*\): continue it with "
-                                             r"trainer.resume=true, replace it with trainer.overwrite=true"):
+    with pytest.raises(
+        DQWhisperError,
+        match=rf"{exp} already holds an experiment \(.*\): continue it with "
+        r"trainer.resume=true, replace it with trainer.overwrite=true",
+    ):
         train(tiny_config(exp, data, teacher, overrides=FAST))
     # overwrite: nothing of the first run survives into the second (no avg.pt mixing both runs' step files)
-    train(tiny_config(exp, data, teacher, overrides=FAST + ["trainer.overwrite=true", "trainer.max_steps=3",
-                                                            "trainer.valid_every=3"]))
+    train(
+        tiny_config(
+            exp,
+            data,
+            teacher,
+            overrides=FAST + ["trainer.overwrite=true", "trainer.max_steps=3", "trainer.valid_every=3"],
+        )
+    )
     ckpt = read_checkpoint(exp / "avg.pt")
     assert ckpt["averaged"] == ["step_3.pt"]
     assert {p.name for p in exp.glob("step_*.pt")} == {"step_3.pt"}
@@ -74,8 +91,11 @@ def test_existing_experiment_needs_resume_or_overwrite(assets, tmp_path):
 def test_resume_without_last_pt_says_so(assets, tmp_path):
     teacher, data, _ = assets
     exp = tmp_path / "exp"
-    with pytest.raises(DQWhisperError, match=rf"trainer.resume=true but {exp}/last.pt does not exist: nothing to "
-                                             "resume"):
+    with pytest.raises(
+        DQWhisperError,
+        match=rf"trainer.resume=true but {exp}/last.pt does not exist: nothing to "
+        "resume",
+    ):
         train(tiny_config(exp, data, teacher, overrides=["trainer.resume=true"]))
 
 
@@ -99,8 +119,11 @@ def test_english_only_source_trains_with_its_own_tokenizer(assets, tmp_path):
     """tiny.en's layout (51864 ids, no language tokens): prompts are [sot, notimestamps] of the GPT-2 vocabulary."""
     _, data, root = assets
     en = write_tiny_model(root / "tiny_en.pt", n_vocab=51864)
-    tr = make_trainer(tiny_config(tmp_path / "exp", data, en, name="demo_student_ce",
-                                  overrides=["data.languages=[en]", "trainer.max_steps=1"]))
+    tr = make_trainer(
+        tiny_config(
+            tmp_path / "exp", data, en, name="demo_student_ce", overrides=["data.languages=[en]", "trainer.max_steps=1"]
+        )
+    )
     tok = tr.parts.tokenizer
     assert (tok.sot, tok.eot, tok.no_timestamps) == (50257, 50256, 50362)
     _, tokens, _, _ = tr.parts.train_base.items[0]
@@ -115,16 +138,26 @@ def test_english_only_source_trains_with_its_own_tokenizer(assets, tmp_path):
 def test_english_only_source_refuses_other_languages_at_set_up(assets, tmp_path):
     _, data, root = assets
     en = write_tiny_model(root / "tiny_en.pt", n_vocab=51864)
-    with pytest.raises(DQWhisperError, match=r"tiny_en.pt is an English-only model .* has languages \['ja'\]: set "
-                                             r"data.languages=\[en\]"):
+    with pytest.raises(
+        DQWhisperError,
+        match=r"tiny_en.pt is an English-only model .* has languages \['ja'\]: set "
+        r"data.languages=\[en\]",
+    ):
         make_trainer(tiny_config(tmp_path / "exp", data, en, name="demo_student_ce"))
 
 
 def test_large_v3_layout_128_mels_51866_ids(assets, tmp_path):
     _, data, root = assets
     v3 = write_tiny_model(root / "tiny_v3.pt", n_mels=128, n_vocab=51866)
-    tr = make_trainer(tiny_config(tmp_path / "exp", data, v3, name="demo_student_ce",
-                                  overrides=["trainer.cache_encoder=false", "trainer.max_steps=1"]))
+    tr = make_trainer(
+        tiny_config(
+            tmp_path / "exp",
+            data,
+            v3,
+            name="demo_student_ce",
+            overrides=["trainer.cache_encoder=false", "trainer.max_steps=1"],
+        )
+    )
     tok = tr.parts.tokenizer
     assert tok.transcribe == 50360 and tok.no_timestamps == 50364  # large-v3's ids (one language more than base)
     item = tr.parts.train_set[0]
@@ -132,11 +165,17 @@ def test_large_v3_layout_128_mels_51866_ids(assets, tmp_path):
     assert tr.train_step([next(iter(tr.loader(tr.parts.train_set, [[0, 1]])))]) is not None
 
 
-@pytest.mark.parametrize("dims,message", [
-    (dict(n_mels=128, n_vocab=51866), r"the teacher takes 128-bin log-mels, the student 80; the teacher's vocabulary "
-                                      r"has 51866 ids \(multilingual, 100 languages\), the student's 51865"),
-    (dict(n_vocab=51864), r"the teacher's vocabulary has 51864 ids \(English-only\)"),
-])
+@pytest.mark.parametrize(
+    "dims,message",
+    [
+        (
+            dict(n_mels=128, n_vocab=51866),
+            r"the teacher takes 128-bin log-mels, the student 80; the teacher's vocabulary "
+            r"has 51866 ids \(multilingual, 100 languages\), the student's 51865",
+        ),
+        (dict(n_vocab=51864), r"the teacher's vocabulary has 51864 ids \(English-only\)"),
+    ],
+)
 def test_incompatible_teacher_is_refused_at_set_up(assets, tmp_path, dims, message):
     teacher, data, root = assets
     other = write_tiny_model(root / "other_teacher.pt", **dims)
@@ -147,27 +186,53 @@ def test_incompatible_teacher_is_refused_at_set_up(assets, tmp_path, dims, messa
 
 # ------------------------------------------------------------------------------------------ train_ce_ctc.sh
 def _paper_cmd(exp: Path, data: Path, teacher: Path, *extra: str) -> list[str]:
-    return ["bash", "scripts/train_ce_ctc.sh", "--nj", "1", "--expdir", str(exp), "--conf", "conf/jap_ts.yaml",
-            f"data.data_dir={data}", f"teacher.name={teacher}", "data.audio_window=2.0", "data.bpe_vocab_size=300",
-            "student.decoder_layers=[0,3]", f"trainer.cache_dir={exp.parent / 'cache'}", "trainer.progress=false",
-            "trainer.num_threads=1", *extra]
+    return [
+        "bash",
+        "scripts/train_ce_ctc.sh",
+        "--nj",
+        "1",
+        "--expdir",
+        str(exp),
+        "--conf",
+        "conf/jap_ts.yaml",
+        f"data.data_dir={data}",
+        f"teacher.name={teacher}",
+        "data.audio_window=2.0",
+        "data.bpe_vocab_size=300",
+        "student.decoder_layers=[0,3]",
+        f"trainer.cache_dir={exp.parent / 'cache'}",
+        "trainer.progress=false",
+        "trainer.num_threads=1",
+        *extra,
+    ]
 
 
 def test_second_train_ce_ctc_into_a_running_experiment_exits_at_once(assets, tmp_path):
     teacher, data, _ = assets
     exp = tmp_path / "X"
     env = {**os.environ, "PYTHON": sys.executable}
-    first = subprocess.Popen(_paper_cmd(exp, data, teacher, "trainer.max_steps=100000"), cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        _paper_cmd(exp, data, teacher, "trainer.max_steps=100000"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and "pid" not in ((exp / ".lock").read_text() if (exp / ".lock").exists()
-                                                       else ""):
+        while time.time() < deadline and "pid" not in ((exp / ".lock").read_text() if (exp / ".lock").exists() else ""):
             time.sleep(0.05)
         assert first.poll() is None, "the first training ended early"
         t0 = time.time()
-        second = subprocess.run(_paper_cmd(exp, data, teacher, "trainer.max_steps=1"), cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=30)
+        second = subprocess.run(
+            _paper_cmd(exp, data, teacher, "trainer.max_steps=1"),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         took = time.time() - t0
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -181,8 +246,14 @@ def test_train_ce_ctc_error_is_one_line(assets, tmp_path):
     """A training error under torchrun reaches the user as its one line, last, without torchrun's traceback."""
     teacher, data, _ = assets
     exp = tmp_path / "X"
-    res = subprocess.run(_paper_cmd(exp, data, tmp_path / "no_such_teacher.pt"), cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+    res = subprocess.run(
+        _paper_cmd(exp, data, tmp_path / "no_such_teacher.pt"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
     assert res.returncode == 1
     out = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
     assert out[-1] == f"train: model {tmp_path / 'no_such_teacher.pt'} does not exist", out[-5:]
@@ -190,8 +261,13 @@ def test_train_ce_ctc_error_is_one_line(assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- fault injection
-FAULT_RUN = FAST + ["trainer.max_steps=24", "trainer.valid_every=6", "trainer.save_every_steps=1",
-                    "trainer.save_every_minutes=0", "trainer.keep_top_k=2"]
+FAULT_RUN = FAST + [
+    "trainer.max_steps=24",
+    "trainer.valid_every=6",
+    "trainer.save_every_steps=1",
+    "trainer.save_every_minutes=0",
+    "trainer.keep_top_k=2",
+]
 
 
 def _child_main() -> None:
@@ -208,17 +284,24 @@ def _child_main() -> None:
             if calls[0] == k:
                 os.truncate(f, os.path.getsize(f) // 2)
                 os.kill(os.getpid(), signal.SIGKILL)
+
         torch.save = save
     train(tiny_config(Path(expdir), Path(data), Path(teacher), overrides=FAULT_RUN + extra))
 
 
 def _start(exp: Path, data: Path, teacher: Path, kill_in_save: int = 0) -> subprocess.Popen:
-    extra = ["trainer.resume=true"] if (exp / "last.pt").exists() else \
-        (["trainer.overwrite=true"] if exp.exists() else [])  # run.sh's rule for a rerun
+    extra = (
+        ["trainer.resume=true"] if (exp / "last.pt").exists() else (["trainer.overwrite=true"] if exp.exists() else [])
+    )  # run.sh's rule for a rerun
     code = "import sys; from tests.train.test_faults import _child_main; _child_main()"
-    return subprocess.Popen([sys.executable, "-c", code, str(exp), str(data), str(teacher), str(kill_in_save),
-                             *extra], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(exp), str(data), str(teacher), str(kill_in_save), *extra],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _n_logged(exp: Path) -> int:

@@ -63,7 +63,10 @@ def check_export(ckpt_path: str | Path, dqw_path: str | Path, seed: int = 0) -> 
     dims = ref_model.dims
     mel = torch.randn(1, dims.n_mels, 2 * dims.n_audio_ctx, generator=g)
     text = [int(i) for i in torch.randint(220, 5000, (12,), generator=g)]
-    tokens = torch.tensor([[50258, 50259, 50359, 50363] + text])
+    from dqwhisper.data.dataset import default_tokenizer, prefix_ids
+
+    prompt = prefix_ids(default_tokenizer(dims.n_vocab), "en")  # the model's own: *.en, 99 or 100 languages
+    tokens = torch.tensor([prompt + text])
     keep = getattr(ref_model.decoder, "vocab_keep", None)
     if keep is not None:
         tokens = keep[torch.searchsorted(keep, tokens).clamp(max=len(keep) - 1)]

@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
     p.add_argument("--languages", default=DEFAULT_LANGUAGES)
     p.add_argument("--min-seconds", type=float, default=50.0)
     p.add_argument("--hour", type=float, default=0.0, help="seconds of the repeated recording (3600 = 1 h); 0 = skip")
+    p.add_argument("--export-mode", default="int8", choices=["int8", "dequant"], help="how a .dqw model runs")
     p.add_argument("--hour-language", default="en")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
     cfg = DecodeConfig(batch_size=args.batch_size)
     report = {"languages": langs, "min_seconds": args.min_seconds, "threads": args.threads, "models": []}
     for name in args.model:
-        model = load_model(name)
+        model = load_model(name, export_mode=args.export_mode)
         row = {"model": name, "window_seconds": model.dims.n_audio_ctx / 50, "per_language": {}}
         per_wall = per_audio = long_wall = long_audio = 0.0
         pooled = {"utt": [0, 0], "long": [0, 0]}

@@ -5,8 +5,9 @@
   run into a locked dir fails at once with that text. `scripts/train_ce_ctc.sh` takes the same lock in the shell
   (so it fails in milliseconds) and exports `DQWHISPER_EXPDIR_LOCKED=<dir>`, which tells the Python run below it
   that its launcher holds the lock.
-- A dir that holds a run (any of TRAINING_OUTPUTS) is refused unless `trainer.resume=true` (which needs last.pt)
-  or `trainer.overwrite=true` (which removes the old run's outputs first).
+- A dir that holds a run that trained (a checkpoint or a loss log: TRAINING_OUTPUTS) is refused unless
+  `trainer.resume=true` (which needs last.pt) or `trainer.overwrite=true` (which removes the old run's outputs,
+  exports and decodings first). What a run that failed at set-up left (config.yaml, bpe.model) is simply replaced.
 - Temp files of atomic writes (`.<name>.*.tmp`) that a killed run left behind are removed once the lock is held.
 """
 
@@ -22,25 +23,17 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dqwhisper.config import validate as validate_config
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
 
 LOCK_NAME = ".lock"
 LOCKED_ENV = "DQWHISPER_EXPDIR_LOCKED"
-TRAINING_OUTPUTS = (
-    "config.yaml",
-    "last.pt",
-    "best.pt",
-    "avg.pt",
-    "bpe.model",
-    "train_losses.jsonl",
-    "dev_results.jsonl",
-    "dev_hyp.txt",
-    "train_summary.json",
-    "tensorboard",
-    "step_*.pt",
-)
+# what a run that trained leaves: a dir holding any of these holds an experiment
+TRAINING_OUTPUTS = ("last.pt", "best.pt", "avg.pt", "step_*.pt", "train_losses.jsonl", "dev_results.jsonl")
+# what a run writes before its first step (a run that failed at set-up leaves only these: they are replaced)
+SETUP_OUTPUTS = ("config.yaml", "bpe.model", "dev_hyp.txt", "train_summary.json", "tensorboard")
 # what belongs to the old model too and goes with trainer.overwrite=true
 DERIVED_OUTPUTS = ("export", "decode_*")
 
@@ -90,6 +83,7 @@ def existing_outputs(expdir: Path, patterns=TRAINING_OUTPUTS) -> list[Path]:
 def open_experiment(cfg: Any) -> ExpLock | None:
     """Rank 0, before anything is built: lock `checkpoint_dir`, clean temp files, apply the resume / overwrite rules,
     write the resolved config.yaml. Returns the lock (None when the launcher holds it)."""
+    validate_config(cfg)  # a bad value fails before the dir is touched
     expdir = Path(cfg.checkpoint_dir)
     expdir.mkdir(parents=True, exist_ok=True)
     lock = None
@@ -107,19 +101,22 @@ def open_experiment(cfg: Any) -> ExpLock | None:
                     f"{had}; drop trainer.resume to start a new run (trainer.overwrite=true replaces "
                     "what is there)"
                 )
-        elif found:
+        elif found or tc.overwrite:
             if not tc.overwrite:
                 raise DQWhisperError(
                     f"{expdir} already holds an experiment ({', '.join(p.name for p in found[:5])}"
                     f"{', ...' if len(found) > 5 else ''}): continue it with trainer.resume=true, "
                     "replace it with trainer.overwrite=true, or train into another checkpoint_dir"
                 )
-            old = existing_outputs(expdir, TRAINING_OUTPUTS + DERIVED_OUTPUTS)
+            old = existing_outputs(expdir, TRAINING_OUTPUTS + SETUP_OUTPUTS + DERIVED_OUTPUTS)
             for p in old:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-            log.warning(
-                "trainer.overwrite=true: removed the previous run's %s from %s", ", ".join(p.name for p in old), expdir
-            )
+            if old:
+                log.warning(
+                    "trainer.overwrite=true: removed the previous run's %s from %s",
+                    ", ".join(p.name for p in old),
+                    expdir,
+                )
         if OmegaConf.is_config(cfg):
             atomic_write_bytes(expdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     except BaseException:

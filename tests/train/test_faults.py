@@ -350,3 +350,16 @@ def test_random_kill_minus_9_and_resume_end_bit_identical(assets, tmp_path):
     assert steps_logged(run / "train_losses.jsonl") == list(range(1, 25))
     assert (ref / "dev_results.jsonl").read_text() == (run / "dev_results.jsonl").read_text()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_last_pt_by_time_and_a_failed_set_up_leaves_no_experiment(assets, tmp_path):
+    """save_every_minutes writes last.pt between validations; a run that failed at set-up (config.yaml, no
+    checkpoint) does not make the next run need trainer.overwrite."""
+    teacher, data, root = assets
+    exp = tmp_path / "exp"
+    with pytest.raises(DQWhisperError, match="does not exist"):
+        train(tiny_config(exp, data, root / "missing_teacher.pt", overrides=FAST))
+    assert (exp / "config.yaml").exists()
+    common = FAST + ["trainer.max_steps=8", "trainer.valid_every=0", "trainer.save_every_minutes=1e-9"]
+    out = train(tiny_config(exp, data, teacher, overrides=common + ["trainer.stop_after_steps=3"]))
+    assert out["stopped"] and read_checkpoint(exp / "last.pt")["step"] == 3

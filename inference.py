@@ -300,9 +300,13 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
     device = resolve_device(dcfg.device)
     if dcfg.num_threads > 0:
         torch.set_num_threads(dcfg.num_threads)
-    model = load_model(ckpt, device, dcfg.export_mode)
+    model = load_model(ckpt, device, dcfg.export_mode, kernel=dcfg.kernel, select=False)
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)
+    if ckpt.suffix == ".dqw":
+        from dqwhisper.quant.quantized import select_kernels
+
+        select_kernels(model, batch=dcfg.batch_size * dcfg.beam_size)
     results = []
     for ts, out in zip(sets, p.out_dirs):
         path = ts.path

@@ -46,8 +46,10 @@ EXPERIMENT_CHECKPOINTS = ("export/model.dqw", "best.pt", "avg.pt", "last.pt")
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu",
-               export_mode: str = "int8") -> Whisper:
-    """A Whisper model in eval mode on `device` (module docstring lists what `name_or_path` may be)."""
+               export_mode: str = "int8", kernel: str = "auto", select: bool = True) -> Whisper:
+    """A Whisper model in eval mode on `device` (module docstring lists what `name_or_path` may be). An export runs
+    `kernel` (dqwhisper/quant/kernels.py) in export mode int8; select=False leaves its kernels to a later
+    quantized.select_kernels (after an audio window change)."""
     dev = resolve_device(None if device is None else str(device))
     name = str(name_or_path)
     path = Path(name).expanduser()
@@ -69,7 +71,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     elif path.is_file() and path.suffix == ".dqw":
         if export_mode not in ("int8", "dequant"):
             raise DQWhisperError(f"export mode '{export_mode}': one of int8, dequant")
-        return load_exported(path, mode=export_mode, device=dev).eval()
+        mode = "dequant" if export_mode == "dequant" else kernel
+        return load_exported(path, mode=mode, device=dev, select=select).eval()
     elif path.is_file():
         model = ggml.load_ggml(path) if ggml.is_ggml_file(path) else _from_checkpoint(path)
     elif _looks_like_path(name) or isinstance(name_or_path, Path):

@@ -18,7 +18,7 @@ The module's bias, if any, is a separate float entry `<name>.bias`.
 Loading rebuilds a DQWhisper (whisper.decode runs on it) with QuantizedLinear/Embedding/Conv1d modules:
 mode "dequant" is the exact reference (equals the fake-quant forward bit for bit when the float tensors are stored in
 float32; with float16 storage, equal to a fake-quant model whose float tensors are rounded to float16), mode "int8"
-runs int8 kernels (quantized.py).
+(= "auto") runs the fastest kernel per shape that computes what was trained, or a named backend (kernels.py).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from dqwhisper.quant.packing import pack_codes, unpack_codes
 from dqwhisper.models.student import DQWhisper
 from dqwhisper.quant.prepare import quantize_module_weight, set_module
 from dqwhisper.quant.quantized import (QUANTIZED_TYPES, QuantizedConv1d, QuantizedEmbedding, QuantizedLinear,
-                                       QuantizedTensor, log_kernels)
+                                       QuantizedTensor, select_kernels)
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
@@ -241,8 +241,11 @@ def _read_plain(entry: dict, data: memoryview) -> Tensor:
     return torch.from_numpy(arr.reshape(entry["shape"]))
 
 
-def load_exported(path: str | Path, mode: str = "dequant", device: str | torch.device = "cpu"):
-    """model.dqw -> a runnable DQWhisper in eval mode (`export_header` attribute holds the header)."""
+def load_exported(path: str | Path, mode: str = "dequant", device: str | torch.device = "cpu", batch: int = 1,
+                  select: bool = True):
+    """model.dqw -> a runnable DQWhisper in eval mode (`export_header` attribute holds the header). mode: a kernel
+    request (quantized.MODES), chosen for `batch` utterances per call; set torch's threads before calling. select=False:
+    run float until the caller calls quantized.select_kernels (after changing the audio window, say)."""
     header, start = read_header(path)
     raw = Path(path).read_bytes()
     data = memoryview(raw)[start:]
@@ -284,6 +287,7 @@ def load_exported(path: str | Path, mode: str = "dequant", device: str | torch.d
         model.ctc_bpe = bytes(_read_plain(entries[header["bpe_model"]], data).numpy().tobytes())
     model.quant_config = header.get("quant")
     model.export_header = header
-    if mode == "int8":
-        log_kernels(model)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if select:
+        select_kernels(model, batch=batch)
+    return model

@@ -28,7 +28,7 @@ from dqwhisper.quant.quantized import (
     QuantizedEmbedding,
     QuantizedLinear,
     QuantizedTensor,
-    log_kernels,
+    select_kernels,
 )
 from dqwhisper.utils import DQWhisperError, get_logger
 
@@ -131,9 +131,10 @@ def quantize_module_weight(module: nn.Module) -> QuantizedTensor:
     return QuantizedTensor.from_float_codes(q, s, z, module.weight_fake_quantizer.spec, tuple(module.weight.shape))
 
 
-def convert(model: nn.Module, mode: str = "dequant") -> nn.Module:
+def convert(model: nn.Module, mode: str = "dequant", batch: int = 1) -> nn.Module:
     """Replace every fake-quantized module by its real low-bit form (integer codes + scales), in place.
-    mode "dequant" reproduces the fake-quant forward exactly; "int8" runs int8 kernels (see quantized.py)."""
+    mode: a kernel request (quantized.MODES): "dequant"/"float" reproduces the fake-quant forward exactly, "int8"/"auto"
+    picks the fastest kernel per shape for `batch` utterances per call (kernels.py)."""
     mods = quantized_modules(model)
     if not mods:
         raise DQWhisperError("convert: the model has no fake-quantized module (call prepare first)")
@@ -148,6 +149,5 @@ def convert(model: nn.Module, mode: str = "dequant") -> nn.Module:
             new = QuantizedLinear(qt, module.bias, mode, name,
                                   act_quant=module.activation_fake_quantizer is not None)
         set_module(model, name, new.to(device))
-    if mode == "int8":
-        log_kernels(model)
+    select_kernels(model, batch=batch)
     return model

@@ -1,12 +1,11 @@
-"""The real low-bit form: integer codes + fp16-valued scales, and two ways to run them.
+"""The real low-bit form: integer codes + fp16-valued scales, and the kernels that run them (kernels.py).
 
-- mode "dequant": the weight is dequantized once, `(codes - zero) * scale` in float32 — bit-identical to the
-  fake-quantized weight the student trained with, so the forward equals the fake-quant forward exactly.
-- mode "int8": linears (and the tied vocabulary projection) run `torch._int_mm` on int8 codes with dynamic
-  per-token int8 activations (the same quantizer as the optional activation fake-quant), then rescale by the
-  per-token and per-row scales. Needs one scale per output row: per_tensor / per_channel weights of any bit width
-  (an int4 code is an int8 value), asymmetric up to 7 bits (codes - zero fits int8). Per-group weights fall back to
-  the dequantized float matmul (logged once).
+A quantized module is built with a kernel request: "float" (alias "dequant": the weight dequantized once,
+`(codes - zero) * scale` in float32, bit-identical to the fake-quantized weight, so the forward equals the fake-quant
+forward exactly), one of kernels.BACKENDS, or "auto" (alias "int8": the fastest kernel that runs what was trained,
+timed per shape). It runs in float until `select_kernels(model)` applies the request (convert and load_exported call
+it), so a model moved to another device first still packs on the CPU. Convolutions always run dequantized (once per
+utterance); the embedding lookup reads the dequantized rows, its tied projection goes through the kernel.
 """
 from __future__ import annotations
 
@@ -16,11 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dqwhisper.quant.fake_quant import QuantSpec, dequantize_codes, quantize_per_token
+from dqwhisper.quant import kernels
+from dqwhisper.quant.fake_quant import QuantSpec, dequantize_codes
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
-MODES = ("dequant", "int8")
+ALIASES = {"dequant": "float", "int8": "auto"}
+MODES = tuple(ALIASES) + kernels.CHOICES
+
+
+def kernel_request(mode: str) -> str:
+    choice = ALIASES.get(mode, mode)
+    if choice not in kernels.CHOICES:
+        raise DQWhisperError(f"unknown kernel {mode!r}; use one of {list(MODES)}")
+    return choice
 
 
 @dataclass
@@ -61,39 +69,38 @@ class QuantizedTensor:
         return q.to(torch.int8).contiguous(), s.float().contiguous()
 
 
-def int8_matmul(x: Tensor, w_int8: Tensor, row_scale: Tensor) -> Tensor:
-    """x (..., k) float @ (w_int8 (n, k) * row_scale (n,)).T with x quantized per token to int8 -> (..., n) float32."""
-    shape = x.shape
-    xf = x.reshape(-1, shape[-1]).float()
-    # the same arithmetic as fake_quant.quantize_per_token (so w8a8 QAT matches), without autograd and in place
-    sx = (xf.abs().amax(-1, keepdim=True) / 127.5).clamp_(min=1e-12)
-    qx = torch.round((xf / sx).clamp_(-128, 127)).to(torch.int8)
-    acc = torch._int_mm(qx, w_int8.t())
-    return acc.float().mul_(sx).mul_(row_scale).reshape(*shape[:-1], w_int8.shape[0])
-
-
 class _QuantizedBase(nn.Module):
     def _setup(self, qt: QuantizedTensor, mode: str, name: str) -> None:
-        if mode not in MODES:
-            raise DQWhisperError(f"unknown run mode {mode!r}; use one of {list(MODES)}")
         self.spec = qt.spec
-        self.mode = mode
+        self.requested = kernel_request(mode)
         self.register_buffer("qweight", qt.codes)
         self.register_buffer("scale", qt.scale)
         self.register_buffer("zero_point", qt.zero)
-        rows = qt.int8_rows() if mode == "int8" else None
-        self.kernel = "int8" if rows is not None else "float"
-        if rows is not None:
-            self.register_buffer("w_int8", rows[0], persistent=False)
-            self.register_buffer("w_row_scale", rows[1], persistent=False)
-        else:
-            self.register_buffer("weight", qt.dequantize(), persistent=False)
+        self.register_buffer("weight", qt.dequantize(), persistent=False)
+        self.kernel = "float"
+        self.impl: kernels.Kernel | None = None
+        self.kernel_times: dict[str, float] = {}
 
     def quantized_tensor(self) -> QuantizedTensor:
         return QuantizedTensor(self.qweight, self.scale, self.zero_point, self.spec)
 
     def dequantized_weight(self) -> Tensor:
-        return self.weight if self.kernel == "float" else self.quantized_tensor().dequantize()
+        return self.weight if self.weight is not None else self.quantized_tensor().dequantize()
+
+    def set_kernel(self, request: str, rows: int) -> str:
+        """Apply `request` (auto or a backend) for calls of `rows` tokens; returns the backend that runs."""
+        qt = self.quantized_tensor()
+        act = bool(getattr(self, "act_quant", False))
+        if request == "auto":
+            name, impl, self.kernel_times = kernels.choose(qt, self.dequantized_weight, act, rows)
+        else:
+            name, impl = request, kernels.build(request, qt, self.dequantized_weight, act)
+            if impl is None:
+                name, impl = "float", kernels.build("float", qt, self.dequantized_weight, act)
+        self.kernel, self.impl = name, impl
+        if name != "float" and not isinstance(self, QuantizedEmbedding):
+            self.weight = None  # the kernel holds its own packed copy
+        return name
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -101,8 +108,8 @@ class _QuantizedBase(nn.Module):
 
 
 class QuantizedLinear(_QuantizedBase):
-    """act_quant: the input is fake-quantized per token to 8 bits in mode dequant too (as the student trained);
-    mode int8 always quantizes it (the int8 kernel needs int8 inputs)."""
+    """act_quant: trained with 8-bit per-token activation fake-quant (the float kernel applies it too; fbgemm and
+    int_mm quantize activations the same way whether or not the model was trained so)."""
 
     def __init__(self, qt: QuantizedTensor, bias: Tensor | None, mode: str = "dequant", name: str = "linear",
                  act_quant: bool = False):
@@ -113,25 +120,19 @@ class QuantizedLinear(_QuantizedBase):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel == "int8":
-            y = int8_matmul(x, self.w_int8, self.w_row_scale)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.to(x.dtype)
-        if self.act_quant:
-            q, s = quantize_per_token(x, 8)
-            x = (q * s).to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.impl is None:
+            return kernels.FloatKernel(self.weight, self.act_quant)(x, self.bias)
+        return self.impl(x, self.bias)
 
 
 class QuantizedConv1d(_QuantizedBase):
-    """Runs dequantized in both modes (the convolutions run once per utterance)."""
+    """Runs dequantized whatever the request (the convolutions run once per utterance)."""
 
     def __init__(self, qt: QuantizedTensor, bias: Tensor | None, conv: nn.Conv1d, mode: str = "dequant",
                  name: str = "conv"):
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self._setup(qt, "dequant", name)
+        self._setup(qt, "float", name)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,7 +141,7 @@ class QuantizedConv1d(_QuantizedBase):
 
 
 class QuantizedEmbedding(_QuantizedBase):
-    """Quantized token embedding; `project(x)` is the tied output projection (int8 kernel in mode int8)."""
+    """Quantized token embedding; `project(x)` is the tied output projection (through the chosen kernel)."""
 
     def __init__(self, qt: QuantizedTensor, mode: str = "dequant", name: str = "token_embedding",
                  act_quant: bool = False):
@@ -150,33 +151,67 @@ class QuantizedEmbedding(_QuantizedBase):
         self._setup(qt, mode, name)
 
     def forward(self, ids: Tensor) -> Tensor:
-        if self.kernel == "float":
-            return F.embedding(ids, self.weight)
-        return F.embedding(ids, self.w_int8).float() * self.w_row_scale[ids].unsqueeze(-1)
+        return F.embedding(ids, self.weight)
 
     def project(self, x: Tensor) -> Tensor:
         """(B, L, d) -> (B, L, rows) logits."""
-        if self.kernel == "int8":
-            return int8_matmul(x, self.w_int8, self.w_row_scale).to(x.dtype)
-        if self.act_quant:
-            q, s = quantize_per_token(x, 8)
-            x = (q * s).to(x.dtype)
-        return x @ self.weight.to(x.dtype).t()
+        if self.impl is None or self.kernel == "float":
+            if self.act_quant:
+                q, s = kernels.quantize_tokens(x)
+                x = (q * s).to(x.dtype)
+            return x @ self.weight.to(x.dtype).t()
+        return self.impl(x, None)
 
 
 QUANTIZED_TYPES = (QuantizedLinear, QuantizedConv1d, QuantizedEmbedding)
 
 
-def log_kernels(model: nn.Module) -> dict[str, int]:
-    """Count quantized modules by the kernel they run (int8 / float), log it, return the counts."""
+def expected_rows(name: str, n_audio_ctx: int, batch: int) -> int:
+    """Tokens per call of module `name` when decoding `batch` utterances: the encoder and the cross-attention
+    keys/values see every audio frame, the rest of the decoder one token per utterance and step."""
+    if name.startswith("encoder.") or name.endswith(("cross_attn.key", "cross_attn.value")):
+        return batch * n_audio_ctx
+    return batch
+
+
+def select_kernels(model: nn.Module, request: str | None = None, batch: int = 1) -> dict[str, int]:
+    """Apply each quantized module's kernel request (or `request` for all), timing each distinct shape once under
+    auto; a model off the CPU runs float. Logs and returns {backend: modules}; `model.kernel_choices` holds
+    {module: (backend, {backend: seconds measured})}."""
+    if request is not None:
+        request = kernel_request(request)
+    device = next((b.device for b in model.buffers()), torch.device("cpu"))
+    n_ctx = model.dims.n_audio_ctx if hasattr(model, "dims") else 1
     counts: dict[str, int] = {}
-    fallback = []
-    for name, m in model.named_modules():
-        if isinstance(m, QUANTIZED_TYPES):
-            counts[m.kernel] = counts.get(m.kernel, 0) + 1
-            if m.mode == "int8" and m.kernel == "float" and not isinstance(m, QuantizedConv1d):
+    choices = {}
+    forced_int8, fallback = [], []
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+                continue
+            want = "float" if device.type != "cpu" else request or m.requested
+            got = m.set_kernel(want, expected_rows(name, n_ctx, batch))
+            if want not in ("auto", got):
                 fallback.append(name)
+            if got in kernels.INT8_ACTIVATION and not m.act_quant:
+                forced_int8.append(name)
+            counts[got] = counts.get(got, 0) + 1
+            choices[name] = (got, dict(m.kernel_times))
+    model.kernel_choices = choices
     if fallback:
-        log.info("int8 mode: %d quantized modules have no int8 kernel (per-group scales or 8-bit asymmetric) and "
+        log.info("%d quantized modules cannot run the requested kernel (per-group scales or codes beyond int8) and "
                  "run dequantized in float, e.g. %s", len(fallback), fallback[0])
+    if forced_int8:
+        log.warning("%d modules trained with float activations run a kernel that quantizes them to int8 per token "
+                    "(as requested; auto would not), e.g. %s", len(forced_int8), forced_int8[0])
+    log.info("kernels: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return counts
+
+
+def log_kernels(model: nn.Module) -> dict[str, int]:
+    """{backend: quantized linears/embeddings running it}."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+            counts[m.kernel] = counts.get(m.kernel, 0) + 1
     return counts

@@ -60,20 +60,35 @@ def test_dequant_reload_fp16_equals_fake_quant_with_fp16_floats(tmp_path, inputs
     assert not torch.equal(out, before)  # the rounding is real, so this comparison could fail
 
 
-def test_int8_mode_close_to_dequant_and_runs_int8_kernels(tmp_path, inputs):
+def test_int8_mode_keeps_float_activations_of_a_weight_only_student(tmp_path, inputs):
     mel, tokens = inputs
     model = prepare(make_student(), {"enabled": True, "scope": "all", "weight": {"bits": 4, "lsq": True}})
     export_model(model, tmp_path / "m.dqw")
     ref_model, fast = load_exported(tmp_path / "m.dqw", "dequant"), load_exported(tmp_path / "m.dqw", "int8")
-    assert fast.decoder.token_embedding.kernel == "int8"
-    assert all(m.kernel == "int8" for m in fast.modules() if isinstance(m, QuantizedLinear))
+    kernels = {m.kernel for m in fast.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    assert kernels <= {"float", "weight_only"}
+    _, ref = forward(ref_model, mel, tokens)
+    _, out = forward(fast, mel, tokens)
+    finite = torch.isfinite(ref)
+    if kernels == {"float"}:
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    else:  # float32 rounding of another summation order only
+        assert float((out[finite] - ref[finite]).abs().max()) <= 1e-4 * float(ref[finite].abs().max())
+
+
+def test_fbgemm_mode_runs_int8_activations(tmp_path, inputs):
+    mel, tokens = inputs
+    model = prepare(make_student(), {"enabled": True, "scope": "all", "weight": {"bits": 4, "lsq": True}})
+    export_model(model, tmp_path / "m.dqw")
+    ref_model, fast = load_exported(tmp_path / "m.dqw", "dequant"), load_exported(tmp_path / "m.dqw", "fbgemm")
+    assert fast.decoder.token_embedding.kernel == "fbgemm"
+    assert all(m.kernel == "fbgemm" for m in fast.modules() if isinstance(m, QuantizedLinear))
     _, ref = forward(ref_model, mel, tokens)
     _, out = forward(fast, mel, tokens)
     finite = torch.isfinite(ref)
     # the only difference: 8-bit per-token activations (half a step of 1/127.5 of each token's max per input)
     rel = float((out[finite] - ref[finite]).abs().max() / ref[finite].abs().max())
     assert 0 < rel < 0.05
-    assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.8
 
 
 def test_file_is_packed_and_small(tmp_path):

@@ -1,0 +1,292 @@
+"""Kernels for the exported low-bit linears and the tied vocabulary projection, chosen per shape at load time.
+
+Backends (each packs its weights once, when chosen; `__call__(x, bias)` takes (..., K) float32 -> (..., N)):
+| backend     | activations                                  | weights               | equals the fake-quant forward          |
+|-------------|----------------------------------------------|-----------------------|----------------------------------------|
+| float       | as trained (float, or per-token fake-quant)  | dequantized float32   | bit for bit (the same operations)      |
+| fbgemm      | int8 per token, codes as in QAT               | int8, per-row scales  | exact integer sums; float32 rounding   |
+| int_mm      | int8 per token, codes as in QAT               | int8, per-row scales  | exact integer sums; float32 rounding   |
+| weight_only | as trained                                    | int8/int4 packed      | float32 rounding (another summation)  |
+fbgemm runs `quantized.linear_dynamic` on our own per-token integer codes: one extra input row pins its per-tensor
+range to [-128, 127], so its scale is 1 and its zero point 128 and the codes pass through unchanged. Without VNNI,
+fbgemm adds u8*s8 pairs in saturating int16 (vpmaddubsw); a probe at first use detects that, and weights with codes
+beyond +-64 then run as two GEMMs on halves of the activation codes (each pair sum fits int16), so the sums stay exact.
+`torch._int_mm` is fast only where torch sends it to oneDNN (mkldnn enabled and AVX512-VNNI); elsewhere it is a
+plain loop, 20-50x slower than float.
+
+What is trained is what runs: a model trained with weight-only quantization keeps float activations under `auto`
+(candidates weight_only and float); fbgemm/int_mm quantize activations, so `auto` uses them only for modules
+trained with activation quantization. Asking for fbgemm or int_mm by name runs them anyway (int8 activations per
+token, as CTranslate2's int8 does) and says so once.
+
+`auto`: a short probe drops int_mm / weight_only when they have no fast kernel on this CPU; then every distinct
+(rows, K, N) of the model is timed (best of a few calls) with each remaining candidate, and a candidate replaces
+float only when it is at least 10% faster, so auto is never slower than float on the measured shapes. Rows are the
+tokens a call sees: batch x audio frames in the encoder and the cross-attention keys/values, batch in the decoder.
+
+`DQW_EMULATE_CPU=avx2` (scripts/emulate_avx2.sh sets it with the ISA limits) disables mkldnn in this process, which
+sends `_int_mm` down the path a CPU without AVX512-VNNI takes (torch's dispatch checks mkldnn and VNNI).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dqwhisper.utils import DQWhisperError, get_logger
+
+log = get_logger(__name__)
+BACKENDS = ("fbgemm", "int_mm", "weight_only", "float")
+CHOICES = ("auto",) + BACKENDS
+INT8_ACTIVATION = ("fbgemm", "int_mm")
+MARGIN = 0.9  # a kernel replaces float only when it takes at most this fraction of float's time
+EMULATION_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def apply_cpu_emulation() -> str | None:
+    """Honour DQW_EMULATE_CPU=avx2 (see the module docstring); returns the emulated ISA or None."""
+    isa = os.environ.get("DQW_EMULATE_CPU")
+    if not isa:
+        return None
+    if isa != "avx2":
+        raise DQWhisperError(f"DQW_EMULATE_CPU={isa!r}: only 'avx2' is supported")
+    wrong = [f"{k}={v}" for k, v in EMULATION_ENV.items() if os.environ.get(k) != v]
+    if wrong:
+        raise DQWhisperError(f"DQW_EMULATE_CPU=avx2 needs {', '.join(wrong)} set before python starts "
+                             "(run the command through scripts/emulate_avx2.sh)")
+    torch.backends.mkldnn.enabled = False
+    return isa
+
+
+EMULATED = apply_cpu_emulation()
+
+
+def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, K) float -> (integer-valued float32 codes in [-128, 127], per-token scales (M, 1)): the arithmetic of
+    fake_quant.quantize_per_token(x, 8), without autograd."""
+    xf = x.float()
+    s = (xf.abs().amax(-1, keepdim=True) / 127.5).clamp_(min=1e-12)
+    return torch.round((xf / s).clamp_(-128, 127)), s
+
+
+class Kernel:
+    name = "float"
+    int8_activations = False
+
+    def matmul(self, x: Tensor) -> Tensor:  # (M, K) float32 -> (M, N) float32
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]))
+        y = y.reshape(*shape[:-1], y.shape[-1])
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype)
+
+
+class FloatKernel(Kernel):
+    """The fake-quant forward's own operations: bit-identical to it."""
+
+    def __init__(self, weight: Tensor, act_quant: bool):
+        self.weight, self.act_quant = weight, act_quant
+
+    def __call__(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self.act_quant:
+            q, s = quantize_tokens(x)
+            x = (q * s).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class IntMMKernel(Kernel):
+    name, int8_activations = "int_mm", True
+
+    def __init__(self, w_int8: Tensor, row_scale: Tensor):
+        self.w_t, self.row_scale = w_int8.t(), row_scale
+
+    def matmul(self, x: Tensor) -> Tensor:
+        q, s = quantize_tokens(x)
+        return torch._int_mm(q.to(torch.int8), self.w_t).float().mul_(s).mul_(self.row_scale)
+
+
+_SATURATES: bool | None = None
+
+
+def fbgemm_saturates() -> bool:
+    """Whether fbgemm's int8 GEMM on this CPU adds u8*s8 pairs in saturating int16 (no VNNI). Probed once."""
+    global _SATURATES
+    if _SATURATES is None:
+        k = 64
+        w = torch._make_per_channel_quantized_tensor(torch.full((8, k), 127, dtype=torch.int8),
+                                                     torch.ones(8, dtype=torch.double), torch.zeros(8, dtype=torch.long), 0)
+        x = torch.full((2, k), 127.0)
+        x[1, 0] = -128.0
+        y = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(w, None), False)
+        _SATURATES = float(y[0, 0]) != 127.0 * 127.0 * k
+        log.info("fbgemm int8 GEMM %s", "saturates int16 pair sums (no VNNI): 8-bit weights run as two GEMMs"
+                 if _SATURATES else "sums exactly (VNNI)")
+    return _SATURATES
+
+
+class FbgemmKernel(Kernel):
+    name, int8_activations = "fbgemm", True
+
+    def __init__(self, w_int8: Tensor, row_scale: Tensor):
+        n, k = w_int8.shape
+        qw = torch._make_per_channel_quantized_tensor(w_int8.contiguous(), row_scale.double(),
+                                                      torch.zeros(n, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.split = fbgemm_saturates() and int(w_int8.abs().max()) > 64
+        lo, hi = (-64.0, 191.0) if self.split else (-128.0, 127.0)  # pins scale 1, zero point 64 / 128
+        self.pin = torch.zeros(1, k)
+        self.pin[0, 0], self.pin[0, min(1, k - 1)] = lo, hi
+        if k == 1:
+            raise DQWhisperError("fbgemm kernel: an input width of 1 is not supported")
+
+    def matmul(self, x: Tensor) -> Tensor:
+        q, s = quantize_tokens(x)
+        m = q.shape[0]
+        if self.split:  # q = q1 + q2 with both in [-64, 64]: u8 = q + 64 <= 128, 2 * 128 * 128 fits int16
+            q1 = q.clamp(-64, 63)
+            y = torch.ops.quantized.linear_dynamic(torch.cat([q1, q - q1, self.pin]), self.packed, False)
+            return (y[:m] + y[m:2 * m]).mul_(s)
+        return torch.ops.quantized.linear_dynamic(torch.cat([q, self.pin]), self.packed, False)[:m].mul_(s)
+
+
+class WeightOnlyKernel(Kernel):
+    """Float activations (fake-quantized per token first when trained so) against packed int8 or int4 weights."""
+
+    name = "weight_only"
+    GROUPS = (256, 128, 64, 32)
+
+    def __init__(self, w_int8: Tensor | None, row_scale: Tensor | None, int4: tuple | None, act_quant: bool):
+        self.act_quant = act_quant
+        self.w_int8, self.row_scale, self.int4 = w_int8, row_scale, None
+        if int4 is not None:
+            codes, scale, group = int4  # codes (N, K) in [-8, 7]; scale (N, K // group)
+            n = codes.shape[0]
+            pad = (-n) % 16
+            u = F.pad(codes.to(torch.int32) + 8, (0, 0, 0, pad), value=8)
+            sz = torch.stack([F.pad(scale.t(), (0, pad)), torch.zeros(scale.shape[1], n + pad)], -1)
+            self.int4 = (torch._convert_weight_to_int4pack_for_cpu(u, 1), group, sz.contiguous(), n)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        if self.act_quant:
+            q, s = quantize_tokens(x)
+            x = q * s
+        if self.int4 is not None:
+            packed, group, sz, n = self.int4
+            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, sz)[:, :n]
+        return torch._weight_int8pack_mm(x.contiguous(), self.w_int8, self.row_scale)
+
+
+def int4_groups(qt) -> tuple[Tensor, Tensor, int] | None:
+    """(codes - zero in [-8, 7] (N, K), scale (N, K // g), g) when the weight fits torch's int4 CPU kernel."""
+    spec, (n, k) = qt.spec, qt.shape
+    if len(qt.shape) != 2 or spec.bits > 4:
+        return None
+    if spec.granularity == "per_group":
+        group = spec.group_size
+    else:
+        group = next((g for g in WeightOnlyKernel.GROUPS if k % g == 0), 0)
+    if group not in WeightOnlyKernel.GROUPS or k % group:
+        return None
+    a, b, _ = spec.grouped_shape(qt.shape)
+    codes = qt.codes.reshape(a, b, -1).to(torch.int16)
+    if qt.zero is not None:
+        codes = codes - qt.zero.reshape(a, b, 1).to(torch.int16)
+    codes = codes.reshape(n, k)
+    if int(codes.min()) < -8 or int(codes.max()) > 7:
+        return None
+    scale = qt.scale.reshape(a, b).expand(n, b) if a == 1 else qt.scale.reshape(n, b)
+    return codes, scale.repeat_interleave((k // group) // b, 1).float().contiguous(), group
+
+
+def build(backend: str, qt, weight: Callable[[], Tensor], act_quant: bool) -> Kernel | None:
+    """The kernel `backend` for quantized tensor `qt` (None when it cannot run this weight). `weight()`: the
+    dequantized float32 weight (N, K)."""
+    if backend == "float":
+        return FloatKernel(weight(), act_quant)
+    rows = qt.int8_rows() if len(qt.shape) == 2 else None
+    if backend == "fbgemm":
+        return None if rows is None else FbgemmKernel(*rows)
+    if backend == "int_mm":
+        return None if rows is None else IntMMKernel(*rows)
+    if backend == "weight_only":
+        int4 = int4_groups(qt)
+        if int4 is not None:
+            return WeightOnlyKernel(None, None, int4, act_quant)
+        return None if rows is None else WeightOnlyKernel(rows[0], rows[1], None, act_quant)
+    raise DQWhisperError(f"unknown kernel {backend!r}; use one of {list(CHOICES)}")
+
+
+def _best_time(fn: Callable[[], object], reps: int, limit: float = math.inf) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+        if best > limit:
+            break
+    return best
+
+
+_FAST: dict[str, bool] = {}
+
+
+def has_fast_kernel(backend: str) -> bool:
+    """One probe per process: does `backend` beat float on a (64 x 512) @ (512 x 512) product at all?"""
+    if backend not in _FAST:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
+        s = torch.full((512,), 1e-3)
+        x = torch.randn(64, 512, generator=g)
+        fast = {"int_mm": lambda: IntMMKernel(w, s), "weight_only": lambda: WeightOnlyKernel(w, s, None, False),
+                "fbgemm": lambda: FbgemmKernel(w, s)}[backend]()
+        ref = FloatKernel(w.float() * s[:, None], False)
+        t_float = _best_time(lambda: ref(x, None), 5)
+        t = _best_time(lambda: fast(x, None), 3, 2 * t_float)
+        _FAST[backend] = t < 2 * t_float
+        log.info("kernel probe: %s %.3f ms vs float %.3f ms%s", backend, t * 1e3, t_float * 1e3,
+                 "" if _FAST[backend] else f": no fast {backend} kernel on this CPU, not a candidate")
+    return _FAST[backend]
+
+
+_TIMES: dict[tuple, float] = {}
+
+
+def measure(kernel: Kernel, rows: int, k: int, key: tuple, limit: float = math.inf, reps: int = 5) -> float:
+    """Best-of-`reps` seconds of `kernel` on a random (rows, k) input; cached under `key` for the process."""
+    if key not in _TIMES:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+        _TIMES[key] = _best_time(lambda: kernel(x, None), reps, limit)
+    return _TIMES[key]
+
+
+def candidates(act_quant: bool) -> list[str]:
+    names = ["fbgemm", "int_mm", "weight_only"] if act_quant else ["weight_only"]
+    return [b for b in names if has_fast_kernel(b)]
+
+
+def choose(qt, weight: Callable[[], Tensor], act_quant: bool, rows: int) -> tuple[str, Kernel, dict[str, float]]:
+    """auto: (backend, its kernel, {backend: seconds}) for a weight run on `rows` tokens per call."""
+    n, k = qt.shape[0], math.prod(qt.shape[1:])
+    ref = build("float", qt, weight, act_quant)
+    shape = (rows, k, n, act_quant)
+    times = {"float": measure(ref, rows, k, ("float",) + shape)}
+    best, best_kernel = "float", ref
+    for name in candidates(act_quant):
+        kernel = build(name, qt, weight, act_quant)
+        if kernel is None:
+            continue
+        key = (name, getattr(kernel, "split", None), getattr(kernel, "int4", None) is not None) + shape
+        times[name] = measure(kernel, rows, k, key, limit=2 * times["float"])
+        if times[name] < MARGIN * times["float"] and times[name] < times[best]:
+            best, best_kernel = name, kernel
+    return best, best_kernel, times

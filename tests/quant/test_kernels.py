@@ -1,0 +1,140 @@
+"""The kernel layer (dqwhisper/quant/kernels.py): each backend against the fake-quant arithmetic, and the selection.
+
+Tolerances, per output element y of a linear (y_ref: the fake-quant linear evaluated in float64 on the same input;
+A = |x_q| @ |w_q|.T + |bias|, the sum of the magnitudes that enter y):
+- float:            0 (the same float32 operations as the fake-quant forward)
+- fbgemm, int_mm:   2^-21 * A (exact integer sums, then a few float32 roundings of the rescale and the bias add)
+- weight_only:      K * 2^-24 * A (another float32 summation order: the standard gamma_K bound of a K-term dot)
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dqwhisper.quant import convert, prepare
+from dqwhisper.quant import kernels
+from dqwhisper.quant.quantized import QuantizedEmbedding, QuantizedLinear, expected_rows, select_kernels
+from tests.quant.conftest import make_student
+
+W8A8 = {"enabled": True, "scope": "all", "embedding": True, "weight": {"bits": 8, "lsq": False},
+        "activation": {"enabled": True, "bits": 8}}
+W4 = {"enabled": True, "scope": "all", "embedding": True, "weight": {"bits": 4, "lsq": True}}
+
+
+def _capture(model, mel, tokens):
+    """{module name: (input, output)} of every quantized linear / tied projection during one forward."""
+    seen, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            hooks.append(m.register_forward_hook(lambda mod, i, o, n=name: seen.__setitem__(n, (i[0], o))))
+        elif isinstance(m, QuantizedEmbedding):
+            original = m.project
+
+            def project(x, original=original, n=name):
+                y = original(x)
+                seen[n] = (x, y)
+                return y
+
+            m.project = project
+    with torch.no_grad():
+        model.decoder(tokens, model.encoder(mel))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _reference(module, x):
+    """(y_ref, A) in float64 for the fake-quant arithmetic of `module` on input x (int8 activations when the
+    module was trained with them or its kernel quantizes them)."""
+    w = module.quantized_tensor().dequantize().double()
+    if module.act_quant or module.kernel in kernels.INT8_ACTIVATION:
+        q, s = kernels.quantize_tokens(x.reshape(-1, x.shape[-1]))
+        xq = (q.double() * s.double()).reshape(x.shape)
+    else:
+        xq = x.double()
+    bias = getattr(module, "bias", None)
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    return xq @ w.t() + b, xq.abs() @ w.abs().t() + b.abs()
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "int_mm", "weight_only"])
+@pytest.mark.parametrize("config", ["w8a8", "w4"])
+def test_backend_within_its_stated_tolerance_of_the_fake_quant_arithmetic(backend, config, inputs):
+    mel, tokens = inputs
+    model = convert(prepare(make_student(), W8A8 if config == "w8a8" else W4), backend)
+    seen = _capture(model, mel, tokens)
+    ran = 0
+    for name, m in model.named_modules():
+        if name not in seen or m.kernel != backend:
+            continue
+        ran += 1
+        x, y = seen[name]
+        ref, mag = _reference(m, x)
+        k = x.shape[-1]
+        tol = (2.0 ** -21 if backend in kernels.INT8_ACTIVATION else k * 2.0 ** -24) * mag
+        err = (y.double() - ref).abs()
+        assert bool((err <= tol).all()), f"{name}: error {float(err.max()):.3g} over its bound"
+    assert ran >= 20  # every linear of the tiny model plus the projection ran this backend
+
+
+def test_fbgemm_split_for_cpus_without_vnni_is_exact(monkeypatch):
+    """Without VNNI fbgemm's int16 pair sums saturate; 8-bit weights then run on two halves of the codes. Forced
+    here so that the split is checked on every CPU (on an AVX2 CPU the plain path would be off by ~1e5)."""
+    monkeypatch.setattr(kernels, "_SATURATES", True)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
+    w[0] = 127  # the worst case: every product at its largest
+    s = torch.rand(64, generator=g) + 0.5
+    x = torch.randn(5, 256, generator=g)
+    x[0] = 3.0
+    kernel = kernels.FbgemmKernel(w, s)
+    assert kernel.split
+    q, sx = kernels.quantize_tokens(x)
+    ref = (q.double() @ w.double().t()) * sx.double() * s.double()
+    y = kernel(x, None).double()
+    assert bool(((y - ref).abs() <= 2.0 ** -21 * (q.double().abs() @ w.double().abs().t()) * sx.double()
+                 * s.double()).all())
+
+
+def test_float_kernel_equals_fake_quant_bit_for_bit(inputs):
+    mel, tokens = inputs
+    model = prepare(make_student(), W8A8)
+    with torch.no_grad():
+        ref = model.decoder(tokens, model.encoder(mel))
+        convert(model, "float")
+        out = model.decoder(tokens, model.encoder(mel))
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_auto_keeps_float_activations_for_a_weight_only_student(inputs):
+    model = convert(prepare(make_student(), W4), "auto")
+    chosen = {m.kernel for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    assert chosen <= {"float", "weight_only"}
+    assert model.kernel_choices and all("float" in t for _, t in model.kernel_choices.values())
+
+
+def test_auto_picks_a_measured_kernel_at_least_10_percent_faster_than_float():
+    model = convert(prepare(make_student(), W8A8), "auto")
+    for name, (backend, times) in model.kernel_choices.items():
+        assert backend in times
+        if backend != "float":
+            assert times[backend] <= kernels.MARGIN * times["float"], name
+            assert times[backend] == min(times.values()), name
+
+
+def test_named_kernel_overrides_auto_and_falls_back_to_float_where_it_cannot_run():
+    cfg = copy.deepcopy(W4)
+    cfg["weight"] = {"bits": 4, "granularity": "per_group", "group_size": 16, "lsq": False}
+    model = convert(prepare(make_student(), cfg), "int_mm")  # per-group scales: no int8 row form
+    assert {m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)} == {"float"}
+    counts = select_kernels(convert(prepare(make_student(), W4), "float"), "fbgemm")
+    assert counts == {"fbgemm": sum(counts.values())}
+
+
+def test_expected_rows_follow_the_module_role():
+    assert expected_rows("encoder.blocks.0.mlp.0", 100, 2) == 200
+    assert expected_rows("decoder.blocks.1.cross_attn.key", 100, 2) == 200
+    assert expected_rows("decoder.blocks.1.attn.query", 100, 2) == 2
+    assert expected_rows("decoder.token_embedding", 100, 3) == 3

@@ -20,9 +20,10 @@ trained with activation quantization. Asking for fbgemm or int_mm by name runs t
 token, as CTranslate2's int8 does) and says so once.
 
 `auto`: a short probe drops int_mm / weight_only when they have no fast kernel on this CPU; then every distinct
-(rows, K, N) of the model is timed (best of a few calls) with each remaining candidate, and a candidate replaces
-float only when it is at least 10% faster, so auto is never slower than float on the measured shapes. Rows are the
-tokens a call sees: batch x audio frames in the encoder and the cross-attention keys/values, batch in the decoder.
+(rows, K, N) of the model is timed with each remaining candidate (round-robin, best of 5, in process CPU time so
+that other jobs on a shared machine do not decide), and a candidate replaces float only when it is at least 10%
+faster, so auto is never slower than float on the measured shapes. Rows are the tokens a call sees: batch x audio
+frames in the encoder and the cross-attention keys/values, batch in the decoder.
 
 `DQW_EMULATE_CPU=avx2` (scripts/emulate_avx2.sh sets it with the ISA limits) disables mkldnn in this process, which
 sends `_int_mm` down the path a CPU without AVX512-VNNI takes (torch's dispatch checks mkldnn and VNNI).
@@ -32,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -225,15 +227,29 @@ def build(backend: str, qt, weight: Callable[[], Tensor], act_quant: bool) -> Ke
     raise DQWhisperError(f"unknown kernel {backend!r}; use one of {list(CHOICES)}")
 
 
-def _best_time(fn: Callable[[], object], reps: int, limit: float = math.inf) -> float:
-    fn()
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
+def race(fns: dict[str, Callable[[], object]], rounds: int = 5, drop_after: int = 2,
+         clock: Callable[[], float] = time.process_time) -> dict[str, float]:
+    """{name: best seconds per call} of each `fns[name]()`, timed round-robin (so load on a shared machine hits all
+    alike) with the process's CPU time (all threads; a preempted thread does not count), each timing repeated
+    until it spans >= 2 ms, after a 2 ms pause (so OpenMP threads still spinning after the previous block do not
+    count against this one). After `drop_after` rounds, entries over 2x the first entry's time stop being timed."""
+    inner = {}
+    for name, fn in fns.items():
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
-        if best > limit:
-            break
+        inner[name] = max(1, min(1000, int(2e-3 / max(clock() - start, 1e-6))))
+    best = dict.fromkeys(fns, math.inf)
+    active = list(fns)
+    first = active[0]
+    for r in range(rounds):
+        for name in active:
+            time.sleep(0.002)  # the previous block's worker threads stop spinning outside this block's time
+            start = clock()
+            for _ in range(inner[name]):
+                fns[name]()
+            best[name] = min(best[name], (clock() - start) / inner[name])
+        if r + 1 == drop_after:
+            active = [n for n in active if n == first or best[n] <= 2 * best[first]]
     return best
 
 
@@ -241,7 +257,7 @@ _FAST: dict[str, bool] = {}
 
 
 def has_fast_kernel(backend: str) -> bool:
-    """One probe per process: does `backend` beat float on a (64 x 512) @ (512 x 512) product at all?"""
+    """One probe per process: is `backend` at all faster than float on a (64 x 512) @ (512 x 512) product?"""
     if backend not in _FAST:
         g = torch.Generator().manual_seed(0)
         w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
@@ -250,23 +266,14 @@ def has_fast_kernel(backend: str) -> bool:
         fast = {"int_mm": lambda: IntMMKernel(w, s), "weight_only": lambda: WeightOnlyKernel(w, s, None, False),
                 "fbgemm": lambda: FbgemmKernel(w, s)}[backend]()
         ref = FloatKernel(w.float() * s[:, None], False)
-        t_float = _best_time(lambda: ref(x, None), 5)
-        t = _best_time(lambda: fast(x, None), 3, 2 * t_float)
-        _FAST[backend] = t < 2 * t_float
-        log.info("kernel probe: %s %.3f ms vs float %.3f ms%s", backend, t * 1e3, t_float * 1e3,
-                 "" if _FAST[backend] else f": no fast {backend} kernel on this CPU, not a candidate")
+        t = race({"float": lambda: ref(x, None), backend: lambda: fast(x, None)}, rounds=3)
+        _FAST[backend] = t[backend] < 2 * t["float"]
+        log.info("kernel probe: %s %.3f ms vs float %.3f ms (CPU time)%s", backend, t[backend] * 1e3,
+                 t["float"] * 1e3, "" if _FAST[backend] else f": no fast {backend} kernel here, not a candidate")
     return _FAST[backend]
 
 
-_TIMES: dict[tuple, float] = {}
-
-
-def measure(kernel: Kernel, rows: int, k: int, key: tuple, limit: float = math.inf, reps: int = 5) -> float:
-    """Best-of-`reps` seconds of `kernel` on a random (rows, k) input; cached under `key` for the process."""
-    if key not in _TIMES:
-        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
-        _TIMES[key] = _best_time(lambda: kernel(x, None), reps, limit)
-    return _TIMES[key]
+_TIMES: dict[tuple, dict[str, float]] = {}
 
 
 def candidates(act_quant: bool) -> list[str]:
@@ -275,18 +282,43 @@ def candidates(act_quant: bool) -> list[str]:
 
 
 def choose(qt, weight: Callable[[], Tensor], act_quant: bool, rows: int) -> tuple[str, Kernel, dict[str, float]]:
-    """auto: (backend, its kernel, {backend: seconds}) for a weight run on `rows` tokens per call."""
+    """auto: (backend, its kernel, {backend: CPU seconds per call}) for a weight run on `rows` tokens per call.
+    Timed once per distinct shape and kind in a process (the cache key), on a random input."""
     n, k = qt.shape[0], math.prod(qt.shape[1:])
-    ref = build("float", qt, weight, act_quant)
-    shape = (rows, k, n, act_quant)
-    times = {"float": measure(ref, rows, k, ("float",) + shape)}
-    best, best_kernel = "float", ref
+    built = {"float": build("float", qt, weight, act_quant)}
     for name in candidates(act_quant):
         kernel = build(name, qt, weight, act_quant)
-        if kernel is None:
-            continue
-        key = (name, getattr(kernel, "split", None), getattr(kernel, "int4", None) is not None) + shape
-        times[name] = measure(kernel, rows, k, key, limit=2 * times["float"])
-        if times[name] < MARGIN * times["float"] and times[name] < times[best]:
-            best, best_kernel = name, kernel
-    return best, best_kernel, times
+        if kernel is not None:
+            built[name] = kernel
+    key = (rows, k, n, act_quant) + tuple((name, getattr(kern, "split", None), getattr(kern, "int4", None) is None)
+                                          for name, kern in built.items())
+    if key not in _TIMES:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+        _TIMES[key] = race({name: (lambda kern=kern: kern(x, None)) for name, kern in built.items()})
+    times = _TIMES[key]
+    best = min(times, key=times.get)
+    if best != "float" and times[best] > MARGIN * times["float"]:
+        best = "float"
+    return best, built[best], dict(times)
+
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def describe_cpu(threads: int) -> str:
+    """One line: the CPU model, its SIMD flags that matter here, the emulation, threads and the load average."""
+    model, flags = "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    have = [f for f in CPU_FLAGS if f in flags]
+    emu = f"EMULATED {EMULATED.upper()} (scripts/emulate_avx2.sh)" if EMULATED else "native"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"CPU: {model}; flags: {' '.join(have) or '-'}; {emu}; torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()}); fbgemm saturates int16: {fbgemm_saturates()}; "
+            f"{threads} threads; load average {load}")

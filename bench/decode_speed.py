@@ -6,14 +6,22 @@ Systems (each decodes every utterance with its language forced, no timestamps, t
   teacher-fw-int8         faster-whisper int8 on the teacher's CT2 dir (exp/models/base-ct2)
   teacher-fw-fp32         faster-whisper fp32 (with --fw-fp32): its agreement with the anchor is the parity check
   student-float           --student PATH: a float student checkpoint through our decoding (its own audio window)
-  student-export          --student-export PATH: the exported low-bit model (dqwhisper.models.load_model, int8)
+  <name>-float            --student-export PATH (repeatable; a model.dqw or an experiment dir with export/model.dqw):
+                          the export with its weights dequantized to float (decode.kernel=float: its "float self")
+  <name>-ours             the same export through our kernels as chosen by decode.kernel=auto (what was trained)
+  <name>-ours-int8        the same export with int8 activations through fbgemm (decode.kernel=fbgemm), when auto
+                          chose otherwise: the like-for-like partner of CTranslate2's int8
+  <name>-ct2-int8         CTranslate2 int8 on the export's CT2 conversion (quant/ct2_export.py; written once under
+                          --ct2-cache), same window, same threads
   student-fw-ct2          --student-ct2 DIR: faster-whisper on the student's CT2 export (--student-ct2-compute)
 
 Prints per system: RTF (wall seconds / audio seconds, model loading and one warm-up utterance excluded), speed
 relative to the anchor (anchor RTF / RTF), tokens per second, the pooled error (when the data has references) and
 the fraction of transcripts identical to the anchor's. Machine load moves absolute numbers: compare the ratios of
-one run. Example:
+one run. The header names the CPU, its SIMD flags, an AVX2 emulation (scripts/emulate_avx2.sh) and the load
+average. Example:
   nice python bench/decode_speed.py --data data/demo/test --max-utts 12 --threads 2 --fw-fp32
+  python bench/decode_speed.py --student-export exp/demo/student_kd_dm_q8 --student-export exp/demo/student_kd_dm_q4
 """
 from __future__ import annotations
 
@@ -120,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-ct2", default=str(ROOT / "exp/models/base-ct2"))
     p.add_argument("--fw-fp32", action="store_true", help="also faster-whisper fp32 on the teacher")
     p.add_argument("--student", help="float student checkpoint (.pt)")
-    p.add_argument("--student-export", help="exported low-bit student (export/model.dqw)")
+    p.add_argument("--student-export", action="append", default=[],
+                   help="exported student: model.dqw or an experiment dir (repeatable)")
+    p.add_argument("--ct2-cache", default="/tmp/dqw-bench-ct2", help="where the students' CT2 int8 exports go")
+    p.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows of --student-export")
     p.add_argument("--student-ct2", help="CT2 export of the student (export/ct2)")
     p.add_argument("--student-ct2-compute", default="int8", help="compute type for --student-ct2")
     p.add_argument("--student-window", type=float, help="audio window (s) of the CT2 student; default: from "
@@ -136,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    from dqwhisper.quant import kernels
+
+    print(kernels.describe_cpu(args.threads), flush=True)
     data = DataDir.load(args.data)
     if args.max_utts <= 0:
         args.max_utts = len(data.utts)
@@ -182,10 +196,35 @@ def main(argv: list[str] | None = None) -> None:
         student = load_model(args.student)
         window = window or student.dims.n_audio_ctx / 50
         add("student-float", lambda: time_ours(student, audio, utts, cfg, "zeros"))
-    if args.student_export:
-        exported = load_model(args.student_export, export_mode="int8")
-        window = window or exported.dims.n_audio_ctx / 50
-        add("student-export", lambda: time_ours(exported, audio, utts, cfg, "zeros"))
+    students = []
+    for spec in args.student_export:
+        path = Path(spec) / "export" / "model.dqw" if Path(spec).is_dir() else Path(spec)
+        name = path.parent.parent.name if path.parent.name == "export" else path.stem
+        students.append((name, path))
+    if students:
+        from dqwhisper.quant.export import load_exported
+        from dqwhisper.quant.quantized import log_kernels
+
+    for name, path in students:
+        batch = args.batch_size * args.beam_size
+        ref = load_exported(path, mode="float", batch=batch)
+        window = window or ref.dims.n_audio_ctx / 50
+        add(f"{name}-float", lambda: time_ours(ref, audio, utts, cfg, "zeros"))
+        ours = load_exported(path, mode="auto", batch=batch)
+        print(f"    {name}-ours kernels: {log_kernels(ours)}", flush=True)
+        add(f"{name}-ours", lambda: time_ours(ours, audio, utts, cfg, "zeros"))
+        if set(log_kernels(ours)) != {"fbgemm"}:
+            int8 = load_exported(path, mode="fbgemm", batch=batch)
+            print(f"    {name}-ours-int8 kernels: {log_kernels(int8)}", flush=True)
+            add(f"{name}-ours-int8", lambda: time_ours(int8, audio, utts, cfg, "zeros"))
+        if not args.no_ct2:
+            from dqwhisper.quant.ct2_export import export_ct2
+
+            ct2_dir = Path(args.ct2_cache) / name
+            if not (ct2_dir / "model.bin").is_file() or (ct2_dir / "model.bin").stat().st_mtime < path.stat().st_mtime:
+                export_ct2(path, ct2_dir)
+            add(f"{name}-ct2-int8", lambda: time_ct2_generate(str(ct2_dir), "int8", audio, utts, args.threads,
+                                                               ref.dims.n_audio_ctx / 50))
     if args.student_ct2 and window and window < 30:
         # faster-whisper's transcribe pads features to 30 s; a short-window export runs in CTranslate2 directly
         add(f"student-ct2-{args.student_ct2_compute}",
@@ -227,6 +266,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{s['name']:<26}{rtf:>8.3f}{fmt(row['speed_vs_anchor'], suffix='x'):>17}"
               f"{row['tokens_per_second']:>10.1f}{fmt(row['error'], 100):>9}{fmt(row['same_as_anchor'], 100, '%'):>16}"
               f"{fmt(row['same_as_against'], 100, '%'):>19}")
+    by_name = {r["system"]: r for r in rows}
+    if students:
+        print()
+    for name, _ in students:
+        f, o = by_name.get(f"{name}-float"), by_name.get(f"{name}-ours")
+        i8, c2 = by_name.get(f"{name}-ours-int8") or o, by_name.get(f"{name}-ct2-int8")
+        line = f"{name}: ours {f['rtf'] / o['rtf']:.2f}x its float self" if f and o else f"{name}:"
+        if i8 and c2:
+            line += f"; ours int8 takes {i8['rtf'] / c2['rtf']:.2f}x CTranslate2 int8's time"
+        print(line)
+    fastest = min((r for r in rows if r["system"].endswith(("-ours", "-ours-int8"))), key=lambda r: r["rtf"],
+                  default=None)
+    if fastest and anchor:
+        print(f"fastest student through our kernels: {fastest['system']}, "
+              f"{fastest['speed_vs_anchor']:.2f}x openai-whisper fp32")
     if args.dump:
         from dqwhisper.scoring import write_kaldi_text
 

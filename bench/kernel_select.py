@@ -11,6 +11,7 @@ emulation if any, the load average, and a table.
   python bench/kernel_select.py --threads 2 [EXPORT.dqw ...]
   bash scripts/emulate_avx2.sh .venv/bin/python bench/kernel_select.py --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ from dqwhisper.quant import kernels  # noqa: E402
 from dqwhisper.quant.quantized import QuantizedEmbedding, QuantizedLinear, expected_rows  # noqa: E402
 from dqwhisper.utils import DQWhisperError  # noqa: E402
 
+
 def random_base_models(window: float) -> list[tuple[str, torch.nn.Module]]:
     from omegaconf import OmegaConf
     from whisper.model import ModelDimensions, Whisper
@@ -34,9 +36,18 @@ def random_base_models(window: float) -> list[tuple[str, torch.nn.Module]]:
     from dqwhisper.models.student import from_whisper
     from dqwhisper.quant import convert, prepare
 
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=round(window * 50), n_audio_state=512, n_audio_head=8,
-                           n_audio_layer=6, n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8,
-                           n_text_layer=6)
+    dims = ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=round(window * 50),
+        n_audio_state=512,
+        n_audio_head=8,
+        n_audio_layer=6,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=512,
+        n_text_head=8,
+        n_text_layer=6,
+    )
     out = []
     for name in ("w8a8", "w4"):
         torch.manual_seed(0)
@@ -55,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=30.0, help="audio window (s) of the default random models")
     p.add_argument("--batch", type=int, default=1, help="utterances per decoding call")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--tolerance", type=float, default=1.10,
-                   help="fail when auto's time exceeds float's by this factor (timing noise of a shared machine)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1.10,
+        help="fail when auto's time exceeds float's by this factor (timing noise of a shared machine)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(kernels.describe_cpu(args.threads), flush=True)
@@ -66,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         models = [(Path(e).parent.parent.name or e, load_exported(e, "auto", batch=args.batch)) for e in args.exports]
     else:
         models = random_base_models(args.window)
-    print(f"\n{'model':<22}{'rows x K x N':>20}{'act':>5}{'auto':>13}{'float ms':>10}{'auto ms':>10}{'ratio':>7}"
-          f"{'wall float':>12}{'wall auto':>11}{'ratio':>7}   (ms per call: CPU time of all threads, then wall)")
+    print(
+        f"\n{'model':<22}{'rows x K x N':>20}{'act':>5}{'auto':>13}{'float ms':>10}{'auto ms':>10}{'ratio':>7}"
+        f"{'wall float':>12}{'wall auto':>11}{'ratio':>7}   (ms per call: CPU time of all threads, then wall)"
+    )
     seen, worst = set(), 0.0
     for label, model in models:
         n_ctx = model.dims.n_audio_ctx
@@ -88,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             ratio = cpu["auto"] / cpu["float"]
             worst = max(worst, ratio)
             n, k = m.quantized_tensor().shape
-            print(f"{label:<22}{f'{rows}x{k}x{n}':>20}{'a8' if m.act_quant else 'w':>5}{m.kernel:>13}"
-                  f"{cpu['float'] * 1e3:>10.3f}{cpu['auto'] * 1e3:>10.3f}{ratio:>7.2f}{wall['float'] * 1e3:>12.3f}"
-                  f"{wall['auto'] * 1e3:>11.3f}{wall['auto'] / wall['float']:>7.2f}", flush=True)
+            print(
+                f"{label:<22}{f'{rows}x{k}x{n}':>20}{'a8' if m.act_quant else 'w':>5}{m.kernel:>13}"
+                f"{cpu['float'] * 1e3:>10.3f}{cpu['auto'] * 1e3:>10.3f}{ratio:>7.2f}{wall['float'] * 1e3:>12.3f}"
+                f"{wall['auto'] * 1e3:>11.3f}{wall['auto'] / wall['float']:>7.2f}",
+                flush=True,
+            )
     print(f"\nslowest auto choice vs float: {worst:.2f}x (limit {args.tolerance:.2f})")
     if worst > args.tolerance:
         print("FAIL: auto chose a kernel slower than float", file=sys.stderr)

@@ -1,12 +1,12 @@
 """Kernels for the exported low-bit linears and the tied vocabulary projection, chosen per shape at load time.
 
 Backends (each packs its weights once, when chosen; `__call__(x, bias)` takes (..., K) float32 -> (..., N)):
-| backend     | activations                                  | weights               | equals the fake-quant forward          |
-|-------------|----------------------------------------------|-----------------------|----------------------------------------|
-| float       | as trained (float, or per-token fake-quant)  | dequantized float32   | bit for bit (the same operations)      |
-| fbgemm      | int8 per token, codes as in QAT               | int8, per-row scales  | exact integer sums; float32 rounding   |
-| int_mm      | int8 per token, codes as in QAT               | int8, per-row scales  | exact integer sums; float32 rounding   |
-| weight_only | as trained                                    | int8/int4 packed      | float32 rounding (another summation)  |
+| backend     | activations                            | weights              | equals the fake-quant forward     |
+|-------------|----------------------------------------|----------------------|-----------------------------------|
+| float       | as trained (float, or per-token f.-q.) | dequantized float32  | bit for bit (the same operations) |
+| fbgemm      | int8 per token, codes as in QAT        | int8, per-row scales | exact integer sums; f32 rounding  |
+| int_mm      | int8 per token, codes as in QAT        | int8, per-row scales | exact integer sums; f32 rounding  |
+| weight_only | as trained                             | int8/int4 packed     | f32 rounding (another summation)  |
 fbgemm runs `quantized.linear_dynamic` on our own per-token integer codes: one extra input row pins its per-tensor
 range to [-128, 127], so its scale is 1 and its zero point 128 and the codes pass through unchanged. Without VNNI,
 fbgemm adds u8*s8 pairs in saturating int16 (vpmaddubsw); a probe at first use detects that, and weights with codes
@@ -28,6 +28,7 @@ frames in the encoder and the cross-attention keys/values, batch in the decoder.
 `DQW_EMULATE_CPU=avx2` (scripts/emulate_avx2.sh sets it with the ISA limits) disables mkldnn in this process, which
 sends `_int_mm` down the path a CPU without AVX512-VNNI takes (torch's dispatch checks mkldnn and VNNI).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,10 @@ def apply_cpu_emulation() -> str | None:
         raise DQWhisperError(f"DQW_EMULATE_CPU={isa!r}: only 'avx2' is supported")
     wrong = [f"{k}={v}" for k, v in EMULATION_ENV.items() if os.environ.get(k) != v]
     if wrong:
-        raise DQWhisperError(f"DQW_EMULATE_CPU=avx2 needs {', '.join(wrong)} set before python starts "
-                             "(run the command through scripts/emulate_avx2.sh)")
+        raise DQWhisperError(
+            f"DQW_EMULATE_CPU=avx2 needs {', '.join(wrong)} set before python starts "
+            "(run the command through scripts/emulate_avx2.sh)"
+        )
     torch.backends.mkldnn.enabled = False
     return isa
 
@@ -124,14 +127,18 @@ def fbgemm_saturates() -> bool:
     global _SATURATES
     if _SATURATES is None:
         k = 64
-        w = torch._make_per_channel_quantized_tensor(torch.full((8, k), 127, dtype=torch.int8),
-                                                     torch.ones(8, dtype=torch.double), torch.zeros(8, dtype=torch.long), 0)
+        ones, zeros = torch.ones(8, dtype=torch.double), torch.zeros(8, dtype=torch.long)
+        w = torch._make_per_channel_quantized_tensor(torch.full((8, k), 127, dtype=torch.int8), ones, zeros, 0)
         x = torch.full((2, k), 127.0)
         x[1, 0] = -128.0
         y = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(w, None), False)
         _SATURATES = float(y[0, 0]) != 127.0 * 127.0 * k
-        log.info("fbgemm int8 GEMM %s", "saturates int16 pair sums (no VNNI): 8-bit weights run as two GEMMs"
-                 if _SATURATES else "sums exactly (VNNI)")
+        log.info(
+            "fbgemm int8 GEMM %s",
+            "saturates int16 pair sums (no VNNI): 8-bit weights run as two GEMMs"
+            if _SATURATES
+            else "sums exactly (VNNI)",
+        )
     return _SATURATES
 
 
@@ -140,8 +147,9 @@ class FbgemmKernel(Kernel):
 
     def __init__(self, w_int8: Tensor, row_scale: Tensor):
         n, k = w_int8.shape
-        qw = torch._make_per_channel_quantized_tensor(w_int8.contiguous(), row_scale.double(),
-                                                      torch.zeros(n, dtype=torch.long), 0)
+        qw = torch._make_per_channel_quantized_tensor(
+            w_int8.contiguous(), row_scale.double(), torch.zeros(n, dtype=torch.long), 0
+        )
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
         self.split = fbgemm_saturates() and int(w_int8.abs().max()) > 64
         lo, hi = (-64.0, 191.0) if self.split else (-128.0, 127.0)  # pins scale 1, zero point 64 / 128
@@ -156,7 +164,7 @@ class FbgemmKernel(Kernel):
         if self.split:  # q = q1 + q2 with both in [-64, 64]: u8 = q + 64 <= 128, 2 * 128 * 128 fits int16
             q1 = q.clamp(-64, 63)
             y = torch.ops.quantized.linear_dynamic(torch.cat([q1, q - q1, self.pin]), self.packed, False)
-            return (y[:m] + y[m:2 * m]).mul_(s)
+            return (y[:m] + y[m : 2 * m]).mul_(s)
         return torch.ops.quantized.linear_dynamic(torch.cat([q, self.pin]), self.packed, False)[:m].mul_(s)
 
 
@@ -227,8 +235,12 @@ def build(backend: str, qt, weight: Callable[[], Tensor], act_quant: bool) -> Ke
     raise DQWhisperError(f"unknown kernel {backend!r}; use one of {list(CHOICES)}")
 
 
-def race(fns: dict[str, Callable[[], object]], rounds: int = 5, drop_after: int = 2,
-         clock: Callable[[], float] = time.process_time) -> dict[str, float]:
+def race(
+    fns: dict[str, Callable[[], object]],
+    rounds: int = 5,
+    drop_after: int = 2,
+    clock: Callable[[], float] = time.process_time,
+) -> dict[str, float]:
     """{name: best seconds per call} of each `fns[name]()`, timed round-robin (so load on a shared machine hits all
     alike) with the process's CPU time (all threads; a preempted thread does not count), each timing repeated
     until it spans >= 2 ms, after a 2 ms pause (so OpenMP threads still spinning after the previous block do not
@@ -263,13 +275,21 @@ def has_fast_kernel(backend: str) -> bool:
         w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
         s = torch.full((512,), 1e-3)
         x = torch.randn(64, 512, generator=g)
-        fast = {"int_mm": lambda: IntMMKernel(w, s), "weight_only": lambda: WeightOnlyKernel(w, s, None, False),
-                "fbgemm": lambda: FbgemmKernel(w, s)}[backend]()
+        fast = {
+            "int_mm": lambda: IntMMKernel(w, s),
+            "weight_only": lambda: WeightOnlyKernel(w, s, None, False),
+            "fbgemm": lambda: FbgemmKernel(w, s),
+        }[backend]()
         ref = FloatKernel(w.float() * s[:, None], False)
         t = race({"float": lambda: ref(x, None), backend: lambda: fast(x, None)}, rounds=3)
         _FAST[backend] = t[backend] < 2 * t["float"]
-        log.info("kernel probe: %s %.3f ms vs float %.3f ms (CPU time)%s", backend, t[backend] * 1e3,
-                 t["float"] * 1e3, "" if _FAST[backend] else f": no fast {backend} kernel here, not a candidate")
+        log.info(
+            "kernel probe: %s %.3f ms vs float %.3f ms (CPU time)%s",
+            backend,
+            t[backend] * 1e3,
+            t["float"] * 1e3,
+            "" if _FAST[backend] else f": no fast {backend} kernel here, not a candidate",
+        )
     return _FAST[backend]
 
 
@@ -290,8 +310,9 @@ def choose(qt, weight: Callable[[], Tensor], act_quant: bool, rows: int) -> tupl
         kernel = build(name, qt, weight, act_quant)
         if kernel is not None:
             built[name] = kernel
-    key = (rows, k, n, act_quant) + tuple((name, getattr(kern, "split", None), getattr(kern, "int4", None) is None)
-                                          for name, kern in built.items())
+    key = (rows, k, n, act_quant) + tuple(
+        (name, getattr(kern, "split", None), getattr(kern, "int4", None) is None) for name, kern in built.items()
+    )
     if key not in _TIMES:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
         _TIMES[key] = race({name: (lambda kern=kern: kern(x, None)) for name, kern in built.items()})
@@ -319,6 +340,8 @@ def describe_cpu(threads: int) -> str:
     have = [f for f in CPU_FLAGS if f in flags]
     emu = f"EMULATED {EMULATED.upper()} (scripts/emulate_avx2.sh)" if EMULATED else "native"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"CPU: {model}; flags: {' '.join(have) or '-'}; {emu}; torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}); fbgemm saturates int16: {fbgemm_saturates()}; "
-            f"{threads} threads; load average {load}")
+    return (
+        f"CPU: {model}; flags: {' '.join(have) or '-'}; {emu}; torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()}); fbgemm saturates int16: {fbgemm_saturates()}; "
+        f"{threads} threads; load average {load}"
+    )

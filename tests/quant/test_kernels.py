@@ -6,6 +6,7 @@ A = |x_q| @ |w_q|.T + |bias|, the sum of the magnitudes that enter y):
 - fbgemm, int_mm:   2^-21 * A (exact integer sums, then a few float32 roundings of the rescale and the bias add)
 - weight_only:      K * 2^-24 * A (another float32 summation order: the standard gamma_K bound of a K-term dot)
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,13 @@ from dqwhisper.quant import kernels
 from dqwhisper.quant.quantized import QuantizedEmbedding, QuantizedLinear, expected_rows, select_kernels
 from tests.quant.conftest import make_student
 
-W8A8 = {"enabled": True, "scope": "all", "embedding": True, "weight": {"bits": 8, "lsq": False},
-        "activation": {"enabled": True, "bits": 8}}
+W8A8 = {
+    "enabled": True,
+    "scope": "all",
+    "embedding": True,
+    "weight": {"bits": 8, "lsq": False},
+    "activation": {"enabled": True, "bits": 8},
+}
 W4 = {"enabled": True, "scope": "all", "embedding": True, "weight": {"bits": 4, "lsq": True}}
 
 
@@ -73,7 +79,7 @@ def test_backend_within_its_stated_tolerance_of_the_fake_quant_arithmetic(backen
         x, y = seen[name]
         ref, mag = _reference(m, x)
         k = x.shape[-1]
-        tol = (2.0 ** -21 if backend in kernels.INT8_ACTIVATION else k * 2.0 ** -24) * mag
+        tol = (2.0**-21 if backend in kernels.INT8_ACTIVATION else k * 2.0**-24) * mag
         err = (y.double() - ref).abs()
         assert bool((err <= tol).all()), f"{name}: error {float(err.max()):.3g} over its bound"
     assert ran >= 20  # every linear of the tiny model plus the projection ran this backend
@@ -94,8 +100,9 @@ def test_fbgemm_split_for_cpus_without_vnni_is_exact(monkeypatch):
     q, sx = kernels.quantize_tokens(x)
     ref = (q.double() @ w.double().t()) * sx.double() * s.double()
     y = kernel(x, None).double()
-    assert bool(((y - ref).abs() <= 2.0 ** -21 * (q.double().abs() @ w.double().abs().t()) * sx.double()
-                 * s.double()).all())
+    assert bool(
+        ((y - ref).abs() <= 2.0**-21 * (q.double().abs() @ w.double().abs().t()) * sx.double() * s.double()).all()
+    )
 
 
 def test_float_kernel_equals_fake_quant_bit_for_bit(inputs):

@@ -198,7 +198,7 @@ class WeightOnlyKernel(Kernel):
 def int4_groups(qt) -> tuple[Tensor, Tensor, int] | None:
     """(codes - zero in [-8, 7] (N, K), scale (N, K // g), g) when the weight fits torch's int4 CPU kernel."""
     spec, (n, k) = qt.spec, qt.shape
-    if len(qt.shape) != 2 or spec.bits > 4:
+    if len(qt.shape) != 2 or spec.bits > 4 or spec.granularity not in ("per_tensor", "per_channel", "per_group"):
         return None
     if spec.granularity == "per_group":
         group = spec.group_size

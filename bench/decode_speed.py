@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     audio_seconds = sum(len(a) for a in audio.audio.values()) / SAMPLE_RATE
     print(f"{len(utts)} utterances, {audio_seconds:.1f} s of audio, languages {sorted({u.lang for u in utts})}, "
           f"{args.threads} threads, beam {args.beam_size}", flush=True)
-    cfg = DecodeConfig(beam_size=args.beam_size, batch_size=args.batch_size)
+    # temperature 0 only, as the CTranslate2 / faster-whisper rows: no fallback re-decoding in the timings
+    cfg = DecodeConfig(beam_size=args.beam_size, batch_size=args.batch_size, temperatures=[0.0])
 
     from dqwhisper.models.load import load_model
 

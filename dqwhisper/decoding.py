@@ -40,6 +40,7 @@ log = get_logger(__name__)
 SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = 320  # 16 kHz samples per encoder position (mel hop 160, conv stride 2)
 DETECT = "detect"
+KERNELS = ("auto", "fbgemm", "int_mm", "weight_only", "float")  # dqwhisper.quant.kernels.CHOICES
 
 
 @dataclass
@@ -93,6 +94,7 @@ def check_decode_config(cfg: DecodeConfig) -> None:
         (cfg.audio_window is None or cfg.audio_window > 0, f"decode.audio_window={cfg.audio_window}: must be > 0"),
         (cfg.mel_padding in MEL_PADDINGS, f"decode.mel_padding={cfg.mel_padding}: one of {', '.join(MEL_PADDINGS)}"),
         (cfg.export_mode in ("int8", "dequant"), f"decode.export_mode={cfg.export_mode}: int8 | dequant"),
+        (cfg.kernel in KERNELS, f"decode.kernel={cfg.kernel}: one of {' | '.join(KERNELS)}"),
         (0 <= cfg.max_bad_fraction <= 1, f"decode.max_bad_fraction={cfg.max_bad_fraction}: must be in [0, 1]"),
         (cfg.num_threads >= 0, f"decode.num_threads={cfg.num_threads}: must be >= 0"),
         (cfg.best_of >= 1, f"decode.best_of={cfg.best_of}: must be >= 1"),

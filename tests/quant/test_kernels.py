@@ -145,3 +145,9 @@ def test_expected_rows_follow_the_module_role():
     assert expected_rows("decoder.blocks.1.cross_attn.key", 100, 2) == 200
     assert expected_rows("decoder.blocks.1.attn.query", 100, 2) == 2
     assert expected_rows("decoder.token_embedding", 100, 3) == 3
+
+
+def test_decode_kernel_names_match_the_kernel_layer():
+    from dqwhisper.decoding import KERNELS
+
+    assert KERNELS == kernels.CHOICES

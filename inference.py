@@ -31,6 +31,7 @@ from whisper.model import ModelDimensions
 from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, check_decode_config, decode_utterances,
                                 search_tag, select_utts)
 from dqwhisper.models.load import load_model
+from dqwhisper.quant.quantized import select_kernels
 from dqwhisper.scoring import empty_references, score_utterances, summarize, write_kaldi_text, write_results
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device
 
@@ -304,8 +305,6 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
     check_model_name(model_name, model.dims, str(ckpt))
     apply_audio_window(model, dcfg.audio_window)
     if ckpt.suffix == ".dqw":
-        from dqwhisper.quant.quantized import select_kernels
-
         select_kernels(model, batch=dcfg.batch_size * dcfg.beam_size)
     results = []
     for ts, out in zip(sets, p.out_dirs):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,6 +24,7 @@ from dqwhisper.data.kaldi import DataDir, Utterance, is_pipe
 from dqwhisper.utils import atomic_torch_save, atomic_write_bytes
 
 HASH_LEN = 20
+STALE_TEMP_SECONDS = 3600  # a temp file this old is no write in progress: a killed run's
 
 
 def _digest(h: "hashlib._Hash") -> str:
@@ -67,6 +69,20 @@ class FeatureCache:
             atomic_write_bytes(self.dir / "info.json", json.dumps(info, indent=1, default=str).encode())
         self.hits = 0
         self.misses = 0
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self, older_than: float = STALE_TEMP_SECONDS) -> int:
+        """Temp files of entry writes that a killed run left (`<xx>/.<key>.pt.*.tmp`). Other experiments may write
+        into the same cache right now, so only files untouched for `older_than` seconds go."""
+        now, n = time.time(), 0
+        for p in self.dir.glob("*/.*.tmp"):
+            try:
+                if now - p.stat().st_mtime > older_than:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                continue
+        return n
 
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.pt"

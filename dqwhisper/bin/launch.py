@@ -11,11 +11,11 @@ import logging
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
     args = get_args_parser().parse_args(argv)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dqwhisper.models.ct2.tokenizer import whisper_tokenizer_for
 from dqwhisper.models.student import load_checkpoint, model_from_checkpoint, read_checkpoint
 from dqwhisper.quant.ct2_export import export_ct2
 from dqwhisper.quant.dqw import ALIGN, FLOAT_DTYPES, export_model, load_exported, read_header
@@ -63,10 +64,9 @@ def check_export(ckpt_path: str | Path, dqw_path: str | Path, seed: int = 0) -> 
     dims = ref_model.dims
     mel = torch.randn(1, dims.n_mels, 2 * dims.n_audio_ctx, generator=g)
     text = [int(i) for i in torch.randint(220, 5000, (12,), generator=g)]
-    from dqwhisper.data.dataset import default_tokenizer, prefix_ids
-
-    prompt = prefix_ids(default_tokenizer(dims.n_vocab), "en")  # the model's own: *.en, 99 or 100 languages
-    tokens = torch.tensor([prompt + text])
+    tok = whisper_tokenizer_for(dims)  # the model's own: *.en, 99 or 100 languages
+    prompt = [tok.sot, tok.to_language_token("en"), tok.transcribe] if dims.n_vocab >= 51865 else [tok.sot]
+    tokens = torch.tensor([prompt + [tok.no_timestamps] + text])
     keep = getattr(ref_model.decoder, "vocab_keep", None)
     if keep is not None:
         tokens = keep[torch.searchsorted(keep, tokens).clamp(max=len(keep) - 1)]

@@ -363,3 +363,18 @@ def test_last_pt_by_time_and_a_failed_set_up_leaves_no_experiment(assets, tmp_pa
     common = FAST + ["trainer.max_steps=8", "trainer.valid_every=0", "trainer.save_every_minutes=1e-9"]
     out = train(tiny_config(exp, data, teacher, overrides=common + ["trainer.stop_after_steps=3"]))
     assert out["stopped"] and read_checkpoint(exp / "last.pt")["step"] == 3
+
+
+def test_cache_drops_temp_files_of_killed_runs(tmp_path):
+    """A kill while filling the shared feature cache leaves `.<key>.pt.*.tmp`; the next open removes it once it is
+    old enough not to be another experiment's write in progress."""
+    from dqwhisper.cache import STALE_TEMP_SECONDS, FeatureCache
+
+    sub = tmp_path / "encoder" / "k" / "ab"
+    sub.mkdir(parents=True)
+    old, fresh = sub / ".abcd.pt.x1.tmp", sub / ".abce.pt.x2.tmp"
+    for p in (old, fresh):
+        p.write_bytes(b"half")
+    os.utime(old, (time.time() - STALE_TEMP_SECONDS - 60,) * 2)
+    FeatureCache(tmp_path / "encoder", "k")
+    assert not old.exists() and fresh.exists()

@@ -30,7 +30,8 @@ train_utts=120      # demo corpus size per language (train/dev/test)
 dev_utts=20
 test_utts=20
 decode_threads=2
-help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--nj N] [--steps N] [--exp DIR]
+seeds=1             # students trained per configuration (seed k > 1 goes to exp/demo/<student>_seed<k>)
+help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--nj N] [--steps N] [--exp DIR] [--seeds N]
   [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]"
 . scripts/parse_options.sh
 
@@ -60,7 +61,13 @@ run_stage() {
 step_args=()
 [ -n "$steps" ] && step_args=("trainer.max_steps=$steps")
 teacher_ckpt=$exp/teacher_adapted/best.pt
-students="student_ce student_kd student_kd_dm student_kd_dm_q8 student_kd_dm_q4"
+sfx() { [ "$1" = 1 ] && echo "" || echo "_seed$1"; }   # experiment-name suffix of seed k
+models="teacher_adapted"   # every exported, decoded, reported model, seed by seed
+for k in $(seq 1 "$seeds"); do
+  for s in student_ce student_kd student_kd_dm student_kd_dm_q8 student_kd_dm_q4 student_ptq4; do
+    models+=" $s$(sfx "$k")"
+  done
+done
 
 train() {  # train NAME CONF [overrides...]: one experiment, skipped when its final checkpoint exists
   local name=$1 conf=$2; shift 2
@@ -83,19 +90,29 @@ stage_data() {
 }
 stage_teacher() { train teacher_adapted conf/demo_teacher.yaml; }
 stage_students() {
-  local t="teacher.name=$teacher_ckpt"
-  train student_ce conf/demo_student_ce.yaml "$t"
-  train student_kd conf/demo_student_kd.yaml "$t"
-  train student_kd_dm conf/demo_student_kd_dm.yaml "$t"
-  train student_kd_dm_q8 conf/demo_student_kd_dm.yaml "$t" quant=w8
-  train student_kd_dm_q4 conf/demo_student_kd_dm.yaml "$t" quant=w4
+  local k x t="teacher.name=$teacher_ckpt"
+  for k in $(seq 1 "$seeds"); do
+    x=$(sfx "$k")
+    local o=("$t" "trainer.seed=$((1233 + k))")
+    train "student_ce$x" conf/demo_student_ce.yaml "${o[@]}"
+    train "student_kd$x" conf/demo_student_kd.yaml "${o[@]}"
+    train "student_kd_dm$x" conf/demo_student_kd_dm.yaml "${o[@]}"
+    # quantization-aware distillation starts from the float KD + matching student (the same architecture)
+    train "student_kd_dm_q8$x" conf/demo_student_kd_dm_q8.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
+    train "student_kd_dm_q4$x" conf/demo_student_kd_dm_q4.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
+  done
 }
 stage_export() {
-  mkdir -p "$exp/student_ptq4"
-  $py -m dqwhisper.quant.ptq "$exp/student_kd_dm/best.pt" w4 "$exp/student_ptq4/best.pt"
-  cp "$exp/student_kd_dm/config.yaml" "$exp/student_ptq4/config.yaml"
+  local k x
+  for k in $(seq 1 "$seeds"); do
+    x=$(sfx "$k")
+    mkdir -p "$exp/student_ptq4$x"
+    # the same quantizer as student_kd_dm_q4 (calibrated MSE scales), without training
+    $py -m dqwhisper.quant.ptq "$exp/student_kd_dm$x/best.pt" w4a8 "$exp/student_ptq4$x/best.pt"
+    cp "$exp/student_kd_dm$x/config.yaml" "$exp/student_ptq4$x/config.yaml"
+  done
   # float models are exported too (fp16 tensors), so every row's size is a file that decodes as reported
-  for s in teacher_adapted $students student_ptq4; do
+  for s in $models; do
     mkdir -p "$exp/$s/export"
     $py -m dqwhisper.quant.export "$exp/$s/best.pt" "$exp/$s/export/model.dqw"
   done
@@ -103,14 +120,14 @@ stage_export() {
 stage_decode() {
   local common=("decode.test_sets=[$data/test]" "decode.num_threads=$decode_threads")
   $py inference.py base exp/models/base.pt "${common[@]}" "decode.out_dir=$exp/teacher_zeroshot/decode_test"
-  for s in teacher_adapted $students student_ptq4; do
+  for s in $models; do
     $py inference.py base "$exp/$s" "${common[@]}" decode.checkpoint=export "decode.out_dir=$exp/$s/decode_test"
   done
 }
 stage_report() {
   local rows=(--row teacher_zeroshot "$exp/teacher_zeroshot/decode_test/results.json" exp/models/base.pt
 )
-  for s in teacher_adapted $students student_ptq4; do
+  for s in $models; do
     rows+=(--row "$s" "$exp/$s/decode_test/results.json" "$exp/$s/export/model.dqw")
   done
   # the teacher's fp16 file: Whisper base as shipped (CTranslate2 float16 model.bin)

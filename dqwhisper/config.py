@@ -98,6 +98,7 @@ class OptimConfig:
     name: str = "adamw"  # adam | adamw
     lr: float = 1e-4
     head_lr: Optional[float] = 1e-3  # lr of the layers training adds (CTC head, matching adapters); null = lr
+    quant_lr: Optional[float] = None  # lr of the quantizers' LSQ scales (no weight decay on them); null = lr
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -121,6 +122,7 @@ class TrainerConfig:
     valid_decode: bool = True  # greedy-decode dev for WER/CER (else the dev loss is the metric)
     valid_batch_size: int = 16
     keep_top_k: int = 3  # step_<N>.pt kept by dev metric
+    early_stop: int = 0  # stop when dev has not improved for this many validations in a row; 0 = off
     average: bool = True  # write avg.pt, the average of the kept checkpoints
     resume: bool = False  # continue from checkpoint_dir/last.pt (an error when there is none)
     overwrite: bool = False  # start over in a checkpoint_dir that holds an experiment (its outputs are removed)

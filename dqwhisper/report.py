@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot
         cells.append("—" if r["rtf"] is None else f"{r['rtf']:.3f}")
         cells.append("—" if r.get("n_runaways") is None else str(r["n_runaways"]))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += render_seeds(rows)
     if plot_name:
         lines += ["", f"![average error vs size]({plot_name})"]
     if stage_times:
@@ -99,6 +101,38 @@ def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot
         lines += [f"| {name} | {sec:.0f} |" for name, sec in stage_times]
         lines += [f"| total | {sum(s for _, s in stage_times):.0f} |"]
     return "\n".join(lines) + "\n"
+
+
+SEED_SUFFIX = re.compile(r"^(?P<base>.+)_seed(?P<seed>\d+)$")
+
+
+def seed_groups(rows: list[dict]) -> dict[str, list[tuple[int, dict]]]:
+    """Rows of one configuration trained with several seeds: `name` is seed 1, `name_seedK` seed K. Only
+    configurations with more than one seed are returned, {name: [(seed, row), ...]} in seed order."""
+    by_name = {r["name"]: r for r in rows}
+    groups: dict[str, list[tuple[int, dict]]] = {}
+    for r in rows:
+        m = SEED_SUFFIX.match(r["name"])
+        if m and m["base"] in by_name:
+            groups.setdefault(m["base"], [(1, by_name[m["base"]])]).append((int(m["seed"]), r))
+    return {k: sorted(v, key=lambda x: x[0]) for k, v in groups.items()}
+
+
+def render_seeds(rows: list[dict]) -> list[str]:
+    groups = seed_groups(rows)
+    if not groups:
+        return []
+    n = max(len(v) for v in groups.values())
+    head = ["model"] + [f"seed {k} avg %" for k in range(1, n + 1)] + ["mean avg %"]
+    lines = ["", "## Seeds", "", "Average error of each configuration trained with each seed, and their mean.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, members in groups.items():
+        errors = [r["avg_error"] for _, r in members]
+        cells = [name] + ["—" if e is None else f"{100 * e:.1f}" for e in errors] + ["—"] * (n - len(errors))
+        known = [e for e in errors if e is not None]
+        cells.append(f"{100 * sum(known) / len(known):.1f}" if known else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:

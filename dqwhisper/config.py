@@ -69,6 +69,7 @@ class StudentConfig:
     ctc: bool = True  # CTC head on the encoder over sentencepiece units
     freeze_encoder: bool = True  # the paper froze the encoder; frozen + cached is the CPU path
     freeze_decoder: bool = False
+    freeze_embedding: bool = False  # keep the token embedding (the tied output projection) as the source has it
     train_ctc_head: bool = True  # the CTC head trains even when the encoder is frozen
 
 

@@ -124,6 +124,8 @@ def set_trainable(student: DQWhisper, cfg: Any) -> list[nn.Parameter]:
         p.requires_grad_(not cfg.student.freeze_encoder)
     for p in student.decoder.parameters():
         p.requires_grad_(not cfg.student.freeze_decoder)
+    if cfg.student.freeze_embedding:  # the token embedding (= the tied output projection); its quantizer still trains
+        student.decoder.token_embedding.weight.requires_grad_(False)
     if student.ctc_head is not None:
         for p in student.ctc_head.parameters():
             p.requires_grad_(bool(cfg.student.train_ctc_head))

@@ -32,8 +32,10 @@ dev_utts=20
 test_utts=20
 decode_threads=2
 seeds=1             # students trained per configuration (seed k > 1 goes to exp/demo/<student>_seed<k>)
+keep_trained=false  # true: a model trained before (its .done exists) is not retrained even under --stage
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--nj N] [--steps N] [--exp DIR] [--seeds N]
-  [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]"
+  [--keep_trained true] [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]
+  e.g. after a one-seed run: bash run.sh --stage 4 --seeds 2 --keep_trained true (trains only seed 2)"
 . scripts/parse_options.sh
 
 log() { echo "$(date '+%F %T') [run.sh:${BASH_LINENO[0]}] $*"; }
@@ -72,7 +74,7 @@ done
 
 train() {  # train NAME CONF [overrides...]: one experiment, skipped when its final checkpoint exists
   local name=$1 conf=$2; shift 2
-  if [ "$stage" = 0 ] && [ -f "$exp/$name/best.pt" ] && [ -f "$exp/$name/.done" ]; then
+  if { [ "$stage" = 0 ] || [ "$keep_trained" = true ]; } && [ -f "$exp/$name/best.pt" ] && [ -f "$exp/$name/.done" ]; then
     log "$name: trained before, skipped"; return 0
   fi
   local again=()  # an interrupted run continues from its last.pt; a finished one (or one without last.pt) starts over

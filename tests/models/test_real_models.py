@@ -136,15 +136,38 @@ def test_exported_base_loads_in_faster_whisper(tmp_path, clips, base_checkpoint,
         assert _fw_tokens(exported, clips[lang], lang) == _fw_tokens(original, clips[lang], lang)
 
 
+INT8_TIE = 1.0  # log-probability gap below which the CPU's int8 GEMM may flip a greedy choice (see the test)
+
+
+def _ct2_steps(model_dir: Path, mel: np.ndarray, prompt: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy CTranslate2 int8 decoding: (token ids, each step's log-probabilities over the vocabulary)."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    model = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="int8_float32", intra_threads=2)
+    r = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None])), [prompt], beam_size=1,
+                       max_length=64, return_logits_vocab=True)[0]
+    return r.sequences_ids[0], [np.asarray(step[0]) for step in r.logits]
+
+
 def test_exported_int8_base_decodes_like_ctranslate2_int8(tmp_path, clips, base_checkpoint, base_ct2_dir):
-    """Our int8 export = CTranslate2's own int8 quantization at load time (same per-row rule)."""
-    fw = pytest.importorskip("faster_whisper")
+    """Our int8 export (codes written offline) decodes like CTranslate2's own int8 quantization at load time (same
+    per-row rule). Stated tolerance: the token lists are equal, or equal up to a step where the two choices are within
+    INT8_TIE of each other under one of the models. CTranslate2's int8 GEMM is CPU-dependent (u8s8 with int16 pair
+    sums without VNNI): on the en clip the two models' step-0 log-probabilities differ by up to ~1.0 while the top two
+    tokens (440, 264) are 0.5-1.0 apart, so an AVX2-only CPU flips that first choice (issue 15: 440 vs 264)."""
     out = ct2.openai_to_ct2(**export_state(read_checkpoint(base_checkpoint)), out_dir=tmp_path / "base-int8",
                             quantization="int8")
     assert (out / "model.bin").stat().st_size < 0.55 * (base_ct2_dir / "model.bin").stat().st_size
-    ours = fw.WhisperModel(str(out), device="cpu", compute_type="int8_float32", cpu_threads=2)
-    theirs = fw.WhisperModel(str(base_ct2_dir), device="cpu", compute_type="int8_float32", cpu_threads=2)
-    assert _fw_tokens(ours, clips["en"], "en") == _fw_tokens(theirs, clips["en"], "en")
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(clips["en"])).numpy()
+    tok = whisper.tokenizer.get_tokenizer(True, num_languages=99)
+    prompt = [tok.sot, tok.to_language_token("en"), tok.transcribe, tok.no_timestamps]
+    ours, ours_lp = _ct2_steps(out, mel, prompt)
+    theirs, theirs_lp = _ct2_steps(base_ct2_dir, mel, prompt)
+    assert len(ours) >= 5 and len(theirs) >= 5
+    if ours != theirs:
+        n = next(i for i, (a, b) in enumerate(zip(ours + [-1], theirs + [-2])) if a != b)
+        a, b = (ours + [tok.eot])[n], (theirs + [tok.eot])[n]
+        gap = min(abs(float(lp[a] - lp[b])) for lp in (ours_lp[n], theirs_lp[n]))
+        assert gap < INT8_TIE, f"step {n}: {a} vs {b}, {gap:.2f} apart (not a near-tie)"
 
 
 def test_generated_vocabulary_and_config_match_shipped(base_checkpoint, base_ct2_dir):

@@ -242,8 +242,8 @@ def race(
     clock: Callable[[], float] = time.process_time,
 ) -> dict[str, float]:
     """{name: best seconds per call} of each `fns[name]()`, timed round-robin (so load on a shared machine hits all
-    alike) with the process's CPU time (all threads; a preempted thread does not count), each timing repeated
-    until it spans >= 2 ms, after a 2 ms pause (so OpenMP threads still spinning after the previous block do not
+    alike; the order rotates, so no entry always runs first) with the process's CPU time (all threads; a preempted
+    thread does not count), each timing repeated until it spans >= 2 ms, after a 2 ms pause (so OpenMP threads still spinning after the previous block do not
     count against this one). After `drop_after` rounds, entries over 2x the first entry's time stop being timed."""
     inner = {}
     for name, fn in fns.items():
@@ -254,7 +254,7 @@ def race(
     active = list(fns)
     first = active[0]
     for r in range(rounds):
-        for name in active:
+        for name in active[r % len(active) :] + active[: r % len(active)]:  # each name leads some rounds
             time.sleep(0.002)  # the previous block's worker threads stop spinning outside this block's time
             start = clock()
             for _ in range(inner[name]):

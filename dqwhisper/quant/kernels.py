@@ -244,7 +244,8 @@ def race(
     """{name: best seconds per call} of each `fns[name]()`, timed round-robin (so load on a shared machine hits all
     alike; the order rotates, so no entry always runs first) with the process's CPU time (all threads; a preempted
     thread does not count), each timing repeated until it spans >= 2 ms, after a 2 ms pause (so OpenMP threads still
-    spinning after the previous block do not count against this one). After `drop_after` rounds, entries over 2x the first entry's time stop being timed."""
+    spinning after the previous block do not count against this one). After `drop_after` rounds, entries over 2x
+    the first entry's time stop being timed."""
     inner = {}
     for name, fn in fns.items():
         start = clock()

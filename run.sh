@@ -11,8 +11,8 @@
 #   2  data            scripts/prepare_demo_data.sh: data/demo/{train,dev,test} (ja en it ru es de, offline TTS)
 #   3  teacher         CE adaptation of base to the demo corpus until dev stops improving -> exp/demo/teacher_adapted
 #   4  students        students cut from the adapted teacher (2 decoder layers, full vocabulary), the same data
-#                      and steps: CE only, KD logits, KD + dynamic matching; then QAT 8-bit and 4-bit starting from
-#                      the KD + matching student (--seeds N: each configuration with N seeds)
+#                      and steps: CE only, KD + dynamic matching; then 4-bit QAT starting from the KD + matching
+#                      student (--all_students true: also KD alone and 8-bit QAT; --seeds N: each with N seeds)
 #   5  ptq + export    PTQ 4-bit of the float KD + matching student (the 4-bit QAT student's quantizer); the adapted
 #                      teacher and every student exported to export/model.dqw (packed low-bit, or fp16 for float)
 #   6  decode          every model on data/demo/test with inference.py (greedy, language from utt2lang)
@@ -33,8 +33,9 @@ test_utts=20
 decode_threads=2
 seeds=1             # students trained per configuration (seed k > 1 goes to exp/demo/<student>_seed<k>)
 keep_trained=false  # true: a model trained before (its .done exists) is not retrained even under --stage
+all_students=false  # true: also the KD-only and the 8-bit QAT students (about 7 more minutes on 2 cores)
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--nj N] [--steps N] [--exp DIR] [--seeds N]
-  [--keep_trained true] [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]
+  [--keep_trained true] [--all_students true] [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]
   e.g. after a one-seed run: bash run.sh --stage 4 --seeds 2 --keep_trained true (trains only seed 2)"
 . scripts/parse_options.sh
 
@@ -65,11 +66,14 @@ step_args=()
 [ -n "$steps" ] && step_args=("trainer.max_steps=$steps")
 teacher_ckpt=$exp/teacher_adapted/best.pt
 sfx() { [ "$1" = 1 ] && echo "" || echo "_seed$1"; }   # experiment-name suffix of seed k
+# the students: CE, KD + matching, its 4-bit QAT and 4-bit PTQ forms (what the claims compare); --all_students
+# adds KD alone and 8-bit QAT
+kinds="student_ce student_kd_dm student_kd_dm_q4 student_ptq4"
+[ "$all_students" = true ] && kinds="student_ce student_kd student_kd_dm student_kd_dm_q8 student_kd_dm_q4 student_ptq4"
+has() { case " $kinds " in *" $1 "*) return 0 ;; esac; return 1; }
 models="teacher_adapted"   # every exported, decoded, reported model, seed by seed
 for k in $(seq 1 "$seeds"); do
-  for s in student_ce student_kd student_kd_dm student_kd_dm_q8 student_kd_dm_q4 student_ptq4; do
-    models+=" $s$(sfx "$k")"
-  done
+  for s in $kinds; do models+=" $s$(sfx "$k")"; done
 done
 
 train() {  # train NAME CONF [overrides...]: one experiment, skipped when its final checkpoint exists
@@ -98,10 +102,12 @@ stage_students() {
     x=$(sfx "$k")
     local o=("$t" "trainer.seed=$((1233 + k))")
     train "student_ce$x" conf/demo_student_ce.yaml "${o[@]}"
-    train "student_kd$x" conf/demo_student_kd.yaml "${o[@]}"
+    if has student_kd; then train "student_kd$x" conf/demo_student_kd.yaml "${o[@]}"; fi
     train "student_kd_dm$x" conf/demo_student_kd_dm.yaml "${o[@]}"
     # quantization-aware distillation starts from the float KD + matching student (the same architecture)
-    train "student_kd_dm_q8$x" conf/demo_student_kd_dm_q8.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
+    if has student_kd_dm_q8; then
+      train "student_kd_dm_q8$x" conf/demo_student_kd_dm_q8.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
+    fi
     train "student_kd_dm_q4$x" conf/demo_student_kd_dm_q4.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
   done
 }

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dqwhisper.models.student import read_checkpoint
 from dqwhisper.quant.dqw import read_header
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
 
 log = get_logger(__name__)
 
@@ -169,7 +169,8 @@ def read_stage_times(path: Path | None) -> list[tuple[str, float]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="folder for RESULTS.md, results.json, wer_vs_size.png")
     p.add_argument("--row", nargs=3, action="append", metavar=("NAME", "RESULTS_JSON", "MODEL_FILE"), required=True)
@@ -188,4 +189,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

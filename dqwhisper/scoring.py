@@ -25,7 +25,7 @@ import jiwer
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
 from dqwhisper.data.kaldi import DataDir, kaldi_lines
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
 
 log = get_logger(__name__)
 
@@ -280,7 +280,8 @@ def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: 
                          f"{summary['checkpoint']} | {summary['tag']} | {len(parts)} jobs")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@command
+def main(argv: Sequence[str] | None = None) -> int | None:
     p = argparse.ArgumentParser(description="Score a Kaldi hyp file against a data dir (per-language WER/CER).")
     p.add_argument("--data", required=True, help="data dir with text and utt2lang")
     p.add_argument("--hyp", help="hypotheses, 'utt-id text' lines; only these utterances are scored")
@@ -312,4 +313,4 @@ __all__ = ["CER_LANGUAGES", "UttScore", "normalize", "empty_references", "metric
            "format_table", "write_results", "write_kaldi_text", "read_kaldi_text", "score_files", "merge_parts"]
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

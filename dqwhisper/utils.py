@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra configs, shipped inside the package (conf/ in the repo)
+
+
 class DQWhisperError(RuntimeError):
     """An error whose message is meant for the user as is (names the file or utterance and the problem)."""
 

@@ -34,7 +34,7 @@ python=.venv/bin/python
 # one "test_set<TAB>out_dir" line per test set, as inference.py would write them
 plan=$("$python" - "$target" "$@" <<'PY'
 import sys
-import inference
+from dqwhisper import inference
 from dqwhisper.utils import DQWhisperError
 try:
     p = inference.plan(sys.argv[1], sys.argv[2:])

@@ -22,13 +22,14 @@ if [ $apt = 1 ]; then
 fi
 
 stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-demo.txt setup.py | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   log ".venv is up to date"
 else
   [ -x .venv/bin/python ] || python3 -m venv .venv
   log "installing requirements into .venv (a few minutes on a fresh machine)"
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored" || true
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-demo.txt 2>&1 \
+    | grep -v "is ignored" || true
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import torch, torchaudio, whisper, dqwhisper" \
     || { echo "setup.sh: .venv is broken after install" >&2; exit 1; }

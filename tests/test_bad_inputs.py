@@ -109,7 +109,7 @@ def _copy_set(data_dir, dst, edit_text=None, wav_scp=None):
 
 
 def _no_model_load(monkeypatch):
-    import inference
+    from dqwhisper import inference
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the check")
@@ -118,7 +118,7 @@ def _no_model_load(monkeypatch):
 
 
 def _decode(checkpoint, test_set, out, *extra):
-    import inference
+    from dqwhisper import inference
 
     return inference.run(
         "tiny",

@@ -145,7 +145,7 @@ def test_inference_counts_runaways(tmp_path, monkeypatch):
     import numpy as np
     import soundfile as sf
 
-    import inference
+    from dqwhisper import inference
     from dqwhisper.data.kaldi import Utterance, write_data_dir
 
     model = looping_model()

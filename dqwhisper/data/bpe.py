@@ -16,7 +16,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 from dqwhisper.data.kaldi import DataDir
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
 
 log = get_logger("dqwhisper.data.bpe")   # not __name__: "__main__" under python -m
 
@@ -103,7 +103,8 @@ def train_bpe_from_data_dir(data_dir: str | os.PathLike, vocab_size: int = DEFAU
     return train_bpe([u.text for u in data.utts], vocab_size, out_path)
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int | None:
     ap = argparse.ArgumentParser(prog="python -m dqwhisper.data.bpe", description=__doc__.splitlines()[0])
     ap.add_argument("data_dir")
     ap.add_argument("out")
@@ -115,4 +116,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 
 from dqwhisper.data.kaldi import SAMPLE_RATE, Utterance, resample, write_data_dir
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
 
 log = get_logger("dqwhisper.data.demo")   # not __name__: "__main__" under python -m
 
@@ -425,7 +425,8 @@ def _write_readme(out: Path, summary: dict, languages: list[str], want: dict, ma
     atomic_write_bytes(out / "README", ("\n".join(lines) + "\n").encode())
 
 
-def main(argv: list[str] | None = None) -> None:
+@command
+def main(argv: list[str] | None = None) -> int | None:
     ap = argparse.ArgumentParser(prog="python -m dqwhisper.data.demo", description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--train", type=int, default=120, help="utterances per language in train")
@@ -460,4 +461,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

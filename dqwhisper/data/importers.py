@@ -31,7 +31,7 @@ from pathlib import Path
 from whisper.tokenizer import LANGUAGES
 
 from dqwhisper.data.kaldi import DataDir, Utterance, is_pipe, write_data_dir
-from dqwhisper.utils import DQWhisperError, get_logger
+from dqwhisper.utils import DQWhisperError, command, get_logger
 
 log = get_logger("dqwhisper.data.importers")   # not __name__: "__main__" under python -m
 
@@ -325,6 +325,7 @@ IMPORTERS = {"commonvoice": import_commonvoice, "fleurs": import_fleurs, "libris
              "aishell": import_aishell, "csj": import_csj, "manifest": import_manifest}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dqwhisper.data.importers",
                                  description=__doc__.split("\n\n")[0],
@@ -341,11 +342,7 @@ def main(argv: list[str] | None = None) -> int:
               "fleurs": dict(splits=args.splits, lang=args.lang, normalized_text=args.normalized_text),
               "librispeech": dict(lowercase=args.lowercase), "aishell": dict(splits=args.splits), "csj": {},
               "manifest": dict(lang=args.lang)}[args.corpus]
-    try:
-        stats = IMPORTERS[args.corpus](args.src, args.dest, **kwargs)
-    except DQWhisperError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    stats = IMPORTERS[args.corpus](args.src, args.dest, **kwargs)
     for d, n in stats.items():
         print(f"{d}: {n} utterances")
     if stats.skipped:

@@ -19,7 +19,7 @@ from whisper.tokenizer import LANGUAGES
 
 from dqwhisper.data.dataset import default_tokenizer, text_ids
 from dqwhisper.data.kaldi import SAMPLE_RATE, is_pipe, kaldi_lines, load_wav, split_kaldi_line, wav_duration
-from dqwhisper.utils import DQWhisperError
+from dqwhisper.utils import DQWhisperError, command
 
 PER_UTT_FILES = ("text", "utt2spk", "utt2lang")
 
@@ -212,6 +212,7 @@ def _check_audio(report: Report, wavs: dict[str, str], seg_times: dict, utt_keys
     report.seconds = sum(per_utt.values())
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dqwhisper.data.validate", description=__doc__.splitlines()[0])
     ap.add_argument("data_dir", nargs="+")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from dqwhisper.data.dataset import default_tokenizer, text_tokens
 from dqwhisper.models.student import vocab_from_token_lists
-from dqwhisper.utils import DQWhisperError
+from dqwhisper.utils import DQWhisperError, command
 
 
 def single_byte_tokens(tokenizer) -> list[int]:
@@ -58,6 +58,7 @@ def gather_teacher_logits(logits: Tensor, vocab_keep: Tensor | None) -> Tensor:
     return logits if vocab_keep is None else logits.index_select(-1, vocab_keep.to(logits.device))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dqwhisper.data.vocab", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dirs", nargs="+", help="Kaldi data dirs whose transcripts define the vocabulary")
@@ -65,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-byte-tokens", action="store_true", help="do not add the 256 single-byte tokens")
     p.add_argument("--out", help="write the kept ids as a JSON list")
     args = p.parse_args(argv)
-    try:
-        keep = vocab_from_data_dirs(args.data_dirs, args.languages, byte_tokens=not args.no_byte_tokens)
-    except DQWhisperError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    keep = vocab_from_data_dirs(args.data_dirs, args.languages, byte_tokens=not args.no_byte_tokens)
     n_vocab = default_tokenizer().encoding.n_vocab
     print(f"kept {len(keep):,} of {n_vocab:,} token ids ({len(keep) / n_vocab:.1%}); the embedding/projection "
           f"shrinks {n_vocab / len(keep):.1f}x")

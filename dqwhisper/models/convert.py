@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dqwhisper.models import ct2
 from dqwhisper.models.student import export_state, read_checkpoint
-from dqwhisper.utils import DQWhisperError, atomic_torch_save, get_logger
+from dqwhisper.utils import atomic_torch_save, command, get_logger
 
 log = get_logger(__name__)
 
@@ -30,6 +30,7 @@ def ct2_dir_to_checkpoint(ct2_dir: str | Path, out_path: str | Path) -> None:
     log.info("wrote %s (%s, %d tensors)", out_path, dims, len(sd))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dqwhisper.models.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,18 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("parts", nargs="+")
     c.add_argument("--size", type=int, default=None, help="expected total size in bytes")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "ct2-to-openai":
-            ct2_dir_to_checkpoint(args.ct2_dir, args.out)
-        elif args.command == "join-parts":
-            ct2.join_parts(args.parts, args.out, args.size)
-        else:
-            state = export_state(read_checkpoint(args.checkpoint))
-            ct2.openai_to_ct2(**state, out_dir=args.out_dir, quantization=args.quantization,
-                              tokenizer_dir=args.tokenizer_dir)
-    except DQWhisperError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.command == "ct2-to-openai":
+        ct2_dir_to_checkpoint(args.ct2_dir, args.out)
+    elif args.command == "join-parts":
+        ct2.join_parts(args.parts, args.out, args.size)
+    else:
+        state = export_state(read_checkpoint(args.checkpoint))
+        ct2.openai_to_ct2(**state, out_dir=args.out_dir, quantization=args.quantization,
+                          tokenizer_dir=args.tokenizer_dir)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from dqwhisper.quant.dqw import load_exported
 from dqwhisper.quant.fake_quant import FAKE_QUANTIZED_TYPES
 from dqwhisper.quant.prepare import quantize_module_weight
 from dqwhisper.quant.quantized import QUANTIZED_TYPES, QuantizedTensor
-from dqwhisper.utils import DQWhisperError, get_logger
+from dqwhisper.utils import DQWhisperError, command, get_logger
 
 log = get_logger(__name__)
 FLOAT_CHOICES = {"float16": "float16", "float32": "float32", "int8": "int8_float16"}
@@ -124,6 +123,7 @@ def export_ct2(source, out_dir: str | Path, float_precision: str = "float16", to
     return Path(out), len(int8)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dqwhisper.quant.ct2_export",
                                 description="Write a CTranslate2/faster-whisper model directory for a DQ-Whisper "
@@ -134,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="precision of the weights that are not per-row int8 codes (default float16)")
     p.add_argument("--tokenizer-dir", help="a CT2 dir with tokenizer.json/vocabulary.txt (default: the model store)")
     args = p.parse_args(argv)
-    try:
-        out, n = export_ct2(args.source, args.out_dir, args.float_precision, args.tokenizer_dir)
-    except DQWhisperError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out, n = export_ct2(args.source, args.out_dir, args.float_precision, args.tokenizer_dir)
     size = (out / "model.bin").stat().st_size
     print(f"wrote {out} (model.bin {size:,} bytes; {n} weights as the student's own int8 codes)")
     return 0

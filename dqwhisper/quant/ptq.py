@@ -11,7 +11,6 @@ quantizer's best static scales.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -19,10 +18,10 @@ from omegaconf import OmegaConf
 from dqwhisper.models.student import load_checkpoint, read_checkpoint, save_checkpoint
 from dqwhisper.quant.config import QuantConfig, resolve_config
 from dqwhisper.quant.prepare import prepare
-from dqwhisper.utils import DQWhisperError, get_logger
+from dqwhisper.utils import CONF_DIR, DQWhisperError, command, get_logger
 
 log = get_logger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "quant"
+QUANT_CONF_DIR = CONF_DIR / "quant"
 
 
 def load_quant_config(name_or_path: str, overrides: list[str] | None = None) -> QuantConfig:
@@ -30,9 +29,9 @@ def load_quant_config(name_or_path: str, overrides: list[str] | None = None) -> 
 
     path = Path(name_or_path)
     if not path.is_file():
-        path = CONF_DIR / f"{name_or_path}.yaml"
+        path = QUANT_CONF_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        names = sorted(p.stem for p in QUANT_CONF_DIR.glob("*.yaml"))
         raise DQWhisperError(f"quant config {name_or_path!r} is neither a file nor one of conf/quant: {names}")
     cfg = OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(path))
     if overrides:
@@ -62,6 +61,7 @@ def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path):
     return model
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dqwhisper.quant.ptq", description=__doc__.split("\n\n")[0])
     p.add_argument("student", help="float student checkpoint (.pt)")
@@ -69,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output fake-quantized checkpoint (.pt)")
     p.add_argument("overrides", nargs="*", help="QuantConfig overrides, e.g. weight.bits=3 scope=all")
     args = p.parse_args(argv)
-    try:
-        ptq(args.student, load_quant_config(args.quant, args.overrides), args.out)
-    except DQWhisperError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    ptq(args.student, load_quant_config(args.quant, args.overrides), args.out)
     print(f"wrote {args.out}")
     return 0
 

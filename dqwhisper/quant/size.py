@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from dqwhisper.models.ct2 import read_model_bin
 from dqwhisper.models.student import read_checkpoint
 from dqwhisper.quant.dqw import read_header
-from dqwhisper.utils import DQWhisperError
+from dqwhisper.utils import DQWhisperError, command
 
 
 def teacher_fp16_bytes(path: str | Path) -> dict:
@@ -129,6 +128,7 @@ def format_report(report: dict, per_tensor: bool = False) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dqwhisper.quant.size", description=__doc__.split("\n\n")[0])
     p.add_argument("file", help="model.dqw, a .pt checkpoint, or a CT2 dir / model.bin")
@@ -136,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-tensor", action="store_true", help="list every tensor")
     p.add_argument("--json", help="also write the report as JSON")
     args = p.parse_args(argv)
-    try:
-        report = size_report(args.file, args.teacher)
-    except DQWhisperError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    report = size_report(args.file, args.teacher)
     print(format_report(report, args.per_tensor))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

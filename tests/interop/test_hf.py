@@ -132,7 +132,7 @@ def test_inference_and_transcribe_take_an_hf_dir_and_a_ggml_file(tmp_path):
     import numpy as np
     import soundfile as sf
 
-    import inference
+    from dqwhisper import inference
     from dqwhisper.data.kaldi import Utterance, write_data_dir
     from dqwhisper.interop.ggml import write_ggml
     from dqwhisper.transcribe import main as transcribe_main

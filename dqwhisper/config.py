@@ -12,13 +12,14 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from dqwhisper.decoding import DecodeConfig
+from dqwhisper.data.dataset import MEL_PADDINGS
+from dqwhisper.distill.matching import DISTANCES as MATCH_DISTANCES
+from dqwhisper.distill.matching import MODES as MATCH_MODES
 from dqwhisper.quant.config import QuantConfig
+from dqwhisper.quant.kernels import CHOICES as KERNELS
 from dqwhisper.utils import DQWhisperError
 
-MATCH_MODES = ("static", "dynamic_nolimit", "dynamic_limit")
 MATCH_FEATURES = ("ffn", "block")
-MATCH_DISTANCES = ("softmax_mse", "mse", "cosine")
 
 
 @dataclass
@@ -137,6 +138,70 @@ class TrainerConfig:
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar (rank 0)
     stop_after_steps: int = 0  # stop (as if killed) after this many steps of this run; 0 = off; for tests
+
+
+
+@dataclass
+class DecodeConfig:
+    test_sets: list[str] = field(default_factory=list)  # data dirs; [] = the experiment's data.data_dir/<test_sets>
+    out_dir: Optional[str] = None  # output folder; null = TARGET's decode_<set>_<tag>/
+    tag: Optional[str] = None  # output folder tag; null = <checkpoint>_<greedy|beamN|ctc>
+    checkpoint: str = "best"  # best | last | avg | export | path to a .pt file
+    export_mode: str = "int8"  # how export/model.dqw runs: int8 (the `kernel` below) | dequant (exact float reference)
+    kernel: str = "auto"  # auto (fastest per shape that runs what was trained) | fbgemm | int_mm | weight_only | float
+    beam_size: int = 1  # 1 = greedy; N > 1 = beam search with N beams
+    patience: Optional[float] = None  # beam search patience; null = 1.0
+    length_penalty: Optional[float] = None  # alpha in [0, 1] for ranking finished beams; null = length normalization
+    max_new_tokens: Optional[int] = None  # tokens sampled per utterance at most; null = n_text_ctx // 2
+    language: Optional[str] = None  # null = each utterance's utt2lang; "detect" = Whisper language ID; or one code
+    ctc: bool = False  # CTC greedy decoding over the CTC head's sentencepiece units (no autoregressive decoder)
+    audio_window: Optional[float] = None  # encoder window in seconds; null = the model's own (n_audio_ctx / 50)
+    mel_padding: str = "zeros"  # zeros (transcribe-style, what training uses) | audio; see window_log_mel
+    batch_size: int = 8  # utterances per whisper decoding call (one language per batch)
+    device: str = "cpu"  # cpu | cuda | auto
+    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    fp16: bool = False  # half-precision decoding (CUDA only; ignored on the CPU)
+    raw: bool = False  # score the text as is: no Whisper normalizers (case and punctuation count)
+    cer_languages: list[str] = field(default_factory=lambda: ["ja", "zh", "yue", "th", "lo", "my", "km", "bo"])  # CER
+    languages: Optional[list[str]] = None  # decode only these utt2lang languages; null = all
+    max_utts: Optional[int] = None  # decode only the first N utterances (by id) of each set; null = all
+    shard: Optional[str] = None  # "k/n": decode only the k-th (1-based) of n interleaved parts (scripts/decode.sh)
+    # openai-whisper transcribe's rules (see decode_mels)
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])  # [0.0] = no fallback
+    compression_ratio_threshold: Optional[float] = 2.4  # fall back when gzip ratio of the text is above; null = never
+    logprob_threshold: Optional[float] = -1.0  # fall back when the average token log-probability is below; null = never
+    no_speech_threshold: Optional[float] = 0.6  # no fallback when P(no speech) is above and the logprob test failed
+    best_of: int = 5  # samples per fallback temperature (the most likely is kept)
+    tokens_per_second: Optional[float] = 12.0  # token cap per utterance: tokens_per_second * seconds + token_cap_margin
+    token_cap_margin: int = 10  # (and at most max_new_tokens); null tokens_per_second = only max_new_tokens
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens is produced twice in one hypothesis
+    seed: int = 0  # seed of the fallback sampling (the same input decodes the same way)
+    max_bad_fraction: float = 0.1  # unreadable utterances are skipped and counted; more than this fraction: error
+
+
+def check_decode_config(cfg: DecodeConfig) -> None:
+    """Value checks that need no model, so a bad setting fails before anything loads."""
+    checks = [
+        (cfg.beam_size >= 1, f"decode.beam_size={cfg.beam_size}: must be >= 1"),
+        (cfg.batch_size >= 1, f"decode.batch_size={cfg.batch_size}: must be >= 1"),
+        (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
+         f"decode.max_new_tokens={cfg.max_new_tokens}: must be >= 1 (or null)"),
+        (cfg.patience is None or cfg.patience > 0, f"decode.patience={cfg.patience}: must be > 0 (or null)"),
+        (cfg.length_penalty is None or 0 <= cfg.length_penalty <= 1,
+         f"decode.length_penalty={cfg.length_penalty}: must be in [0, 1] (or null)"),
+        (cfg.audio_window is None or cfg.audio_window > 0, f"decode.audio_window={cfg.audio_window}: must be > 0"),
+        (cfg.mel_padding in MEL_PADDINGS, f"decode.mel_padding={cfg.mel_padding}: one of {', '.join(MEL_PADDINGS)}"),
+        (cfg.export_mode in ("int8", "dequant"), f"decode.export_mode={cfg.export_mode}: int8 | dequant"),
+        (cfg.kernel in KERNELS, f"decode.kernel={cfg.kernel}: one of {' | '.join(KERNELS)}"),
+        (0 <= cfg.max_bad_fraction <= 1, f"decode.max_bad_fraction={cfg.max_bad_fraction}: must be in [0, 1]"),
+        (cfg.num_threads >= 0, f"decode.num_threads={cfg.num_threads}: must be >= 0"),
+        (cfg.best_of >= 1, f"decode.best_of={cfg.best_of}: must be >= 1"),
+        (len(cfg.temperatures) > 0, "decode.temperatures: give at least one ([0.0] = no fallback)"),
+        (cfg.no_repeat_ngram_size >= 0, f"decode.no_repeat_ngram_size={cfg.no_repeat_ngram_size}: must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise DQWhisperError(msg)
 
 
 @dataclass

@@ -18,7 +18,7 @@ LAYERS = [  # (layer, module name prefixes); the longest matching prefix decides
     ("utils", ["dqwhisper", "dqwhisper.utils"]),
     ("quant primitives", ["dqwhisper.quant", "dqwhisper.quant.config", "dqwhisper.quant.fake_quant",
                           "dqwhisper.quant.quantized", "dqwhisper.quant.packing", "dqwhisper.quant.prepare",
-                          "dqwhisper.quant.ggml_format"]),
+                          "dqwhisper.quant.ggml_format", "dqwhisper.quant.kernels"]),
     ("models", ["dqwhisper.models", "dqwhisper.models.student", "dqwhisper.models.store", "dqwhisper.models.ct2"]),
     ("export", ["dqwhisper.quant.dqw", "dqwhisper.quant.ct2_export", "dqwhisper.quant.export", "dqwhisper.quant.ptq",
                 "dqwhisper.quant.size", "dqwhisper.models.load", "dqwhisper.models.convert", "dqwhisper.interop"]),

@@ -1,0 +1,253 @@
+"""decode_mels: batched whisper decoding with openai transcribe's rules (see the package docstring)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, LogitFilter
+from whisper.model import Whisper
+from whisper.tokenizer import LANGUAGES, get_tokenizer
+
+from dqwhisper.config import DecodeConfig
+from dqwhisper.utils import DQWhisperError, get_logger
+
+log = get_logger(__name__)
+
+SAMPLE_RATE = 16000
+SAMPLES_PER_FRAME = 320  # 16 kHz samples per encoder position (mel hop 160, conv stride 2)
+DETECT = "detect"
+
+
+
+
+def decoding_options(cfg: DecodeConfig, language: str | None, fp16: bool = False, temperature: float = 0.0,
+                     sample_len: int | None = None) -> DecodingOptions:
+    """Whisper options for one batch, no timestamps: greedy or beam search per `cfg` at temperature 0, sampling
+    (best of `cfg.best_of`) above it, as openai's transcribe does."""
+    beam = cfg.beam_size > 1 and temperature == 0
+    return DecodingOptions(
+        task="transcribe", language=language, temperature=temperature,
+        sample_len=sample_len if sample_len is not None else cfg.max_new_tokens,
+        beam_size=cfg.beam_size if beam else None, patience=cfg.patience if beam else None,
+        best_of=cfg.best_of if temperature > 0 and cfg.best_of > 1 else None,
+        length_penalty=cfg.length_penalty, without_timestamps=True, fp16=fp16,
+    )
+
+
+class SuppressSpecial(LogitFilter):
+    """No-timestamp mode: every token after end-of-text (language, task, timestamp, notimestamps ...) is barred."""
+
+    def __init__(self, eot: int):
+        self.eot = eot
+
+    def apply(self, logits: Tensor, tokens: Tensor) -> None:
+        logits[:, self.eot + 1:] = -math.inf
+
+
+class NoRepeatNGram(LogitFilter):
+    """Bars any token that would complete an n-gram the row's sampled text already holds."""
+
+    def __init__(self, n: int, sample_begin: int):
+        self.n, self.sample_begin = n, sample_begin
+
+    def apply(self, logits: Tensor, tokens: Tensor) -> None:
+        text = tokens[:, self.sample_begin:]
+        if text.shape[1] < self.n:
+            return
+        grams = text.unfold(1, self.n, 1)  # (rows, k, n)
+        prefix = text[:, text.shape[1] - self.n + 1:]  # (rows, n - 1)
+        hit = (grams[:, :, :-1] == prefix[:, None, :]).all(-1)  # (rows, k)
+        rows, k = hit.nonzero(as_tuple=True)
+        logits[rows, grams[rows, k, -1]] = -math.inf
+
+
+class TokenCap(LogitFilter):
+    """Ends row r with end-of-text once it holds caps[r] sampled tokens (applied after every other filter)."""
+
+    def __init__(self, caps: Tensor, sample_begin: int, eot: int):
+        self.caps, self.sample_begin, self.eot = caps, sample_begin, eot
+
+    def apply(self, logits: Tensor, tokens: Tensor) -> None:
+        done = (tokens.shape[1] - self.sample_begin) >= self.caps.to(logits.device)
+        if done.any():
+            logits[done] = -math.inf
+            logits[done, self.eot] = 0.0
+
+
+class BatchedDecodingTask(DecodingTask):
+    """openai-whisper's DecodingTask with beam search that works for batches of more than one utterance, plus our
+    filters (special tokens suppressed, optional no-repeat n-gram, optional per-row token cap).
+
+    openai-whisper 20250625 repeats the prompt tokens `n_group` times per utterance but not the audio features, so
+    beam search over a batch > 1 cross-attends beam rows to the wrong utterances' features (a size mismatch, or the
+    assertion after the main loop). Here the encoder output is repeated per beam once, after language detection
+    (which runs on one row per utterance); `run()` itself, the decoders, rankers and logit filters are whisper's.
+    """
+
+    def __init__(self, model: Whisper, options: DecodingOptions, caps: Sequence[int] | None = None,
+                 no_repeat_ngram_size: int = 0):
+        super().__init__(model, options)
+        eot = self.tokenizer.eot
+        if options.without_timestamps:
+            self.logit_filters.append(SuppressSpecial(eot))
+        if no_repeat_ngram_size > 0:
+            self.logit_filters.append(NoRepeatNGram(no_repeat_ngram_size, self.sample_begin))
+        if caps is not None:
+            rows = torch.as_tensor(list(caps), dtype=torch.long).repeat_interleave(self.n_group)
+            self.logit_filters.append(TokenCap(rows, self.sample_begin, eot))
+
+    def _get_audio_features(self, mel: Tensor) -> Tensor:
+        return super()._get_audio_features(mel).repeat_interleave(self.n_group, dim=0)
+
+    def _detect_language(self, audio_features: Tensor, tokens: Tensor):
+        return super()._detect_language(audio_features[:: self.n_group], tokens)
+
+
+@torch.no_grad()
+def decode_batch(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[DecodingResult]:
+    """mel (B, n_mels, 2 * n_audio_ctx), or encoder output (B, n_audio_ctx, n_audio_state) which whisper then does not
+    re-encode -> one whisper DecodingResult per row (beam search safe for B > 1)."""
+    if mel.ndim != 3:
+        raise ValueError(f"mel must be (B, n_mels, frames) or (B, n_ctx, d), got {tuple(mel.shape)}")
+    return BatchedDecodingTask(model, options).run(mel)
+
+
+@dataclass
+class Hypothesis:
+    """One row of `decode_mels`: the kept hypothesis and how it was reached."""
+    text: str
+    tokens: list[int]
+    language: str
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    temperature: float  # of the kept hypothesis
+    n_tries: int  # temperatures tried (1 = no fallback)
+    cap: int  # token cap of the row
+    hit_cap: bool  # the kept hypothesis reached the cap
+    runaway: bool  # the kept hypothesis hits the cap or fails the compression test (after every fallback)
+
+
+def token_cap(seconds: float | None, cfg: DecodeConfig, model: Whisper) -> int:
+    """Most tokens a row may sample: tokens_per_second * seconds + token_cap_margin, at most max_new_tokens
+    (default n_text_ctx // 2)."""
+    limit = cfg.max_new_tokens or model.dims.n_text_ctx // 2
+    if cfg.tokens_per_second is None or seconds is None:
+        return limit
+    return max(1, min(limit, math.ceil(cfg.tokens_per_second * seconds) + cfg.token_cap_margin))
+
+
+def _fails(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
+    """openai transcribe's fallback test (plus hitting the cap): True = decode this row again, hotter."""
+    ratio = cfg.compression_ratio_threshold
+    too_repetitive = ratio is not None and r.compression_ratio > ratio
+    unlikely = cfg.logprob_threshold is not None and r.avg_logprob < cfg.logprob_threshold
+    if unlikely and cfg.no_speech_threshold is not None and r.no_speech_prob > cfg.no_speech_threshold:
+        unlikely = False  # silence: openai's transcribe does not fall back (and drops the segment)
+    return too_repetitive or unlikely or hit_cap
+
+
+def _is_runaway(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
+    return hit_cap or (cfg.compression_ratio_threshold is not None
+                       and r.compression_ratio > cfg.compression_ratio_threshold)
+
+
+def _language_codes(model: Whisper, features: Tensor, languages: list[str | None]) -> list[str]:
+    """Forced codes kept; None / "detect" rows get Whisper's language ID (English for English-only models)."""
+    out = list(languages)
+    todo = [i for i, lang in enumerate(languages) if lang in (None, DETECT)]
+    if todo:
+        if model.is_multilingual:
+            tok = get_tokenizer(True, num_languages=model.num_languages, task="transcribe")
+            _, probs = model.detect_language(features[todo], tok)
+            for i, p in zip(todo, probs):
+                out[i] = max(p, key=p.get)
+        else:
+            for i in todo:
+                out[i] = "en"
+    for lang in out:
+        check_language(lang, "language")
+    return out
+
+
+def check_language(lang: str, where: str) -> None:
+    if lang not in LANGUAGES:
+        raise DQWhisperError(f"{where}: language '{lang}' is not one of Whisper's language codes")
+
+
+@torch.no_grad()
+def decode_mels(model: Whisper, mel: Tensor, languages: str | None | Sequence[str | None],
+                seconds: Sequence[float] | None = None, cfg: DecodeConfig | None = None,
+                fp16: bool = False) -> list[Hypothesis]:
+    """Decode a batch the way inference.py and transcribe do (module docstring): openai transcribe's temperature
+    fallback, a token cap per row, special tokens suppressed, optional no-repeat n-gram; greedy or beam search.
+
+    mel (B, n_mels, 2 * n_audio_ctx), or encoder output (B, n_audio_ctx, n_audio_state) (then not re-encoded);
+    languages: one code for all rows, or one per row; None / "detect" = Whisper's language ID;
+    seconds: audio seconds per row (for the token cap); None = the cap is max_new_tokens.
+    The encoder runs once; fallback reruns only the decoder, on the rows that need it.
+    """
+    cfg = cfg or DecodeConfig()
+    if mel.ndim != 3:
+        raise ValueError(f"mel must be (B, n_mels, frames) or (B, n_ctx, d), got {tuple(mel.shape)}")
+    n = mel.shape[0]
+    if isinstance(languages, str) or languages is None:
+        languages = [languages] * n
+    if len(languages) != n or (seconds is not None and len(seconds) != n):
+        raise ValueError(f"{n} rows but {len(languages)} languages / {None if seconds is None else len(seconds)} "
+                         "durations")
+    if not cfg.temperatures:
+        raise DQWhisperError("decode.temperatures is empty: give at least [0.0]")
+    dims = model.dims
+    if tuple(mel.shape[-2:]) == (dims.n_audio_ctx, dims.n_audio_state):
+        features = mel.half() if fp16 else mel
+    else:
+        features = model.encoder(mel.half() if fp16 else mel)
+    codes = _language_codes(model, features, list(languages))
+    caps = [token_cap(None if seconds is None else seconds[i], cfg, model) for i in range(n)]
+    out: list[Hypothesis | None] = [None] * n
+    for lang in dict.fromkeys(codes):
+        rows = [i for i in range(n) if codes[i] == lang]
+        for i, h in zip(rows, _decode_one_language(model, features[rows], lang, [caps[i] for i in rows], cfg, fp16)):
+            out[i] = h
+    return out
+
+
+def _decode_one_language(model: Whisper, features: Tensor, language: str, caps: list[int], cfg: DecodeConfig,
+                         fp16: bool) -> list[Hypothesis]:
+    tried: list[list[tuple[DecodingResult, bool]]] = [[] for _ in caps]
+    pending = list(range(len(caps)))
+    for k, t in enumerate(cfg.temperatures):
+        if not pending:
+            break
+        if t > 0:  # sampling: one row at a time, so that its draws do not depend on the batch it came in
+            results = []
+            for i in pending:
+                options = decoding_options(cfg, language, fp16, float(t), caps[i])
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.seed * 1000 + k)  # fresh draws per temperature, repeatable
+                    task = BatchedDecodingTask(model, options, [caps[i]], cfg.no_repeat_ngram_size)
+                    results += task.run(features[i: i + 1])
+        else:
+            sub_caps = [caps[i] for i in pending]
+            options = decoding_options(cfg, language, fp16, float(t), max(sub_caps))
+            results = BatchedDecodingTask(model, options, sub_caps, cfg.no_repeat_ngram_size).run(features[pending])
+        still = []
+        for i, r in zip(pending, results):
+            hit = len(r.tokens) >= caps[i]
+            tried[i].append((r, hit))
+            if _fails(r, hit, cfg):
+                still.append(i)
+        pending = still
+    failed, out = set(pending), []
+    for i, cands in enumerate(tried):
+        r, hit = cands[-1]
+        if i in failed and len(cands) > 1:  # every temperature failed: as faster-whisper, keep the most likely of
+            sound = [c for c in cands if not _is_runaway(*c, cfg)] or cands  # those that are not runaways
+            r, hit = max(sound, key=lambda c: c[0].avg_logprob)
+        out.append(Hypothesis(r.text, list(r.tokens), r.language, r.avg_logprob, r.compression_ratio,
+                              r.no_speech_prob, r.temperature, len(cands), caps[i], hit, _is_runaway(r, hit, cfg)))
+    return out

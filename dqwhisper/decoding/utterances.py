@@ -1,0 +1,182 @@
+"""decode_utterances: a Kaldi data dir decoded in batches of one language, longest first, and timed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+from whisper.model import Whisper
+
+from dqwhisper.config import DecodeConfig, check_decode_config
+from dqwhisper.data.kaldi import is_pipe
+from dqwhisper.decoding.audio import audio_to_mel, window_samples
+from dqwhisper.decoding.ctc import ctc_decode_batch, load_ctc_bpe
+from dqwhisper.decoding.search import DETECT, SAMPLE_RATE, check_language, decode_mels
+from dqwhisper.utils import DQWhisperError, get_logger
+
+log = get_logger(__name__)
+
+@dataclass
+class UttHypothesis:
+    utt_id: str
+    lang: str  # reference language (utt2lang)
+    text: str
+    n_tokens: int  # text tokens (or CTC units) produced
+    seconds: float  # audio duration
+    language: str  # language the decoder used (detected or forced)
+    runaway: bool = False  # still hits the token cap or fails the compression test after fallback
+    n_tries: int = 1  # temperatures tried
+
+
+@dataclass
+class DecodeRun:
+    hyps: list[UttHypothesis]
+    wall_seconds: float  # audio loading, mel, encoder and decoder, model loading excluded
+    audio_seconds: float
+    n_tokens: int
+    n_trimmed: int  # utterances longer than the window, cut to it
+    skipped: dict[str, str] = field(default_factory=dict)  # utterances whose audio could not be read: reason
+
+    @property
+    def runaways(self) -> list[UttHypothesis]:
+        return [h for h in self.hyps if h.runaway]
+
+    @property
+    def n_fallbacks(self) -> int:
+        """Utterances decoded at more than one temperature."""
+        return sum(h.n_tries > 1 for h in self.hyps)
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_seconds / max(self.audio_seconds, 1e-9)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / max(self.wall_seconds, 1e-9)
+
+
+def select_utts(utts: Sequence, cfg: DecodeConfig) -> list:
+    """The utterances `cfg` asks for: language filter, then the first max_utts, then shard k/n."""
+    utts = [u for u in utts if cfg.languages is None or u.lang in set(cfg.languages)]
+    if cfg.max_utts is not None:
+        utts = utts[: cfg.max_utts]
+    if cfg.shard:
+        try:
+            k, n = (int(x) for x in str(cfg.shard).split("/"))
+            assert 1 <= k <= n
+        except (ValueError, AssertionError):
+            raise DQWhisperError(f"decode.shard={cfg.shard!r}: expected 'k/n' with 1 <= k <= n") from None
+        utts = utts[k - 1:: n]
+    return list(utts)
+
+
+def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, progress: bool = True,
+                      bpe_fallback: str | Path | None = None, durations: dict[str, float] | None = None,
+                      on_batch: Callable[[list[UttHypothesis]], None] | None = None,
+                      on_skip: Callable[[str, str], None] | None = None) -> DecodeRun:
+    """Decode `utts` of DataDir `data` (anything with load_audio(utt) and duration(utt)) in batches of one language
+    (forced from utt2lang or cfg.language, or detected), longest first, and time it (audio reading included).
+
+    `durations` (seconds by utt_id, e.g. from a header check) orders the batches without reading audio again; a
+    wav.scp pipe is never run for its duration (its command runs once, when it is decoded; unknown lengths sort
+    last). `on_batch` gets each batch's hypotheses as soon as they exist (to write them incrementally). An
+    utterance whose audio cannot be read is skipped: `on_skip(utt_id, reason)` (which may raise) and `skipped`."""
+
+    device = next(model.parameters()).device
+    fp16 = bool(cfg.fp16) and device.type == "cuda"
+    check_decode_config(cfg)
+    bpe = None
+    if cfg.ctc:
+        if getattr(model, "ctc_head", None) is None:
+            raise DQWhisperError("decode.ctc=true but this model has no CTC head")
+        bpe = load_ctc_bpe(model, bpe_fallback)
+    groups: dict[str | None, list] = {}
+    for u in utts:
+        if cfg.language == DETECT:
+            key = None  # detected per utterance in decode_mels
+        else:
+            key = cfg.language or u.lang
+            check_language(key, f"utterance {u.utt_id}" if not cfg.language else "decode.language")
+        groups.setdefault(key, []).append(u)
+
+    padding = cfg.mel_padding
+    n_window = window_samples(model)
+    hyps, n_tokens, n_trimmed, audio_seconds = [], 0, 0, 0.0
+    skipped: dict[str, str] = {}
+    bar = tqdm(total=len(utts), desc="decode", unit="utt", disable=not progress, leave=False)
+    start = time.perf_counter()
+    for language, members in groups.items():
+        members = sorted(members, key=lambda u: (-_duration(data, u, durations), u.utt_id))  # similar lengths
+        for i in range(0, len(members), cfg.batch_size):
+            batch, waves = [], []
+            for u in members[i: i + cfg.batch_size]:
+                try:
+                    wave = data.load_audio(u)
+                    if len(wave) == 0:
+                        raise DQWhisperError("zero samples")
+                except Exception as e:  # noqa: BLE001 - any decoder error makes the utterance bad, as in training
+                    reason = f"unreadable audio: {e}"
+                    skipped[u.utt_id] = reason
+                    log.warning("skipping utterance %s: %s", u.utt_id, reason)
+                    if on_skip is not None:
+                        on_skip(u.utt_id, reason)
+                    continue
+                batch.append(u)
+                waves.append(wave)
+            bar.update(len(members[i: i + cfg.batch_size]) - len(batch))
+            if not batch:
+                continue
+            n_trimmed += sum(len(w) > n_window for w in waves)
+            audio_seconds += sum(len(w) for w in waves) / SAMPLE_RATE
+            mel = audio_to_mel(waves, model, device, padding)
+            if bpe is not None:
+                results = [(text, n, language or "", False, 1)
+                           for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe)]
+            else:
+                seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
+                results = [(h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
+                           for h in decode_mels(model, mel, language, seconds, cfg, fp16)]
+            new = [UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used, runaway, tries)
+                   for u, w, (text, n, lang_used, runaway, tries) in zip(batch, waves, results)]
+            hyps += new
+            n_tokens += sum(h.n_tokens for h in new)
+            if on_batch is not None:
+                on_batch(new)
+            bar.update(len(batch))
+    wall = time.perf_counter() - start
+    bar.close()
+    if n_trimmed:
+        log.warning("%d of %d utterances are longer than the model's %.2f s window and were cut to it",
+                    n_trimmed, len(utts), n_window / SAMPLE_RATE)
+    hyps.sort(key=lambda h: h.utt_id)
+    return DecodeRun(hyps, wall, audio_seconds, n_tokens, n_trimmed, skipped)
+
+
+def _duration(data, utt, durations: dict[str, float] | None) -> float:
+    """Seconds for ordering: the known value, else the header; 0 for a pipe (not run just to measure it)."""
+    if durations is not None and utt.utt_id in durations:
+        return durations[utt.utt_id]
+    if is_pipe(getattr(utt, "wav", "") or ""):
+        return 0.0
+    try:
+        return data.duration(utt)
+    except Exception:  # noqa: BLE001 - unreadable: decoding skips it with the reason
+        return 0.0
+
+
+def search_tag(cfg: DecodeConfig) -> str:
+    """greedy | beam<N> | ctc, plus the window / language / raw switches that change the result."""
+    tag = "ctc" if cfg.ctc else ("greedy" if cfg.beam_size <= 1 else f"beam{cfg.beam_size}")
+    if cfg.audio_window is not None:
+        tag += f"_w{cfg.audio_window:g}s"
+    if cfg.language == DETECT:
+        tag += "_detect"
+    elif cfg.language:
+        tag += f"_lang{cfg.language}"
+    if cfg.mel_padding != "zeros":
+        tag += f"_mel{cfg.mel_padding}"
+    if cfg.raw:
+        tag += "_raw"
+    return tag

@@ -4,6 +4,7 @@ top-k step checkpoints by dev metric with best.pt, and their average (avg.pt). F
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -15,7 +16,7 @@ import torch
 
 from dqwhisper.models.student import DQWhisper, read_checkpoint, save_checkpoint
 from dqwhisper.train.build import Parts
-from dqwhisper.utils import DQWhisperError, atomic_torch_save, get_logger
+from dqwhisper.utils import DQWhisperError, atomic_torch_save, atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
 
@@ -121,3 +122,17 @@ def average_checkpoints(paths: list[Path], out: Path) -> None:
     ckpt["averaged"] = [str(p.name) for p in paths]
     atomic_torch_save(ckpt, out)
     log.info("averaged %d checkpoints into %s", len(paths), out)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the jsonl records of steps <= `step` (and drop a line a kill cut short); atomic."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(path, "".join(keep).encode("utf-8"))

@@ -21,15 +21,15 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dqwhisper import decoding
 from dqwhisper.data.dataset import BatchSampler
-from dqwhisper.scoring import score_utterances, summarize
 from dqwhisper.train import dist as D
 from dqwhisper.train.build import Parts, build, setup
 from dqwhisper.train.cache_set import TrainingSet, collate_training
-from dqwhisper.train.checkpoint import TopK, load_state, save_state
+from dqwhisper.train.checkpoint import TopK, load_state, save_state, truncate_log
 from dqwhisper.train.expdir import open_experiment
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes, autocast, get_logger
+from dqwhisper.train.logs import loss_shares, train_record, write_dev_record, write_train_record
+from dqwhisper.train.validate import dev_errors, dev_hypotheses
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
 
@@ -44,8 +44,7 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = self.nonfinite = 0
         self.last_save = time.time()  # of last.pt
         self.topk = TopK(self.expdir, cfg.trainer.keep_top_k)
-        self.loss_log: list[dict] = []
-        self.stale_validations = 0  # validations since dev last improved (trainer.early_stop)
+        self.loss_log, self.stale_validations = [], 0  # records; validations since dev improved (trainer.early_stop)
         self.validated_step, self.last_metric = -1, float("nan")
         self.chosen_counts: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
@@ -152,9 +151,8 @@ class Trainer:
         """last.pt between validations: every trainer.save_every_steps steps or save_every_minutes minutes (rank 0
         decides alone: only it writes)."""
         tc = self.cfg.trainer
-        if tc.save_every_steps and self.step % tc.save_every_steps == 0:
-            return True
-        return bool(tc.save_every_minutes) and time.time() - self.last_save >= 60 * tc.save_every_minutes
+        due_by_time = bool(tc.save_every_minutes) and time.time() - self.last_save >= 60 * tc.save_every_minutes
+        return bool(tc.save_every_steps and self.step % tc.save_every_steps == 0) or due_by_time
 
     def run(self) -> dict:
         """Run to trainer.max_steps (or max_epochs), validating and checkpointing; returns the summary."""
@@ -209,34 +207,12 @@ class Trainer:
             log.info("done: %s", json.dumps(summary))
         return summary
 
-    def loss_shares(self, values: dict) -> dict[str, float]:
-        """Each weighted term's share of the total loss: beta CTC, (1-alpha) CE, alpha KD, alpha lambda match."""
-        lc = self.cfg.loss
-        alpha = lc.alpha if self.parts.model.teacher is not None else 0.0
-        weights = {"ce": 1 - alpha, "ctc": lc.beta, "kd": alpha, "match": alpha * lc.lambda_match}
-        parts = {k: w * values.get(f"loss_{k}", 0.0) for k, w in weights.items()}
-        total = sum(parts.values())
-        return {f"share_{k}": v / total for k, v in parts.items() if v} if total > 0 else {}
-
     def _log_train(self, values: dict) -> None:
-        values.update(self.loss_shares(values))
-        chosen = values.pop("chosen", None)
-        record = {"step": self.step, **{k: round(v, 6) for k, v in values.items()}}
-        if chosen is not None:
-            record["chosen"] = chosen
+        values.update(loss_shares(values, self.cfg.loss, self.parts.model.teacher is not None))
+        record = train_record(self.step, values)
         self.loss_log.append(record)
-        if not self.dist.main:
-            return
-        with open(self.expdir / "train_losses.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(f"train/{k}", v, self.step)
-            for i, j in enumerate(chosen or []):
-                self.writer.add_scalar(f"match/teacher_layer_of_student_layer_{i}", j, self.step)
-        if self.step % self.cfg.trainer.log_every == 0:
-            log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items()) +
-                     (f" chosen={chosen}" if chosen is not None else ""))
+        if self.dist.main:
+            write_train_record(self.expdir, self.writer, record, values, self.cfg.trainer.log_every)
 
     # --------------------------------------------------------------------------------------------- validation
     def validate(self) -> dict[str, float]:
@@ -253,39 +229,18 @@ class Trainer:
                     tot[k] += float(v) * info["n_tokens"]
                 n_tok += info["n_tokens"]
                 if self.cfg.trainer.valid_decode:
-                    hyps.update(self._decode_dev(batch))
+                    dev, runaways = dev_hypotheses(self.parts.student, batch, self.cfg.decode, self.device,
+                                                   self.amp_dtype)
+                    hyps.update(dev)
+                    self._runaways += runaways
         result = {k: v / max(1, n_tok) for k, v in tot.items() if k in ("loss", "loss_ce", "loss_ctc")}
         if self.cfg.trainer.valid_decode:
-            items = self.parts.dev_base.items
-            summary = summarize(score_utterances({u.utt_id: u.text for u, _, _, _ in items}, hyps,
-                                                 {u.utt_id: u.lang for u, _, _, _ in items})[0])
-            result["error"] = summary["overall"]["error"]
-            result.update({f"error_{lang}": v["error"] for lang, v in summary["per_language"].items()})
+            result.update(dev_errors(hyps, self.parts.dev_base.items))
             result["n_runaways"] = len(self._runaways)
             if self.dist.main:  # the latest dev hypotheses, Kaldi text format
                 atomic_write_bytes(self.expdir / "dev_hyp.txt",
                                    "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items())).encode())
         return result
-
-    def _decode_dev(self, batch: dict) -> dict[str, str]:
-        """Decode a dev batch exactly as inference.py decodes test: `decode_mels` with the experiment's `decode`
-        settings (token cap from the audio's duration, never from the reference; temperature fallback), language
-        from utt2lang. Runaways are collected in self._runaways."""
-        student = self.parts.student
-        if "enc" in batch:
-            xa = batch["enc"].to(self.device).float()
-        else:
-            with autocast(self.amp_dtype):
-                xa = student.encoder(batch["mel"].to(self.device)).float()
-        seconds = (batch["enc_lengths"].float() / 50).tolist()
-        with autocast(self.amp_dtype):
-            hyps = decoding.decode_mels(student, xa, list(batch["langs"]), seconds, self.cfg.decode)
-        out = {}
-        for utt, h in zip(batch["utt_ids"], hyps):
-            out[utt] = h.text
-            if h.runaway:
-                self._runaways.append(utt)
-        return out
 
     def validate_and_save(self) -> float:
         metric_value = float("nan")
@@ -295,15 +250,9 @@ class Trainer:
             metric_value = result["error" if "error" in result else "loss"]
             log.info("step %d dev (%.1f s): %s", self.step, time.time() - t0,
                      " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-            if self.writer is not None:
-                for k, v in result.items():
-                    if isinstance(v, (int, float)):
-                        self.writer.add_scalar(f"dev/{k}", v, self.step)
-                self.writer.flush()
-            with open(self.expdir / "dev_results.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **result}) + "\n")
+            write_dev_record(self.expdir, self.writer, self.step, result)
             improved = metric_value < self.topk.best_metric
-            self.topk.save(self.parts.student, self.step, metric_value, self._config_dict())
+            self.topk.save(self.parts.student, self.step, metric_value, config_dict(self.cfg))
             self.save_state(self.expdir / "last.pt")
             self.stale_validations = 0 if improved else self.stale_validations + 1
         self.last_save = time.time()
@@ -316,11 +265,8 @@ class Trainer:
         return metric_value
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def _config_dict(self) -> dict | None:
-        return OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else None
-
     def save_state(self, path: Path) -> None:
-        save_state(path, self.parts, self._config_dict(), step=self.step, epoch=self.epoch,
+        save_state(path, self.parts, config_dict(self.cfg), step=self.step, epoch=self.epoch,
                    batch_in_epoch=self.batch_in_epoch, best_metric=self.topk.best_metric, kept=self.topk.kept,
                    nonfinite=self.nonfinite)
 
@@ -340,18 +286,8 @@ class Trainer:
         D.barrier(self.dist)
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the jsonl records of steps <= `step` (and drop a line a kill cut short); atomic."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+def config_dict(cfg: Any) -> dict | None:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else None
 
 
 def make_trainer(cfg: Any) -> Trainer:

@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)  # rank 0 writes the resolved config.yaml once it holds the experiment dir
     except DQWhisperError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"train: {e}") from None
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from dqwhisper.config import DecodeConfig
-from dqwhisper.decoding import decode_mels
+from dqwhisper import decoding
 from dqwhisper.models.student import DQWhisper
 from dqwhisper.scoring import score_utterances, summarize
 from dqwhisper.utils import autocast
@@ -22,7 +22,7 @@ def dev_hypotheses(student: DQWhisper, batch: dict, decode_cfg: DecodeConfig, de
             xa = student.encoder(batch["mel"].to(device)).float()
     seconds = (batch["enc_lengths"].float() / 50).tolist()
     with autocast(amp_dtype):
-        hyps = decode_mels(student, xa, list(batch["langs"]), seconds, decode_cfg)
+        hyps = decoding.decode_mels(student, xa, list(batch["langs"]), seconds, decode_cfg)
     return {u: h.text for u, h in zip(batch["utt_ids"], hyps)}, [u for u, h in zip(batch["utt_ids"], hyps) if h.runaway]
 
 

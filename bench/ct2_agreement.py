@@ -6,6 +6,7 @@ MODEL: a checkpoint (.pt) or export (.dqw, loaded in --mode). Both sides: greedy
 temperature 0, one utterance at a time, full 30 s window (faster-whisper pads to 30 s). Agreement = exact match of
 the decoded text. Time = wall seconds over all files (audio loading excluded), 2 threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,28 @@ def main() -> None:
     t_ours = time.perf_counter() - t
     t = time.perf_counter()
     for a in audios:
-        segs, _ = fw.transcribe(a, language=args.lang, beam_size=1, best_of=1, temperature=0.0,
-                                without_timestamps=True, condition_on_previous_text=False, vad_filter=False)
+        segs, _ = fw.transcribe(
+            a,
+            language=args.lang,
+            beam_size=1,
+            best_of=1,
+            temperature=0.0,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+            vad_filter=False,
+        )
         theirs.append("".join(s.text for s in segs).strip())
     t_fw = time.perf_counter() - t
     agree = sum(a == b for a, b in zip(ours, theirs))
-    result = {"n": len(audios), "agree": agree, "agreement": agree / len(audios), "ours_s": t_ours,
-              "faster_whisper_s": t_fw, "audio_s": sum(len(a) for a in audios) / 16000,
-              "pairs": [{"wav": w, "ours": a, "faster_whisper": b} for w, a, b in zip(args.wavs, ours, theirs)]}
+    result = {
+        "n": len(audios),
+        "agree": agree,
+        "agreement": agree / len(audios),
+        "ours_s": t_ours,
+        "faster_whisper_s": t_fw,
+        "audio_s": sum(len(a) for a in audios) / 16000,
+        "pairs": [{"wav": w, "ours": a, "faster_whisper": b} for w, a, b in zip(args.wavs, ours, theirs)],
+    }
     for pair in result["pairs"]:
         mark = "=" if pair["ours"] == pair["faster_whisper"] else "!"
         print(f"{mark} {Path(pair['wav']).name}\n  ours: {pair['ours']}\n  fw:   {pair['faster_whisper']}")

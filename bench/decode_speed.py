@@ -23,6 +23,7 @@ average. Example:
   nice python bench/decode_speed.py --data data/demo/test --max-utts 12 --threads 2 --fw-fp32
   python bench/decode_speed.py --student-export exp/demo/student_kd_dm_q8 --student-export exp/demo/student_kd_dm_q4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ class Preloaded:
         return len(self.audio[utt.utt_id]) / SAMPLE_RATE
 
 
-def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig,
-              mel_padding: str) -> tuple[dict[str, str], float, int]:
+def time_ours(
+    model, data: Preloaded, utts: list, cfg: DecodeConfig, mel_padding: str
+) -> tuple[dict[str, str], float, int]:
     cfg = replace(cfg, mel_padding=mel_padding)
     decode_utterances(model, data, utts[:1], cfg, progress=False)  # warm-up
     run = decode_utterances(model, data, utts, cfg, progress=False)
@@ -77,8 +79,9 @@ def time_each(one, utts: list) -> tuple[dict[str, str], float, int]:
     return texts, time.perf_counter() - start, n_tokens
 
 
-def time_ct2_generate(path: str, compute_type: str, data: Preloaded, utts: list, threads: int,
-                      window_seconds: float) -> tuple[dict[str, str], float, int]:
+def time_ct2_generate(
+    path: str, compute_type: str, data: Preloaded, utts: list, threads: int, window_seconds: float
+) -> tuple[dict[str, str], float, int]:
     """Greedy CTranslate2 decoding on our own mel for the export's window (log-mel included in the time)."""
     import ctranslate2
     import numpy as np
@@ -93,21 +96,31 @@ def time_ct2_generate(path: str, compute_type: str, data: Preloaded, utts: list,
     def one(utt):
         mel = window_log_mel(data.audio[utt.utt_id], model.n_mels, n_ctx).numpy()[None]
         prompt = [tok.sot, tok.to_language_token(utt.lang), tok.transcribe, tok.no_timestamps]
-        ids = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), [prompt], beam_size=1,
-                             max_length=224)[0].sequences_ids[0]
+        ids = model.generate(
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), [prompt], beam_size=1, max_length=224
+        )[0].sequences_ids[0]
         return tok.decode(ids).strip(), len(ids)
 
     return time_each(one, utts)
 
 
-def time_faster_whisper(path: str, compute_type: str, data: Preloaded, utts: list, threads: int, beam_size: int,
-                        window_seconds: int | None) -> tuple[dict[str, str], float, int]:
+def time_faster_whisper(
+    path: str, compute_type: str, data: Preloaded, utts: list, threads: int, beam_size: int, window_seconds: int | None
+) -> tuple[dict[str, str], float, int]:
     from faster_whisper import WhisperModel
 
     model = WhisperModel(path, device="cpu", compute_type=compute_type, cpu_threads=threads)
-    options = dict(beam_size=beam_size, temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
-                   vad_filter=False, no_speech_threshold=None, log_prob_threshold=None,
-                   compression_ratio_threshold=None, chunk_length=window_seconds)
+    options = dict(
+        beam_size=beam_size,
+        temperature=0.0,
+        without_timestamps=True,
+        condition_on_previous_text=False,
+        vad_filter=False,
+        no_speech_threshold=None,
+        log_prob_threshold=None,
+        compression_ratio_threshold=None,
+        chunk_length=window_seconds,
+    )
 
     def one(utt):
         segments, _ = model.transcribe(data.audio[utt.utt_id], language=utt.lang, **options)
@@ -118,8 +131,11 @@ def time_faster_whisper(path: str, compute_type: str, data: Preloaded, utts: lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", default="data/demo/test", help="Kaldi data dir to decode")
     p.add_argument("--max-utts", type=int, default=12, help="utterances decoded, spread over the languages; 0 = all")
     p.add_argument("--threads", type=int, default=2, help="torch / CTranslate2 threads")
@@ -128,21 +144,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-ct2", default=str(ROOT / "exp/models/base-ct2"))
     p.add_argument("--fw-fp32", action="store_true", help="also faster-whisper fp32 on the teacher")
     p.add_argument("--student", help="float student checkpoint (.pt)")
-    p.add_argument("--student-export", action="append", default=[],
-                   help="exported student: model.dqw or an experiment dir (repeatable)")
+    p.add_argument(
+        "--student-export",
+        action="append",
+        default=[],
+        help="exported student: model.dqw or an experiment dir (repeatable)",
+    )
     p.add_argument("--ct2-cache", default="/tmp/dqw-bench-ct2", help="where the students' CT2 int8 exports go")
     p.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows of --student-export")
     p.add_argument("--student-ct2", help="CT2 export of the student (export/ct2)")
     p.add_argument("--student-ct2-compute", default="int8", help="compute type for --student-ct2")
-    p.add_argument("--student-window", type=float, help="audio window (s) of the CT2 student; default: from "
-                   "--student or --student-export, else 30")
-    p.add_argument("--teacher-mel-padding", default="zeros", choices=["zeros", "audio"],
-                   help="the teacher's mel: zeros = as openai transcribe / faster-whisper; audio = as training")
+    p.add_argument(
+        "--student-window",
+        type=float,
+        help="audio window (s) of the CT2 student; default: from --student or --student-export, else 30",
+    )
+    p.add_argument(
+        "--teacher-mel-padding",
+        default="zeros",
+        choices=["zeros", "audio"],
+        help="the teacher's mel: zeros = as openai transcribe / faster-whisper; audio = as training",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="our decoding: utterances per call")
     p.add_argument("--json", help="write the table as JSON here")
     p.add_argument("--dump", help="folder for each system's transcripts (<system>.txt, Kaldi lines)")
-    p.add_argument("--only", help="comma-separated systems to run (default: all available); without the anchor "
-                   "there are no speed ratios")
+    p.add_argument(
+        "--only",
+        help="comma-separated systems to run (default: all available); without the anchor there are no speed ratios",
+    )
     p.add_argument("--against", help="a hyp.txt (e.g. inference.py's) to compare every system's transcripts with")
     args = p.parse_args(argv)
 
@@ -164,8 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     utts.sort(key=lambda u: u.utt_id)
     audio = Preloaded(data, utts)
     audio_seconds = sum(len(a) for a in audio.audio.values()) / SAMPLE_RATE
-    print(f"{len(utts)} utterances, {audio_seconds:.1f} s of audio, languages {sorted({u.lang for u in utts})}, "
-          f"{args.threads} threads, beam {args.beam_size}", flush=True)
+    print(
+        f"{len(utts)} utterances, {audio_seconds:.1f} s of audio, languages {sorted({u.lang for u in utts})}, "
+        f"{args.threads} threads, beam {args.beam_size}",
+        flush=True,
+    )
     # temperature 0 only, as the CTranslate2 / faster-whisper rows: no fallback re-decoding in the timings
     cfg = DecodeConfig(beam_size=args.beam_size, batch_size=args.batch_size, temperatures=[0.0])
 
@@ -183,14 +215,19 @@ def main(argv: list[str] | None = None) -> None:
         systems.append(dict(name=name, texts=texts, wall=wall, n_tokens=n_tokens))
         print(f"  {name}: {wall:.1f} s", flush=True)
 
-    add("teacher-openai-fp32", lambda: time_ours(load_model(args.teacher), audio, utts, cfg,
-                                                               args.teacher_mel_padding))
+    add("teacher-openai-fp32", lambda: time_ours(load_model(args.teacher), audio, utts, cfg, args.teacher_mel_padding))
     if Path(args.teacher_ct2, "model.bin").is_file():
-        add("teacher-fw-int8", lambda: time_faster_whisper(args.teacher_ct2, "int8", audio, utts, args.threads,
-                                                           args.beam_size, None))
+        add(
+            "teacher-fw-int8",
+            lambda: time_faster_whisper(args.teacher_ct2, "int8", audio, utts, args.threads, args.beam_size, None),
+        )
         if args.fw_fp32:
-            add("teacher-fw-fp32", lambda: time_faster_whisper(args.teacher_ct2, "float32", audio, utts,
-                                                               args.threads, args.beam_size, None))
+            add(
+                "teacher-fw-fp32",
+                lambda: time_faster_whisper(
+                    args.teacher_ct2, "float32", audio, utts, args.threads, args.beam_size, None
+                ),
+            )
     else:
         print(f"  (no {args.teacher_ct2}/model.bin: faster-whisper rows skipped)")
     if args.student:
@@ -224,16 +261,29 @@ def main(argv: list[str] | None = None) -> None:
             ct2_dir = Path(args.ct2_cache) / name
             if not (ct2_dir / "model.bin").is_file() or (ct2_dir / "model.bin").stat().st_mtime < path.stat().st_mtime:
                 export_ct2(path, ct2_dir)
-            add(f"{name}-ct2-int8", lambda: time_ct2_generate(str(ct2_dir), "int8", audio, utts, args.threads,
-                                                               ref.dims.n_audio_ctx / 50))
+            add(
+                f"{name}-ct2-int8",
+                lambda: time_ct2_generate(str(ct2_dir), "int8", audio, utts, args.threads, ref.dims.n_audio_ctx / 50),
+            )
     if args.student_ct2 and window and window < 30:
         # faster-whisper's transcribe pads features to 30 s; a short-window export runs in CTranslate2 directly
-        add(f"student-ct2-{args.student_ct2_compute}",
-            lambda: time_ct2_generate(args.student_ct2, args.student_ct2_compute, audio, utts, args.threads, window))
+        add(
+            f"student-ct2-{args.student_ct2_compute}",
+            lambda: time_ct2_generate(args.student_ct2, args.student_ct2_compute, audio, utts, args.threads, window),
+        )
     elif args.student_ct2:
-        add(f"student-fw-ct2-{args.student_ct2_compute}",
-            lambda: time_faster_whisper(args.student_ct2, args.student_ct2_compute, audio, utts, args.threads,
-                                        args.beam_size, round(window) if window else None))
+        add(
+            f"student-fw-ct2-{args.student_ct2_compute}",
+            lambda: time_faster_whisper(
+                args.student_ct2,
+                args.student_ct2_compute,
+                audio,
+                utts,
+                args.threads,
+                args.beam_size,
+                round(window) if window else None,
+            ),
+        )
 
     refs = {u.utt_id: u.text for u in utts}
     langs = {u.utt_id: u.lang for u in utts}
@@ -254,19 +304,27 @@ def main(argv: list[str] | None = None) -> None:
         return "-" if x is None else f"{scale * x:.2f}{suffix}"
 
     rows = []
-    print(f"\n{'system':<26}{'RTF':>8}{'speed vs anchor':>17}{'tokens/s':>10}{'error %':>9}{'same as anchor':>16}"
-          f"{'same as --against':>19}")
+    print(
+        f"\n{'system':<26}{'RTF':>8}{'speed vs anchor':>17}{'tokens/s':>10}{'error %':>9}{'same as anchor':>16}"
+        f"{'same as --against':>19}"
+    )
     for s in systems:
         rtf = s["wall"] / audio_seconds
-        row = dict(system=s["name"], rtf=rtf, speed_vs_anchor=None if anchor is None else anchor["wall"] / s["wall"],
-                   tokens_per_second=s["n_tokens"] / s["wall"],
-                   error=summarize(score_utterances(refs, s["texts"], langs)[0])["overall"]["error"],
-                   same_as_anchor=same(s["texts"], None if anchor is None else anchor["texts"]),
-                   same_as_against=same(s["texts"], against))
+        row = dict(
+            system=s["name"],
+            rtf=rtf,
+            speed_vs_anchor=None if anchor is None else anchor["wall"] / s["wall"],
+            tokens_per_second=s["n_tokens"] / s["wall"],
+            error=summarize(score_utterances(refs, s["texts"], langs)[0])["overall"]["error"],
+            same_as_anchor=same(s["texts"], None if anchor is None else anchor["texts"]),
+            same_as_against=same(s["texts"], against),
+        )
         rows.append(row)
-        print(f"{s['name']:<26}{rtf:>8.3f}{fmt(row['speed_vs_anchor'], suffix='x'):>17}"
-              f"{row['tokens_per_second']:>10.1f}{fmt(row['error'], 100):>9}{fmt(row['same_as_anchor'], 100, '%'):>16}"
-              f"{fmt(row['same_as_against'], 100, '%'):>19}")
+        print(
+            f"{s['name']:<26}{rtf:>8.3f}{fmt(row['speed_vs_anchor'], suffix='x'):>17}"
+            f"{row['tokens_per_second']:>10.1f}{fmt(row['error'], 100):>9}{fmt(row['same_as_anchor'], 100, '%'):>16}"
+            f"{fmt(row['same_as_against'], 100, '%'):>19}"
+        )
     by_name = {r["system"]: r for r in rows}
     if students:
         print()
@@ -277,20 +335,33 @@ def main(argv: list[str] | None = None) -> None:
         if i8 and c2:
             line += f"; ours int8 takes {i8['rtf'] / c2['rtf']:.2f}x CTranslate2 int8's time"
         print(line)
-    fastest = min((r for r in rows if r["system"].endswith(("-ours", "-ours-int8"))), key=lambda r: r["rtf"],
-                  default=None)
+    fastest = min(
+        (r for r in rows if r["system"].endswith(("-ours", "-ours-int8"))), key=lambda r: r["rtf"], default=None
+    )
     if fastest and anchor:
-        print(f"fastest student through our kernels: {fastest['system']}, "
-              f"{fastest['speed_vs_anchor']:.2f}x openai-whisper fp32")
+        print(
+            f"fastest student through our kernels: {fastest['system']}, "
+            f"{fastest['speed_vs_anchor']:.2f}x openai-whisper fp32"
+        )
     if args.dump:
         from dqwhisper.scoring import write_kaldi_text
 
         for s in systems:
             write_kaldi_text(Path(args.dump) / f"{s['name']}.txt", s["texts"])
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(n_utts=len(utts), audio_seconds=audio_seconds,
-                                                   threads=args.threads, beam_size=args.beam_size, rows=rows),
-                                              indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                dict(
+                    n_utts=len(utts),
+                    audio_seconds=audio_seconds,
+                    threads=args.threads,
+                    beam_size=args.beam_size,
+                    rows=rows,
+                ),
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

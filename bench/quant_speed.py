@@ -9,6 +9,7 @@ projection), and each with a pruned vocabulary of --keep text tokens + every spe
 for timing; the ids are the first N). Also reports the encoder time and the int8-vs-float logit agreement.
 Each figure is the fastest of its repetitions (robust to other processes); compare only rows of one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,11 +78,14 @@ def main() -> None:
     rows = {}
     for name, model in variants.items():
         with torch.no_grad():
-            full_mel = torch.randn(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx,
-                                   generator=torch.Generator().manual_seed(1))
+            full_mel = torch.randn(
+                1, model.dims.n_mels, 2 * model.dims.n_audio_ctx, generator=torch.Generator().manual_seed(1)
+            )
             xa = model.encoder(full_mel)
-        rows[name] = {"decoder_step_ms": decoder_step_ms(model, xa, args.steps),
-                      "encoder_ms_30s": encoder_ms(model, full_mel)}
+        rows[name] = {
+            "decoder_step_ms": decoder_step_ms(model, xa, args.steps),
+            "encoder_ms_30s": encoder_ms(model, full_mel),
+        }
         print(name, rows[name], flush=True)
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
@@ -90,8 +94,10 @@ def main() -> None:
         full_mel = torch.randn(1, base.dims.n_mels, 2 * base.dims.n_audio_ctx, generator=g)
         ref = base.decoder(tokens, base.encoder(full_mel))
         out = variants["int8"].decoder(tokens, variants["int8"].encoder(full_mel))
-    rows["int8_vs_float"] = {"argmax_agree": float((ref.argmax(-1) == out.argmax(-1)).float().mean()),
-                             "max_abs_logit_diff": float((ref - out).abs().max())}
+    rows["int8_vs_float"] = {
+        "argmax_agree": float((ref.argmax(-1) == out.argmax(-1)).float().mean()),
+        "max_abs_logit_diff": float((ref - out).abs().max()),
+    }
     print(rows["int8_vs_float"])
     if args.json:
         with open(args.json, "w") as f:

@@ -11,6 +11,7 @@ cached encoder, pruned vocabulary) on the same fixed batches for every variant:
 Then one pass over `--epoch-utts` training utterances with the encoder cached (reads features from disk) and
 uncached (log-mel + frozen encoder forward every batch), CE-only. Prints a table and writes --out (JSON).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,21 @@ from dqwhisper.train.cache_set import collate_training  # noqa: E402
 def make_cfg(args, exp: str, overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="demo_student_ce", overrides=[
-            f"checkpoint_dir={args.workdir}/{exp}", f"data.data_dir={args.data}", f"teacher.name={args.teacher}",
-            f"data.collector.minibatch_size={args.batch}", "trainer.progress=false", "trainer.device=cpu",
-            f"trainer.num_threads={args.threads}", f"data.audio_window={args.window}", *args.override, *overrides])
+        return compose(
+            config_name="demo_student_ce",
+            overrides=[
+                f"checkpoint_dir={args.workdir}/{exp}",
+                f"data.data_dir={args.data}",
+                f"teacher.name={args.teacher}",
+                f"data.collector.minibatch_size={args.batch}",
+                "trainer.progress=false",
+                "trainer.device=cpu",
+                f"trainer.num_threads={args.threads}",
+                f"data.audio_window={args.window}",
+                *args.override,
+                *overrides,
+            ],
+        )
 
 
 def time_steps(tr: Trainer, batches: list[dict], warmup: int = 1) -> float:
@@ -70,18 +82,24 @@ def main() -> None:
     variants = [("ce", []), ("kd", ["loss=kd"]), ("kd_match", ["loss=kd_match"])]
     try:
         import dqwhisper.quant.prepare  # noqa: F401
+
         variants.append(("kd_match_qat", ["loss=kd_match", "quant=w8"]))
     except ImportError:
         print("dqwhisper.quant not available: no QAT row")
 
-    results: dict = {"batch": args.batch, "window_s": args.window, "threads": args.threads, "teacher": args.teacher,
-                     "steps": {}}
+    results: dict = {
+        "batch": args.batch,
+        "window_s": args.window,
+        "threads": args.threads,
+        "teacher": args.teacher,
+        "steps": {},
+    }
     batches = None
     for name, overrides in variants:
         tr = make_trainer(make_cfg(args, name, overrides))
         if batches is None:  # the same utterances for every variant
             ids = list(range(min(len(tr.parts.train_set), args.batch * args.steps)))
-            groups = [ids[i: i + args.batch] for i in range(0, len(ids), args.batch)]
+            groups = [ids[i : i + args.batch] for i in range(0, len(ids), args.batch)]
             batch_ids = groups[: args.steps]
         t0 = time.perf_counter()
         batches = [collate_training([tr.parts.train_set[i] for i in g], tr.parts.tokenizer.eot) for g in batch_ids]
@@ -97,8 +115,9 @@ def main() -> None:
     # cached vs uncached encoder: one pass over the first --epoch-utts utterances, CE only
     epoch = {}
     for cached in (True, False):
-        tr = make_trainer(make_cfg(args, f"epoch_{cached}", [f"trainer.cache_encoder={cached}",
-                                                        "trainer.cache_teacher=false"]))
+        tr = make_trainer(
+            make_cfg(args, f"epoch_{cached}", [f"trainer.cache_encoder={cached}", "trainer.cache_teacher=false"])
+        )
         n = min(len(tr.parts.train_set), args.epoch_utts)
         groups = [list(range(i, min(i + args.batch, n))) for i in range(0, n, args.batch)]
         t0 = time.perf_counter()
@@ -113,8 +132,10 @@ def main() -> None:
     print("\nvariant          step (s)   vs CE-only")
     for name, v in results["steps"].items():
         print(f"{name:15s} {v['step_s']:9.3f}   {v['vs_ce']:.2f}x")
-    print(f"\nepoch of {n} utterances, CE only: cached encoder {epoch['cached']} s, uncached {epoch['uncached']} s "
-          f"({epoch['speedup']}x)")
+    print(
+        f"\nepoch of {n} utterances, CE only: cached encoder {epoch['cached']} s, uncached {epoch['uncached']} s "
+        f"({epoch['speedup']}x)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -9,6 +9,7 @@ from the teacher with all encoder layers hits the teacher's entries).
 Layout: `<root>/<model_key>/<entry_key[:2]>/<entry_key>.pt`, each written atomically; `<root>/<model_key>/info.json`
 says what made it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,5 +95,6 @@ class FeatureCache:
         return torch.load(self.path(key), map_location="cpu", weights_only=True)
 
     def put(self, key: str, entry: dict[str, torch.Tensor]) -> None:
-        atomic_torch_save({k: v.detach().cpu().contiguous() if torch.is_tensor(v) else v
-                           for k, v in entry.items()}, self.path(key))
+        atomic_torch_save(
+            {k: v.detach().cpu().contiguous() if torch.is_tensor(v) else v for k, v in entry.items()}, self.path(key)
+        )

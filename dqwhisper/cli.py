@@ -5,6 +5,7 @@
 
 A new tool registers here: add its module's `main` to COMMANDS. `python -m <module>` keeps working for every one.
 """
+
 from __future__ import annotations
 
 import sys

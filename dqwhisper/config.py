@@ -4,6 +4,7 @@
 against these fields: a misspelt key is an error, not a silent no-op. The paper's command needs `checkpoint_dir`,
 `data.data_dir`, `optim.lr`, `data.collector.minibatch_size` and `loss.alpha` under exactly those names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -140,7 +141,6 @@ class TrainerConfig:
     stop_after_steps: int = 0  # stop (as if killed) after this many steps of this run; 0 = off; for tests
 
 
-
 @dataclass
 class DecodeConfig:
     test_sets: list[str] = field(default_factory=list)  # data dirs; [] = the experiment's data.data_dir/<test_sets>
@@ -184,11 +184,15 @@ def check_decode_config(cfg: DecodeConfig) -> None:
     checks = [
         (cfg.beam_size >= 1, f"decode.beam_size={cfg.beam_size}: must be >= 1"),
         (cfg.batch_size >= 1, f"decode.batch_size={cfg.batch_size}: must be >= 1"),
-        (cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
-         f"decode.max_new_tokens={cfg.max_new_tokens}: must be >= 1 (or null)"),
+        (
+            cfg.max_new_tokens is None or cfg.max_new_tokens >= 1,
+            f"decode.max_new_tokens={cfg.max_new_tokens}: must be >= 1 (or null)",
+        ),
         (cfg.patience is None or cfg.patience > 0, f"decode.patience={cfg.patience}: must be > 0 (or null)"),
-        (cfg.length_penalty is None or 0 <= cfg.length_penalty <= 1,
-         f"decode.length_penalty={cfg.length_penalty}: must be in [0, 1] (or null)"),
+        (
+            cfg.length_penalty is None or 0 <= cfg.length_penalty <= 1,
+            f"decode.length_penalty={cfg.length_penalty}: must be in [0, 1] (or null)",
+        ),
         (cfg.audio_window is None or cfg.audio_window > 0, f"decode.audio_window={cfg.audio_window}: must be > 0"),
         (cfg.mel_padding in MEL_PADDINGS, f"decode.mel_padding={cfg.mel_padding}: one of {', '.join(MEL_PADDINGS)}"),
         (cfg.export_mode in ("int8", "dequant"), f"decode.export_mode={cfg.export_mode}: int8 | dequant"),
@@ -240,13 +244,19 @@ def validate(cfg: TrainConfig | DictConfig) -> None:
         (cfg.trainer.cache_dtype in ("float16", "bfloat16", "float32"), "trainer.cache_dtype"),
         (cfg.data.collector.minibatch_size >= 1, "data.collector.minibatch_size must be >= 1"),
         (not (cfg.trainer.resume and cfg.trainer.overwrite), "trainer.resume and trainer.overwrite: choose one"),
-        (cfg.trainer.save_every_steps >= 0 and cfg.trainer.save_every_minutes >= 0,
-         "trainer.save_every_steps / save_every_minutes must be >= 0"),
+        (
+            cfg.trainer.save_every_steps >= 0 and cfg.trainer.save_every_minutes >= 0,
+            "trainer.save_every_steps / save_every_minutes must be >= 0",
+        ),
         (cfg.student.init != "pretrained" or cfg.student.name, "student.init=pretrained needs student.name"),
-        (cfg.loss.alpha == 0 or cfg.teacher.name or cfg.quant.ptq,
-         "loss.alpha > 0 distils from a teacher: set teacher.name"),
-        (cfg.student.init == "pretrained" or cfg.teacher.name or cfg.student.name,
-         f"student.init={cfg.student.init} copies from teacher.name (or student.name): set one"),
+        (
+            cfg.loss.alpha == 0 or cfg.teacher.name or cfg.quant.ptq,
+            "loss.alpha > 0 distils from a teacher: set teacher.name",
+        ),
+        (
+            cfg.student.init == "pretrained" or cfg.teacher.name or cfg.student.name,
+            f"student.init={cfg.student.init} copies from teacher.name (or student.name): set one",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

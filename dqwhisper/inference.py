@@ -14,6 +14,7 @@ grows batch by batch (an interrupted run keeps what it decoded); unreadable utte
 results.json (`skipped`; more than decode.max_bad_fraction is an error), empty references are decoded but not
 scored (`empty_references`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,15 @@ from whisper.model import ModelDimensions
 
 from dqwhisper.data.kaldi import DataDir, is_pipe
 
-from dqwhisper.decoding import (DETECT, DecodeConfig, apply_audio_window, check_decode_config, decode_utterances,
-                                search_tag, select_utts)
+from dqwhisper.decoding import (
+    DETECT,
+    DecodeConfig,
+    apply_audio_window,
+    check_decode_config,
+    decode_utterances,
+    search_tag,
+    select_utts,
+)
 from dqwhisper.interop.hf import is_hf_dir
 from dqwhisper.models.load import load_model
 from dqwhisper.quant.quantized import select_kernels
@@ -60,8 +68,16 @@ for _size in ("tiny", "base", "small", "medium"):
     WHISPER_DIMS[f"{_size}.en"] = (80, 51864) + WHISPER_DIMS[_size][2:]
 WHISPER_DIMS["large"] = WHISPER_DIMS["large-v3"]
 WHISPER_DIMS["turbo"] = WHISPER_DIMS["large-v3-turbo"]
-_DIM_NAMES = ("n_mels", "n_vocab", "n_audio_state", "n_audio_head", "n_audio_layer", "n_text_state", "n_text_head",
-              "n_text_layer")
+_DIM_NAMES = (
+    "n_mels",
+    "n_vocab",
+    "n_audio_state",
+    "n_audio_head",
+    "n_audio_layer",
+    "n_text_state",
+    "n_text_head",
+    "n_text_layer",
+)
 _MAX_LAYERS = {"n_audio_layer", "n_text_layer"}
 
 
@@ -129,8 +145,10 @@ def load_config(target: Path, overrides: list[str]) -> tuple[DictConfig, bool]:
     if target.is_dir() and not _is_model_dir(target):
         path = target / "config.yaml"
         if not path.is_file():
-            raise DQWhisperError(f"{target}: not an experiment dir (no config.yaml); "
-                                 "give an experiment dir written by training, or a checkpoint file")
+            raise DQWhisperError(
+                f"{target}: not an experiment dir (no config.yaml); "
+                "give an experiment dir written by training, or a checkpoint file"
+            )
         saved = OmegaConf.load(path)
         try:
             decode = OmegaConf.merge(schema, saved.get("decode") or {})
@@ -155,8 +173,10 @@ def resolve_checkpoint(target: Path, is_exp: bool, choice: str) -> Path:
     if not path.is_file():
         found = [n for n, f in NAMED_CHECKPOINTS.items() if (target / f).is_file()]
         have = ", ".join(found) if found else "no checkpoint (best.pt, last.pt, avg.pt, export/model.dqw)"
-        raise DQWhisperError(f"{target}: checkpoint '{choice}' ({path}) does not exist; this experiment has {have}"
-                             " (choose with decode.checkpoint=...)")
+        raise DQWhisperError(
+            f"{target}: checkpoint '{choice}' ({path}) does not exist; this experiment has {have}"
+            " (choose with decode.checkpoint=...)"
+        )
     return path
 
 
@@ -211,8 +231,10 @@ def load_test_set(path: Path, dcfg: DecodeConfig) -> DecodeSet:
 def check_bad_fraction(path: Path, bad: dict[str, str], n_total: int, max_fraction: float) -> None:
     if len(bad) > max_fraction * n_total:
         first = "; ".join(f"{u}: {r}" for u, r in list(bad.items())[:3])
-        raise DQWhisperError(f"{path}: {len(bad)} of {n_total} utterances cannot be read, more than "
-                             f"decode.max_bad_fraction={max_fraction}: {first}")
+        raise DQWhisperError(
+            f"{path}: {len(bad)} of {n_total} utterances cannot be read, more than "
+            f"decode.max_bad_fraction={max_fraction}: {first}"
+        )
 
 
 def check_out_dir(out: Path) -> None:
@@ -223,8 +245,9 @@ def check_out_dir(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise DQWhisperError(f"output dir {out}: cannot write there ({e.strerror or e}); "
-                             "choose another with decode.out_dir=DIR") from None
+        raise DQWhisperError(
+            f"output dir {out}: cannot write there ({e.strerror or e}); choose another with decode.out_dir=DIR"
+        ) from None
 
 
 class HypWriter:
@@ -317,13 +340,22 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
         log.info("decoding %s (%d utterances) with %s -> %s", path, len(utts), ckpt, out)
         writer = HypWriter(out / "hyp.txt")
         try:
-            dec = decode_utterances(model, ts.data, utts, dcfg, progress=progress,
-                                    bpe_fallback=target / "bpe.model" if is_exp else None,
-                                    durations=ts.durations, on_batch=writer, on_skip=on_skip)
+            dec = decode_utterances(
+                model,
+                ts.data,
+                utts,
+                dcfg,
+                progress=progress,
+                bpe_fallback=target / "bpe.model" if is_exp else None,
+                durations=ts.durations,
+                on_batch=writer,
+                on_skip=on_skip,
+            )
         except BaseException:
             writer.close()
-            log.error("%s: decoding stopped; the %d hypotheses decoded so far are in %s", path, writer.n,
-                      out / "hyp.txt")
+            log.error(
+                "%s: decoding stopped; the %d hypotheses decoded so far are in %s", path, writer.n, out / "hyp.txt"
+            )
             raise
         writer.close()
         hyps = {h.utt_id: h.text for h in dec.hyps}
@@ -340,14 +372,28 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
             raise DQWhisperError(f"{path}: {e} (the hypotheses are in {out / 'hyp.txt'})") from None
         summary = summarize(scores)
         add_runaways(summary, dec)
-        summary.update({
-            "rtf": dec.rtf, "tokens_per_second": dec.tokens_per_second, "wall_seconds": dec.wall_seconds,
-            "audio_seconds": dec.audio_seconds, "n_tokens": dec.n_tokens, "n_trimmed": dec.n_trimmed,
-            "n_selected": len(ts.utts), "n_skipped": len(bad), "skipped": bad, "empty_references": empty,
-            "model": model_name, "checkpoint": str(ckpt), "test_set": str(path), "tag": tag,
-            "normalized": not dcfg.raw, "device": str(device), "num_threads": torch.get_num_threads(),
-            "decode": asdict(dcfg),
-        })
+        summary.update(
+            {
+                "rtf": dec.rtf,
+                "tokens_per_second": dec.tokens_per_second,
+                "wall_seconds": dec.wall_seconds,
+                "audio_seconds": dec.audio_seconds,
+                "n_tokens": dec.n_tokens,
+                "n_trimmed": dec.n_trimmed,
+                "n_selected": len(ts.utts),
+                "n_skipped": len(bad),
+                "skipped": bad,
+                "empty_references": empty,
+                "model": model_name,
+                "checkpoint": str(ckpt),
+                "test_set": str(path),
+                "tag": tag,
+                "normalized": not dcfg.raw,
+                "device": str(device),
+                "num_threads": torch.get_num_threads(),
+                "decode": asdict(dcfg),
+            }
+        )
         title = f"{path} | {ckpt} | {tag}"
         if bad or empty:
             title += f" | {len(bad)} unreadable utterance(s) skipped, {len(empty)} empty reference(s) not scored"
@@ -369,8 +415,11 @@ def add_runaways(summary: dict, dec) -> None:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dqwhisper decode", description=__doc__.split("\n\n")[0],
-                                epilog="example: python inference.py base exp/jp_demo decode.beam_size=5")
+    p = argparse.ArgumentParser(
+        prog="dqwhisper decode",
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python inference.py base exp/jp_demo decode.beam_size=5",
+    )
     p.add_argument("model", help="Whisper size the checkpoint belongs to, e.g. base")
     p.add_argument("target", help="experiment dir or checkpoint file")
     p.add_argument("overrides", nargs="*", help="key=value (Hydra syntax), e.g. decode.test_sets=[data/demo/test]")

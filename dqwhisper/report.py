@@ -6,6 +6,7 @@
 Each row names a model, the results.json that inference.py wrote for it on the test set, and the file that holds
 the model as it would ship (the exported file for quantized students). Parameters are counted from that file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,20 +73,31 @@ def _machine() -> str:
 
 def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot_name: str | None) -> str:
     langs = sorted({lang for r in rows for lang in r["per_language"]})
-    metric = {lang: next(r["per_language"][lang]["metric"] for r in rows if lang in r["per_language"])
-              for lang in langs}
+    metric = {
+        lang: next(r["per_language"][lang]["metric"] for r in rows if lang in r["per_language"]) for lang in langs
+    }
     head = ["model", "params (M)", "size (MB)", "x smaller than teacher fp16"]
     head += [f"{lang} {metric[lang].upper()} %" for lang in langs] + ["avg %", "RTF", "runaways"]
-    lines = ["# DQ-Whisper demo results", "",
-             f"Run finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}.", "",
-             "Error rates are on `data/demo/test` (WER for space-delimited languages, CER for ja/zh), "
-             "normalized with Whisper's normalizers; lower is better. RTF = decoding wall seconds / audio seconds. "
-             "runaways = hypotheses that still hit the token cap or fail the compression test after "
-             "temperature fallback.",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "# DQ-Whisper demo results",
+        "",
+        f"Run finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_machine()}.",
+        "",
+        "Error rates are on `data/demo/test` (WER for space-delimited languages, CER for ja/zh), "
+        "normalized with Whisper's normalizers; lower is better. RTF = decoding wall seconds / audio seconds. "
+        "runaways = hypotheses that still hit the token cap or fail the compression test after "
+        "temperature fallback.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = [r["name"], f"{r['params'] / 1e6:.1f}", f"{r['size_bytes'] / 1e6:.1f}",
-                 f"{r['ratio_vs_teacher_fp16']:.2f}"]
+        cells = [
+            r["name"],
+            f"{r['params'] / 1e6:.1f}",
+            f"{r['size_bytes'] / 1e6:.1f}",
+            f"{r['ratio_vs_teacher_fp16']:.2f}",
+        ]
         for lang in langs:
             v = r["per_language"].get(lang)
             cells.append("—" if v is None else f"{100 * v['error']:.1f}")
@@ -124,8 +136,15 @@ def render_seeds(rows: list[dict]) -> list[str]:
         return []
     n = max(len(v) for v in groups.values())
     head = ["model"] + [f"seed {k} avg %" for k in range(1, n + 1)] + ["mean avg %"]
-    lines = ["", "## Seeds", "", "Average error of each configuration trained with each seed, and their mean.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "",
+        "## Seeds",
+        "",
+        "Average error of each configuration trained with each seed, and their mean.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for name, members in groups.items():
         errors = [r["avg_error"] for _, r in members]
         cells = [name] + ["—" if e is None else f"{100 * e:.1f}" for e in errors] + ["—"] * (n - len(errors))
@@ -174,8 +193,12 @@ def main(argv: list[str] | None = None) -> int | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="folder for RESULTS.md, results.json, wer_vs_size.png")
     p.add_argument("--row", nargs=3, action="append", metavar=("NAME", "RESULTS_JSON", "MODEL_FILE"), required=True)
-    p.add_argument("--teacher-fp16-bytes", type=int, required=True,
-                   help="size of the teacher in fp16 on disk, the denominator of every ratio")
+    p.add_argument(
+        "--teacher-fp16-bytes",
+        type=int,
+        required=True,
+        help="size of the teacher in fp16 on disk, the denominator of every ratio",
+    )
     p.add_argument("--stage-times", type=Path, help="TSV of stage name and seconds (run.sh writes it)")
     args = p.parse_args(argv)
 

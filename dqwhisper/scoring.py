@@ -12,6 +12,7 @@ Overall figures, stated in `results.json` too:
 CLI: `python -m dqwhisper.scoring --data DIR --hyp hyp.txt --out DIR` rescoring a hypothesis file;
 `python -m dqwhisper.scoring --data DIR --merge PART_DIR... --out DIR` joining decode.sh's parallel parts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_log
 log = get_logger(__name__)
 
 CER_LANGUAGES = ("ja", "zh", "yue", "th", "lo", "my", "km", "bo")
-AGGREGATION = ("error = total errors / total reference units (words of WER languages + characters of CER "
-               "languages); macro_error = unweighted mean of the per-language errors")
+AGGREGATION = (
+    "error = total errors / total reference units (words of WER languages + characters of CER "
+    "languages); macro_error = unweighted mean of the per-language errors"
+)
 
 
 @lru_cache(maxsize=None)
@@ -91,8 +94,13 @@ def _alignment_lines(visualization: str) -> str:
     return "\n".join(lines)
 
 
-def score_utterances(refs: dict[str, str], hyps: dict[str, str], langs: dict[str, str], raw: bool = False,
-                     cer_languages: Iterable[str] = CER_LANGUAGES) -> tuple[list[UttScore], dict[str, str]]:
+def score_utterances(
+    refs: dict[str, str],
+    hyps: dict[str, str],
+    langs: dict[str, str],
+    raw: bool = False,
+    cer_languages: Iterable[str] = CER_LANGUAGES,
+) -> tuple[list[UttScore], dict[str, str]]:
     """Score every utterance of `refs` (a missing hypothesis counts as empty) whose reference is not empty.
 
     A reference that is empty after normalization (blank, or only "[noise]"-like text the normalizers remove) has no
@@ -112,10 +120,14 @@ def score_utterances(refs: dict[str, str], hyps: dict[str, str], langs: dict[str
     empty = set(empty_references(refs, langs, raw))
     if empty:
         if len(empty) == len(refs):
-            raise DQWhisperError(f"all {len(refs)} reference transcripts are empty (after normalization): "
-                                 "nothing to score")
-        log.warning("%d utterance(s) have an empty reference transcript (after normalization) and are not scored, "
-                    "e.g. %s", len(empty), sorted(empty)[0])
+            raise DQWhisperError(
+                f"all {len(refs)} reference transcripts are empty (after normalization): nothing to score"
+            )
+        log.warning(
+            "%d utterance(s) have an empty reference transcript (after normalization) and are not scored, e.g. %s",
+            len(empty),
+            sorted(empty)[0],
+        )
     scores, alignments = [], {}
     for utt in sorted(set(refs) - empty):
         lang = langs[utt]
@@ -145,9 +157,14 @@ def summarize(scores: Sequence[UttScore]) -> dict:
         sub, dele, ins = (sum(getattr(s, k) for s in mine) for k in ("substitutions", "deletions", "insertions"))
         n_ref = sum(s.n_ref for s in mine)
         per_language[lang] = {
-            "metric": mine[0].metric, "error": _rate(sub + dele + ins, n_ref), "n_utts": len(mine),
-            "n_errors": sub + dele + ins, "n_ref_units": n_ref,
-            "substitutions": sub, "deletions": dele, "insertions": ins,
+            "metric": mine[0].metric,
+            "error": _rate(sub + dele + ins, n_ref),
+            "n_utts": len(mine),
+            "n_errors": sub + dele + ins,
+            "n_ref_units": n_ref,
+            "substitutions": sub,
+            "deletions": dele,
+            "insertions": ins,
         }
     metrics = {v["metric"] for v in per_language.values()}
     n_errors = sum(v["n_errors"] for v in per_language.values())
@@ -156,7 +173,10 @@ def summarize(scores: Sequence[UttScore]) -> dict:
         "metric": metrics.pop() if len(metrics) == 1 else "mixed",
         "error": _rate(n_errors, n_ref),
         "macro_error": sum(v["error"] for v in per_language.values()) / max(len(per_language), 1),
-        "n_utts": len(scores), "n_errors": n_errors, "n_ref_units": n_ref, "aggregation": AGGREGATION,
+        "n_utts": len(scores),
+        "n_errors": n_errors,
+        "n_ref_units": n_ref,
+        "aggregation": AGGREGATION,
     }
     return {"per_language": per_language, "overall": overall}
 
@@ -164,22 +184,31 @@ def summarize(scores: Sequence[UttScore]) -> dict:
 def format_table(summary: dict, title: str = "") -> str:
     """A readable table of a `summarize` result (plus rtf / tokens per second when present)."""
     lines = [title] if title else []
-    lines.append(f"{'lang':<8}{'metric':<8}{'error %':>9}{'utts':>7}{'errors':>8}{'ref units':>11}"
-                 f"{'sub':>7}{'del':>7}{'ins':>7}")
+    lines.append(
+        f"{'lang':<8}{'metric':<8}{'error %':>9}{'utts':>7}{'errors':>8}{'ref units':>11}{'sub':>7}{'del':>7}{'ins':>7}"
+    )
     for lang, v in summary["per_language"].items():
-        lines.append(f"{lang:<8}{v['metric']:<8}{100 * v['error']:>9.2f}{v['n_utts']:>7}{v['n_errors']:>8}"
-                     f"{v['n_ref_units']:>11}{v['substitutions']:>7}{v['deletions']:>7}{v['insertions']:>7}")
+        lines.append(
+            f"{lang:<8}{v['metric']:<8}{100 * v['error']:>9.2f}{v['n_utts']:>7}{v['n_errors']:>8}"
+            f"{v['n_ref_units']:>11}{v['substitutions']:>7}{v['deletions']:>7}{v['insertions']:>7}"
+        )
     o = summary["overall"]
-    lines.append(f"{'overall':<8}{o['metric']:<8}{100 * o['error']:>9.2f}{o['n_utts']:>7}{o['n_errors']:>8}"
-                 f"{o['n_ref_units']:>11}")
+    lines.append(
+        f"{'overall':<8}{o['metric']:<8}{100 * o['error']:>9.2f}{o['n_utts']:>7}{o['n_errors']:>8}"
+        f"{o['n_ref_units']:>11}"
+    )
     lines.append(f"macro average over {len(summary['per_language'])} languages: {100 * o['macro_error']:.2f} %")
     if o.get("n_runaways") is not None:
         per = ", ".join(f"{lang} {v.get('n_runaways', 0)}" for lang, v in summary["per_language"].items())
-        lines.append(f"runaways (cap or compression test failed after fallback): {o['n_runaways']} ({per}); "
-                     f"{o.get('n_fallbacks', 0)} utterances fell back")
+        lines.append(
+            f"runaways (cap or compression test failed after fallback): {o['n_runaways']} ({per}); "
+            f"{o.get('n_fallbacks', 0)} utterances fell back"
+        )
     if summary.get("rtf") is not None:
-        lines.append(f"RTF {summary['rtf']:.4f}" + (f", {summary['tokens_per_second']:.1f} tokens/s"
-                                                     if summary.get("tokens_per_second") is not None else ""))
+        lines.append(
+            f"RTF {summary['rtf']:.4f}"
+            + (f", {summary['tokens_per_second']:.1f} tokens/s" if summary.get("tokens_per_second") is not None else "")
+        )
     return "\n".join(lines)
 
 
@@ -202,16 +231,22 @@ def read_kaldi_text(path: str | Path) -> dict[str, str]:
     return out
 
 
-def write_results(out_dir: str | Path, scores: Sequence[UttScore], alignments: dict[str, str], summary: dict,
-                  title: str = "") -> str:
+def write_results(
+    out_dir: str | Path, scores: Sequence[UttScore], alignments: dict[str, str], summary: dict, title: str = ""
+) -> str:
     """Write utt_errors.tsv, alignment.txt, results.json and summary.txt into `out_dir`; return the table."""
     out_dir = Path(out_dir)
     rows = ["utt_id\tlang\tmetric\tn_ref\tsub\tdel\tins\terrors\terror\tref\thyp"]
-    rows += [f"{s.utt_id}\t{s.lang}\t{s.metric}\t{s.n_ref}\t{s.substitutions}\t{s.deletions}\t{s.insertions}\t"
-             f"{s.errors}\t{_rate(s.errors, s.n_ref):.4f}\t{s.ref}\t{s.hyp}" for s in scores]
+    rows += [
+        f"{s.utt_id}\t{s.lang}\t{s.metric}\t{s.n_ref}\t{s.substitutions}\t{s.deletions}\t{s.insertions}\t"
+        f"{s.errors}\t{_rate(s.errors, s.n_ref):.4f}\t{s.ref}\t{s.hyp}"
+        for s in scores
+    ]
     atomic_write_bytes(out_dir / "utt_errors.tsv", ("\n".join(rows) + "\n").encode("utf-8"))
-    blocks = [f"{s.utt_id} ({s.lang}, {s.metric}: {s.errors} errors / {s.n_ref})\n{alignments.get(s.utt_id, '')}\n"
-              for s in sorted(scores, key=lambda s: (s.lang, s.utt_id))]
+    blocks = [
+        f"{s.utt_id} ({s.lang}, {s.metric}: {s.errors} errors / {s.n_ref})\n{alignments.get(s.utt_id, '')}\n"
+        for s in sorted(scores, key=lambda s: (s.lang, s.utt_id))
+    ]
     atomic_write_bytes(out_dir / "alignment.txt", "\n".join(blocks).encode("utf-8"))
     atomic_write_bytes(out_dir / "results.json", (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode())
     table = format_table(summary, title)
@@ -219,8 +254,9 @@ def write_results(out_dir: str | Path, scores: Sequence[UttScore], alignments: d
     return table
 
 
-def score_files(data_dir: str | Path, hyp_path: str | Path, raw: bool = False,
-                cer_languages: Iterable[str] = CER_LANGUAGES) -> tuple[list[UttScore], dict[str, str], dict]:
+def score_files(
+    data_dir: str | Path, hyp_path: str | Path, raw: bool = False, cer_languages: Iterable[str] = CER_LANGUAGES
+) -> tuple[list[UttScore], dict[str, str], dict]:
     """Score a Kaldi hyp file against a data dir's `text` and `utt2lang`."""
 
     data = DataDir.load(data_dir)
@@ -231,8 +267,9 @@ def score_files(data_dir: str | Path, hyp_path: str | Path, raw: bool = False,
     return scores, alignments, summarize(scores)
 
 
-def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: str | Path,
-                elapsed_seconds: float | None = None) -> str:
+def merge_parts(
+    part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: str | Path, elapsed_seconds: float | None = None
+) -> str:
     """Join the outputs of `inference.py ... decode.shard=k/n` runs (scripts/decode.sh) and score them as one.
 
     hyp.txt / ref.txt are concatenated; the scoring switches come from the parts' results.json; `rtf` is the
@@ -256,17 +293,27 @@ def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: 
     langs = {u.utt_id: u.lang for u in DataDir.load(data_dir).utts}
     scores, alignments = score_utterances(refs, hyps, langs, first["raw"], first["cer_languages"])
     summary = summarize(scores)
-    totals = {k: sum(p.get(k, 0) for p in parts)
-              for k in ("wall_seconds", "audio_seconds", "n_tokens", "n_trimmed", "n_skipped")}
+    totals = {
+        k: sum(p.get(k, 0) for p in parts)
+        for k in ("wall_seconds", "audio_seconds", "n_tokens", "n_trimmed", "n_skipped")
+    }
     skipped = {u: r for p in parts for u, r in (p.get("skipped") or {}).items()}
-    summary.update({
-        "rtf": totals["wall_seconds"] / max(totals["audio_seconds"], 1e-9),
-        "rtf_elapsed": None if elapsed_seconds is None else elapsed_seconds / max(totals["audio_seconds"], 1e-9),
-        "tokens_per_second": totals["n_tokens"] / max(totals["wall_seconds"], 1e-9), **totals,
-        **{k: parts[0][k] for k in ("model", "checkpoint", "test_set", "tag", "normalized", "device", "num_threads")},
-        "n_jobs": len(parts), "decode": {**first, "shard": None}, "skipped": skipped,
-        "empty_references": empty_references(refs, langs, first["raw"]),
-    })
+    summary.update(
+        {
+            "rtf": totals["wall_seconds"] / max(totals["audio_seconds"], 1e-9),
+            "rtf_elapsed": None if elapsed_seconds is None else elapsed_seconds / max(totals["audio_seconds"], 1e-9),
+            "tokens_per_second": totals["n_tokens"] / max(totals["wall_seconds"], 1e-9),
+            **totals,
+            **{
+                k: parts[0][k]
+                for k in ("model", "checkpoint", "test_set", "tag", "normalized", "device", "num_threads")
+            },
+            "n_jobs": len(parts),
+            "decode": {**first, "shard": None},
+            "skipped": skipped,
+            "empty_references": empty_references(refs, langs, first["raw"]),
+        }
+    )
     if all("n_runaways" in p["overall"] for p in parts):
         for lang, entry in summary["per_language"].items():
             entry["n_runaways"] = sum(p["per_language"].get(lang, {}).get("n_runaways", 0) for p in parts)
@@ -276,8 +323,13 @@ def merge_parts(part_dirs: Sequence[str | Path], data_dir: str | Path, out_dir: 
     out_dir = Path(out_dir)
     write_kaldi_text(out_dir / "hyp.txt", hyps)
     write_kaldi_text(out_dir / "ref.txt", refs)
-    return write_results(out_dir, scores, alignments, summary, title=f"{summary['test_set']} | "
-                         f"{summary['checkpoint']} | {summary['tag']} | {len(parts)} jobs")
+    return write_results(
+        out_dir,
+        scores,
+        alignments,
+        summary,
+        title=f"{summary['test_set']} | {summary['checkpoint']} | {summary['tag']} | {len(parts)} jobs",
+    )
 
 
 @command
@@ -289,8 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     p.add_argument("--raw", action="store_true", help="no Whisper normalizers")
     p.add_argument("--cer-languages", default=",".join(CER_LANGUAGES), help="comma-separated CER languages")
     p.add_argument("--extra", help="JSON object merged into results.json (rtf, model, checkpoint, ...)")
-    p.add_argument("--merge", nargs="+", metavar="PART_DIR", help="join these decode.shard outputs into --out "
-                   "(--hyp is then not read)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PART_DIR",
+        help="join these decode.shard outputs into --out (--hyp is then not read)",
+    )
     p.add_argument("--elapsed", type=float, help="with --merge: wall-clock seconds of the parallel run")
     args = p.parse_args(argv)
     if args.merge:
@@ -309,8 +365,21 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         print(format_table(summary, title=str(args.hyp)))
 
 
-__all__ = ["CER_LANGUAGES", "UttScore", "normalize", "empty_references", "metric_for", "score_utterances", "summarize",
-           "format_table", "write_results", "write_kaldi_text", "read_kaldi_text", "score_files", "merge_parts"]
+__all__ = [
+    "CER_LANGUAGES",
+    "UttScore",
+    "normalize",
+    "empty_references",
+    "metric_for",
+    "score_utterances",
+    "summarize",
+    "format_table",
+    "write_results",
+    "write_kaldi_text",
+    "read_kaldi_text",
+    "score_files",
+    "merge_parts",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,5 @@
 """Small helpers shared by every module: logging, seeding, atomic writes, checksums."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Whisper dims (no download), the real-weight model store for `slow` tests."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,18 @@ MODEL_STORE = Path(os.environ.get("DQWHISPER_MODEL_STORE", ROOT / "exp" / "model
 
 
 def tiny_dims(**overrides) -> ModelDimensions:
-    dims = dict(n_mels=80, n_audio_ctx=100, n_audio_state=64, n_audio_head=2, n_audio_layer=2, n_vocab=51865,
-                n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=4)
+    dims = dict(
+        n_mels=80,
+        n_audio_ctx=100,
+        n_audio_state=64,
+        n_audio_head=2,
+        n_audio_layer=2,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=64,
+        n_text_head=2,
+        n_text_layer=4,
+    )
     dims.update(overrides)
     return ModelDimensions(**dims)
 

@@ -1,4 +1,5 @@
 """The `dqwhisper` console script: the registry, and the one wrapper that turns a DQWhisperError into one line."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,8 @@ def test_help_lists_every_command(capsys):
     for name in cli.COMMANDS:
         assert f"  {name} " in out
     assert {"train", "decode", "transcribe", "export", "export-hf", "export-ggml", "convert", "validate"} <= set(
-        cli.COMMANDS)
+        cli.COMMANDS
+    )
 
 
 def test_no_or_unknown_command_is_a_usage_error(capsys):

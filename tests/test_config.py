@@ -1,4 +1,5 @@
 """Every config in conf/ composes against the schema; typos fail; each composes into a model build (tiny dims)."""
+
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,16 @@ def test_group_option_composes(group, option):
 
 
 def test_paper_command_keys():
-    cfg = compose_cfg("jap_ts", ["checkpoint_dir=exp/X", "data.data_dir=data/demo", "optim.lr=3e-5",
-                                 "data.collector.minibatch_size=20", "loss.alpha=0"])
+    cfg = compose_cfg(
+        "jap_ts",
+        [
+            "checkpoint_dir=exp/X",
+            "data.data_dir=data/demo",
+            "optim.lr=3e-5",
+            "data.collector.minibatch_size=20",
+            "loss.alpha=0",
+        ],
+    )
     assert cfg.checkpoint_dir == "exp/X" and cfg.optim.lr == 3e-5 and cfg.loss.alpha == 0
     assert cfg.data.collector.minibatch_size == 20 and cfg.data.languages == ["ja"]
     assert cfg.loss.match.mode == "dynamic_limit"

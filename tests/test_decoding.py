@@ -1,4 +1,5 @@
 """Decoding: batched == per-utterance (greedy and beam), the audio window, CTC greedy, the config file."""
+
 from __future__ import annotations
 
 import shutil
@@ -13,9 +14,18 @@ from omegaconf import OmegaConf
 from whisper.decoding import DecodingOptions
 from whisper.model import Whisper
 
-from dqwhisper.decoding import (DecodeConfig, apply_audio_window, audio_to_mel, ctc_decode_batch, ctc_greedy,
-                                decode_batch, decode_utterances, decoding_options, search_tag,
-                                select_utts)
+from dqwhisper.decoding import (
+    DecodeConfig,
+    apply_audio_window,
+    audio_to_mel,
+    ctc_decode_batch,
+    ctc_greedy,
+    decode_batch,
+    decode_utterances,
+    decoding_options,
+    search_tag,
+    select_utts,
+)
 from dqwhisper.models.student import DQWhisper
 from dqwhisper.utils import DQWhisperError
 from tests.conftest import ROOT, tiny_dims
@@ -50,24 +60,26 @@ def mel(model) -> torch.Tensor:
 def test_batched_equals_per_utterance(model, mel, beam_size):
     options = DecodingOptions(language="en", beam_size=beam_size, without_timestamps=True, fp16=False, sample_len=12)
     batched = [r.tokens for r in decode_batch(model, mel, options)]
-    single = [decode_batch(model, mel[i: i + 1], options)[0].tokens for i in range(len(mel))]
+    single = [decode_batch(model, mel[i : i + 1], options)[0].tokens for i in range(len(mel))]
     assert len({tuple(t) for t in single}) > 1, "precondition: the utterances must decode differently"
     assert batched == single
 
 
 def test_beam_search_differs_from_greedy_somewhere(model, mel):
     """The beam path is really taken (a beam of 3 finds higher-scoring sequences on some utterance)."""
-    greedy = decode_batch(model, mel, DecodingOptions(language="en", without_timestamps=True, fp16=False,
-                                                      sample_len=12))
-    beam = decode_batch(model, mel, DecodingOptions(language="en", beam_size=3, without_timestamps=True, fp16=False,
-                                                    sample_len=12))
+    greedy = decode_batch(
+        model, mel, DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=12)
+    )
+    beam = decode_batch(
+        model, mel, DecodingOptions(language="en", beam_size=3, without_timestamps=True, fp16=False, sample_len=12)
+    )
     assert [r.tokens for r in greedy] != [r.tokens for r in beam]
 
 
 def test_language_detection_batched(model, mel):
     options = DecodingOptions(language=None, beam_size=2, without_timestamps=True, fp16=False, sample_len=4)
     batched = decode_batch(model, mel, options)
-    single = [decode_batch(model, mel[i: i + 1], options)[0] for i in range(len(mel))]
+    single = [decode_batch(model, mel[i : i + 1], options)[0] for i in range(len(mel))]
     assert [r.language for r in batched] == [r.language for r in single]
     assert [r.tokens for r in batched] == [r.tokens for r in single]
 
@@ -137,10 +149,12 @@ def test_decode_utterances_encoder_sees_model_window(model):
 
 def test_decode_utterances_batch_size_does_not_change_results(model):
     utts = [FakeUtt(f"u{i}", "en", 0.4 + 0.3 * i) for i in range(5)]
-    one = decode_utterances(model, FakeData(), utts, DecodeConfig(batch_size=1, beam_size=2, max_new_tokens=6),
-                            progress=False)
-    four = decode_utterances(model, FakeData(), utts, DecodeConfig(batch_size=4, beam_size=2, max_new_tokens=6),
-                             progress=False)
+    one = decode_utterances(
+        model, FakeData(), utts, DecodeConfig(batch_size=1, beam_size=2, max_new_tokens=6), progress=False
+    )
+    four = decode_utterances(
+        model, FakeData(), utts, DecodeConfig(batch_size=4, beam_size=2, max_new_tokens=6), progress=False
+    )
     assert [h.text for h in one.hyps] == [h.text for h in four.hyps]
 
 
@@ -188,8 +202,14 @@ def test_ctc_decode_batch_through_bpe():
 def test_decoding_options_and_tags():
     cfg = DecodeConfig(beam_size=5, patience=2.0, length_penalty=0.5)
     o = decoding_options(cfg, "ja")
-    assert (o.beam_size, o.patience, o.length_penalty, o.language, o.temperature, o.without_timestamps) == \
-        (5, 2.0, 0.5, "ja", 0.0, True)
+    assert (o.beam_size, o.patience, o.length_penalty, o.language, o.temperature, o.without_timestamps) == (
+        5,
+        2.0,
+        0.5,
+        "ja",
+        0.0,
+        True,
+    )
     g = decoding_options(DecodeConfig(), None)
     assert g.beam_size is None and g.patience is None
     assert search_tag(DecodeConfig()) == "greedy"
@@ -229,8 +249,7 @@ def test_base_matches_faster_whisper(base_checkpoint, tmp_path):
     from dqwhisper.data.kaldi import load_wav
     from dqwhisper.models.student import load_checkpoint
 
-    clips = [("the weather is nice today and we are going for a walk", "en"),
-             ("ich habe heute keine zeit", "de")]
+    clips = [("the weather is nice today and we are going for a walk", "en"), ("ich habe heute keine zeit", "de")]
     audios = []
     for i, (text, lang) in enumerate(clips):
         _synthesize(text, lang, tmp_path / f"{i}.wav")
@@ -244,9 +263,18 @@ def test_base_matches_faster_whisper(base_checkpoint, tmp_path):
     fw = faster_whisper.WhisperModel(str(ct2_dir), device="cpu", compute_type="float32", cpu_threads=2)
     theirs = []
     for audio, (_, lang) in zip(audios, clips):
-        segments, _ = fw.transcribe(audio, language=lang, beam_size=1, temperature=0.0, without_timestamps=True,
-                                    condition_on_previous_text=False, vad_filter=False, no_speech_threshold=None,
-                                    log_prob_threshold=None, compression_ratio_threshold=None)
+        segments, _ = fw.transcribe(
+            audio,
+            language=lang,
+            beam_size=1,
+            temperature=0.0,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+            vad_filter=False,
+            no_speech_threshold=None,
+            log_prob_threshold=None,
+            compression_ratio_threshold=None,
+        )
         theirs.append([t for s in segments for t in s.tokens])
     assert all(ours), "empty transcript"
     assert ours == theirs

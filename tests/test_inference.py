@@ -1,4 +1,5 @@
 """inference.py end to end on a tiny random checkpoint: outputs, results.json format, and its error messages."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ from dqwhisper.utils import DQWhisperError
 from tests.conftest import tiny_dims
 
 # "tiny" widths (so MODEL=tiny agrees) but one layer each, a 2 s window and a pruned vocabulary: small and fast
-TINY_STUDENT = dict(n_audio_state=384, n_audio_head=6, n_audio_layer=1, n_text_state=384, n_text_head=6,
-                    n_text_layer=1, n_audio_ctx=100)
+TINY_STUDENT = dict(
+    n_audio_state=384, n_audio_head=6, n_audio_layer=1, n_text_state=384, n_text_head=6, n_text_layer=1, n_audio_ctx=100
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,9 @@ def data_dir(tmp_path_factory) -> Path:
     test.mkdir()
     rng = np.random.default_rng(0)
     utts = []
-    for i, (lang, text) in enumerate([("en", "hello world"), ("ja", "こんにちは"), ("en", "good morning"),
-                                      ("de", "guten Tag")]):
+    for i, (lang, text) in enumerate(
+        [("en", "hello world"), ("ja", "こんにちは"), ("en", "good morning"), ("de", "guten Tag")]
+    ):
         sf.write(test / f"u{i}.wav", (rng.standard_normal(8000 + 4000 * i) * 0.1).astype(np.float32), 16000)
         utts.append(Utterance(f"utt{i}", f"u{i}.wav", text, "spk", lang))  # relative to the data dir
     write_data_dir(test, utts)
@@ -57,8 +60,17 @@ def run(*args, **kw):
 
 def test_bare_checkpoint_writes_fixed_format(checkpoint, data_dir, tmp_path):
     out = tmp_path / "out"
-    [res] = run("tiny", checkpoint, [f"decode.test_sets=[{data_dir}]", f"decode.out_dir={out}",
-                                     "decode.batch_size=3", "decode.max_new_tokens=6", "decode.num_threads=1"])
+    [res] = run(
+        "tiny",
+        checkpoint,
+        [
+            f"decode.test_sets=[{data_dir}]",
+            f"decode.out_dir={out}",
+            "decode.batch_size=3",
+            "decode.max_new_tokens=6",
+            "decode.num_threads=1",
+        ],
+    )
     data = json.loads((out / "results.json").read_text())
     assert set(data["per_language"]) == {"en", "ja", "de"}
     for lang, entry in data["per_language"].items():
@@ -81,9 +93,11 @@ def test_experiment_dir_reads_its_config(checkpoint, data_dir, tmp_path):
     exp = tmp_path / "exp"
     exp.mkdir()
     shutil.copy(checkpoint, exp / "avg.pt")
-    cfg = {"checkpoint_dir": str(exp), "data": {"data_dir": str(data_dir.parent), "test_sets": ["test"],
-                                                "languages": ["en", "de"]},
-           "decode": {"max_new_tokens": 4, "beam_size": 2}}
+    cfg = {
+        "checkpoint_dir": str(exp),
+        "data": {"data_dir": str(data_dir.parent), "test_sets": ["test"], "languages": ["en", "de"]},
+        "decode": {"max_new_tokens": 4, "beam_size": 2},
+    }
     (exp / "config.yaml").write_text(yaml.safe_dump(cfg))
     [res] = run("tiny", exp, ["decode.checkpoint=avg"])
     out = exp / "decode_test_avg_beam2"
@@ -110,6 +124,7 @@ def test_mel_padding_is_zeros_unless_asked(checkpoint, data_dir, tmp_path):
     [audio] = run("tiny", checkpoint, common + [f"decode.out_dir={tmp_path / 'b'}", "decode.mel_padding=audio"])
     assert audio["decode"]["mel_padding"] == "audio"
 
+
 def test_error_experiment_dir_without_config(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"")
     with pytest.raises(DQWhisperError, match="not an experiment dir .no config.yaml"):
@@ -117,8 +132,9 @@ def test_error_experiment_dir_without_config(tmp_path):
 
 
 def test_error_experiment_dir_without_checkpoint(data_dir, tmp_path):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"data_dir": str(data_dir.parent),
-                                                                   "test_sets": ["test"]}}))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump({"data": {"data_dir": str(data_dir.parent), "test_sets": ["test"]}})
+    )
     with pytest.raises(DQWhisperError, match=r"checkpoint 'best' .*does not exist; this experiment has no checkpoint"):
         run("tiny", tmp_path, [])
 
@@ -136,8 +152,11 @@ def test_error_test_dir_fails_validation(checkpoint, data_dir, tmp_path):
 
 
 def test_error_model_does_not_match(checkpoint, data_dir):
-    with pytest.raises(DQWhisperError, match=r"MODEL 'base' does not match checkpoint .*n_audio_state=384 "
-                                             r"\(512 for base\).*it looks like tiny"):
+    with pytest.raises(
+        DQWhisperError,
+        match=r"MODEL 'base' does not match checkpoint .*n_audio_state=384 "
+        r"\(512 for base\).*it looks like tiny",
+    ):
         run("base", checkpoint, [f"decode.test_sets=[{data_dir}]"])
     with pytest.raises(DQWhisperError, match="MODEL 'tiny.en' does not match .*n_vocab=51865"):
         run("tiny.en", checkpoint, [f"decode.test_sets=[{data_dir}]"])
@@ -175,8 +194,21 @@ def test_decode_sh_parallel_jobs_equal_one_run(checkpoint, data_dir, tmp_path):
 
     common = [f"decode.test_sets=[{data_dir}]", "decode.max_new_tokens=5"]
     [single] = run("tiny", checkpoint, common + [f"decode.out_dir={tmp_path / 'one'}"])
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "decode.sh"), "--nj", "2", "tiny", str(checkpoint), *common,
-                           f"decode.out_dir={tmp_path / 'two'}"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "decode.sh"),
+            "--nj",
+            "2",
+            "tiny",
+            str(checkpoint),
+            *common,
+            f"decode.out_dir={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr
     merged = json.loads((tmp_path / "two" / "results.json").read_text())
     assert (tmp_path / "two" / "hyp.txt").read_text() == (tmp_path / "one" / "hyp.txt").read_text()

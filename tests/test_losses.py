@@ -11,8 +11,12 @@ def test_ce_ignores_padding_and_prefix():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 7, generator=g)
     targets = torch.tensor([[-100, 3, 5, -100], [1, 2, -100, -100]])
-    want = (-(F.log_softmax(logits[0, 1], -1)[3]) - F.log_softmax(logits[0, 2], -1)[5]
-            - F.log_softmax(logits[1, 0], -1)[1] - F.log_softmax(logits[1, 1], -1)[2]) / 4
+    want = (
+        -(F.log_softmax(logits[0, 1], -1)[3])
+        - F.log_softmax(logits[0, 2], -1)[5]
+        - F.log_softmax(logits[1, 0], -1)[1]
+        - F.log_softmax(logits[1, 1], -1)[2]
+    ) / 4
     assert torch.allclose(losses.ce(logits, targets), want)
     # padding logits do not matter
     logits2 = logits.clone()

@@ -8,8 +8,11 @@ from dqwhisper.utils import DQWhisperError
 
 
 def _results(path, per_language, rtf, overall=None):
-    path.write_text(json.dumps({"per_language": per_language, "overall": overall or {}, "rtf": rtf, "model": "base",
-                                "checkpoint": "x.pt"}))
+    path.write_text(
+        json.dumps(
+            {"per_language": per_language, "overall": overall or {}, "rtf": rtf, "model": "base", "checkpoint": "x.pt"}
+        )
+    )
     return path
 
 
@@ -17,14 +20,29 @@ def test_report_rows_ratio_average_and_files(tmp_path, tiny_whisper):
     ckpt = tmp_path / "student.pt"
     student = from_whisper(tiny_whisper, decoder_layers=[0, 3])
     save_checkpoint(student, ckpt)
-    res = _results(tmp_path / "results.json", {
-        "en": {"metric": "wer", "error": 0.10, "n_utts": 20},
-        "ja": {"metric": "cer", "error": 0.30, "n_utts": 20}}, 0.05, {"n_runaways": 3})
+    res = _results(
+        tmp_path / "results.json",
+        {"en": {"metric": "wer", "error": 0.10, "n_utts": 20}, "ja": {"metric": "cer", "error": 0.30, "n_utts": 20}},
+        0.05,
+        {"n_runaways": 3},
+    )
     out = tmp_path / "out"
     (tmp_path / "times.tsv").write_text("models\t12.5\ndata\t30\n")
     teacher_bytes = 10 * ckpt.stat().st_size
-    report.main(["--out", str(out), "--row", "student", str(res), str(ckpt),
-                 "--teacher-fp16-bytes", str(teacher_bytes), "--stage-times", str(tmp_path / "times.tsv")])
+    report.main(
+        [
+            "--out",
+            str(out),
+            "--row",
+            "student",
+            str(res),
+            str(ckpt),
+            "--teacher-fp16-bytes",
+            str(teacher_bytes),
+            "--stage-times",
+            str(tmp_path / "times.tsv"),
+        ]
+    )
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["student"]
     row = rows[0]
@@ -57,8 +75,12 @@ def test_params_of_an_exported_quantized_file_count_the_packed_weights(tmp_path,
 
 
 def test_seed_rows_are_grouped_with_their_mean():
-    rows = [{"name": "teacher", "avg_error": 0.3}, {"name": "student_ce", "avg_error": 0.40},
-            {"name": "student_kd", "avg_error": 0.35}, {"name": "student_ce_seed2", "avg_error": 0.50}]
+    rows = [
+        {"name": "teacher", "avg_error": 0.3},
+        {"name": "student_ce", "avg_error": 0.40},
+        {"name": "student_kd", "avg_error": 0.35},
+        {"name": "student_ce_seed2", "avg_error": 0.50},
+    ]
     groups = report.seed_groups(rows)
     assert list(groups) == ["student_ce"]
     assert [k for k, _ in groups["student_ce"]] == [1, 2]

@@ -1,4 +1,5 @@
 """Scoring: WER / CER against hand-counted edits, normalizers, per-language and overall aggregation, files."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,16 @@ import pytest
 import soundfile as sf
 
 from dqwhisper.data.kaldi import Utterance, write_data_dir
-from dqwhisper.scoring import (format_table, main, normalize, read_kaldi_text, score_utterances, summarize,
-                               write_kaldi_text, write_results)
+from dqwhisper.scoring import (
+    format_table,
+    main,
+    normalize,
+    read_kaldi_text,
+    score_utterances,
+    summarize,
+    write_kaldi_text,
+    write_results,
+)
 from dqwhisper.utils import DQWhisperError
 
 
@@ -90,11 +99,23 @@ def test_kaldi_text_round_trip(tmp_path):
 def test_cli_rescores_a_hyp_file(tmp_path, capsys):
     wav = tmp_path / "x.wav"
     sf.write(wav, np.zeros(1600, dtype=np.float32), 16000)
-    write_data_dir(tmp_path / "data", [Utterance("u1", str(wav), "guten Tag", "s", "de"),
-                                       Utterance("u2", str(wav), "猫です", "s", "ja")])
+    write_data_dir(
+        tmp_path / "data",
+        [Utterance("u1", str(wav), "guten Tag", "s", "de"), Utterance("u2", str(wav), "猫です", "s", "ja")],
+    )
     write_kaldi_text(tmp_path / "hyp.txt", {"u1": "guten tag", "u2": "犬です"})
-    main(["--data", str(tmp_path / "data"), "--hyp", str(tmp_path / "hyp.txt"), "--out", str(tmp_path / "out"),
-          "--extra", '{"rtf": 0.5}'])
+    main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--hyp",
+            str(tmp_path / "hyp.txt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--extra",
+            '{"rtf": 0.5}',
+        ]
+    )
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["per_language"]["de"] == {**data["per_language"]["de"], "metric": "wer", "error": 0.0, "n_utts": 1}
     assert data["per_language"]["ja"]["error"] == pytest.approx(1 / 3)

@@ -1,10 +1,17 @@
 """DQWhisper: cutting, pruning, windows and checkpoints agree with openai-whisper's own model."""
+
 import pytest
 import torch
 import whisper
 
-from dqwhisper.models.student import (from_whisper, load_checkpoint, save_checkpoint, set_audio_window,
-                                      vocab_from_token_lists, window_frames)
+from dqwhisper.models.student import (
+    from_whisper,
+    load_checkpoint,
+    save_checkpoint,
+    set_audio_window,
+    vocab_from_token_lists,
+    window_frames,
+)
 from dqwhisper.utils import DQWhisperError
 
 PREFIX = [50258, 50259, 50359, 50363]  # sot, en, transcribe, notimestamps
@@ -55,8 +62,13 @@ def test_short_window_is_the_sinusoid_prefix(tiny_whisper):
 
 def test_checkpoint_round_trip_and_openai_loader(tiny_whisper, tmp_path):
     mel, tok = _inputs(60)
-    s = from_whisper(tiny_whisper, ctc_units=7, decoder_layers=[0, 2], n_audio_ctx=60,
-                     vocab_keep=vocab_from_token_lists([[400, 500]], 51865, 50257)).eval()
+    s = from_whisper(
+        tiny_whisper,
+        ctc_units=7,
+        decoder_layers=[0, 2],
+        n_audio_ctx=60,
+        vocab_keep=vocab_from_token_lists([[400, 500]], 51865, 50257),
+    ).eval()
     s.ctc_bpe = b"fake-sentencepiece-bytes"
     save_checkpoint(s, tmp_path / "s.pt", config={"a": 1}, step=3)
     r = load_checkpoint(tmp_path / "s.pt")
@@ -68,8 +80,10 @@ def test_checkpoint_round_trip_and_openai_loader(tiny_whisper, tmp_path):
     save_checkpoint(from_whisper(tiny_whisper), tmp_path / "plain.pt")
     w = whisper.load_model(str(tmp_path / "plain.pt"), device="cpu")
     with torch.no_grad():
-        assert torch.equal(w(mel[..., :200].new_zeros(1, 80, 200), tok[:1]),
-                           tiny_whisper(mel[..., :200].new_zeros(1, 80, 200), tok[:1]))
+        assert torch.equal(
+            w(mel[..., :200].new_zeros(1, 80, 200), tok[:1]),
+            tiny_whisper(mel[..., :200].new_zeros(1, 80, 200), tok[:1]),
+        )
 
 
 def test_checkpoint_errors_name_the_file(tmp_path, tiny_whisper):

@@ -4,6 +4,7 @@ or `dqwhisper train ...`.
 Thin on purpose: compose the config (conf/ + dqwhisper/config.py schemas), write the resolved copy into the
 experiment dir, hand over to dqwhisper.train (set up, build the parts, run the loop).
 """
+
 from __future__ import annotations
 
 import sys

@@ -16,27 +16,51 @@ Modules: search.py (decode_mels and its filters), ctc.py, audio.py (window, mel)
 (batches of one language, longest first) and times the run. `audio_to_mel` makes the encoder input for the model's
 own window (`mel_padding` says how the window is filled).
 """
+
 from dqwhisper.config import KERNELS, DecodeConfig, check_decode_config
 from dqwhisper.decoding.audio import apply_audio_window, audio_to_mel, window_samples
 from dqwhisper.decoding.ctc import ctc_decode_batch, ctc_greedy, load_ctc_bpe
 from dqwhisper.decoding.search import (
-                                       DETECT,
-                                       SAMPLE_RATE,
-                                       SAMPLES_PER_FRAME,
-                                       BatchedDecodingTask,
-                                       Hypothesis,
-                                       NoRepeatNGram,
-                                       SuppressSpecial,
-                                       TokenCap,
-                                       decode_batch,
-                                       decode_mels,
-                                       decoding_options,
-                                       token_cap,
+    DETECT,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    BatchedDecodingTask,
+    Hypothesis,
+    NoRepeatNGram,
+    SuppressSpecial,
+    TokenCap,
+    decode_batch,
+    decode_mels,
+    decoding_options,
+    token_cap,
 )
 from dqwhisper.decoding.utterances import DecodeRun, UttHypothesis, decode_utterances, search_tag, select_utts
 
-__all__ = ["DecodeConfig", "check_decode_config", "BatchedDecodingTask", "decoding_options", "decode_batch",
-           "decode_mels", "Hypothesis", "token_cap", "SuppressSpecial", "NoRepeatNGram", "TokenCap", "audio_to_mel",
-           "ctc_greedy", "ctc_decode_batch", "load_ctc_bpe", "decode_utterances", "select_utts", "apply_audio_window",
-           "search_tag", "DecodeRun", "UttHypothesis", "window_samples", "DETECT", "SAMPLE_RATE", "SAMPLES_PER_FRAME",
-           "KERNELS"]
+__all__ = [
+    "DecodeConfig",
+    "check_decode_config",
+    "BatchedDecodingTask",
+    "decoding_options",
+    "decode_batch",
+    "decode_mels",
+    "Hypothesis",
+    "token_cap",
+    "SuppressSpecial",
+    "NoRepeatNGram",
+    "TokenCap",
+    "audio_to_mel",
+    "ctc_greedy",
+    "ctc_decode_batch",
+    "load_ctc_bpe",
+    "decode_utterances",
+    "select_utts",
+    "apply_audio_window",
+    "search_tag",
+    "DecodeRun",
+    "UttHypothesis",
+    "window_samples",
+    "DETECT",
+    "SAMPLE_RATE",
+    "SAMPLES_PER_FRAME",
+    "KERNELS",
+]

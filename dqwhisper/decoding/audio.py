@@ -1,4 +1,5 @@
 """The encoder input for a model's own window, and the window a model decodes with."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,18 +14,19 @@ from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
 
+
 def window_samples(model: Whisper) -> int:
     """Audio samples the encoder's window covers: n_audio_ctx * 320 (480000 for Whisper's 30 s)."""
     return model.dims.n_audio_ctx * SAMPLES_PER_FRAME
 
 
-
-
-def audio_to_mel(audios: list[np.ndarray], model: Whisper, device: torch.device | str = "cpu",
-                 padding: str = "zeros") -> Tensor:
+def audio_to_mel(
+    audios: list[np.ndarray], model: Whisper, device: torch.device | str = "cpu", padding: str = "zeros"
+) -> Tensor:
     """Waveforms -> log-mel (B, n_mels, 2 * n_audio_ctx) for the model's window (`window_log_mel`)."""
-    return torch.stack([window_log_mel(a, model.dims.n_mels, model.dims.n_audio_ctx, padding)
-                        for a in audios]).to(device)
+    return torch.stack([window_log_mel(a, model.dims.n_mels, model.dims.n_audio_ctx, padding) for a in audios]).to(
+        device
+    )
 
 
 def apply_audio_window(model: Whisper, seconds: float | None) -> Whisper:
@@ -34,6 +36,7 @@ def apply_audio_window(model: Whisper, seconds: float | None) -> Whisper:
 
     frames = window_frames(seconds)
     if frames > model.dims.n_audio_ctx:
-        raise DQWhisperError(f"decode.audio_window={seconds} s is longer than the model's window of "
-                             f"{model.dims.n_audio_ctx / 50:.2f} s")
+        raise DQWhisperError(
+            f"decode.audio_window={seconds} s is longer than the model's window of {model.dims.n_audio_ctx / 50:.2f} s"
+        )
     return set_audio_window(model, frames)

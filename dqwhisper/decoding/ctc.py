@@ -1,4 +1,5 @@
 """CTC greedy decoding over the CTC head's sentencepiece units (a fast path without the decoder)."""
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from dqwhisper.decoding.search import SAMPLES_PER_FRAME
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
+
 
 def ctc_greedy(logits: Tensor, lengths: Sequence[int] | None = None, blank: int = 0) -> list[list[int]]:
     """CTC best path: argmax per frame, merge repeats, drop blanks.
@@ -42,8 +44,10 @@ def load_ctc_bpe(model: Whisper, fallback: str | Path | None = None):
         return BPE.load(bytes(proto))
     if fallback is not None and Path(fallback).is_file():
         return BPE.load(fallback)
-    raise DQWhisperError("CTC decoding needs the sentencepiece model of the CTC units: the checkpoint has no "
-                         f"'bpe_model' and {fallback or 'no bpe.model file'} was not found")
+    raise DQWhisperError(
+        "CTC decoding needs the sentencepiece model of the CTC units: the checkpoint has no "
+        f"'bpe_model' and {fallback or 'no bpe.model file'} was not found"
+    )
 
 
 @torch.no_grad()
@@ -56,7 +60,8 @@ def ctc_decode_batch(model: Whisper, mel: Tensor, n_samples: Sequence[int], bpe)
     for units in ctc_greedy(model.ctc_logits(features), lengths):
         bad = [u for u in units if not 0 <= u < bpe.vocab_size]
         if bad:
-            raise DQWhisperError(f"CTC head emits unit {bad[0] + 1} but the sentencepiece model has "
-                                 f"{bpe.vocab_size} pieces (+ blank)")
+            raise DQWhisperError(
+                f"CTC head emits unit {bad[0] + 1} but the sentencepiece model has {bpe.vocab_size} pieces (+ blank)"
+            )
         out.append((bpe.decode(units), len(units)))
     return out

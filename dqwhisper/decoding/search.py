@@ -1,4 +1,5 @@
 """decode_mels: batched whisper decoding with openai transcribe's rules (see the package docstring)."""
+
 from __future__ import annotations
 
 import math
@@ -21,19 +22,23 @@ SAMPLES_PER_FRAME = 320  # 16 kHz samples per encoder position (mel hop 160, con
 DETECT = "detect"
 
 
-
-
-def decoding_options(cfg: DecodeConfig, language: str | None, fp16: bool = False, temperature: float = 0.0,
-                     sample_len: int | None = None) -> DecodingOptions:
+def decoding_options(
+    cfg: DecodeConfig, language: str | None, fp16: bool = False, temperature: float = 0.0, sample_len: int | None = None
+) -> DecodingOptions:
     """Whisper options for one batch, no timestamps: greedy or beam search per `cfg` at temperature 0, sampling
     (best of `cfg.best_of`) above it, as openai's transcribe does."""
     beam = cfg.beam_size > 1 and temperature == 0
     return DecodingOptions(
-        task="transcribe", language=language, temperature=temperature,
+        task="transcribe",
+        language=language,
+        temperature=temperature,
         sample_len=sample_len if sample_len is not None else cfg.max_new_tokens,
-        beam_size=cfg.beam_size if beam else None, patience=cfg.patience if beam else None,
+        beam_size=cfg.beam_size if beam else None,
+        patience=cfg.patience if beam else None,
         best_of=cfg.best_of if temperature > 0 and cfg.best_of > 1 else None,
-        length_penalty=cfg.length_penalty, without_timestamps=True, fp16=fp16,
+        length_penalty=cfg.length_penalty,
+        without_timestamps=True,
+        fp16=fp16,
     )
 
 
@@ -44,7 +49,7 @@ class SuppressSpecial(LogitFilter):
         self.eot = eot
 
     def apply(self, logits: Tensor, tokens: Tensor) -> None:
-        logits[:, self.eot + 1:] = -math.inf
+        logits[:, self.eot + 1 :] = -math.inf
 
 
 class NoRepeatNGram(LogitFilter):
@@ -54,11 +59,11 @@ class NoRepeatNGram(LogitFilter):
         self.n, self.sample_begin = n, sample_begin
 
     def apply(self, logits: Tensor, tokens: Tensor) -> None:
-        text = tokens[:, self.sample_begin:]
+        text = tokens[:, self.sample_begin :]
         if text.shape[1] < self.n:
             return
         grams = text.unfold(1, self.n, 1)  # (rows, k, n)
-        prefix = text[:, text.shape[1] - self.n + 1:]  # (rows, n - 1)
+        prefix = text[:, text.shape[1] - self.n + 1 :]  # (rows, n - 1)
         hit = (grams[:, :, :-1] == prefix[:, None, :]).all(-1)  # (rows, k)
         rows, k = hit.nonzero(as_tuple=True)
         logits[rows, grams[rows, k, -1]] = -math.inf
@@ -87,8 +92,9 @@ class BatchedDecodingTask(DecodingTask):
     (which runs on one row per utterance); `run()` itself, the decoders, rankers and logit filters are whisper's.
     """
 
-    def __init__(self, model: Whisper, options: DecodingOptions, caps: Sequence[int] | None = None,
-                 no_repeat_ngram_size: int = 0):
+    def __init__(
+        self, model: Whisper, options: DecodingOptions, caps: Sequence[int] | None = None, no_repeat_ngram_size: int = 0
+    ):
         super().__init__(model, options)
         eot = self.tokenizer.eot
         if options.without_timestamps:
@@ -118,6 +124,7 @@ def decode_batch(model: Whisper, mel: Tensor, options: DecodingOptions) -> list[
 @dataclass
 class Hypothesis:
     """One row of `decode_mels`: the kept hypothesis and how it was reached."""
+
     text: str
     tokens: list[int]
     language: str
@@ -151,8 +158,9 @@ def _fails(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
 
 
 def _is_runaway(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
-    return hit_cap or (cfg.compression_ratio_threshold is not None
-                       and r.compression_ratio > cfg.compression_ratio_threshold)
+    return hit_cap or (
+        cfg.compression_ratio_threshold is not None and r.compression_ratio > cfg.compression_ratio_threshold
+    )
 
 
 def _language_codes(model: Whisper, features: Tensor, languages: list[str | None]) -> list[str]:
@@ -179,9 +187,14 @@ def check_language(lang: str, where: str) -> None:
 
 
 @torch.no_grad()
-def decode_mels(model: Whisper, mel: Tensor, languages: str | None | Sequence[str | None],
-                seconds: Sequence[float] | None = None, cfg: DecodeConfig | None = None,
-                fp16: bool = False) -> list[Hypothesis]:
+def decode_mels(
+    model: Whisper,
+    mel: Tensor,
+    languages: str | None | Sequence[str | None],
+    seconds: Sequence[float] | None = None,
+    cfg: DecodeConfig | None = None,
+    fp16: bool = False,
+) -> list[Hypothesis]:
     """Decode a batch the way inference.py and transcribe do (module docstring): openai transcribe's temperature
     fallback, a token cap per row, special tokens suppressed, optional no-repeat n-gram; greedy or beam search.
 
@@ -197,8 +210,9 @@ def decode_mels(model: Whisper, mel: Tensor, languages: str | None | Sequence[st
     if isinstance(languages, str) or languages is None:
         languages = [languages] * n
     if len(languages) != n or (seconds is not None and len(seconds) != n):
-        raise ValueError(f"{n} rows but {len(languages)} languages / {None if seconds is None else len(seconds)} "
-                         "durations")
+        raise ValueError(
+            f"{n} rows but {len(languages)} languages / {None if seconds is None else len(seconds)} durations"
+        )
     if not cfg.temperatures:
         raise DQWhisperError("decode.temperatures is empty: give at least [0.0]")
     dims = model.dims
@@ -216,8 +230,9 @@ def decode_mels(model: Whisper, mel: Tensor, languages: str | None | Sequence[st
     return out
 
 
-def _decode_one_language(model: Whisper, features: Tensor, language: str, caps: list[int], cfg: DecodeConfig,
-                         fp16: bool) -> list[Hypothesis]:
+def _decode_one_language(
+    model: Whisper, features: Tensor, language: str, caps: list[int], cfg: DecodeConfig, fp16: bool
+) -> list[Hypothesis]:
     tried: list[list[tuple[DecodingResult, bool]]] = [[] for _ in caps]
     pending = list(range(len(caps)))
     for k, t in enumerate(cfg.temperatures):
@@ -230,7 +245,7 @@ def _decode_one_language(model: Whisper, features: Tensor, language: str, caps: 
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(cfg.seed * 1000 + k)  # fresh draws per temperature, repeatable
                     task = BatchedDecodingTask(model, options, [caps[i]], cfg.no_repeat_ngram_size)
-                    results += task.run(features[i: i + 1])
+                    results += task.run(features[i : i + 1])
         else:
             sub_caps = [caps[i] for i in pending]
             options = decoding_options(cfg, language, fp16, float(t), max(sub_caps))
@@ -248,6 +263,19 @@ def _decode_one_language(model: Whisper, features: Tensor, language: str, caps: 
         if i in failed and len(cands) > 1:  # every temperature failed: as faster-whisper, keep the most likely of
             sound = [c for c in cands if not _is_runaway(*c, cfg)] or cands  # those that are not runaways
             r, hit = max(sound, key=lambda c: c[0].avg_logprob)
-        out.append(Hypothesis(r.text, list(r.tokens), r.language, r.avg_logprob, r.compression_ratio,
-                              r.no_speech_prob, r.temperature, len(cands), caps[i], hit, _is_runaway(r, hit, cfg)))
+        out.append(
+            Hypothesis(
+                r.text,
+                list(r.tokens),
+                r.language,
+                r.avg_logprob,
+                r.compression_ratio,
+                r.no_speech_prob,
+                r.temperature,
+                len(cands),
+                caps[i],
+                hit,
+                _is_runaway(r, hit, cfg),
+            )
+        )
     return out

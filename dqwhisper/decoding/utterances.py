@@ -1,4 +1,5 @@
 """decode_utterances: a Kaldi data dir decoded in batches of one language, longest first, and timed."""
+
 from __future__ import annotations
 
 import time
@@ -17,6 +18,7 @@ from dqwhisper.decoding.search import DETECT, SAMPLE_RATE, check_language, decod
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
+
 
 @dataclass
 class UttHypothesis:
@@ -68,14 +70,21 @@ def select_utts(utts: Sequence, cfg: DecodeConfig) -> list:
             assert 1 <= k <= n
         except (ValueError, AssertionError):
             raise DQWhisperError(f"decode.shard={cfg.shard!r}: expected 'k/n' with 1 <= k <= n") from None
-        utts = utts[k - 1:: n]
+        utts = utts[k - 1 :: n]
     return list(utts)
 
 
-def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, progress: bool = True,
-                      bpe_fallback: str | Path | None = None, durations: dict[str, float] | None = None,
-                      on_batch: Callable[[list[UttHypothesis]], None] | None = None,
-                      on_skip: Callable[[str, str], None] | None = None) -> DecodeRun:
+def decode_utterances(
+    model: Whisper,
+    data,
+    utts: Sequence,
+    cfg: DecodeConfig,
+    progress: bool = True,
+    bpe_fallback: str | Path | None = None,
+    durations: dict[str, float] | None = None,
+    on_batch: Callable[[list[UttHypothesis]], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> DecodeRun:
     """Decode `utts` of DataDir `data` (anything with load_audio(utt) and duration(utt)) in batches of one language
     (forced from utt2lang or cfg.language, or detected), longest first, and time it (audio reading included).
 
@@ -111,7 +120,7 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
         members = sorted(members, key=lambda u: (-_duration(data, u, durations), u.utt_id))  # similar lengths
         for i in range(0, len(members), cfg.batch_size):
             batch, waves = [], []
-            for u in members[i: i + cfg.batch_size]:
+            for u in members[i : i + cfg.batch_size]:
                 try:
                     wave = data.load_audio(u)
                     if len(wave) == 0:
@@ -125,21 +134,27 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
                     continue
                 batch.append(u)
                 waves.append(wave)
-            bar.update(len(members[i: i + cfg.batch_size]) - len(batch))
+            bar.update(len(members[i : i + cfg.batch_size]) - len(batch))
             if not batch:
                 continue
             n_trimmed += sum(len(w) > n_window for w in waves)
             audio_seconds += sum(len(w) for w in waves) / SAMPLE_RATE
             mel = audio_to_mel(waves, model, device, padding)
             if bpe is not None:
-                results = [(text, n, language or "", False, 1)
-                           for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe)]
+                results = [
+                    (text, n, language or "", False, 1)
+                    for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe)
+                ]
             else:
                 seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
-                results = [(h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
-                           for h in decode_mels(model, mel, language, seconds, cfg, fp16)]
-            new = [UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used, runaway, tries)
-                   for u, w, (text, n, lang_used, runaway, tries) in zip(batch, waves, results)]
+                results = [
+                    (h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
+                    for h in decode_mels(model, mel, language, seconds, cfg, fp16)
+                ]
+            new = [
+                UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used, runaway, tries)
+                for u, w, (text, n, lang_used, runaway, tries) in zip(batch, waves, results)
+            ]
             hyps += new
             n_tokens += sum(h.n_tokens for h in new)
             if on_batch is not None:
@@ -148,8 +163,12 @@ def decode_utterances(model: Whisper, data, utts: Sequence, cfg: DecodeConfig, p
     wall = time.perf_counter() - start
     bar.close()
     if n_trimmed:
-        log.warning("%d of %d utterances are longer than the model's %.2f s window and were cut to it",
-                    n_trimmed, len(utts), n_window / SAMPLE_RATE)
+        log.warning(
+            "%d of %d utterances are longer than the model's %.2f s window and were cut to it",
+            n_trimmed,
+            len(utts),
+            n_window / SAMPLE_RATE,
+        )
     hyps.sort(key=lambda h: h.utt_id)
     return DecodeRun(hyps, wall, audio_seconds, n_tokens, n_trimmed, skipped)
 

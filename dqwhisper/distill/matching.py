@@ -14,6 +14,7 @@ Modes (method.md):
 The choice is made on a gradient-free distance matrix; the loss is recomputed with gradient for the chosen pairs
 only and averaged over student layers.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -43,9 +44,14 @@ def masked_sum(values: Tensor, mask: Tensor | None) -> Tensor:
     return values.sum() if mask is None else (values * mask.to(values.dtype)).sum()
 
 
-def distance_matrix(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None,
-                    kind: str = "softmax_mse", temperature: float = 1.0,
-                    adapt: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
+def distance_matrix(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    mask: Tensor | None = None,
+    kind: str = "softmax_mse",
+    temperature: float = 1.0,
+    adapt: Callable[[int, Tensor], Tensor] | None = None,
+) -> Tensor:
     """(S, T) matrix of summed per-position distances over masked positions, without gradient.
 
     `adapt(i, t)` maps a teacher feature into student layer i's space (None: identity). Divide by the number of
@@ -92,19 +98,29 @@ class FeatureAdapter(nn.Module):
     def __init__(self, n_student_layers: int, teacher_dim: int, student_dim: int):
         super().__init__()
         self.identity = teacher_dim == student_dim
-        self.maps = nn.ModuleList() if self.identity else nn.ModuleList(
-            nn.Linear(teacher_dim, student_dim, bias=False) for _ in range(n_student_layers))
+        self.maps = (
+            nn.ModuleList()
+            if self.identity
+            else nn.ModuleList(nn.Linear(teacher_dim, student_dim, bias=False) for _ in range(n_student_layers))
+        )
         for m in self.maps:
-            nn.init.normal_(m.weight, std=teacher_dim ** -0.5)
+            nn.init.normal_(m.weight, std=teacher_dim**-0.5)
 
     def forward(self, i: int, t: Tensor) -> Tensor:
         return t if self.identity else self.maps[i](t.to(self.maps[i].weight.dtype))
 
 
-def match_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None,
-               mode: str = "dynamic_limit", kind: str = "softmax_mse", temperature: float = 1.0,
-               adapter: FeatureAdapter | None = None, normalizer: float | Tensor | None = None,
-               all_reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, list[int], Tensor | None]:
+def match_loss(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    mask: Tensor | None = None,
+    mode: str = "dynamic_limit",
+    kind: str = "softmax_mse",
+    temperature: float = 1.0,
+    adapter: FeatureAdapter | None = None,
+    normalizer: float | Tensor | None = None,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, list[int], Tensor | None]:
     """Matched-layer loss: mean over student layers of the chosen pair's distance (mean over positions).
 
     normalizer: divide the summed distances by this instead of the local position count (DDP: the global count

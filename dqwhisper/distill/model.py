@@ -6,6 +6,7 @@
 The teacher is not a submodule: it is frozen, lives in a target provider (dqwhisper.distill.teacher), and so stays
 out of DDP, of `state_dict()` and of `train()`/`eval()`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -39,10 +40,18 @@ class DistillModel(nn.Module):
     over the world size, and the matching distances summed before the layer choice.
     """
 
-    def __init__(self, student: DQWhisper, loss: Any, teacher: TeacherTargets | None = None,
-                 adapter: FeatureAdapter | None = None, enc_adapter: FeatureAdapter | None = None,
-                 freeze_encoder: bool = True, amp_dtype: torch.dtype | None = None,
-                 all_reduce: Callable[[Tensor], Tensor] | None = None, world_size: int = 1):
+    def __init__(
+        self,
+        student: DQWhisper,
+        loss: Any,
+        teacher: TeacherTargets | None = None,
+        adapter: FeatureAdapter | None = None,
+        enc_adapter: FeatureAdapter | None = None,
+        freeze_encoder: bool = True,
+        amp_dtype: torch.dtype | None = None,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+        world_size: int = 1,
+    ):
         super().__init__()
         self.student = student
         self.adapter = adapter
@@ -112,32 +121,61 @@ class DistillModel(nn.Module):
             counts = self.all_reduce(torch.stack([n_tok, n_ctc]).to(dev))
             norm_tok, norm_ctc = counts[0] / self.world_size, counts[1] / self.world_size
             reduce = self.all_reduce
-        xa, logits, s_feats, enc_feats = self._student(batch, tokens_in, want_match,
-                                                       want_match and m.encoder and not self.freeze_encoder)
+        xa, logits, s_feats, enc_feats = self._student(
+            batch, tokens_in, want_match, want_match and m.encoder and not self.freeze_encoder
+        )
 
         out = {"ce": losses.ce(logits, targets, cfg.label_smoothing, normalizer=norm_tok)}
         if cfg.beta > 0 and self.student.ctc_head is not None:
             enc_lengths = batch["enc_lengths"].clamp(max=xa.shape[1])
-            out["ctc"] = losses.ctc(self.student.ctc_logits(xa), enc_lengths.to(dev), batch["ctc_targets"].to(dev),
-                                    batch["ctc_target_lengths"].to(dev), normalizer=norm_ctc)
+            out["ctc"] = losses.ctc(
+                self.student.ctc_logits(xa),
+                enc_lengths.to(dev),
+                batch["ctc_targets"].to(dev),
+                batch["ctc_target_lengths"].to(dev),
+                normalizer=norm_ctc,
+            )
         info: dict = {}
         if distil:
             t = self.teacher(batch, tokens_in, xa, want_match)
-            out["kd"] = losses.kd_logits(logits, t["t_logits"], mask, cfg.kd_temperature,
-                                         teacher_index=t.get("t_index"), normalizer=norm_tok)
+            out["kd"] = losses.kd_logits(
+                logits, t["t_logits"], mask, cfg.kd_temperature, teacher_index=t.get("t_index"), normalizer=norm_tok
+            )
             if want_match:
-                match, info["chosen"], _ = match_loss(s_feats, t["t_feats"], mask, m.mode, m.distance,
-                                                      m.temperature, self.adapter, normalizer=norm_tok,
-                                                      all_reduce=reduce)
+                match, info["chosen"], _ = match_loss(
+                    s_feats,
+                    t["t_feats"],
+                    mask,
+                    m.mode,
+                    m.distance,
+                    m.temperature,
+                    self.adapter,
+                    normalizer=norm_tok,
+                    all_reduce=reduce,
+                )
                 if enc_feats is not None:
                     t_enc_feats = self.teacher.encoder_features(batch["mel"].to(dev))
                     frames = torch.arange(xa.shape[1], device=dev)[None] < batch["enc_lengths"].to(dev)[:, None]
-                    enc_match, info["enc_chosen"], _ = match_loss(enc_feats, t_enc_feats, frames, m.mode,
-                                                                  m.distance, m.temperature, self.enc_adapter,
-                                                                  all_reduce=reduce)
+                    enc_match, info["enc_chosen"], _ = match_loss(
+                        enc_feats,
+                        t_enc_feats,
+                        frames,
+                        m.mode,
+                        m.distance,
+                        m.temperature,
+                        self.enc_adapter,
+                        all_reduce=reduce,
+                    )
                     match = 0.5 * (match + enc_match)
                 out["match"] = match
-        named = losses.combine(out.get("ce"), out.get("ctc"), out.get("kd"), out.get("match"),
-                               alpha=cfg.alpha if distil else 0.0, beta=cfg.beta, lambda_match=cfg.lambda_match)
+        named = losses.combine(
+            out.get("ce"),
+            out.get("ctc"),
+            out.get("kd"),
+            out.get("match"),
+            alpha=cfg.alpha if distil else 0.0,
+            beta=cfg.beta,
+            lambda_match=cfg.lambda_match,
+        )
         info["n_tokens"] = int(n_tok)
         return named, info

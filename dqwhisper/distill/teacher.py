@@ -8,6 +8,7 @@
 Both give `{"t_logits": (B, L, K), ["t_index": (B, L, K)], ["t_feats": [(B, L, D)] per teacher layer]}`.
 Encoder features for encoder matching always come live (the encoder then trains, so nothing is cached).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,14 @@ class TeacherTargets:
     """The frozen teacher and what the student learns from it: logits at the student's kept vocabulary (all of
     them, or the top `kd_topk`) and, when `match_feature` is set, its decoder's `ffn` or `block` features."""
 
-    def __init__(self, teacher: DQWhisper, keep: Tensor | None, kd_topk: int = 0, match_feature: str | None = None,
-                 amp_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        teacher: DQWhisper,
+        keep: Tensor | None,
+        kd_topk: int = 0,
+        match_feature: str | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ):
         self.teacher = teacher
         self.keep = keep
         self.kd_topk = kd_topk
@@ -41,8 +48,10 @@ class TeacherTargets:
         if self.keep is not None:
             logits = logits.index_select(-1, self.keep)
         if not bool(torch.isfinite(logits).all()):
-            raise DQWhisperError("the teacher prunes token ids that the student keeps: use a teacher with the full "
-                                 "vocabulary or the same training text")
+            raise DQWhisperError(
+                "the teacher prunes token ids that the student keeps: use a teacher with the full "
+                "vocabulary or the same training text"
+            )
         out = {}
         if self.kd_topk > 0:
             out["t_logits"], out["t_index"] = logits.float().topk(min(self.kd_topk, logits.shape[-1]), dim=-1)
@@ -65,8 +74,11 @@ class TeacherTargets:
 class CachedTargets(TeacherTargets):
     def __call__(self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool) -> dict:
         dev = tokens_in.device
-        t = {k: (v.to(dev).float() if k != "t_index" else v.to(dev))
-             for k, v in batch.items() if k in ("t_logits", "t_index")}
+        t = {
+            k: (v.to(dev).float() if k != "t_index" else v.to(dev))
+            for k, v in batch.items()
+            if k in ("t_logits", "t_index")
+        }
         if want_match:
             t["t_feats"] = [f.to(dev).float() for f in batch["t_feats"]]
         return t

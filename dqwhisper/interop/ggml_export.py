@@ -1,7 +1,8 @@
 """Export to a whisper.cpp model file (f16 or ggml's q8_0/q5_0/q4_0 blocks).
 
-    dqwhisper export-ggml CKPT OUT.bin [--type f16|q8_0|q5_0|q4_0]   (python -m dqwhisper.interop.ggml_export)
+dqwhisper export-ggml CKPT OUT.bin [--type f16|q8_0|q5_0|q4_0]   (python -m dqwhisper.interop.ggml_export)
 """
+
 from __future__ import annotations
 
 import argparse

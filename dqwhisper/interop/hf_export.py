@@ -3,6 +3,7 @@ the WhisperProcessor files built offline from openai-whisper's assets).
 
     dqwhisper export-hf CKPT OUT_DIR        (python -m dqwhisper.interop.hf_export)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,15 @@ from whisper.model import ModelDimensions
 from whisper.tokenizer import get_tokenizer
 
 from dqwhisper.data.dataset import default_tokenizer
-from dqwhisper.interop.hf import (FRAMES_PER_SECOND, _tiktoken_ranks, dequantized_float_model, generation_config,
-                                  hf_config, openai_to_hf_name, pruned_ids)
+from dqwhisper.interop.hf import (
+    FRAMES_PER_SECOND,
+    _tiktoken_ranks,
+    dequantized_float_model,
+    generation_config,
+    hf_config,
+    openai_to_hf_name,
+    pruned_ids,
+)
 from dqwhisper.models.load import load_model
 from dqwhisper.utils import DQWhisperError, command, get_logger
 

@@ -1,9 +1,10 @@
 """Convert Whisper weights between openai-whisper checkpoints and CTranslate2 (faster-whisper) directories.
 
-    python -m dqwhisper.models.convert ct2-to-openai CT2_DIR OUT.pt
-    python -m dqwhisper.models.convert openai-to-ct2 IN.pt OUT_DIR [--quantization int8]
-    python -m dqwhisper.models.convert join-parts OUT/model.bin model.bin.part1 model.bin.part2 [--size N]
+python -m dqwhisper.models.convert ct2-to-openai CT2_DIR OUT.pt
+python -m dqwhisper.models.convert openai-to-ct2 IN.pt OUT_DIR [--quantization int8]
+python -m dqwhisper.models.convert join-parts OUT/model.bin model.bin.part1 model.bin.part2 [--size N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,11 @@ def ct2_dir_to_checkpoint(ct2_dir: str | Path, out_path: str | Path) -> None:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dqwhisper.models.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dqwhisper.models.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ct2-to-openai", help="CTranslate2 directory -> openai-whisper .pt")
     a.add_argument("ct2_dir")
@@ -42,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("checkpoint")
     b.add_argument("out_dir")
     b.add_argument("--quantization", default=None, choices=[q for q in ct2.QUANTIZATIONS if q])
-    b.add_argument("--tokenizer-dir", default=None,
-                   help="a CT2 dir whose tokenizer.json + vocabulary.txt to copy (default: a matching one in store)")
+    b.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="a CT2 dir whose tokenizer.json + vocabulary.txt to copy (default: a matching one in store)",
+    )
     c = sub.add_parser("join-parts", help="concatenate model.bin.part1 part2 ... into one model.bin")
     c.add_argument("out")
     c.add_argument("parts", nargs="+")
@@ -55,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         ct2.join_parts(args.parts, args.out, args.size)
     else:
         state = export_state(read_checkpoint(args.checkpoint))
-        ct2.openai_to_ct2(**state, out_dir=args.out_dir, quantization=args.quantization,
-                          tokenizer_dir=args.tokenizer_dir)
+        ct2.openai_to_ct2(
+            **state, out_dir=args.out_dir, quantization=args.quantization, tokenizer_dir=args.tokenizer_dir
+        )
     return 0
 
 

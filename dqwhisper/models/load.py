@@ -10,6 +10,7 @@
 - an experiment directory (its config.yaml): its export/model.dqw, else best.pt, avg.pt, last.pt.
 `load_whisper` is the older name of the same function.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,13 @@ def _looks_like_path(name: str) -> bool:
 EXPERIMENT_CHECKPOINTS = ("export/model.dqw", "best.pt", "avg.pt", "last.pt")
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu",
-               export_mode: str = "int8", kernel: str = "auto", select: bool = True) -> Whisper:
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = "cpu",
+    export_mode: str = "int8",
+    kernel: str = "auto",
+    select: bool = True,
+) -> Whisper:
     """A Whisper model in eval mode on `device` (module docstring lists what `name_or_path` may be). An export runs
     `kernel` (dqwhisper/quant/kernels.py) in export mode int8; select=False leaves its kernels to a later
     quantized.select_kernels (after an audio window change)."""
@@ -65,9 +71,11 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         elif (path / "model.bin").exists():
             model = ct2.load_ct2_model(path)
         else:
-            raise DQWhisperError(f"{path} is a directory without model.bin (not a CTranslate2 model directory), "
-                                 "without config.json + model.safetensors / pytorch_model.bin (not a Hugging Face "
-                                 "model directory) and without config.yaml (not an experiment dir)")
+            raise DQWhisperError(
+                f"{path} is a directory without model.bin (not a CTranslate2 model directory), "
+                "without config.json + model.safetensors / pytorch_model.bin (not a Hugging Face "
+                "model directory) and without config.yaml (not an experiment dir)"
+            )
     elif path.is_file() and path.suffix == ".dqw":
         if export_mode not in ("int8", "dequant"):
             raise DQWhisperError(f"export mode '{export_mode}': one of int8, dequant")
@@ -89,15 +97,19 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
 
 def _load_online(name: str, stored: Path) -> Whisper:
     if name not in whisper.available_models():
-        raise DQWhisperError(f"'{name}' is neither an existing path, nor in the model store ({stored}), nor one of "
-                             f"openai-whisper's model names {whisper.available_models()}")
+        raise DQWhisperError(
+            f"'{name}' is neither an existing path, nor in the model store ({stored}), nor one of "
+            f"openai-whisper's model names {whisper.available_models()}"
+        )
     log.info("%s not in the model store; asking openai-whisper to load '%s' (downloads when online)", stored, name)
     try:
         return whisper.load_model(name, device="cpu")
     except Exception as e:  # urllib / socket / checksum errors when offline
-        raise DQWhisperError(f"could not get Whisper '{name}': not in the model store ({stored}) and openai-whisper's "
-                             f"download failed ({type(e).__name__}: {e}). Offline, run scripts/prepare_models.sh "
-                             f"(it builds base and tiny.en)") from e
+        raise DQWhisperError(
+            f"could not get Whisper '{name}': not in the model store ({stored}) and openai-whisper's "
+            f"download failed ({type(e).__name__}: {e}). Offline, run scripts/prepare_models.sh "
+            f"(it builds base and tiny.en)"
+        ) from e
 
 
 load_whisper = load_model

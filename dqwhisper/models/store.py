@@ -2,6 +2,7 @@
 `<name>-ct2/` (scripts/prepare_models.sh builds it). The store is `exp/models` under the current directory (the
 repository root for the recipes), or env DQWHISPER_MODEL_STORE.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,5 +23,7 @@ def verify_checksum(path: Path) -> None:
     want = sums.read_text().split()[0] if sums.read_text().split() else ""
     got = sha256_file(path)
     if got != want:
-        raise DQWhisperError(f"model store entry {path} does not match its checksum in {sums} "
-                             f"(sha256 {got}, expected {want}): the file is damaged; rerun scripts/prepare_models.sh")
+        raise DQWhisperError(
+            f"model store entry {path} does not match its checksum in {sums} "
+            f"(sha256 {got}, expected {want}): the file is damaged; rerun scripts/prepare_models.sh"
+        )

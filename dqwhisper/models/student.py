@@ -4,6 +4,7 @@
 with three additions: a CTC head on the encoder, an optional pruned vocabulary, and feature taps for layer
 matching. See docs/DESIGN.md for the contract.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -60,8 +61,9 @@ class DQTextDecoder(TextDecoder):
     set, then logits over `vocab_keep` in its order.
     """
 
-    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int,
-                 vocab_keep: Tensor | None = None):
+    def __init__(
+        self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int, vocab_keep: Tensor | None = None
+    ):
         rows = n_vocab if vocab_keep is None else len(vocab_keep)
         super().__init__(rows, n_ctx, n_state, n_head, n_layer)
         self.n_vocab_full = n_vocab
@@ -101,7 +103,7 @@ class DQTextDecoder(TextDecoder):
         if self.pruned:
             ids = self.to_subset_ids(tokens)
             ids = torch.where(ids < 0, torch.full_like(ids, len(self.vocab_keep) - 1), ids)
-        return self.token_embedding(ids) + self.positional_embedding[offset: offset + tokens.shape[-1]]
+        return self.token_embedding(ids) + self.positional_embedding[offset : offset + tokens.shape[-1]]
 
     def _expand(self, logits: Tensor) -> Tensor:
         if not self.pruned or self.subset_logits:
@@ -137,14 +139,19 @@ class DQWhisper(Whisper):
     def __init__(self, dims: ModelDimensions, ctc_units: int = 0, vocab_keep: Sequence[int] | Tensor | None = None):
         nn.Module.__init__(self)
         self.dims = dims
-        self.encoder = DQAudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
-                                      dims.n_audio_layer)
-        keep = None if vocab_keep is None else torch.as_tensor(list(vocab_keep) if not torch.is_tensor(vocab_keep)
-                                                              else vocab_keep, dtype=torch.long)
-        self.decoder = DQTextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
-                                     dims.n_text_layer, keep)
+        self.encoder = DQAudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+        )
+        keep = (
+            None
+            if vocab_keep is None
+            else torch.as_tensor(list(vocab_keep) if not torch.is_tensor(vocab_keep) else vocab_keep, dtype=torch.long)
+        )
+        self.decoder = DQTextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer, keep
+        )
         all_heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
-        all_heads[dims.n_text_layer // 2:] = True
+        all_heads[dims.n_text_layer // 2 :] = True
         self.register_buffer("alignment_heads", all_heads.to_sparse(), persistent=False)
         self.ctc_units = int(ctc_units)
         self.ctc_head = nn.Linear(dims.n_audio_state, self.ctc_units + 1) if self.ctc_units > 0 else None
@@ -173,9 +180,14 @@ def set_audio_window(model: Whisper, n_audio_ctx: int) -> Whisper:
     return model
 
 
-def from_whisper(model: Whisper, ctc_units: int = 0, vocab_keep: Sequence[int] | None = None,
-                 encoder_layers: Sequence[int] | None = None, decoder_layers: Sequence[int] | None = None,
-                 n_audio_ctx: int | None = None) -> DQWhisper:
+def from_whisper(
+    model: Whisper,
+    ctc_units: int = 0,
+    vocab_keep: Sequence[int] | None = None,
+    encoder_layers: Sequence[int] | None = None,
+    decoder_layers: Sequence[int] | None = None,
+    n_audio_ctx: int | None = None,
+) -> DQWhisper:
     """Build a DQWhisper from any Whisper, copying weights.
 
     encoder_layers / decoder_layers choose which of the source's blocks the new model keeps, in order (None: all),
@@ -218,8 +230,11 @@ def from_whisper(model: Whisper, ctc_units: int = 0, vocab_keep: Sequence[int] |
                 value = value[student.decoder.vocab_keep]
         if key.startswith("decoder.vocab_keep") or key.startswith("decoder.full_to_sub"):
             continue
-        if key.startswith("ctc_head.") and student.ctc_head is not None and \
-                student.ctc_head.weight.shape[0] == getattr(model, "ctc_head").weight.shape[0]:
+        if (
+            key.startswith("ctc_head.")
+            and student.ctc_head is not None
+            and student.ctc_head.weight.shape[0] == getattr(model, "ctc_head").weight.shape[0]
+        ):
             out[key] = value
             continue
         if key.startswith("ctc_head."):
@@ -242,8 +257,9 @@ def vocab_from_token_lists(token_lists: Sequence[Sequence[int]], n_vocab: int, f
     return sorted(keep)
 
 
-def save_checkpoint(model: DQWhisper | Whisper, path: str | Path, config: dict | None = None,
-                    **train_state: Any) -> None:
+def save_checkpoint(
+    model: DQWhisper | Whisper, path: str | Path, config: dict | None = None, **train_state: Any
+) -> None:
     """Atomic save in openai-whisper's layout plus a `dqwhisper` section (docs/DESIGN.md)."""
     keep = getattr(model.decoder, "vocab_keep", None)
     meta = {
@@ -310,13 +326,19 @@ def export_state(model_or_ckpt: Whisper | dict) -> dict[str, Any]:
         m = model_or_ckpt
         keep = getattr(m.decoder, "vocab_keep", None)
         heads = m.alignment_heads.to_dense().nonzero().tolist() if m.alignment_heads is not None else None
-        return {"dims": m.dims, "state_dict": dict(m.state_dict()),
-                "vocab_keep": None if keep is None else keep.tolist(), "alignment_heads": heads}
+        return {
+            "dims": m.dims,
+            "state_dict": dict(m.state_dict()),
+            "vocab_keep": None if keep is None else keep.tolist(),
+            "alignment_heads": heads,
+        }
     dims = model_or_ckpt["dims"]
-    return {"dims": dims if isinstance(dims, ModelDimensions) else ModelDimensions(**dims),
-            "state_dict": dict(model_or_ckpt["model_state_dict"]),
-            "vocab_keep": (model_or_ckpt.get("dqwhisper") or {}).get("vocab_keep"),
-            "alignment_heads": model_or_ckpt.get("alignment_heads")}
+    return {
+        "dims": dims if isinstance(dims, ModelDimensions) else ModelDimensions(**dims),
+        "state_dict": dict(model_or_ckpt["model_state_dict"]),
+        "vocab_keep": (model_or_ckpt.get("dqwhisper") or {}).get("vocab_keep"),
+        "alignment_heads": model_or_ckpt.get("alignment_heads"),
+    }
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -324,7 +346,20 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DQWhisper", "DQTextDecoder", "DQAudioEncoder", "LayerNorm", "set_audio_window", "from_whisper",
-    "window_frames", "save_checkpoint", "read_checkpoint", "load_checkpoint", "model_from_checkpoint",
-    "vocab_from_token_lists", "export_state", "count_parameters", "FRAMES_PER_SECOND", "SAMPLES_PER_FRAME",
+    "DQWhisper",
+    "DQTextDecoder",
+    "DQAudioEncoder",
+    "LayerNorm",
+    "set_audio_window",
+    "from_whisper",
+    "window_frames",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "vocab_from_token_lists",
+    "export_state",
+    "count_parameters",
+    "FRAMES_PER_SECOND",
+    "SAMPLES_PER_FRAME",
 ]

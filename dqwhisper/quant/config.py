@@ -3,6 +3,7 @@
 `resolve_config` turns a QuantConfig, an omegaconf DictConfig or a plain dict into a validated QuantConfig; every
 entry point of the package (prepare, ptq, export) goes through it, so a bad setting fails before any work.
 """
+
 from __future__ import annotations
 
 import re
@@ -73,8 +74,11 @@ def _build(cls, values: Mapping, where: str):
         if name == "weight":
             value = value if isinstance(value, WeightQuantConfig) else _build(WeightQuantConfig, value, "quant.weight")
         elif name == "activation":
-            value = value if isinstance(value, ActivationQuantConfig) else \
-                _build(ActivationQuantConfig, value, "quant.activation")
+            value = (
+                value
+                if isinstance(value, ActivationQuantConfig)
+                else _build(ActivationQuantConfig, value, "quant.activation")
+            )
         elif name in ("include", "exclude"):
             value = [] if value is None else list(value)
         kwargs[name] = value
@@ -96,29 +100,40 @@ def validate(cfg: QuantConfig) -> QuantConfig:
     if cfg.scope not in SCOPES:
         raise DQWhisperError(f"quant config: quant.scope = {cfg.scope!r}, must be one of {list(SCOPES)}")
     if w.granularity not in GRANULARITIES:
-        raise DQWhisperError(f"quant config: quant.weight.granularity = {w.granularity!r}, "
-                             f"must be one of {list(GRANULARITIES)}")
-    if w.granularity == "per_group" and (isinstance(w.group_size, bool) or not isinstance(w.group_size, int)
-                                         or w.group_size < 2):
+        raise DQWhisperError(
+            f"quant config: quant.weight.granularity = {w.granularity!r}, must be one of {list(GRANULARITIES)}"
+        )
+    if w.granularity == "per_group" and (
+        isinstance(w.group_size, bool) or not isinstance(w.group_size, int) or w.group_size < 2
+    ):
         raise DQWhisperError(f"quant config: quant.weight.group_size = {w.group_size!r}, must be an integer >= 2")
     if w.granularity in GGML_BITS:
         if w.bits != GGML_BITS[w.granularity] or not w.symmetric or w.lsq:
-            raise DQWhisperError(f"quant config: quant.weight.granularity = {w.granularity} is ggml's own rule: "
-                                 f"it needs quant.weight.bits = {GGML_BITS[w.granularity]}, symmetric = true, "
-                                 "lsq = false "
-                                 f"(got bits {w.bits}, symmetric {w.symmetric}, lsq {w.lsq})")
+            raise DQWhisperError(
+                f"quant config: quant.weight.granularity = {w.granularity} is ggml's own rule: "
+                f"it needs quant.weight.bits = {GGML_BITS[w.granularity]}, symmetric = true, "
+                "lsq = false "
+                f"(got bits {w.bits}, symmetric {w.symmetric}, lsq {w.lsq})"
+            )
         if cfg.embedding_bits not in (None, w.bits):
-            raise DQWhisperError(f"quant config: quant.embedding_bits = {cfg.embedding_bits}: a ggml file stores the "
-                                 f"token embedding in its one type ({w.granularity})")
+            raise DQWhisperError(
+                f"quant config: quant.embedding_bits = {cfg.embedding_bits}: a ggml file stores the "
+                f"token embedding in its one type ({w.granularity})"
+            )
         if cfg.conv and cfg.scope != "decoder":
-            raise DQWhisperError("quant config: ggml keeps the convolution kernels in f16; set quant.conv=false with "
-                                 f"quant.weight.granularity = {w.granularity}")
+            raise DQWhisperError(
+                "quant config: ggml keeps the convolution kernels in f16; set quant.conv=false with "
+                f"quant.weight.granularity = {w.granularity}"
+            )
     if w.scale_init not in SCALE_INITS:
-        raise DQWhisperError(f"quant config: quant.weight.scale_init = {w.scale_init!r}, must be one of "
-                             f"{list(SCALE_INITS)}")
+        raise DQWhisperError(
+            f"quant config: quant.weight.scale_init = {w.scale_init!r}, must be one of {list(SCALE_INITS)}"
+        )
     if cfg.activation.enabled and cfg.activation.bits != 8:
-        raise DQWhisperError(f"quant config: quant.activation.bits = {cfg.activation.bits!r}; only 8-bit "
-                             "activations are supported (the int8 kernels need them)")
+        raise DQWhisperError(
+            f"quant config: quant.activation.bits = {cfg.activation.bits!r}; only 8-bit "
+            "activations are supported (the int8 kernels need them)"
+        )
     for key in ("include", "exclude"):
         for pattern in getattr(cfg, key):
             try:

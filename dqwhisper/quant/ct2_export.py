@@ -12,6 +12,7 @@ the CTC head: see dqwhisper.models.ct2 (zero rows + a large negative projection 
 A student with a shorter audio window runs in CTranslate2 (`ct2_greedy`), not in faster-whisper 1.2's transcribe,
 which pads features to 30 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ from dqwhisper.utils import DQWhisperError, command, get_logger
 
 log = get_logger(__name__)
 FLOAT_CHOICES = {"float16": "float16", "float32": "float32", "int8": "int8_float16"}
-_FUSED = (re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.attn\.(query|key|value)\.weight$"),
-          re.compile(r"^decoder\.blocks\.(\d+)\.cross_attn\.(key|value)\.weight$"))
+_FUSED = (
+    re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.attn\.(query|key|value)\.weight$"),
+    re.compile(r"^decoder\.blocks\.(\d+)\.cross_attn\.(key|value)\.weight$"),
+)
 
 
 def _load(source) -> nn.Module:
@@ -91,8 +94,9 @@ def student_state_for_ct2(model: nn.Module) -> tuple[dict[str, Tensor], dict[str
     return state, int8
 
 
-def ct2_greedy(ct2_dir: str | Path, mel, prompts: list[list[int]], max_length: int = 128,
-               compute_type: str = "int8") -> list[list[int]]:
+def ct2_greedy(
+    ct2_dir: str | Path, mel, prompts: list[list[int]], max_length: int = 128, compute_type: str = "int8"
+) -> list[list[int]]:
     """Greedy decoding with CTranslate2 itself on our own log-mel features (B, n_mels, 2 * n_audio_ctx): works for
     any audio window (faster-whisper's transcribe pads features to 30 s, so it runs only full-window students).
     Returns the generated token ids after each prompt, without eot."""
@@ -100,8 +104,15 @@ def ct2_greedy(ct2_dir: str | Path, mel, prompts: list[list[int]], max_length: i
 
     model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute_type)
     feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(mel, dtype=np.float32)))
-    results = model.generate(feats, prompts, beam_size=1, max_length=max_length, return_scores=False,
-                             suppress_blank=False, suppress_tokens=[])
+    results = model.generate(
+        feats,
+        prompts,
+        beam_size=1,
+        max_length=max_length,
+        return_scores=False,
+        suppress_blank=False,
+        suppress_tokens=[],
+    )
     return [r.sequences_ids[0] for r in results]
 
 
@@ -113,25 +124,42 @@ def export_ct2(source, out_dir: str | Path, float_precision: str = "float16", to
     model = _load(source)
     state, int8 = student_state_for_ct2(model)
     meta = export_state(model)
-    out = openai_to_ct2(model.dims, state, out_dir, FLOAT_CHOICES[float_precision], vocab_keep=meta["vocab_keep"],
-                        alignment_heads=meta["alignment_heads"], int8_weights=int8, tokenizer_dir=tokenizer_dir)
+    out = openai_to_ct2(
+        model.dims,
+        state,
+        out_dir,
+        FLOAT_CHOICES[float_precision],
+        vocab_keep=meta["vocab_keep"],
+        alignment_heads=meta["alignment_heads"],
+        int8_weights=int8,
+        tokenizer_dir=tokenizer_dir,
+    )
     if model.dims.n_audio_ctx != 1500:
-        log.warning("the student's audio window is %.1f s: faster-whisper's transcribe pads features to 30 s and "
-                    "will refuse it; run it through ctranslate2.models.Whisper (ct2_greedy)",
-                    model.dims.n_audio_ctx / 50)
+        log.warning(
+            "the student's audio window is %.1f s: faster-whisper's transcribe pads features to 30 s and "
+            "will refuse it; run it through ctranslate2.models.Whisper (ct2_greedy)",
+            model.dims.n_audio_ctx / 50,
+        )
     log.info("CT2 export: %d weights are the student's own int8 codes", len(int8))
     return Path(out), len(int8)
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dqwhisper.quant.ct2_export",
-                                description="Write a CTranslate2/faster-whisper model directory for a DQ-Whisper "
-                                            "student (its own int8 codes where they fit).")
+    p = argparse.ArgumentParser(
+        prog="python -m dqwhisper.quant.ct2_export",
+        description="Write a CTranslate2/faster-whisper model directory for a DQ-Whisper "
+        "student (its own int8 codes where they fit).",
+    )
     p.add_argument("source", help="checkpoint .pt or export .dqw")
     p.add_argument("out_dir")
-    p.add_argument("--float", dest="float_precision", default="float16", choices=sorted(FLOAT_CHOICES),
-                   help="precision of the weights that are not per-row int8 codes (default float16)")
+    p.add_argument(
+        "--float",
+        dest="float_precision",
+        default="float16",
+        choices=sorted(FLOAT_CHOICES),
+        help="precision of the weights that are not per-row int8 codes (default float16)",
+    )
     p.add_argument("--tokenizer-dir", help="a CT2 dir with tokenizer.json/vocabulary.txt (default: the model store)")
     args = p.parse_args(argv)
     out, n = export_ct2(args.source, args.out_dir, args.float_precision, args.tokenizer_dir)

@@ -20,6 +20,7 @@ mode "dequant" is the exact reference (equals the fake-quant forward bit for bit
 float32; with float16 storage, equal to a fake-quant model whose float tensors are rounded to float16), mode "int8"
 (= "auto") runs the fastest kernel per shape that computes what was trained, or a named backend (kernels.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,14 @@ from dqwhisper.quant.fake_quant import FAKE_QUANTIZED_TYPES, FakeQuantizedConv1d
 from dqwhisper.quant.packing import pack_codes, unpack_codes
 from dqwhisper.models.student import DQWhisper
 from dqwhisper.quant.prepare import quantize_module_weight, set_module
-from dqwhisper.quant.quantized import (QUANTIZED_TYPES, QuantizedConv1d, QuantizedEmbedding, QuantizedLinear,
-                                       QuantizedTensor, select_kernels)
+from dqwhisper.quant.quantized import (
+    QUANTIZED_TYPES,
+    QuantizedConv1d,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedTensor,
+    select_kernels,
+)
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
 
 log = get_logger(__name__)
@@ -83,9 +90,16 @@ def _module_kind(module: nn.Module) -> str:
 def _quantized_entry(qt: QuantizedTensor, kind: str, act_quant: bool, blob: _Blob) -> dict:
     spec = qt.spec
     unsigned = (qt.codes.to(torch.int16) - spec.qmin).to(torch.uint8).numpy()
-    entry = {"kind": "quantized", "module": kind, "shape": list(qt.shape), "bits": spec.bits,
-             "symmetric": spec.symmetric, "granularity": spec.granularity, "group_size": spec.group_size,
-             "act_quant": act_quant}
+    entry = {
+        "kind": "quantized",
+        "module": kind,
+        "shape": list(qt.shape),
+        "bits": spec.bits,
+        "symmetric": spec.symmetric,
+        "granularity": spec.granularity,
+        "group_size": spec.group_size,
+        "act_quant": act_quant,
+    }
     entry["codes"] = blob.add(pack_codes(unsigned, spec.bits))
     scale16 = qt.scale.to(torch.float16)
     if not torch.equal(scale16.float(), qt.scale.float()):
@@ -102,8 +116,13 @@ def _languages(model: nn.Module, config: dict | None) -> list[str] | None:
     return list(langs) if langs else None
 
 
-def export_model(model: nn.Module, path: str | Path, float_dtype: str = "float16", config: dict | None = None,
-                 source: dict | None = None) -> dict:
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    float_dtype: str = "float16",
+    config: dict | None = None,
+    source: dict | None = None,
+) -> dict:
     """Write a (fake-quantized, converted or float) DQWhisper to `path`; returns the header."""
     if float_dtype not in FLOAT_DTYPES:
         raise DQWhisperError(f"float_dtype {float_dtype!r}: use one of {list(FLOAT_DTYPES)}")
@@ -136,20 +155,34 @@ def export_model(model: nn.Module, path: str | Path, float_dtype: str = "float16
         tensors[key] = {"kind": "float", "dtype": float_dtype, "shape": list(t.shape), **blob.add(_tensor_bytes(t))}
     keep = getattr(model.decoder, "vocab_keep", None)
     if keep is not None:
-        tensors["vocab_keep"] = {"kind": "int", "dtype": "int32", "shape": [len(keep)],
-                                 **blob.add(_tensor_bytes(keep.to(torch.int32)))}
+        tensors["vocab_keep"] = {
+            "kind": "int",
+            "dtype": "int32",
+            "shape": [len(keep)],
+            **blob.add(_tensor_bytes(keep.to(torch.int32))),
+        }
     bpe = getattr(model, "ctc_bpe", None)
     if bpe:
         tensors["bpe_model"] = {"kind": "int", "dtype": "uint8", "shape": [len(bpe)], **blob.add(bytes(bpe))}
     n_languages = dims.n_vocab - 51765 - int(dims.n_vocab >= 51865)
     header = {
-        "format": FORMAT, "version": VERSION, "dims": asdict(dims),
-        "quant": getattr(model, "quant_config", None), "ctc_units": int(getattr(model, "ctc_units", 0)),
-        "float_dtype": float_dtype, "encoder_positional": enc_pos,
-        "vocab_keep": "vocab_keep" if keep is not None else None, "bpe_model": "bpe_model" if bpe else None,
-        "tokenizer": {"multilingual": dims.n_vocab >= 51865, "num_languages": n_languages,
-                      "languages": _languages(model, config), "task": "transcribe"},
-        "source": source or {}, "tensors": tensors,
+        "format": FORMAT,
+        "version": VERSION,
+        "dims": asdict(dims),
+        "quant": getattr(model, "quant_config", None),
+        "ctc_units": int(getattr(model, "ctc_units", 0)),
+        "float_dtype": float_dtype,
+        "encoder_positional": enc_pos,
+        "vocab_keep": "vocab_keep" if keep is not None else None,
+        "bpe_model": "bpe_model" if bpe else None,
+        "tokenizer": {
+            "multilingual": dims.n_vocab >= 51865,
+            "num_languages": n_languages,
+            "languages": _languages(model, config),
+            "task": "transcribe",
+        },
+        "source": source or {},
+        "tensors": tensors,
     }
     data = b"".join(blob.parts)
     header["data_nbytes"] = len(data)
@@ -173,24 +206,28 @@ def read_header(path: str | Path) -> tuple[dict, int]:
             raise DQWhisperError(f"{path} is not a DQ-Whisper export file (bad magic)")
         (n,) = struct.unpack("<Q", start[4:])
         if 12 + n > size:
-            raise DQWhisperError(f"{path} is truncated or damaged: its header says {n:,} header bytes, the file has "
-                                 f"{size:,} bytes in all; export it again")
+            raise DQWhisperError(
+                f"{path} is truncated or damaged: its header says {n:,} header bytes, the file has "
+                f"{size:,} bytes in all; export it again"
+            )
         head = f.read(n)
     try:
         header = json.loads(head)
     except ValueError as e:
         raise DQWhisperError(f"{path}: corrupt header ({e}); export it again") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or \
-            header.get("version") not in READABLE_VERSIONS:
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") not in READABLE_VERSIONS:
         got = (header.get("format"), header.get("version")) if isinstance(header, dict) else (None, None)
-        raise DQWhisperError(f"{path}: format {got[0]} v{got[1]}, this loader reads {FORMAT} "
-                             f"v{', v'.join(map(str, READABLE_VERSIONS))}")
+        raise DQWhisperError(
+            f"{path}: format {got[0]} v{got[1]}, this loader reads {FORMAT} v{', v'.join(map(str, READABLE_VERSIONS))}"
+        )
     data_start = 12 + n
     data_start += (-data_start) % ALIGN
     want = header.get("data_nbytes")
     if want is not None and size != data_start + want:
-        raise DQWhisperError(f"{path} is {'truncated' if size < data_start + want else 'damaged'}: {size:,} bytes, "
-                             f"its header says {data_start + want:,}; export it again")
+        raise DQWhisperError(
+            f"{path} is {'truncated' if size < data_start + want else 'damaged'}: {size:,} bytes, "
+            f"its header says {data_start + want:,}; export it again"
+        )
     return header, data_start
 
 
@@ -200,8 +237,10 @@ def _check_data(path: Path, header: dict, data: memoryview) -> None:
     if want is not None:
         got = hashlib.sha256(data).hexdigest()
         if got != want:
-            raise DQWhisperError(f"{path} is damaged: the data's SHA-256 is {got[:16]}..., its header says "
-                                 f"{want[:16]}...; export it again")
+            raise DQWhisperError(
+                f"{path} is damaged: the data's SHA-256 is {got[:16]}..., its header says "
+                f"{want[:16]}...; export it again"
+            )
 
     def bounds(e: dict) -> list[tuple[int, int]]:
         if e.get("kind") == "quantized":
@@ -211,8 +250,10 @@ def _check_data(path: Path, header: dict, data: memoryview) -> None:
     for name, entry in header["tensors"].items():
         for offset, nbytes in bounds(entry):
             if offset < 0 or offset + nbytes > len(data):
-                raise DQWhisperError(f"{path} is truncated: tensor {name} needs bytes {offset:,}..{offset + nbytes:,}"
-                                     f" of the data section, which has {len(data):,}; export it again")
+                raise DQWhisperError(
+                    f"{path} is truncated: tensor {name} needs bytes {offset:,}..{offset + nbytes:,}"
+                    f" of the data section, which has {len(data):,}; export it again"
+                )
 
 
 def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor:
@@ -220,29 +261,30 @@ def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor
     shape = tuple(entry["shape"])
     n = int(np.prod(shape))
     c = entry["codes"]
-    codes = unpack_codes(data[c["offset"]:c["offset"] + c["nbytes"]], spec.bits, n).astype(np.int16) + spec.qmin
+    codes = unpack_codes(data[c["offset"] : c["offset"] + c["nbytes"]], spec.bits, n).astype(np.int16) + spec.qmin
     codes = torch.from_numpy(codes.reshape(shape)).to(torch.int8 if spec.symmetric else torch.uint8)
     s = entry["scale"]
-    scale = torch.from_numpy(np.frombuffer(data[s["offset"]:s["offset"] + s["nbytes"]], np.float16).copy())
+    scale = torch.from_numpy(np.frombuffer(data[s["offset"] : s["offset"] + s["nbytes"]], np.float16).copy())
     scale = scale.float().reshape(s["shape"])
     if tuple(scale.shape) != spec.grouped_shape(shape, name)[:2]:
         raise DQWhisperError(f"export entry {name}: scale shape {tuple(scale.shape)} does not fit {spec}")
     zero = None
     if entry["zero"] is not None:
         z = entry["zero"]
-        zero = torch.from_numpy(np.frombuffer(data[z["offset"]:z["offset"] + z["nbytes"]], np.uint8).copy())
+        zero = torch.from_numpy(np.frombuffer(data[z["offset"] : z["offset"] + z["nbytes"]], np.uint8).copy())
         zero = zero.float().reshape(scale.shape)
     return QuantizedTensor(codes, scale, zero, spec)
 
 
 def _read_plain(entry: dict, data: memoryview) -> Tensor:
     dtype = {"float16": np.float16, "float32": np.float32, "int32": np.int32, "uint8": np.uint8}[entry["dtype"]]
-    arr = np.frombuffer(data[entry["offset"]:entry["offset"] + entry["nbytes"]], dtype).copy()
+    arr = np.frombuffer(data[entry["offset"] : entry["offset"] + entry["nbytes"]], dtype).copy()
     return torch.from_numpy(arr.reshape(entry["shape"]))
 
 
-def load_exported(path: str | Path, mode: str = "dequant", device: str | torch.device = "cpu", batch: int = 1,
-                  select: bool = True):
+def load_exported(
+    path: str | Path, mode: str = "dequant", device: str | torch.device = "cpu", batch: int = 1, select: bool = True
+):
     """model.dqw -> a runnable DQWhisper in eval mode (`export_header` attribute holds the header). mode: a kernel
     request (quantized.MODES), chosen for `batch` utterances per call; set torch's threads before calling. select=False:
     run float until the caller calls quantized.select_kernels (after changing the audio window, say)."""

@@ -3,6 +3,7 @@ CTranslate2 directory too, and check the file against the checkpoint.
 
     python -m dqwhisper.quant.export CKPT OUT.dqw [--float-dtype float16|float32] [--ct2 DIR] [--check]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,16 @@ from dqwhisper.quant.dqw import ALIGN, FLOAT_DTYPES, export_model, load_exported
 from dqwhisper.utils import command, get_logger, sha256_file
 
 log = get_logger(__name__)
-__all__ = ["ALIGN", "FLOAT_DTYPES", "export_model", "load_exported", "read_header", "export_checkpoint", "main",
-           "check_export"]
+__all__ = [
+    "ALIGN",
+    "FLOAT_DTYPES",
+    "export_model",
+    "load_exported",
+    "read_header",
+    "export_checkpoint",
+    "main",
+    "check_export",
+]
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, float_dtype: str = "float16") -> dict:
@@ -34,13 +43,19 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, float_dtype: str =
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dqwhisper.quant.export",
-                                description="Export a DQ-Whisper checkpoint as a packed low-bit model.dqw "
-                                            "(and optionally a CTranslate2/faster-whisper directory).")
+    p = argparse.ArgumentParser(
+        prog="python -m dqwhisper.quant.export",
+        description="Export a DQ-Whisper checkpoint as a packed low-bit model.dqw "
+        "(and optionally a CTranslate2/faster-whisper directory).",
+    )
     p.add_argument("checkpoint", help="a .pt checkpoint (fake-quantized by QAT or PTQ, or float)")
     p.add_argument("out", help="output model.dqw")
-    p.add_argument("--float-dtype", default="float16", choices=sorted(FLOAT_DTYPES),
-                   help="storage of the non-quantized tensors (default float16)")
+    p.add_argument(
+        "--float-dtype",
+        default="float16",
+        choices=sorted(FLOAT_DTYPES),
+        help="storage of the non-quantized tensors (default float16)",
+    )
     p.add_argument("--ct2", metavar="DIR", help="also write a CTranslate2 model directory (see quant/ct2_export.py)")
     p.add_argument("--check", action="store_true", help="reload the file and compare with the checkpoint's forward")
     args = p.parse_args(argv)
@@ -76,9 +91,11 @@ def check_export(ckpt_path: str | Path, dqw_path: str | Path, seed: int = 0) -> 
     for mode in ("dequant", "int8"):
         m = load_exported(dqw_path, mode)
         y = m.decoder(tokens, m.encoder(mel))
-        out[mode] = {"max_abs_diff": float((y[finite] - ref[finite]).abs().max()),
-                     "ref_max_abs": float(ref[finite].abs().max()),
-                     "argmax_agree": float((y.argmax(-1) == ref.argmax(-1)).float().mean())}
+        out[mode] = {
+            "max_abs_diff": float((y[finite] - ref[finite]).abs().max()),
+            "ref_max_abs": float(ref[finite].abs().max()),
+            "argmax_agree": float((y.argmax(-1) == ref.argmax(-1)).float().mean()),
+        }
     return out
 
 

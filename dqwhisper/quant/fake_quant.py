@@ -13,6 +13,7 @@ Conventions (shared with convert and the export file, so the three agree bit for
   (Esser et al., "Learned Step Size Quantization", ICLR 2020) learns the scale with its gradient scaled by
   `1 / sqrt(n * Qp)`, n = weights sharing that scale, Qp = the largest code.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ from dqwhisper.quant import ggml_format
 from dqwhisper.quant.ggml_format import QK as GGML_QK
 from dqwhisper.utils import DQWhisperError
 
-SCALE_MIN = 2.0 ** -14  # smallest normal float16: scales never reach zero or a subnormal
+SCALE_MIN = 2.0**-14  # smallest normal float16: scales never reach zero or a subnormal
 MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # clipping ratios tried by the mse scale init (1.0 .. 0.5)
 
 
@@ -43,7 +44,7 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def grouped_shape(self, shape: tuple[int, ...], what: str = "weight") -> tuple[int, int, int]:
         """(A, B, G) view of a weight of `shape` (rows = output channels, the rest flattened to the input width)."""
@@ -55,13 +56,17 @@ class QuantSpec:
             return rows, 1, width
         if self.granularity.startswith("ggml_"):
             if width % GGML_QK:
-                raise DQWhisperError(f"quant config: ggml's blocks of {GGML_QK} do not divide the input width {width} "
-                                     f"of {what} {tuple(shape)}; exclude that module")
+                raise DQWhisperError(
+                    f"quant config: ggml's blocks of {GGML_QK} do not divide the input width {width} "
+                    f"of {what} {tuple(shape)}; exclude that module"
+                )
             return rows, width // GGML_QK, GGML_QK
         if self.granularity == "per_group":
             if self.group_size <= 0 or width % self.group_size:
-                raise DQWhisperError(f"quant config: group_size {self.group_size} does not divide the input width "
-                                     f"{width} of {what} {tuple(shape)}; pick a divisor or exclude that module")
+                raise DQWhisperError(
+                    f"quant config: group_size {self.group_size} does not divide the input width "
+                    f"{width} of {what} {tuple(shape)}; pick a divisor or exclude that module"
+                )
             return rows, width // self.group_size, self.group_size
         raise DQWhisperError(f"unknown granularity {self.granularity!r}")
 
@@ -167,16 +172,16 @@ def mse_scale_zero(w3: Tensor, spec: QuantSpec, chunk_elems: int = 1 << 22) -> t
     best_s = torch.empty(A * B, device=w3.device)
     best_z = None if spec.symmetric else torch.empty(A * B, device=w3.device)
     for start in range(0, A * B, rows):
-        part = flat[start:start + rows].float()
+        part = flat[start : start + rows].float()
         best_err = torch.full((part.shape[0],), float("inf"), device=w3.device)
         for ratio in MSE_RATIOS:
             s, z = minmax_scale_zero(part, spec, ratio)
             err = (dequantize_codes(quantize_codes(part, s, z, spec), s, z) - part).pow(2).sum((-1, -2))
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_s[start:start + rows] = torch.where(better, s[:, 0], best_s[start:start + rows])
+            best_s[start : start + rows] = torch.where(better, s[:, 0], best_s[start : start + rows])
             if z is not None:
-                best_z[start:start + rows] = torch.where(better, z[:, 0], best_z[start:start + rows])
+                best_z[start : start + rows] = torch.where(better, z[:, 0], best_z[start : start + rows])
     return best_s.view(A, B), None if best_z is None else best_z.view(A, B)
 
 
@@ -185,8 +190,9 @@ class WeightFakeQuantizer(nn.Module):
     a learnable scale (and, asymmetric, a learnable zero point rounded straight-through), initialised by `scale_init`.
     """
 
-    def __init__(self, spec: QuantSpec, weight: Tensor, lsq: bool = False, scale_init: str = "mse",
-                 name: str = "weight"):
+    def __init__(
+        self, spec: QuantSpec, weight: Tensor, lsq: bool = False, scale_init: str = "mse", name: str = "weight"
+    ):
         super().__init__()
         self.spec = spec
         self.lsq = lsq
@@ -225,8 +231,10 @@ class WeightFakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"bits={s.bits}, symmetric={s.symmetric}, granularity={s.granularity}, "
-                f"group_size={s.group_size}, lsq={self.lsq}")
+        return (
+            f"bits={s.bits}, symmetric={s.symmetric}, granularity={s.granularity}, "
+            f"group_size={s.group_size}, lsq={self.lsq}"
+        )
 
     @property
     def ggml(self) -> bool:
@@ -259,8 +267,13 @@ class WeightFakeQuantizer(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
-            key = (weight.data_ptr(), weight._version, weight.device, weight.dtype,
-                   None if not self.lsq else (self.scale.data_ptr(), self.scale._version))
+            key = (
+                weight.data_ptr(),
+                weight._version,
+                weight.device,
+                weight.dtype,
+                None if not self.lsq else (self.scale.data_ptr(), self.scale._version),
+            )
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         if self.ggml:
@@ -300,8 +313,12 @@ class ActivationFakeQuantizer(nn.Module):
 class FakeQuantizedLinear(nn.Linear):
     """nn.Linear whose weight (and optionally input) is fake-quantized; same parameter names as the float layer."""
 
-    def __init__(self, linear: nn.Linear, weight_fake_quantizer: WeightFakeQuantizer,
-                 activation_fake_quantizer: ActivationFakeQuantizer | None = None):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_fake_quantizer: WeightFakeQuantizer,
+        activation_fake_quantizer: ActivationFakeQuantizer | None = None,
+    ):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
@@ -319,9 +336,18 @@ class FakeQuantizedConv1d(nn.Conv1d):
     """nn.Conv1d with a fake-quantized weight (per output channel scales); same parameter names."""
 
     def __init__(self, conv: nn.Conv1d, weight_fake_quantizer: WeightFakeQuantizer):
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
         self.weight = conv.weight
         self.bias = conv.bias
         self.weight_fake_quantizer = weight_fake_quantizer
@@ -335,8 +361,12 @@ class FakeQuantizedEmbedding(nn.Embedding):
     """Token embedding with fake-quantized rows; `project(x)` is the tied output projection with the same weights,
     so a row's scale is the per-output-channel scale of the projection."""
 
-    def __init__(self, emb: nn.Embedding, weight_fake_quantizer: WeightFakeQuantizer,
-                 activation_fake_quantizer: ActivationFakeQuantizer | None = None):
+    def __init__(
+        self,
+        emb: nn.Embedding,
+        weight_fake_quantizer: WeightFakeQuantizer,
+        activation_fake_quantizer: ActivationFakeQuantizer | None = None,
+    ):
         super().__init__(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, device="meta")
         self.weight = emb.weight
         self.weight_fake_quantizer = weight_fake_quantizer

@@ -3,6 +3,7 @@
 Code i occupies bits [i*b, (i+1)*b) of the stream, bit 0 being the lowest bit of byte 0; 8 codes take exactly b bytes,
 so the stream is processed in chunks of 8 codes. A trailing partial chunk is zero-padded to a whole byte.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,14 +28,14 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
         return codes.tobytes()
     out = []
     for start in range(0, codes.size, CHUNK):
-        part = codes[start:start + CHUNK]
+        part = codes[start : start + CHUNK]
         pad = (-part.size) % 8
         if pad:
             part = np.concatenate([part, np.zeros(pad, np.uint8)])
         bitplanes = np.unpackbits(part[:, None], axis=1, bitorder="little")[:, :bits]  # (n, bits)
         out.append(np.packbits(bitplanes.reshape(-1), bitorder="little").tobytes())
     data = b"".join(out)
-    return data[:packed_nbytes(codes.size, bits)]
+    return data[: packed_nbytes(codes.size, bits)]
 
 
 def unpack_codes(data: bytes | memoryview, bits: int, n: int) -> np.ndarray:
@@ -52,7 +53,7 @@ def unpack_codes(data: bytes | memoryview, bits: int, n: int) -> np.ndarray:
     step_bytes = CHUNK * bits // 8
     for i, start in enumerate(range(0, n, CHUNK)):
         m = min(CHUNK, n - start)
-        raw = buf[i * step_bytes: i * step_bytes + packed_nbytes(m, bits)]
+        raw = buf[i * step_bytes : i * step_bytes + packed_nbytes(m, bits)]
         stream = np.unpackbits(raw, bitorder="little")[: m * bits].reshape(m, bits)
-        out[start:start + m] = (stream.astype(np.uint16) @ weights).astype(np.uint8)
+        out[start : start + m] = (stream.astype(np.uint16) @ weights).astype(np.uint8)
     return out

@@ -4,6 +4,7 @@ Scopes name module prefixes: `decoder` = every Linear under `decoder.` plus `dec
 `quant.embedding`); `encoder` = every Linear under `encoder.`, its Conv1d layers (when `quant.conv`) and the CTC head;
 `all` = both. `include` regexes narrow that set (a module must match one), `exclude` regexes remove from it.
 """
+
 from __future__ import annotations
 
 import re
@@ -73,9 +74,12 @@ def weight_spec(cfg: QuantConfig, module: nn.Module) -> QuantSpec:
         raise DQWhisperError("ggml keeps the convolution kernels in f16: set quant.conv=false")
     if isinstance(module, nn.Conv1d) and granularity == "per_group":
         granularity = "per_channel"  # a kernel's taps x input channels do not form natural groups
-    return QuantSpec(bits=bits, symmetric=w.symmetric, granularity=granularity,
-                     group_size=w.group_size if granularity == "per_group" else
-                     (32 if granularity.startswith("ggml_") else 0))
+    return QuantSpec(
+        bits=bits,
+        symmetric=w.symmetric,
+        granularity=granularity,
+        group_size=w.group_size if granularity == "per_group" else (32 if granularity.startswith("ggml_") else 0),
+    )
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -96,8 +100,10 @@ def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
         raise DQWhisperError("prepare: the model is already quantized (prepare it once, from float)")
     chosen = list(select_modules(model, cfg))
     if not chosen:
-        raise DQWhisperError(f"prepare: quant config (scope={cfg.scope}, include={cfg.include}, "
-                             f"exclude={cfg.exclude}) selects no module of this model")
+        raise DQWhisperError(
+            f"prepare: quant config (scope={cfg.scope}, include={cfg.include}, "
+            f"exclude={cfg.exclude}) selects no module of this model"
+        )
     specs = [(name, module, weight_spec(cfg, module)) for name, module in chosen]
     for name, module, spec in specs:  # check every shape before changing anything
         spec.grouped_shape(tuple(module.weight.shape), name)
@@ -114,8 +120,14 @@ def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
         new.train(module.training)
         set_module(model, name, new)
     model.quant_config = cfg.to_dict()
-    log.info("prepare: %d modules fake-quantized (%d-bit %s%s, scope %s)", len(specs), cfg.weight.bits,
-             cfg.weight.granularity, " LSQ" if cfg.weight.lsq else "", cfg.scope)
+    log.info(
+        "prepare: %d modules fake-quantized (%d-bit %s%s, scope %s)",
+        len(specs),
+        cfg.weight.bits,
+        cfg.weight.granularity,
+        " LSQ" if cfg.weight.lsq else "",
+        cfg.scope,
+    )
     return model
 
 
@@ -146,8 +158,7 @@ def convert(model: nn.Module, mode: str = "dequant", batch: int = 1) -> nn.Modul
         elif isinstance(module, FakeQuantizedConv1d):
             new = QuantizedConv1d(qt, module.bias, module, mode, name)
         else:
-            new = QuantizedLinear(qt, module.bias, mode, name,
-                                  act_quant=module.activation_fake_quantizer is not None)
+            new = QuantizedLinear(qt, module.bias, mode, name, act_quant=module.activation_fake_quantizer is not None)
         set_module(model, name, new.to(device))
     select_kernels(model, batch=batch)
     return model

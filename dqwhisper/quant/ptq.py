@@ -8,6 +8,7 @@ export it with `python -m dqwhisper.quant.export OUT.pt model.dqw`, decode it wi
 the scales are the LSQ initialisation (per-scale MSE-optimal clipping when scale_init=mse) — PTQ with the
 quantizer's best static scales.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,17 @@ def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path):
     ckpt = read_checkpoint(student_path)
     meta = ckpt.get("dqwhisper") or {}
     if meta.get("quant"):
-        raise DQWhisperError(f"{student_path} is already quantized ({meta['quant'].get('weight')}); PTQ needs a float "
-                             "student")
+        raise DQWhisperError(
+            f"{student_path} is already quantized ({meta['quant'].get('weight')}); PTQ needs a float student"
+        )
     model = load_checkpoint(student_path)
     prepare(model, cfg)
     config = dict(meta.get("config") or {})
     config["quant"] = cfg.to_dict()
     save_checkpoint(model, out, config=config)
-    log.info("PTQ: %s -> %s (%d-bit %s, scope %s)", student_path, out, cfg.weight.bits, cfg.weight.granularity,
-             cfg.scope)
+    log.info(
+        "PTQ: %s -> %s (%d-bit %s, scope %s)", student_path, out, cfg.weight.bits, cfg.weight.granularity, cfg.scope
+    )
     return model
 
 

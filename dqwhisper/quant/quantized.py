@@ -7,6 +7,7 @@ timed per shape). It runs in float until `select_kernels(model)` applies the req
 it), so a model moved to another device first still packs on the CPU. Convolutions always run dequantized (once per
 utterance); the embedding lookup reads the dequantized rows, its tied projection goes through the kernel.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,12 @@ class QuantizedTensor:
     @classmethod
     def from_float_codes(cls, q: Tensor, s: Tensor, z: Tensor | None, spec: QuantSpec, shape) -> "QuantizedTensor":
         dtype = torch.int8 if spec.symmetric else torch.uint8
-        return cls(q.detach().reshape(shape).to(dtype), s.detach().float().clone(),
-                   None if z is None else z.detach().float().clone(), spec)
+        return cls(
+            q.detach().reshape(shape).to(dtype),
+            s.detach().float().clone(),
+            None if z is None else z.detach().float().clone(),
+            spec,
+        )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -111,8 +116,14 @@ class QuantizedLinear(_QuantizedBase):
     """act_quant: trained with 8-bit per-token activation fake-quant (the float kernel applies it too; fbgemm and
     int_mm quantize activations the same way whether or not the model was trained so)."""
 
-    def __init__(self, qt: QuantizedTensor, bias: Tensor | None, mode: str = "dequant", name: str = "linear",
-                 act_quant: bool = False):
+    def __init__(
+        self,
+        qt: QuantizedTensor,
+        bias: Tensor | None,
+        mode: str = "dequant",
+        name: str = "linear",
+        act_quant: bool = False,
+    ):
         super().__init__()
         self.out_features, self.in_features = qt.shape
         self.act_quant = act_quant
@@ -128,23 +139,32 @@ class QuantizedLinear(_QuantizedBase):
 class QuantizedConv1d(_QuantizedBase):
     """Runs dequantized whatever the request (the convolutions run once per utterance)."""
 
-    def __init__(self, qt: QuantizedTensor, bias: Tensor | None, conv: nn.Conv1d, mode: str = "dequant",
-                 name: str = "conv"):
+    def __init__(
+        self, qt: QuantizedTensor, bias: Tensor | None, conv: nn.Conv1d, mode: str = "dequant", name: str = "conv"
+    ):
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self._setup(qt, "float", name)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv1d(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                        self.stride, self.padding, self.dilation, self.groups)
+        return F.conv1d(
+            x,
+            self.weight.to(x.dtype),
+            None if self.bias is None else self.bias.to(x.dtype),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
 
 class QuantizedEmbedding(_QuantizedBase):
     """Quantized token embedding; `project(x)` is the tied output projection (through the chosen kernel)."""
 
-    def __init__(self, qt: QuantizedTensor, mode: str = "dequant", name: str = "token_embedding",
-                 act_quant: bool = False):
+    def __init__(
+        self, qt: QuantizedTensor, mode: str = "dequant", name: str = "token_embedding", act_quant: bool = False
+    ):
         super().__init__()
         self.act_quant = act_quant
         self.num_embeddings, self.embedding_dim = qt.shape
@@ -199,11 +219,19 @@ def select_kernels(model: nn.Module, request: str | None = None, batch: int = 1)
             choices[name] = (got, dict(m.kernel_times))
     model.kernel_choices = choices
     if fallback:
-        log.info("%d quantized modules cannot run the requested kernel (per-group scales or codes beyond int8) and "
-                 "run dequantized in float, e.g. %s", len(fallback), fallback[0])
+        log.info(
+            "%d quantized modules cannot run the requested kernel (per-group scales or codes beyond int8) and "
+            "run dequantized in float, e.g. %s",
+            len(fallback),
+            fallback[0],
+        )
     if forced_int8:
-        log.warning("%d modules trained with float activations run a kernel that quantizes them to int8 per token "
-                    "(as requested; auto would not), e.g. %s", len(forced_int8), forced_int8[0])
+        log.warning(
+            "%d modules trained with float activations run a kernel that quantizes them to int8 per token "
+            "(as requested; auto would not), e.g. %s",
+            len(forced_int8),
+            forced_int8[0],
+        )
     log.info("kernels: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return counts
 

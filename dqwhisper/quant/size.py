@@ -8,6 +8,7 @@ in its state dict (every parameter plus the encoder's 1500 x d sinusoid table: t
 teacher holds). Whisper base: 72,593,920 elements -> 145,187,840 bytes, which matches the shipped CT2 float16
 model.bin (145,217,532 bytes with its names and header). A .pt's training state counts on disk, not in the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,23 @@ def dqw_tensors(path: Path) -> list[dict]:
         numel = math.prod(e["shape"])
         if e["kind"] == "quantized":
             nbytes = e["codes"]["nbytes"] + e["scale"]["nbytes"] + (e["zero"]["nbytes"] if e["zero"] else 0)
-            detail = f"int{e['bits']} {e['granularity']}" + (f"/{e['group_size']}" if e["group_size"] else "") + \
-                     ("" if e["symmetric"] else " asym")
+            detail = (
+                f"int{e['bits']} {e['granularity']}"
+                + (f"/{e['group_size']}" if e["group_size"] else "")
+                + ("" if e["symmetric"] else " asym")
+            )
         else:
             nbytes, detail = e["nbytes"], e["dtype"]
-        rows.append({"name": name, "shape": e["shape"], "numel": numel, "bytes": nbytes,
-                     "bits": 8 * nbytes / max(numel, 1), "format": detail})
+        rows.append(
+            {
+                "name": name,
+                "shape": e["shape"],
+                "numel": numel,
+                "bytes": nbytes,
+                "bits": 8 * nbytes / max(numel, 1),
+                "format": detail,
+            }
+        )
     return rows
 
 
@@ -63,8 +75,16 @@ def pt_tensors(path: Path) -> list[dict]:
     rows = []
     for name, t in read_checkpoint(path)["model_state_dict"].items():
         nbytes = t.numel() * t.element_size()
-        rows.append({"name": name, "shape": list(t.shape), "numel": t.numel(), "bytes": nbytes,
-                     "bits": 8 * t.element_size(), "format": str(t.dtype).replace("torch.", "")})
+        rows.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "numel": t.numel(),
+                "bytes": nbytes,
+                "bits": 8 * t.element_size(),
+                "format": str(t.dtype).replace("torch.", ""),
+            }
+        )
     return rows
 
 
@@ -73,8 +93,16 @@ def ct2_tensors(path: Path) -> list[dict]:
     rows = []
     for name, t in read_model_bin(path).variables.items():
         nbytes = t.numel() * t.element_size()
-        rows.append({"name": name, "shape": list(t.shape), "numel": t.numel(), "bytes": nbytes,
-                     "bits": 8 * t.element_size(), "format": str(t.dtype).replace("torch.", "")})
+        rows.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "numel": t.numel(),
+                "bytes": nbytes,
+                "bits": 8 * t.element_size(),
+                "format": str(t.dtype).replace("torch.", ""),
+            }
+        )
     return rows
 
 
@@ -97,8 +125,13 @@ def size_report(file: str | Path, teacher: str | Path | None = None) -> dict:
         g["bytes"] += r["bytes"]
     for g in groups.values():
         g["bits"] = 8 * g["bytes"] / max(g["numel"], 1)
-    report = {"file": str(path), "bytes_on_disk": path.stat().st_size, "tensor_bytes": sum(r["bytes"] for r in rows),
-              "groups": groups, "tensors": rows}
+    report = {
+        "file": str(path),
+        "bytes_on_disk": path.stat().st_size,
+        "tensor_bytes": sum(r["bytes"] for r in rows),
+        "groups": groups,
+        "tensors": rows,
+    }
     if teacher:
         t = teacher_fp16_bytes(teacher)
         report["teacher"] = t
@@ -111,8 +144,10 @@ def format_report(report: dict, per_tensor: bool = False) -> str:
     if per_tensor:
         lines.append(f"{'tensor':58s} {'shape':>16s} {'format':>22s} {'bits/w':>7s} {'bytes':>12s}")
         for r in report["tensors"]:
-            lines.append(f"{r['name'][:58]:58s} {'x'.join(map(str, r['shape'])) or '-':>16s} {r['format']:>22s} "
-                         f"{r['bits']:7.2f} {r['bytes']:12,d}")
+            lines.append(
+                f"{r['name'][:58]:58s} {'x'.join(map(str, r['shape'])) or '-':>16s} {r['format']:>22s} "
+                f"{r['bits']:7.2f} {r['bytes']:12,d}"
+            )
         lines.append("")
     lines.append(f"{'group':16s} {'elements':>12s} {'bits/w':>7s} {'bytes':>13s}")
     for name, g in sorted(report["groups"].items()):
@@ -121,9 +156,11 @@ def format_report(report: dict, per_tensor: bool = False) -> str:
     lines.append(f"{report['file']}: {size:,} bytes on disk ({size / 1e6:.2f} MB)")
     if "teacher" in report:
         t = report["teacher"]
-        lines.append(f"teacher {t['path']}: {t['float_elements']:,} float elements (parameters + the "
-                     f"{t['of_which_encoder_sinusoids']:,}-element encoder sinusoid table) x 2 bytes = "
-                     f"{t['fp16_bytes']:,} bytes fp16 ({t['fp16_bytes'] / 1e6:.2f} MB, computed from the count)")
+        lines.append(
+            f"teacher {t['path']}: {t['float_elements']:,} float elements (parameters + the "
+            f"{t['of_which_encoder_sinusoids']:,}-element encoder sinusoid table) x 2 bytes = "
+            f"{t['fp16_bytes']:,} bytes fp16 ({t['fp16_bytes'] / 1e6:.2f} MB, computed from the count)"
+        )
         lines.append(f"ratio teacher fp16 / this file = {report['ratio_vs_teacher_fp16']:.2f}x")
     return "\n".join(lines)
 

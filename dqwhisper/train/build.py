@@ -2,6 +2,7 @@
 data, caches, the DistillModel, optimiser, scheduler). The order is part of the result: each step that draws random
 numbers (new layers, adapters) draws them in this order after `set_seed`.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,10 +58,16 @@ def load_source(name: str, n_audio_ctx: int) -> DQWhisper:
     if getattr(model, "quant_config", None):
         raise DQWhisperError(f"{name}: a fake-quantized model cannot be a teacher or a source to cut from")
     if n_audio_ctx > model.dims.n_audio_ctx:
-        raise DQWhisperError(f"{name} was trained with a {model.dims.n_audio_ctx / 50:g} s window; data.audio_window "
-                             f"= {n_audio_ctx / 50:g} s is larger")
-    out = from_whisper(model, ctc_units=getattr(model, "ctc_units", 0),
-                       vocab_keep=None if keep is None else keep.tolist(), n_audio_ctx=n_audio_ctx)
+        raise DQWhisperError(
+            f"{name} was trained with a {model.dims.n_audio_ctx / 50:g} s window; data.audio_window "
+            f"= {n_audio_ctx / 50:g} s is larger"
+        )
+    out = from_whisper(
+        model,
+        ctc_units=getattr(model, "ctc_units", 0),
+        vocab_keep=None if keep is None else keep.tolist(),
+        n_audio_ctx=n_audio_ctx,
+    )
     return out.eval()
 
 
@@ -70,9 +77,11 @@ def check_languages(tokenizer: Tokenizer, model_name: str, train_dir: Path, lang
         return
     others = [lang for lang in DataDir.load(train_dir).filter(languages=languages).languages if lang != "en"]
     if others:
-        raise DQWhisperError(f"{model_name} is an English-only model (vocabulary of {N_VOCAB_ENGLISH} ids, no language "
-                             f"tokens) but {train_dir} has languages {others}: set data.languages=[en] or use a "
-                             "multilingual model")
+        raise DQWhisperError(
+            f"{model_name} is an English-only model (vocabulary of {N_VOCAB_ENGLISH} ids, no language "
+            f"tokens) but {train_dir} has languages {others}: set data.languages=[en] or use a "
+            "multilingual model"
+        )
 
 
 def check_compatible(teacher: DQWhisper, source: DQWhisper, teacher_name: str, source_name: str) -> None:
@@ -86,13 +95,18 @@ def check_compatible(teacher: DQWhisper, source: DQWhisper, teacher_name: str, s
     if t.n_mels != s.n_mels:
         problems.append(f"the teacher takes {t.n_mels}-bin log-mels, the student {s.n_mels}")
     if t.n_vocab != s.n_vocab:
-        problems.append(f"the teacher's vocabulary has {t.n_vocab} ids ({kind(t.n_vocab)}), the student's "
-                        f"{s.n_vocab} ({kind(s.n_vocab)})")
+        problems.append(
+            f"the teacher's vocabulary has {t.n_vocab} ids ({kind(t.n_vocab)}), the student's "
+            f"{s.n_vocab} ({kind(s.n_vocab)})"
+        )
     if t.n_text_ctx < s.n_text_ctx:
         problems.append(f"the teacher reads {t.n_text_ctx} text positions, the student {s.n_text_ctx}")
     if problems:
-        raise DQWhisperError(f"teacher {teacher_name} cannot teach a student cut from {source_name}: "
-                             + "; ".join(problems) + " (choose a teacher of the same Whisper family)")
+        raise DQWhisperError(
+            f"teacher {teacher_name} cannot teach a student cut from {source_name}: "
+            + "; ".join(problems)
+            + " (choose a teacher of the same Whisper family)"
+        )
 
 
 def check_teacher_vocab(teacher: DQWhisper, student: DQWhisper, teacher_name: str) -> None:
@@ -103,20 +117,29 @@ def check_teacher_vocab(teacher: DQWhisper, student: DQWhisper, teacher_name: st
     s_keep = student.decoder.vocab_keep
     missing = (set(range(student.dims.n_vocab)) if s_keep is None else set(s_keep.tolist())) - set(t_keep.tolist())
     if missing:
-        raise DQWhisperError(f"teacher {teacher_name} has a pruned vocabulary without {len(missing)} token id(s) the "
-                             f"student keeps (e.g. {min(missing)}): use a teacher with the full vocabulary, or prune "
-                             "the student on the same training text")
+        raise DQWhisperError(
+            f"teacher {teacher_name} has a pruned vocabulary without {len(missing)} token id(s) the "
+            f"student keeps (e.g. {min(missing)}): use a teacher with the full vocabulary, or prune "
+            "the student on the same training text"
+        )
 
 
-def build_student(cfg: Any, source: DQWhisper, vocab_keep: list[int] | None, ctc_units: int,
-                  n_audio_ctx: int) -> DQWhisper:
+def build_student(
+    cfg: Any, source: DQWhisper, vocab_keep: list[int] | None, ctc_units: int, n_audio_ctx: int
+) -> DQWhisper:
     s = cfg.student
     enc = None if s.encoder_layers is None else list(s.encoder_layers)
     dec = None if s.decoder_layers is None else list(s.decoder_layers)
     if s.init == "copy" and (enc is not None or dec is not None):
         raise DQWhisperError("student.init=copy keeps every layer: leave student.encoder_layers/decoder_layers null")
-    return from_whisper(source, ctc_units=ctc_units, vocab_keep=vocab_keep, encoder_layers=enc,
-                        decoder_layers=dec, n_audio_ctx=n_audio_ctx)
+    return from_whisper(
+        source,
+        ctc_units=ctc_units,
+        vocab_keep=vocab_keep,
+        encoder_layers=enc,
+        decoder_layers=dec,
+        n_audio_ctx=n_audio_ctx,
+    )
 
 
 def set_trainable(student: DQWhisper, cfg: Any) -> list[nn.Parameter]:
@@ -153,14 +176,21 @@ def make_bpe(cfg: Any, source: DQWhisper, train_dir: Path, languages: list[str] 
     return train_bpe([u.text for u in data.utts], cfg.data.bpe_vocab_size)
 
 
-def make_datasets(cfg: Any, tokenizer: Tokenizer, bpe: BPE | None, n_mels: int, n_audio_ctx: int,
-                  languages: list[str] | None) -> tuple[WhisperDataset, WhisperDataset]:
+def make_datasets(
+    cfg: Any, tokenizer: Tokenizer, bpe: BPE | None, n_mels: int, n_audio_ctx: int, languages: list[str] | None
+) -> tuple[WhisperDataset, WhisperDataset]:
     data_dir = Path(cfg.data.data_dir)
     spec = cfg.data.spec_augment if not cfg.student.freeze_encoder else None
     if cfg.data.spec_augment.enabled and cfg.student.freeze_encoder:
         log.info("data.spec_augment is off: the encoder is frozen (its outputs are features, not trained)")
-    common = dict(tokenizer=tokenizer, n_mels=n_mels, n_audio_ctx=n_audio_ctx, bpe=bpe,
-                  max_bad_fraction=cfg.data.max_bad_fraction, languages=languages)
+    common = dict(
+        tokenizer=tokenizer,
+        n_mels=n_mels,
+        n_audio_ctx=n_audio_ctx,
+        bpe=bpe,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        languages=languages,
+    )
     train = WhisperDataset(data_dir / cfg.data.train_set, spec_augment=spec, **common)
     dev = WhisperDataset(data_dir / cfg.data.dev_set, **common)
     for ds, n in ((train, cfg.data.max_train_utts), (dev, cfg.data.max_dev_utts)):
@@ -174,8 +204,9 @@ def is_quantizer_param(name: str) -> bool:
     return ".weight_fake_quantizer." in f".{name}"
 
 
-def make_optimizer(cfg: Any, params: list[nn.Parameter], head: list[nn.Module | None],
-                   named: dict[int, str] | None = None):
+def make_optimizer(
+    cfg: Any, params: list[nn.Parameter], head: list[nn.Module | None], named: dict[int, str] | None = None
+):
     """AdamW/Adam with the new layers (`head`: CTC head, adapters) at optim.head_lr, the quantizers' LSQ scales
     (found by name in `named`: id -> parameter name) at optim.quant_lr without weight decay (decay would shrink the
     quantization step); the warm-up + decay schedule."""
@@ -183,16 +214,25 @@ def make_optimizer(cfg: Any, params: list[nn.Parameter], head: list[nn.Module | 
     opt_cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
     head_ids = {id(p) for m in head if m is not None for p in m.parameters()}
     quant_ids = {i for i, n in (named or {}).items() if is_quantizer_param(n)}
-    groups = [{"params": [p for p in params if id(p) not in head_ids | quant_ids]},
-              {"params": [p for p in params if id(p) in head_ids and id(p) not in quant_ids],
-               "lr": oc.head_lr if oc.head_lr is not None else oc.lr},
-              {"params": [p for p in params if id(p) in quant_ids],
-               "lr": oc.quant_lr if oc.quant_lr is not None else oc.lr, "weight_decay": 0.0}]
-    optimizer = opt_cls([g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
-                        weight_decay=oc.weight_decay)
+    groups = [
+        {"params": [p for p in params if id(p) not in head_ids | quant_ids]},
+        {
+            "params": [p for p in params if id(p) in head_ids and id(p) not in quant_ids],
+            "lr": oc.head_lr if oc.head_lr is not None else oc.lr,
+        },
+        {
+            "params": [p for p in params if id(p) in quant_ids],
+            "lr": oc.quant_lr if oc.quant_lr is not None else oc.lr,
+            "weight_decay": 0.0,
+        },
+    ]
+    optimizer = opt_cls(
+        [g for g in groups if g["params"]], lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay
+    )
     total = cfg.trainer.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, oc.warmup_steps, total, oc.scheduler, oc.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, oc.warmup_steps, total, oc.scheduler, oc.min_lr_ratio)
+    )
     return optimizer, scheduler
 
 
@@ -259,31 +299,57 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         raise DQWhisperError("nothing to train: every parameter is frozen")
 
     tc = cfg.trainer
-    filler = CacheFiller(Path(tc.cache_dir) if tc.cache_dir else Path("exp/cache"), getattr(torch, tc.cache_dtype),
-                         n_audio_ctx, device, tc.valid_batch_size, amp_dtype, tc.progress)
+    filler = CacheFiller(
+        Path(tc.cache_dir) if tc.cache_dir else Path("exp/cache"),
+        getattr(torch, tc.cache_dtype),
+        n_audio_ctx,
+        device,
+        tc.valid_batch_size,
+        amp_dtype,
+        tc.progress,
+    )
     caches = filler.open(cfg, student, teacher)
     train_set = TrainingSet(train_base, caches.enc, caches.teacher_enc, caches.teacher)
     dev_set = TrainingSet(dev_base, caches.enc)
     targets: TeacherTargets | None = None
     if teacher is not None:
         kind = CachedTargets if caches.teacher_logits is not None else LiveTargets
-        targets = kind(teacher, student.decoder.vocab_keep, cfg.loss.kd_topk, m.feature if m.enabled else None,
-                       amp_dtype)
+        targets = kind(
+            teacher, student.decoder.vocab_keep, cfg.loss.kd_topk, m.feature if m.enabled else None, amp_dtype
+        )
     if dist.main:
         filler.fill(train_set, dev_set, caches, student, targets)
     barrier(dist)
     check_usable(train_set, dev_set)
 
-    model = DistillModel(student, cfg.loss, targets, adapter, enc_adapter, cfg.student.freeze_encoder, amp_dtype,
-                         all_reduce=all_reduce_sum if dist.enabled else None, world_size=dist.world_size)
-    optimizer, scheduler = make_optimizer(cfg, params, [student.ctc_head, adapter, enc_adapter],
-                                          {id(p): n for n, p in student.named_parameters()})
+    model = DistillModel(
+        student,
+        cfg.loss,
+        targets,
+        adapter,
+        enc_adapter,
+        cfg.student.freeze_encoder,
+        amp_dtype,
+        all_reduce=all_reduce_sum if dist.enabled else None,
+        world_size=dist.world_size,
+    )
+    optimizer, scheduler = make_optimizer(
+        cfg, params, [student.ctc_head, adapter, enc_adapter], {id(p): n for n, p in student.named_parameters()}
+    )
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     keep = student.decoder.vocab_keep
-    log.info("student: %d encoder / %d decoder layers, %.1fM parameters (%.1fM trainable), vocabulary %s, "
-             "CTC units %d, window %.1f s; teacher: %s", student.dims.n_audio_layer, student.dims.n_text_layer,
-             sum(p.numel() for p in student.parameters()) / 1e6, sum(p.numel() for p in params) / 1e6,
-             "full" if keep is None else len(keep), ctc_units, n_audio_ctx / 50,
-             cfg.teacher.name if teacher is not None else "none")
-    return Parts(tokenizer, bpe, model, train_base, dev_base, caches, train_set, dev_set, params, optimizer,
-                 scheduler, scaler)
+    log.info(
+        "student: %d encoder / %d decoder layers, %.1fM parameters (%.1fM trainable), vocabulary %s, "
+        "CTC units %d, window %.1f s; teacher: %s",
+        student.dims.n_audio_layer,
+        student.dims.n_text_layer,
+        sum(p.numel() for p in student.parameters()) / 1e6,
+        sum(p.numel() for p in params) / 1e6,
+        "full" if keep is None else len(keep),
+        ctc_units,
+        n_audio_ctx / 50,
+        cfg.teacher.name if teacher is not None else "none",
+    )
+    return Parts(
+        tokenizer, bpe, model, train_base, dev_base, caches, train_set, dev_set, params, optimizer, scheduler, scaler
+    )

@@ -2,6 +2,7 @@
 (dqwhisper.cache) instead of computed every step, the collate function that batches them, and the filling of the
 caches (once, by rank 0, before training).
 """
+
 from __future__ import annotations
 
 import time
@@ -25,14 +26,22 @@ class TrainingSet(torch.utils.data.Dataset):
     """A WhisperDataset whose items come with cached encoder outputs (`enc`, instead of audio) and cached teacher
     outputs (`t_logits` [, `t_index`], `t_feats`) where those caches are in use."""
 
-    def __init__(self, base: WhisperDataset, enc_cache: FeatureCache | None = None,
-                 teacher_enc_cache: FeatureCache | None = None, teacher_caches: list[FeatureCache] = ()):
+    def __init__(
+        self,
+        base: WhisperDataset,
+        enc_cache: FeatureCache | None = None,
+        teacher_enc_cache: FeatureCache | None = None,
+        teacher_caches: list[FeatureCache] = (),
+    ):
         self.base = base
         self.enc_cache = enc_cache
         self.teacher_enc_cache = teacher_enc_cache
         self.teacher_caches = list(teacher_caches)  # teacher logits; teacher features (when matching)
-        self.audio_keys = [audio_key(base.data, utt) for utt, _, _, _ in base.items] \
-            if (enc_cache or teacher_enc_cache or self.teacher_caches) else []
+        self.audio_keys = (
+            [audio_key(base.data, utt) for utt, _, _, _ in base.items]
+            if (enc_cache or teacher_enc_cache or self.teacher_caches)
+            else []
+        )
         self.index = list(range(len(base)))  # items usable (cache filled), positions in base
 
     def __len__(self) -> int:
@@ -54,9 +63,16 @@ class TrainingSet(torch.utils.data.Dataset):
         if self.enc_cache is not None:
             utt, tokens, ctc, _ = self.base.items[i]
             entry = self.enc_cache.get(self.audio_keys[i])
-            item = dict(utt_id=utt.utt_id, lang=utt.lang, mel=torch.zeros(0), tokens=list(tokens),
-                        ctc_targets=list(ctc), n_frames=int(entry["n_frames"]), enc=entry["enc"],
-                        prefix_len=self.base.prefix_len)
+            item = dict(
+                utt_id=utt.utt_id,
+                lang=utt.lang,
+                mel=torch.zeros(0),
+                tokens=list(tokens),
+                ctc_targets=list(ctc),
+                n_frames=int(entry["n_frames"]),
+                enc=entry["enc"],
+                prefix_len=self.base.prefix_len,
+            )
         else:
             item = self.base[i]
             if item is None:
@@ -110,6 +126,7 @@ def collate_training(items: list[dict | None], pad_id: int) -> dict:
 class Caches:
     """The caches in use (None: not cached). `teacher_enc` only when the teacher's encoder differs from the
     student's (else both read `enc`)."""
+
     enc: FeatureCache | None = None
     teacher_enc: FeatureCache | None = None
     teacher_logits: FeatureCache | None = None
@@ -123,14 +140,28 @@ class Caches:
 class CacheFiller:
     """Opens the caches a run uses (keyed by content: audio and model weights) and computes what is missing."""
 
-    def __init__(self, root: Path, dtype: torch.dtype, n_audio_ctx: int, device: torch.device,
-                 batch_size: int = 16, amp_dtype: torch.dtype | None = None, progress: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        dtype: torch.dtype,
+        n_audio_ctx: int,
+        device: torch.device,
+        batch_size: int = 16,
+        amp_dtype: torch.dtype | None = None,
+        progress: bool = True,
+    ):
         self.root, self.dtype, self.n_audio_ctx, self.device = root, dtype, n_audio_ctx, device
         self.batch_size, self.amp_dtype, self.progress = batch_size, amp_dtype, progress
 
     def encoder_cache(self, model: DQWhisper, what: str) -> FeatureCache:
-        key = module_key(model.encoder, kind="encoder", n_mels=model.dims.n_mels, n_audio_ctx=self.n_audio_ctx,
-                         dtype=str(self.dtype), mel="zeros")
+        key = module_key(
+            model.encoder,
+            kind="encoder",
+            n_mels=model.dims.n_mels,
+            n_audio_ctx=self.n_audio_ctx,
+            dtype=str(self.dtype),
+            mel="zeros",
+        )
         return FeatureCache(self.root / "encoder", key, info={"what": what, "n_audio_ctx": self.n_audio_ctx})
 
     def open(self, cfg, student: DQWhisper, teacher: DQWhisper | None) -> Caches:
@@ -150,16 +181,24 @@ class CacheFiller:
             t_enc = caches.teacher_enc or caches.enc or self.encoder_cache(teacher, "teacher")
             common = dict(dtype=str(self.dtype), encoder=t_enc.dir.name)
             key = module_key(teacher.decoder, kind="teacher_logits", keep=keep, topk=cfg.loss.kd_topk, **common)
-            caches.teacher_logits = FeatureCache(self.root / "teacher_logits", key,
-                                                 info={"teacher": cfg.teacher.name, "topk": cfg.loss.kd_topk})
+            caches.teacher_logits = FeatureCache(
+                self.root / "teacher_logits", key, info={"teacher": cfg.teacher.name, "topk": cfg.loss.kd_topk}
+            )
             if m.enabled:
                 key = module_key(teacher.decoder, kind="teacher_features", feature=m.feature, **common)
-                caches.teacher_feats = FeatureCache(self.root / "teacher_features", key,
-                                                    info={"teacher": cfg.teacher.name, "feature": m.feature})
+                caches.teacher_feats = FeatureCache(
+                    self.root / "teacher_features", key, info={"teacher": cfg.teacher.name, "feature": m.feature}
+                )
         return caches
 
-    def fill(self, train_set: TrainingSet, dev_set: TrainingSet, caches: Caches, student: DQWhisper,
-             teacher: TeacherTargets | None) -> None:
+    def fill(
+        self,
+        train_set: TrainingSet,
+        dev_set: TrainingSet,
+        caches: Caches,
+        student: DQWhisper,
+        teacher: TeacherTargets | None,
+    ) -> None:
         t0 = time.time()
         for ds, name in ((train_set, "train"), (dev_set, "dev")):
             self.fill_encoder(ds, ds.enc_cache, student, name)
@@ -178,9 +217,10 @@ class CacheFiller:
         bs = self.batch_size
         model.encoder.eval()
         with torch.no_grad():
-            for start in tqdm(range(0, len(todo), bs), desc=f"encoder cache {name}", unit="batch",
-                              disable=not self.progress):
-                chunk = todo[start: start + bs]
+            for start in tqdm(
+                range(0, len(todo), bs), desc=f"encoder cache {name}", unit="batch", disable=not self.progress
+            ):
+                chunk = todo[start : start + bs]
                 items = [ds.base[i] for i in chunk]
                 ok = [(i, it) for i, it in zip(chunk, items) if it is not None]
                 if not ok:
@@ -196,15 +236,18 @@ class CacheFiller:
         if not ds.teacher_caches:
             return
         enc_cache = ds.teacher_enc_cache or ds.enc_cache
-        todo = [i for i in ds.index if enc_cache.has(ds.audio_keys[i])
-                and not all(c.has(ds.teacher_key(i)) for c in ds.teacher_caches)]
+        todo = [
+            i
+            for i in ds.index
+            if enc_cache.has(ds.audio_keys[i]) and not all(c.has(ds.teacher_key(i)) for c in ds.teacher_caches)
+        ]
         if not todo:
             return
         bs = self.batch_size
         pad = ds.base.tokenizer.eot
         with torch.no_grad():
             for start in tqdm(range(0, len(todo), bs), desc="teacher cache", unit="batch", disable=not self.progress):
-                chunk = todo[start: start + bs]
+                chunk = todo[start : start + bs]
                 toks = [ds.tokens(i)[:-1] for i in chunk]
                 length = max(map(len, toks))
                 tokens_in = torch.full((len(chunk), length), pad, dtype=torch.long)
@@ -214,13 +257,18 @@ class CacheFiller:
                 out = teacher.outputs(tokens_in.to(self.device), xa.to(self.device))
                 for b, i in enumerate(chunk):
                     n = len(toks[b])
-                    entry = {k: (v[b, :n] if k != "t_feats" else v[:, b, :n]).to(
-                        self.dtype if v.is_floating_point() else v.dtype) for k, v in out.items()}
+                    entry = {
+                        k: (v[b, :n] if k != "t_feats" else v[:, b, :n]).to(
+                            self.dtype if v.is_floating_point() else v.dtype
+                        )
+                        for k, v in out.items()
+                    }
                     for cache in ds.teacher_caches:
                         fields = ("t_feats",) if cache is feats else ("t_logits", "t_index")
                         cache.put(ds.teacher_key(i), {k: v for k, v in entry.items() if k in fields})
-        log.info("teacher cache: %d utterances computed into %s", len(todo),
-                 ", ".join(str(c.dir) for c in ds.teacher_caches))
+        log.info(
+            "teacher cache: %d utterances computed into %s", len(todo), ", ".join(str(c.dir) for c in ds.teacher_caches)
+        )
 
 
 def check_usable(train_set: TrainingSet, dev_set: TrainingSet) -> None:

@@ -2,6 +2,7 @@
 top-k step checkpoints by dev metric with best.pt, and their average (avg.pt). Files are DQ-Whisper checkpoints
 (dqwhisper.models.student.save_checkpoint) with the training state as extra keys.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,31 @@ from dqwhisper.utils import DQWhisperError, atomic_torch_save, atomic_write_byte
 
 log = get_logger(__name__)
 
-TRAIN_STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng", "best_metric", "kept",
-                    "nonfinite", "adapter", "enc_adapter", "scaler")
+TRAIN_STATE_KEYS = (
+    "optimizer",
+    "scheduler",
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "rng",
+    "best_metric",
+    "kept",
+    "nonfinite",
+    "adapter",
+    "enc_adapter",
+    "scaler",
+)
 
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-             "numpy_gauss": [int(np_state[3]), float(np_state[4])]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,8 +54,15 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_gauss"][0],
+            state["numpy_gauss"][1],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -46,12 +70,21 @@ def set_rng_state(state: dict) -> None:
 def save_state(path: Path, parts: Parts, config: dict | None, **counters) -> None:
     """last.pt: the student with everything a resumed run needs (`counters`: step, epoch, ... of the loop)."""
     m = parts.model
-    save_checkpoint(parts.student, path, config=config, optimizer=parts.optimizer.state_dict(),
-                    scheduler=parts.scheduler.state_dict(), step=counters.pop("step"), epoch=counters.pop("epoch"),
-                    batch_in_epoch=counters.pop("batch_in_epoch"), rng=rng_state(), **counters,
-                    adapter=None if m.adapter is None else m.adapter.state_dict(),
-                    enc_adapter=None if m.enc_adapter is None else m.enc_adapter.state_dict(),
-                    scaler=None if parts.scaler is None else parts.scaler.state_dict())
+    save_checkpoint(
+        parts.student,
+        path,
+        config=config,
+        optimizer=parts.optimizer.state_dict(),
+        scheduler=parts.scheduler.state_dict(),
+        step=counters.pop("step"),
+        epoch=counters.pop("epoch"),
+        batch_in_epoch=counters.pop("batch_in_epoch"),
+        rng=rng_state(),
+        **counters,
+        adapter=None if m.adapter is None else m.adapter.state_dict(),
+        enc_adapter=None if m.enc_adapter is None else m.enc_adapter.state_dict(),
+        scaler=None if parts.scaler is None else parts.scaler.state_dict(),
+    )
 
 
 def load_state(path: Path, parts: Parts, device: torch.device) -> dict:
@@ -60,8 +93,10 @@ def load_state(path: Path, parts: Parts, device: torch.device) -> dict:
     ckpt = read_checkpoint(path, device)
     missing, unexpected = parts.student.load_state_dict(ckpt["model_state_dict"], strict=False)
     if missing or unexpected:
-        raise DQWhisperError(f"{path} does not match this experiment's student: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]} (was the config changed?)")
+        raise DQWhisperError(
+            f"{path} does not match this experiment's student: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]} (was the config changed?)"
+        )
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.scheduler.load_state_dict(ckpt["scheduler"])
     for name, module in (("adapter", m.adapter), ("enc_adapter", m.enc_adapter), ("scaler", parts.scaler)):

@@ -5,6 +5,7 @@ them. What is summed by hand is forward-side: token counts (losses are normalise
 world size, so DDP's average is exactly the gradient of the whole batch) and the matching distance matrix (every
 rank chooses the same teacher layers).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,9 @@ def wrap(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
     if not dist.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                               find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
+    )
 
 
 def cleanup(dist: DistInfo) -> None:

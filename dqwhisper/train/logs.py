@@ -1,5 +1,6 @@
 """What training writes as it goes: train_losses.jsonl and dev_results.jsonl records, TensorBoard scalars, the log
 line every trainer.log_every steps, and each loss term's share of the total."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def write_train_record(expdir: Path, writer, record: dict, values: dict, log_eve
         for i, j in enumerate(chosen or []):
             writer.add_scalar(f"match/teacher_layer_of_student_layer_{i}", j, step)
     if step % log_every == 0:
-        log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in values.items()) +
-                 (f" chosen={chosen}" if chosen is not None else ""))
+        log.info(
+            "step %d: %s",
+            step,
+            " ".join(f"{k}={v:.4g}" for k, v in values.items()) + (f" chosen={chosen}" if chosen is not None else ""),
+        )
 
 
 def write_dev_record(expdir: Path, writer, step: int, result: dict) -> None:

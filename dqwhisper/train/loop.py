@@ -5,6 +5,7 @@ One `Trainer` per process. Under `torchrun` each rank reads its share of the bat
 BatchSampler) and DDP wraps the DistillModel, so the ranks' gradients are averaged by torch. Losses are normalised
 by the global token count over the world size, so N ranks step exactly as one process on the concatenated batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ log = get_logger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: Any, parts: Parts, dist: D.DistInfo, device: torch.device,
-                 amp_dtype: torch.dtype | None = None):
+    def __init__(
+        self, cfg: Any, parts: Parts, dist: D.DistInfo, device: torch.device, amp_dtype: torch.dtype | None = None
+    ):
         self.cfg, self.parts, self.dist, self.device, self.amp_dtype = cfg, parts, dist, device, amp_dtype
         self.model = D.wrap(parts.model, dist, device)  # DDP(DistillModel) under torchrun
         self.expdir = Path(cfg.checkpoint_dir)
@@ -100,8 +102,10 @@ class Trainer:
         if p.scaler:
             p.scaler.update()
         if self.nonfinite > tc.max_nonfinite:
-            raise DQWhisperError(f"{self.nonfinite} non-finite steps (trainer.max_nonfinite={tc.max_nonfinite}): "
-                                 "lower optim.lr or check the data")
+            raise DQWhisperError(
+                f"{self.nonfinite} non-finite steps (trainer.max_nonfinite={tc.max_nonfinite}): "
+                "lower optim.lr or check the data"
+            )
         with warnings.catch_warnings():  # the skipped step keeps the schedule in step with the data
             warnings.simplefilter("ignore", UserWarning)
             p.scheduler.step()
@@ -112,8 +116,11 @@ class Trainer:
     def loader(self, ds: TrainingSet, batches: list[list[int]]) -> torch.utils.data.DataLoader:
         pad = self.parts.tokenizer.eot
         return torch.utils.data.DataLoader(
-            ds, batch_sampler=batches, collate_fn=lambda items: collate_training(items, pad),
-            num_workers=self.cfg.data.collector.num_workers if ds.enc_cache is None else 0)
+            ds,
+            batch_sampler=batches,
+            collate_fn=lambda items: collate_training(items, pad),
+            num_workers=self.cfg.data.collector.num_workers if ds.enc_cache is None else 0,
+        )
 
     def train_one_epoch(self, sampler: BatchSampler, bar: tqdm, start_step: int) -> str | None:
         """The rest of the current epoch. Returns "done" (max_steps), "stopped" (stop_after_steps) or None."""
@@ -121,7 +128,7 @@ class Trainer:
         sampler.set_epoch(self.epoch)
         batches = list(sampler)
         n_usable = len(batches) - len(batches) % accum if len(batches) >= accum else len(batches)
-        loader = iter(self.loader(self.parts.train_set, batches[self.batch_in_epoch: n_usable]))
+        loader = iter(self.loader(self.parts.train_set, batches[self.batch_in_epoch : n_usable]))
         while self.batch_in_epoch < n_usable:
             group = [next(loader) for _ in range(min(accum, n_usable - self.batch_in_epoch))]
             self.batch_in_epoch += len(group)
@@ -133,8 +140,11 @@ class Trainer:
             if tc.valid_every and self.step % tc.valid_every == 0 and self.step < tc.max_steps:
                 self.validate_and_save()
                 if tc.early_stop and self.stale_validations >= tc.early_stop:
-                    log.info("step %d: dev has not improved for %d validations (trainer.early_stop): stopping",
-                             self.step, self.stale_validations)
+                    log.info(
+                        "step %d: dev has not improved for %d validations (trainer.early_stop): stopping",
+                        self.step,
+                        self.stale_validations,
+                    )
                     return "done"
             elif self.step < tc.max_steps and self._periodic_save_due():
                 if self.dist.main:
@@ -173,12 +183,24 @@ class Trainer:
             return {"steps": 0, "dev_metric": metric}
         if self.dist.main and tc.tensorboard:
             self.writer = SummaryWriter(str(self.expdir / "tensorboard"), purge_step=self.step or None)
-        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not (tc.progress and self.dist.main))
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (tc.progress and self.dist.main),
+        )
         c = cfg.data.collector
-        sampler = BatchSampler(self.parts.train_set.lengths, c.minibatch_size, c.max_frames or None,
-                               shuffle=c.shuffle, seed=tc.seed, drop_last=False, rank=self.dist.rank,
-                               world_size=self.dist.world_size)
+        sampler = BatchSampler(
+            self.parts.train_set.lengths,
+            c.minibatch_size,
+            c.max_frames or None,
+            shuffle=c.shuffle,
+            seed=tc.seed,
+            drop_last=False,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         start_step, t0 = self.step, time.time()
         state = "done" if self.step >= tc.max_steps else None
         while state is None and not (tc.max_epochs and self.epoch >= tc.max_epochs):
@@ -197,11 +219,17 @@ class Trainer:
             for k, v in record.items():
                 if k.startswith("share_"):
                     shares[k].append(v)
-        summary = {"steps": self.step, "epochs": self.epoch, "train_seconds": round(elapsed, 2),
-                   "mean_loss_shares": {k: round(sum(v) / len(v), 4) for k, v in shares.items()},
-                   "seconds_per_step": round(elapsed / max(1, self.step - start_step), 4),
-                   "dev_metric": metric, "best_metric": self.topk.best_metric, "nonfinite_steps": self.nonfinite,
-                   "chosen_layers": {i: dict(c) for i, c in self.chosen_counts.items()}}
+        summary = {
+            "steps": self.step,
+            "epochs": self.epoch,
+            "train_seconds": round(elapsed, 2),
+            "mean_loss_shares": {k: round(sum(v) / len(v), 4) for k, v in shares.items()},
+            "seconds_per_step": round(elapsed / max(1, self.step - start_step), 4),
+            "dev_metric": metric,
+            "best_metric": self.topk.best_metric,
+            "nonfinite_steps": self.nonfinite,
+            "chosen_layers": {i: dict(c) for i, c in self.chosen_counts.items()},
+        }
         if self.dist.main:
             (self.expdir / "train_summary.json").write_text(json.dumps(summary, indent=1))
             log.info("done: %s", json.dumps(summary))
@@ -229,8 +257,9 @@ class Trainer:
                     tot[k] += float(v) * info["n_tokens"]
                 n_tok += info["n_tokens"]
                 if self.cfg.trainer.valid_decode:
-                    dev, runaways = dev_hypotheses(self.parts.student, batch, self.cfg.decode, self.device,
-                                                   self.amp_dtype)
+                    dev, runaways = dev_hypotheses(
+                        self.parts.student, batch, self.cfg.decode, self.device, self.amp_dtype
+                    )
                     hyps.update(dev)
                     self._runaways += runaways
         result = {k: v / max(1, n_tok) for k, v in tot.items() if k in ("loss", "loss_ce", "loss_ctc")}
@@ -238,8 +267,10 @@ class Trainer:
             result.update(dev_errors(hyps, self.parts.dev_base.items))
             result["n_runaways"] = len(self._runaways)
             if self.dist.main:  # the latest dev hypotheses, Kaldi text format
-                atomic_write_bytes(self.expdir / "dev_hyp.txt",
-                                   "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items())).encode())
+                atomic_write_bytes(
+                    self.expdir / "dev_hyp.txt",
+                    "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items())).encode(),
+                )
         return result
 
     def validate_and_save(self) -> float:
@@ -248,8 +279,12 @@ class Trainer:
             t0 = time.time()
             result = self.validate()
             metric_value = result["error" if "error" in result else "loss"]
-            log.info("step %d dev (%.1f s): %s", self.step, time.time() - t0,
-                     " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+            log.info(
+                "step %d dev (%.1f s): %s",
+                self.step,
+                time.time() - t0,
+                " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()),
+            )
             write_dev_record(self.expdir, self.writer, self.step, result)
             improved = metric_value < self.topk.best_metric
             self.topk.save(self.parts.student, self.step, metric_value, config_dict(self.cfg))
@@ -266,9 +301,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_state(self, path: Path) -> None:
-        save_state(path, self.parts, config_dict(self.cfg), step=self.step, epoch=self.epoch,
-                   batch_in_epoch=self.batch_in_epoch, best_metric=self.topk.best_metric, kept=self.topk.kept,
-                   nonfinite=self.nonfinite)
+        save_state(
+            path,
+            self.parts,
+            config_dict(self.cfg),
+            step=self.step,
+            epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch,
+            best_metric=self.topk.best_metric,
+            kept=self.topk.kept,
+            nonfinite=self.nonfinite,
+        )
 
     def load_state(self, path: Path) -> None:
         ckpt = load_state(path, self.parts, self.device)

@@ -1,4 +1,5 @@
 """What validation measures on the dev set besides the loss: the student's hypotheses and their error."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,13 @@ from dqwhisper.scoring import score_utterances, summarize
 from dqwhisper.utils import autocast
 
 
-def dev_hypotheses(student: DQWhisper, batch: dict, decode_cfg: DecodeConfig, device: torch.device,
-                   amp_dtype: torch.dtype | None = None) -> tuple[dict[str, str], list[str]]:
+def dev_hypotheses(
+    student: DQWhisper,
+    batch: dict,
+    decode_cfg: DecodeConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, str], list[str]]:
     """Decode a dev batch exactly as inference.py decodes test: `decode_mels` with the experiment's `decode`
     settings (token cap from the audio's duration, never from the reference; temperature fallback), language from
     utt2lang. Returns (utt_id -> text, the utt_ids that ran away)."""
@@ -29,7 +35,12 @@ def dev_hypotheses(student: DQWhisper, batch: dict, decode_cfg: DecodeConfig, de
 def dev_errors(hyps: dict[str, str], items: list) -> dict[str, float]:
     """Pooled error over the dev set (WER; CER for scripts without spaces) and per language (dqwhisper.scoring);
     `items`: the dev WhisperDataset's (utterance, tokens, ctc targets, frames)."""
-    summary = summarize(score_utterances({u.utt_id: u.text for u, _, _, _ in items}, hyps,
-                                         {u.utt_id: u.lang for u, _, _, _ in items})[0])
-    return {"error": summary["overall"]["error"],
-            **{f"error_{lang}": v["error"] for lang, v in summary["per_language"].items()}}
+    summary = summarize(
+        score_utterances({u.utt_id: u.text for u, _, _, _ in items}, hyps, {u.utt_id: u.lang for u, _, _, _ in items})[
+            0
+        ]
+    )
+    return {
+        "error": summary["overall"]["error"],
+        **{f"error_{lang}": v["error"] for lang, v in summary["per_language"].items()},
+    }

@@ -1,15 +1,23 @@
 import pytest
 import torch
 
-from dqwhisper.distill.matching import (FeatureAdapter, choose, distance_matrix, match_loss, position_distance,
-                                        static_choice)
+from dqwhisper.distill.matching import (
+    FeatureAdapter,
+    choose,
+    distance_matrix,
+    match_loss,
+    position_distance,
+    static_choice,
+)
 
 # rows: student layers, columns: teacher layers
-DIST = torch.tensor([
-    [5.0, 1.0, 3.0, 0.5, 9.0, 9.0],   # global argmin 3
-    [0.1, 4.0, 2.0, 7.0, 6.0, 8.0],   # global argmin 0 (behind the previous choice)
-    [9.0, 9.0, 9.0, 9.0, 2.0, 1.0],   # argmin 5
-])
+DIST = torch.tensor(
+    [
+        [5.0, 1.0, 3.0, 0.5, 9.0, 9.0],  # global argmin 3
+        [0.1, 4.0, 2.0, 7.0, 6.0, 8.0],  # global argmin 0 (behind the previous choice)
+        [9.0, 9.0, 9.0, 9.0, 2.0, 1.0],  # argmin 5
+    ]
+)
 
 
 def test_static_is_2i_plus_1_clipped():
@@ -69,8 +77,10 @@ def _features(n, seed, B=2, L=5, D=8):
 
 def test_match_picks_planted_teacher_layers_and_gradient_only_through_chosen():
     teacher = _features(6, 1)
-    student = [(teacher[4] + 0.01 * torch.randn_like(teacher[4])).requires_grad_(),
-               (teacher[2] + 0.01 * torch.randn_like(teacher[2])).requires_grad_()]
+    student = [
+        (teacher[4] + 0.01 * torch.randn_like(teacher[4])).requires_grad_(),
+        (teacher[2] + 0.01 * torch.randn_like(teacher[2])).requires_grad_(),
+    ]
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False
     loss, chosen, dist = match_loss(student, teacher, mask, mode="dynamic_nolimit", kind="mse")

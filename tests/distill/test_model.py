@@ -1,4 +1,5 @@
 """DistillModel: one forward -> the named losses; teacher targets from the live provider; the teacher stays out."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,14 +15,20 @@ from tests.conftest import random_tiny_whisper
 
 def tiny_batch(n_mels: int = 80, n_audio_ctx: int = 100) -> dict:
     torch.manual_seed(0)
-    tokens = torch.tensor([[50258, 50259, 50359, 50363, 11, 12, 13, 50257],
-                           [50258, 50260, 50359, 50363, 21, 22, 50257, 50257]])
+    tokens = torch.tensor(
+        [[50258, 50259, 50359, 50363, 11, 12, 13, 50257], [50258, 50260, 50359, 50363, 21, 22, 50257, 50257]]
+    )
     targets = tokens[:, 1:].clone()
     targets[:, :3] = -100  # the prefix
     targets[1, -1] = -100  # padding
-    return {"mel": torch.randn(2, n_mels, 2 * n_audio_ctx), "tokens_in": tokens[:, :-1], "targets": targets,
-            "ctc_targets": torch.tensor([1, 2, 3, 4, 5]), "ctc_target_lengths": torch.tensor([3, 2]),
-            "enc_lengths": torch.tensor([100, 80])}
+    return {
+        "mel": torch.randn(2, n_mels, 2 * n_audio_ctx),
+        "tokens_in": tokens[:, :-1],
+        "targets": targets,
+        "ctc_targets": torch.tensor([1, 2, 3, 4, 5]),
+        "ctc_target_lengths": torch.tensor([3, 2]),
+        "enc_lengths": torch.tensor([100, 80]),
+    }
 
 
 @pytest.fixture
@@ -34,8 +41,9 @@ def pair():
 def test_forward_returns_the_named_losses_and_their_sum(pair):
     student, teacher = pair
     loss = OmegaConf.structured(LossConfig(alpha=0.9, beta=0.1, match=MatchConfig(enabled=True)))
-    model = DistillModel(student, loss, LiveTargets(teacher, None, match_feature="ffn"),
-                         feature_adapter(student, teacher, "ffn"))
+    model = DistillModel(
+        student, loss, LiveTargets(teacher, None, match_feature="ffn"), feature_adapter(student, teacher, "ffn")
+    )
     named, info = model.train()(tiny_batch())
     assert set(named) == {"loss", "loss_ce", "loss_ctc", "loss_kd", "loss_match"}
     assert all(bool(torch.isfinite(v)) and float(v) > 0 for v in named.values())
@@ -51,8 +59,7 @@ def test_forward_returns_the_named_losses_and_their_sum(pair):
 
 def test_without_teacher_or_alpha_zero_only_ce_and_ctc(pair):
     student, teacher = pair
-    model = DistillModel(student, OmegaConf.structured(LossConfig(alpha=0.9, beta=0.1)),
-                         LiveTargets(teacher, None))
+    model = DistillModel(student, OmegaConf.structured(LossConfig(alpha=0.9, beta=0.1)), LiveTargets(teacher, None))
     named, _ = model.eval()(tiny_batch(), with_teacher=False)
     assert float(named["loss_kd"]) == 0 and float(named["loss_match"]) == 0
     torch.testing.assert_close(named["loss"], 0.1 * named["loss_ctc"] + named["loss_ce"])

@@ -1,4 +1,5 @@
 """CTranslate2 model.bin reader/writer and the openai <-> CT2 converter on tiny random models (no download)."""
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,8 @@ def test_given_int8_weights_are_written_as_is(tiny_whisper, tmp_path):
         name = f"decoder.blocks.1.attn.{part}.weight"
         given[name] = ct2.quantize_int8_rows(sd[name])
     given["encoder.blocks.0.mlp.0.weight"] = ct2.Int8Weight.from_step(
-        torch.randint(-127, 128, (256, 64), dtype=torch.int8), torch.full((256,), 0.01))
+        torch.randint(-127, 128, (256, 64), dtype=torch.int8), torch.full((256,), 0.01)
+    )
     out = _export(tiny_whisper, tmp_path, int8_weights=given)
     raw = ct2.read_model_bin(out / "model.bin")
     fused = raw.variables["decoder/layer_1/self_attention/linear_0/weight"]
@@ -105,8 +107,7 @@ def _ct2_greedy(ct2_dir, mel, n):
     ctranslate2 = pytest.importorskip("ctranslate2")
     model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32")
     features = ctranslate2.StorageView.from_array(mel.numpy())
-    result = model.generate(features, [PROMPT], beam_size=1, suppress_blank=False, suppress_tokens=[],
-                            max_length=n)
+    result = model.generate(features, [PROMPT], beam_size=1, suppress_blank=False, suppress_tokens=[], max_length=n)
     return model, result[0].sequences_ids[0]
 
 
@@ -119,7 +120,7 @@ def _torch_greedy(model, mel, n):
             if nxt == 50257:
                 break
             tokens.append(nxt)
-    return xa, tokens[len(PROMPT):]
+    return xa, tokens[len(PROMPT) :]
 
 
 PROMPT = [50258, 50259, 50359, 50363]  # sot, en, transcribe, notimestamps

@@ -1,4 +1,5 @@
 """load_whisper and the errors a user meets: each a DQWhisperError naming the file and the problem."""
+
 from __future__ import annotations
 
 import struct
@@ -179,9 +180,19 @@ def test_cli_subprocess(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "dqwhisper.models.convert", "ct2-to-openai",
-                             str(tmp_path / "nothing"), str(tmp_path / "out.pt")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dqwhisper.models.convert",
+            "ct2-to-openai",
+            str(tmp_path / "nothing"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 

@@ -1,4 +1,5 @@
 """Real weights (scripts/prepare_models.sh): the converted base against faster-whisper on synthesized speech."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,11 @@ def _synthesize(lang: str, engine: str, text: str, out: Path) -> Path:
     else:
         if not shutil.which(engine):
             pytest.skip(f"{engine} not installed")
-        cmd = ["flite", "-voice", "slt", "-t", text, "-o", str(raw)] if engine == "flite" else \
-            ["espeak-ng", "-v", lang, "-s", "130", "-w", str(raw), text]
+        cmd = (
+            ["flite", "-voice", "slt", "-t", text, "-o", str(raw)]
+            if engine == "flite"
+            else ["espeak-ng", "-v", lang, "-s", "130", "-w", str(raw), text]
+        )
         subprocess.run(cmd, check=True, capture_output=True)
     if not shutil.which("sox"):
         pytest.skip("sox not installed")
@@ -48,8 +52,10 @@ def _synthesize(lang: str, engine: str, text: str, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory) -> dict[str, np.ndarray]:
     folder = tmp_path_factory.mktemp("clips")
-    return {lang: whisper.load_audio(str(_synthesize(lang, engine, text, folder / f"{lang}.wav")))
-            for lang, (engine, text) in SENTENCES.items()}
+    return {
+        lang: whisper.load_audio(str(_synthesize(lang, engine, text, folder / f"{lang}.wav")))
+        for lang, (engine, text) in SENTENCES.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +78,15 @@ def _faster_whisper(path: Path):
 
 
 def _fw_tokens(model, audio: np.ndarray, lang: str) -> list[int]:
-    segments, _ = model.transcribe(audio, language=lang, beam_size=1, without_timestamps=True, temperature=0.0,
-                                   condition_on_previous_text=False, vad_filter=False)
+    segments, _ = model.transcribe(
+        audio,
+        language=lang,
+        beam_size=1,
+        without_timestamps=True,
+        temperature=0.0,
+        condition_on_previous_text=False,
+        vad_filter=False,
+    )
     return [t for s in segments for t in s.tokens]
 
 
@@ -121,8 +134,9 @@ def test_converted_base_gives_faster_whisper_tokens(lang, clips, base_model, bas
     oa_tokens = _openai_tokens(base_model, oa_mel, lang)
     tok = whisper.tokenizer.get_tokenizer(True, num_languages=99)
     prompt = [tok.sot, tok.to_language_token(lang), tok.transcribe, tok.no_timestamps]
-    result = fw.model.generate(ctranslate2.StorageView.from_array(oa_mel[None].numpy()), [prompt], beam_size=1,
-                               max_length=224)
+    result = fw.model.generate(
+        ctranslate2.StorageView.from_array(oa_mel[None].numpy()), [prompt], beam_size=1, max_length=224
+    )
     _assert_same_greedy(base_model, oa_mel, lang, oa_tokens, result[0].sequences_ids[0])
     assert len(oa_tokens) >= 5
 
@@ -143,8 +157,13 @@ def _ct2_steps(model_dir: Path, mel: np.ndarray, prompt: list[int]) -> tuple[lis
     """Greedy CTranslate2 int8 decoding: (token ids, each step's log-probabilities over the vocabulary)."""
     ctranslate2 = pytest.importorskip("ctranslate2")
     model = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="int8_float32", intra_threads=2)
-    r = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None])), [prompt], beam_size=1,
-                       max_length=64, return_logits_vocab=True)[0]
+    r = model.generate(
+        ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None])),
+        [prompt],
+        beam_size=1,
+        max_length=64,
+        return_logits_vocab=True,
+    )[0]
     return r.sequences_ids[0], [np.asarray(step[0]) for step in r.logits]
 
 
@@ -154,8 +173,9 @@ def test_exported_int8_base_decodes_like_ctranslate2_int8(tmp_path, clips, base_
     INT8_TIE of each other under one of the models. CTranslate2's int8 GEMM is CPU-dependent (u8s8 with int16 pair
     sums without VNNI): on the en clip the two models' step-0 log-probabilities differ by up to ~1.0 while the top two
     tokens (440, 264) are 0.5-1.0 apart, so an AVX2-only CPU flips that first choice (issue 15: 440 vs 264)."""
-    out = ct2.openai_to_ct2(**export_state(read_checkpoint(base_checkpoint)), out_dir=tmp_path / "base-int8",
-                            quantization="int8")
+    out = ct2.openai_to_ct2(
+        **export_state(read_checkpoint(base_checkpoint)), out_dir=tmp_path / "base-int8", quantization="int8"
+    )
     assert (out / "model.bin").stat().st_size < 0.55 * (base_ct2_dir / "model.bin").stat().st_size
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(clips["en"])).numpy()
     tok = whisper.tokenizer.get_tokenizer(True, num_languages=99)

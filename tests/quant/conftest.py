@@ -1,4 +1,5 @@
 """Fixtures for the quantization tests: tiny random DQWhisper students (no download)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """PTQ, CT2 export and size-report CLIs on tiny models; the CT2 export loads in faster-whisper."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def test_ptq_cli_writes_fake_quant_checkpoint(tmp_path, inputs):
     # same quantizer as QAT: preparing the float student directly gives the same forward
     direct = prepare(make_student(), {**q.quant_config})
     with torch.no_grad():
-        torch.testing.assert_close(q.decoder(tokens, q.encoder(mel)), direct.decoder(tokens, direct.encoder(mel)),
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            q.decoder(tokens, q.encoder(mel)), direct.decoder(tokens, direct.encoder(mel)), atol=0, rtol=0
+        )
     assert ptq.main([str(tmp_path / "q.pt"), "w8", str(tmp_path / "qq.pt")]) == 1  # already quantized
     assert ptq.main([str(tmp_path / "f.pt"), "no_such_config", str(tmp_path / "x.pt")]) == 1
     assert ptq.main([str(tmp_path / "f.pt"), "w8", str(tmp_path / "x.pt"), "weight.bits=9"]) == 1
@@ -38,8 +40,19 @@ def test_size_report_counts_packed_bits(tmp_path, capsys):
     save_checkpoint(teacher, tmp_path / "t.pt")
     model = prepare(make_student(vocab_keep=None), {"enabled": True, "scope": "all", "weight": {"bits": 4}})
     export_model(model, tmp_path / "m.dqw")
-    assert size.main([str(tmp_path / "m.dqw"), "--teacher", str(tmp_path / "t.pt"), "--per-tensor",
-                      "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        size.main(
+            [
+                str(tmp_path / "m.dqw"),
+                "--teacher",
+                str(tmp_path / "t.pt"),
+                "--per-tensor",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     n_float = sum(v.numel() for v in teacher.state_dict().values() if torch.is_floating_point(v))
@@ -67,8 +80,9 @@ def test_ct2_export_keeps_the_students_int8_codes(tmp_path):
 
 
 def test_ct2_export_of_per_group_weights_is_dequantized_float(tmp_path):
-    model = prepare(make_student(), {"enabled": True, "weight": {"bits": 4, "granularity": "per_group",
-                                                                 "group_size": 16}})
+    model = prepare(
+        make_student(), {"enabled": True, "weight": {"bits": 4, "granularity": "per_group", "group_size": 16}}
+    )
     out, n = ct2_export.export_ct2(model, tmp_path / "ct2", "float32")
     assert n == 0
     w = read_model_bin(out).variables["decoder/layer_0/ffn/linear_0/weight"]
@@ -84,8 +98,15 @@ def test_export_cli_with_ct2_loads_in_faster_whisper(tmp_path, inputs):
     assert export_main([str(tmp_path / "q.pt"), str(tmp_path / "m.dqw"), "--ct2", str(tmp_path / "ct2")]) == 0
     fw = faster_whisper.WhisperModel(str(tmp_path / "ct2"), device="cpu", compute_type="int8")
     audio = np.random.default_rng(0).normal(0, 0.05, 16000).astype(np.float32)
-    segments, _ = fw.transcribe(audio, language="en", beam_size=1, without_timestamps=True,
-                                condition_on_previous_text=False, temperature=0.0, vad_filter=False)
+    segments, _ = fw.transcribe(
+        audio,
+        language="en",
+        beam_size=1,
+        without_timestamps=True,
+        condition_on_previous_text=False,
+        temperature=0.0,
+        vad_filter=False,
+    )
     list(segments)  # runs end to end (random weights: the text itself is meaningless)
 
 
@@ -97,10 +118,10 @@ def test_ct2_greedy_agrees_with_our_greedy_decode(tmp_path, inputs):
     model = prepare(make_student(), {"enabled": True, "scope": "all"})
     out, _ = ct2_export.export_ct2(model, tmp_path / "ct2", "float32")
     prompt = [50258, 50259, 50359, 50363]  # sot, en, transcribe, notimestamps
-    opts = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=10,
-                                   suppress_tokens="", suppress_blank=False)
+    opts = whisper.DecodingOptions(
+        language="en", without_timestamps=True, fp16=False, sample_len=10, suppress_tokens="", suppress_blank=False
+    )
     ours = [whisper.decode(model, m, opts).tokens for m in mel]
-    theirs = ct2_export.ct2_greedy(out, mel.numpy(), [prompt] * len(mel), max_length=64,
-                                   compute_type="float32")
+    theirs = ct2_export.ct2_greedy(out, mel.numpy(), [prompt] * len(mel), max_length=64, compute_type="float32")
     # same float weights (int8 codes dequantized by CT2 in float32): the same greedy tokens
-    assert [t[:len(o)] for t, o in zip(theirs, ours)] == ours
+    assert [t[: len(o)] for t, o in zip(theirs, ours)] == ours

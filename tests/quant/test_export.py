@@ -1,4 +1,5 @@
 """model.dqw: fake-quant forward == exported-and-reloaded forward; sizes; whisper.decode on the loaded model."""
+
 from __future__ import annotations
 
 import pytest
@@ -94,16 +95,20 @@ def test_fbgemm_mode_runs_int8_activations(tmp_path, inputs):
 def test_file_is_packed_and_small(tmp_path):
     model = make_student(vocab_keep=None)
     n_quant = 0
-    prepare(model, {"enabled": True, "scope": "all", "weight": {"bits": 4, "granularity": "per_group",
-                                                                "group_size": 32}})
+    prepare(
+        model, {"enabled": True, "scope": "all", "weight": {"bits": 4, "granularity": "per_group", "group_size": 32}}
+    )
     for m in model.modules():
         if isinstance(m, FAKE_QUANTIZED_TYPES):
             n_quant += m.weight.numel()
     header = export_model(model, tmp_path / "m.dqw")
     size = (tmp_path / "m.dqw").stat().st_size
     codes = sum(e["codes"]["nbytes"] for e in header["tensors"].values() if e["kind"] == "quantized")
-    assert codes == sum((e["shape"][0] * (torch.tensor(e["shape"][1:]).prod().item()) * 4 + 7) // 8
-                        for e in header["tensors"].values() if e["kind"] == "quantized")
+    assert codes == sum(
+        (e["shape"][0] * (torch.tensor(e["shape"][1:]).prod().item()) * 4 + 7) // 8
+        for e in header["tensors"].values()
+        if e["kind"] == "quantized"
+    )
     assert codes * 2 >= n_quant  # 4 bits per weight
     n_float = sum(p.numel() for n, p in model.state_dict().items()) - n_quant
     # codes + fp16 scales (1 per 32 weights) + the rest in fp16 + header/alignment < 4.5 bits/quantized weight

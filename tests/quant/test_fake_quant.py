@@ -1,4 +1,5 @@
 """The quantizer math: ranges, granularities, STE and LSQ gradients, fp16 scales."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,14 @@ import math
 import pytest
 import torch
 
-from dqwhisper.quant.fake_quant import (ActivationFakeQuantizer, QuantSpec, WeightFakeQuantizer, dequantize_codes,
-                                        minmax_scale_zero, quantize_codes)
+from dqwhisper.quant.fake_quant import (
+    ActivationFakeQuantizer,
+    QuantSpec,
+    WeightFakeQuantizer,
+    dequantize_codes,
+    minmax_scale_zero,
+    quantize_codes,
+)
 from dqwhisper.utils import DQWhisperError
 
 

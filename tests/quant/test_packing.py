@@ -1,4 +1,5 @@
 """Bit packing round trips (int2..int8) and the packed size."""
+
 from __future__ import annotations
 
 import numpy as np

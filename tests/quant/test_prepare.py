@@ -1,4 +1,5 @@
 """prepare swaps exactly the modules the scope names; convert reproduces the fake-quant forward; config errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dqwhisper.models.student import load_checkpoint, save_checkpoint
-from dqwhisper.quant import (FakeQuantizedConv1d, FakeQuantizedEmbedding, FakeQuantizedLinear, QuantConfig,
-                             QuantizedEmbedding, QuantizedLinear, convert, prepare, resolve_config)
+from dqwhisper.quant import (
+    FakeQuantizedConv1d,
+    FakeQuantizedEmbedding,
+    FakeQuantizedLinear,
+    QuantConfig,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    convert,
+    prepare,
+    resolve_config,
+)
 from dqwhisper.quant.fake_quant import FAKE_QUANTIZED_TYPES
 from dqwhisper.utils import DQWhisperError
 from tests.quant.conftest import make_student
@@ -25,14 +35,19 @@ def expected_names(model, prefixes, embedding=True, conv=True):
     for n, m in model.named_modules():
         if not n.startswith(prefixes):
             continue
-        if isinstance(m, nn.Linear) or (conv and isinstance(m, nn.Conv1d)) or \
-                (embedding and n == "decoder.token_embedding"):
+        if (
+            isinstance(m, nn.Linear)
+            or (conv and isinstance(m, nn.Conv1d))
+            or (embedding and n == "decoder.token_embedding")
+        ):
             names.add(n)
     return names
 
 
-@pytest.mark.parametrize("scope,prefixes", [("decoder", ("decoder.",)), ("encoder", ("encoder.", "ctc_head")),
-                                            ("all", ("encoder.", "decoder.", "ctc_head"))])
+@pytest.mark.parametrize(
+    "scope,prefixes",
+    [("decoder", ("decoder.",)), ("encoder", ("encoder.", "ctc_head")), ("all", ("encoder.", "decoder.", "ctc_head"))],
+)
 def test_scope_touches_exactly_its_modules(scope, prefixes):
     model = make_student(ctc_units=10)
     float_model = make_student(ctc_units=10)
@@ -55,8 +70,10 @@ def test_decoder_scope_counts():
 
 
 def test_include_exclude_and_flags():
-    model = prepare(make_student(), {"enabled": True, "scope": "all", "include": [r"\.mlp\.", "conv"],
-                                     "exclude": [r"blocks\.0\."], "conv": False})
+    model = prepare(
+        make_student(),
+        {"enabled": True, "scope": "all", "include": [r"\.mlp\.", "conv"], "exclude": [r"blocks\.0\."], "conv": False},
+    )
     names = fq_names(model)
     assert names and all(".mlp." in n and "blocks.0." not in n for n in names)
     model = prepare(make_student(), {"enabled": True, "embedding": False, "scope": "all"})
@@ -72,21 +89,28 @@ def test_parameters_are_shared_not_copied():
 
 
 def test_accepts_dataclass_dictconfig_dict():
-    for cfg in (QuantConfig(enabled=True), OmegaConf.structured(QuantConfig(enabled=True)),
-                OmegaConf.create({"enabled": True, "weight": {"bits": 4}}), {"enabled": True}):
+    for cfg in (
+        QuantConfig(enabled=True),
+        OmegaConf.structured(QuantConfig(enabled=True)),
+        OmegaConf.create({"enabled": True, "weight": {"bits": 4}}),
+        {"enabled": True},
+    ):
         assert fq_names(prepare(make_student(), cfg))
 
 
-@pytest.mark.parametrize("cfg,match", [
-    ({"weight": {"bits": 1}}, "quant.weight.bits = 1"),
-    ({"weight": {"bits": 9}}, "quant.weight.bits = 9"),
-    ({"embedding_bits": 16}, "quant.embedding_bits"),
-    ({"scope": "everything"}, "quant.scope = 'everything'"),
-    ({"weight": {"granularity": "per_row"}}, "granularity"),
-    ({"weight": {"bitz": 4}}, "unknown key"),
-    ({"include": ["("]}, "not a regex"),
-    ({"activation": {"enabled": True, "bits": 4}}, "only 8-bit"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"weight": {"bits": 1}}, "quant.weight.bits = 1"),
+        ({"weight": {"bits": 9}}, "quant.weight.bits = 9"),
+        ({"embedding_bits": 16}, "quant.embedding_bits"),
+        ({"scope": "everything"}, "quant.scope = 'everything'"),
+        ({"weight": {"granularity": "per_row"}}, "granularity"),
+        ({"weight": {"bitz": 4}}, "unknown key"),
+        ({"include": ["("]}, "not a regex"),
+        ({"activation": {"enabled": True, "bits": 4}}, "only 8-bit"),
+    ],
+)
 def test_bad_configs_fail_clearly(cfg, match):
     with pytest.raises(DQWhisperError, match=match):
         resolve_config({"enabled": True, **cfg})
@@ -115,11 +139,17 @@ def test_disabled_is_a_no_op():
 CONFIGS = {
     "w8": {"enabled": True},
     "w8_tensor_dec": {"enabled": True, "embedding": False, "weight": {"granularity": "per_tensor"}},
-    "w4g16_lsq_all": {"enabled": True, "scope": "all", "weight": {"bits": 4, "granularity": "per_group",
-                                                                  "group_size": 16, "lsq": True}},
+    "w4g16_lsq_all": {
+        "enabled": True,
+        "scope": "all",
+        "weight": {"bits": 4, "granularity": "per_group", "group_size": 16, "lsq": True},
+    },
     "w3_asym_lsq": {"enabled": True, "scope": "all", "weight": {"bits": 3, "symmetric": False, "lsq": True}},
-    "w2_emb4": {"enabled": True, "embedding_bits": 4, "weight": {"bits": 2, "granularity": "per_group",
-                                                                 "group_size": 32}},
+    "w2_emb4": {
+        "enabled": True,
+        "embedding_bits": 4,
+        "weight": {"bits": 2, "granularity": "per_group", "group_size": 32},
+    },
     "w8a8": {"enabled": True, "scope": "all", "activation": {"enabled": True}},
 }
 
@@ -208,8 +238,9 @@ def test_int8_equals_fake_quant_with_activation_quant(backend, inputs):
     assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.99
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "conf" / "quant").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "conf" / "quant").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_every_quant_yaml_resolves_and_prepares(path):
     cfg = resolve_config(OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(path)))
     model = prepare(make_student(), cfg)

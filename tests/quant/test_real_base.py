@@ -1,4 +1,5 @@
 """Slow: the real Whisper base through PTQ -> model.dqw -> CT2 -> faster-whisper."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,9 +31,11 @@ def test_base_w8_export_matches_and_loads_in_faster_whisper(base_checkpoint, tmp
     out_dir, n = export_ct2(model, tmp_path / "ct2", "float32")
     assert n > 90
     faster_whisper.WhisperModel(str(out_dir), device="cpu", compute_type="int8")
-    opts = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=20,
-                                   suppress_tokens="", suppress_blank=False)
+    opts = whisper.DecodingOptions(
+        language="en", without_timestamps=True, fp16=False, sample_len=20, suppress_tokens="", suppress_blank=False
+    )
     ours = whisper.decode(loaded, mel, opts).tokens
-    theirs = ct2_greedy(out_dir, mel[None].numpy(), [[50258, 50259, 50359, 50363]], max_length=24,
-                        compute_type="float32")[0]
-    assert [t for t in theirs if t != 50257][:len(ours)] == ours
+    theirs = ct2_greedy(
+        out_dir, mel[None].numpy(), [[50258, 50259, 50359, 50363]], max_length=24, compute_type="float32"
+    )[0]
+    assert [t for t in theirs if t != 50257][: len(ours)] == ours

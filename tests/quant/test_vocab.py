@@ -1,4 +1,5 @@
 """Vocabulary pruning: selection from data dirs, and teacher / student / export consistency."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,11 @@ from tests.quant.conftest import make_student
 
 
 def write_dir(path):
-    utts = [Utterance("a1", "a1.wav", "hello world", "spk", "en"),
-            Utterance("b1", "b1.wav", "こんにちは世界", "spk2", "ja"),
-            Utterance("c1", "c1.wav", "guten Tag", "spk3", "de")]
+    utts = [
+        Utterance("a1", "a1.wav", "hello world", "spk", "en"),
+        Utterance("b1", "b1.wav", "こんにちは世界", "spk2", "ja"),
+        Utterance("c1", "c1.wav", "guten Tag", "spk3", "de"),
+    ]
     write_data_dir(path, utts)
     return utts
 

@@ -1,4 +1,5 @@
 """Fixtures for the training tests: a tiny random Whisper checkpoint and a tiny Kaldi data dir with written wavs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,10 +51,25 @@ def write_data_dir(root: Path, n_per_lang: int = 6, seed: int = 0) -> Path:
 def tiny_config(expdir: Path, data_dir: Path, teacher: Path, name: str = "demo_student_kd_dm", overrides=()):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=[
-            f"checkpoint_dir={expdir}", f"data.data_dir={data_dir}", f"teacher.name={teacher}",
-            "data.audio_window=2.0", "data.bpe_vocab_size=300", "data.collector.minibatch_size=4",
-            "student.decoder_layers=[0,3]", f"trainer.cache_dir={expdir.parent / 'cache'}",
-            "trainer.max_steps=6", "trainer.valid_every=3", "trainer.progress=false", "trainer.device=cpu",
-            "trainer.num_threads=1", "trainer.cache_dtype=float32", "optim.warmup_steps=2", "optim.lr=1e-3",
-            *overrides])
+        return compose(
+            config_name=name,
+            overrides=[
+                f"checkpoint_dir={expdir}",
+                f"data.data_dir={data_dir}",
+                f"teacher.name={teacher}",
+                "data.audio_window=2.0",
+                "data.bpe_vocab_size=300",
+                "data.collector.minibatch_size=4",
+                "student.decoder_layers=[0,3]",
+                f"trainer.cache_dir={expdir.parent / 'cache'}",
+                "trainer.max_steps=6",
+                "trainer.valid_every=3",
+                "trainer.progress=false",
+                "trainer.device=cpu",
+                "trainer.num_threads=1",
+                "trainer.cache_dtype=float32",
+                "optim.warmup_steps=2",
+                "optim.lr=1e-3",
+                *overrides,
+            ],
+        )

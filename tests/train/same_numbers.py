@@ -8,6 +8,7 @@ every tensor of the saved checkpoints (last.pt with its optimizer state, best.pt
 The losses are caught where every training path computes them (`dqwhisper.losses.combine`, with gradient enabled),
 so the script does not depend on how the trainer is organised.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,10 @@ RECIPES = {
     "kd_dm_qat_w4": ("demo_student_kd_dm", ["quant=w4"]),
     "kd_dm_accum2": ("demo_student_kd_dm", ["optim.accum_grad=2", "data.collector.minibatch_size=2"]),
     "kd_dm_live_teacher": ("demo_student_kd_dm", ["trainer.cache_teacher=false"]),
-    "kd_dm_train_encoder": ("demo_student_kd_dm", ["student.freeze_encoder=false", "loss.match.encoder=true",
-                                                   "data.spec_augment.enabled=true"]),
+    "kd_dm_train_encoder": (
+        "demo_student_kd_dm",
+        ["student.freeze_encoder=false", "loss.match.encoder=true", "data.spec_augment.enabled=true"],
+    ),
 }
 
 
@@ -64,8 +67,18 @@ def digests(obj, prefix: str = "") -> dict[str, str]:
 def run(name: str, root: Path, teacher: Path, data: Path) -> dict:
     config, overrides = RECIPES[name]
     exp = root / name
-    cfg = tiny_config(exp, data, teacher, name=config, overrides=[
-        "trainer.max_steps=4", "trainer.valid_every=2", f"trainer.cache_dir={root / name}_cache", *overrides])
+    cfg = tiny_config(
+        exp,
+        data,
+        teacher,
+        name=config,
+        overrides=[
+            "trainer.max_steps=4",
+            "trainer.valid_every=2",
+            f"trainer.cache_dir={root / name}_cache",
+            *overrides,
+        ],
+    )
     caught: list[dict[str, str]] = []
     real = losses.combine
 
@@ -80,8 +93,11 @@ def run(name: str, root: Path, teacher: Path, data: Path) -> dict:
         summary = train_fn()(cfg)
     finally:
         losses.combine = real
-    out = {"losses": caught, "dev_results": (exp / "dev_results.jsonl").read_text().splitlines(),
-           "dev_metric": float(summary["dev_metric"]).hex()}
+    out = {
+        "losses": caught,
+        "dev_results": (exp / "dev_results.jsonl").read_text().splitlines(),
+        "dev_metric": float(summary["dev_metric"]).hex(),
+    }
     for ckpt in ("last.pt", "best.pt", "avg.pt"):
         state = read_checkpoint(exp / ckpt)
         out[ckpt] = digests({k: state.get(k) for k in ("model_state_dict", "optimizer", "adapter", "step")})

@@ -1,4 +1,5 @@
 """The training loop on a tiny random Whisper and a tiny written data dir: end to end, caches, resume, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def test_end_to_end_kd_dynamic_matching(assets, tmp_path):
     for r in recs.values():
         assert r["loss_kd"] > 0 and r["loss_match"] > 0 and r["loss_ctc"] > 0 and r["loss_ce"] > 0
         assert len(r["chosen"]) == 2 and r["chosen"][0] <= r["chosen"][1]
-        assert r["loss"] == pytest.approx(0.1 * r["loss_ctc"] + 0.1 * r["loss_ce"]
-                                          + 0.9 * (r["loss_kd"] + r["loss_match"]), rel=1e-4)
+        assert r["loss"] == pytest.approx(
+            0.1 * r["loss_ctc"] + 0.1 * r["loss_ce"] + 0.9 * (r["loss_kd"] + r["loss_match"]), rel=1e-4
+        )
     model = load_checkpoint(exp / "avg.pt")
     assert model.dims.n_text_layer == 2 and not model.decoder.pruned and model.ctc_head is not None
     assert model.ctc_bpe is not None
@@ -78,8 +80,12 @@ def test_cached_equals_uncached(assets, tmp_path):
     teacher, data, _ = assets
     out = {}
     for cached in (True, False):
-        cfg = tiny_config(tmp_path / f"exp{cached}", data, teacher,
-                          overrides=[f"trainer.cache_encoder={cached}", f"trainer.cache_teacher={cached}"])
+        cfg = tiny_config(
+            tmp_path / f"exp{cached}",
+            data,
+            teacher,
+            overrides=[f"trainer.cache_encoder={cached}", f"trainer.cache_teacher={cached}"],
+        )
         tr = make_trainer(cfg)
         caches = tr.parts.caches
         assert (caches.enc is not None) == cached and (caches.teacher_logits is not None) == cached
@@ -115,8 +121,9 @@ def test_cache_is_reused_and_keyed_by_model(assets, tmp_path):
 
 def test_teacher_adaptation_config_runs(assets, tmp_path):
     teacher, data, _ = assets
-    cfg = tiny_config(tmp_path / "exp", data, teacher, name="demo_teacher",
-                      overrides=["trainer.max_steps=2", "trainer.valid_every=0"])
+    cfg = tiny_config(
+        tmp_path / "exp", data, teacher, name="demo_teacher", overrides=["trainer.max_steps=2", "trainer.valid_every=0"]
+    )
     cfg.student.decoder_layers = None
     summary = train(cfg)
     assert summary["steps"] == 2
@@ -153,8 +160,9 @@ def test_nonfinite_steps_are_skipped_then_abort(assets, tmp_path, monkeypatch):
 def test_ptq_quantizes_without_training(assets, tmp_path):
     pytest.importorskip("dqwhisper.quant.prepare")
     teacher, data, _ = assets
-    cfg = tiny_config(tmp_path / "exp", data, teacher, name="demo_student_ce",
-                      overrides=["quant.enabled=true", "quant.ptq=true"])
+    cfg = tiny_config(
+        tmp_path / "exp", data, teacher, name="demo_student_ce", overrides=["quant.enabled=true", "quant.ptq=true"]
+    )
     summary = train(cfg)
     assert summary["steps"] == 0
     model = load_checkpoint(tmp_path / "exp" / "best.pt")
@@ -171,13 +179,32 @@ def test_lr_schedule():
 
 # ----------------------------------------------------------------------------------------------------- resume
 def _train_cmd(exp: Path, data: Path, teacher: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dqwhisper.bin.train", "--config-name", "demo_student_kd_dm",
-            f"checkpoint_dir={exp}", f"data.data_dir={data}", f"teacher.name={teacher}", "data.audio_window=2.0",
-            "data.bpe_vocab_size=300", "data.collector.minibatch_size=4", "student.decoder_layers=[0,3]",
-            f"trainer.cache_dir={exp.parent / 'cache'}", "trainer.progress=false", "trainer.device=cpu",
-            "trainer.num_threads=1", "trainer.cache_dtype=float32", "optim.lr=1e-3", "optim.warmup_steps=2",
-            "trainer.max_steps=12", "trainer.valid_every=3", "trainer.valid_decode=false",
-            f"hydra.run.dir={exp}/hydra", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dqwhisper.bin.train",
+        "--config-name",
+        "demo_student_kd_dm",
+        f"checkpoint_dir={exp}",
+        f"data.data_dir={data}",
+        f"teacher.name={teacher}",
+        "data.audio_window=2.0",
+        "data.bpe_vocab_size=300",
+        "data.collector.minibatch_size=4",
+        "student.decoder_layers=[0,3]",
+        f"trainer.cache_dir={exp.parent / 'cache'}",
+        "trainer.progress=false",
+        "trainer.device=cpu",
+        "trainer.num_threads=1",
+        "trainer.cache_dtype=float32",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=2",
+        "trainer.max_steps=12",
+        "trainer.valid_every=3",
+        "trainer.valid_decode=false",
+        f"hydra.run.dir={exp}/hydra",
+        *extra,
+    ]
 
 
 def test_resume_after_simulated_kill_equals_uninterrupted(assets, tmp_path):
@@ -186,12 +213,21 @@ def test_resume_after_simulated_kill_equals_uninterrupted(assets, tmp_path):
     ref = tmp_path / "ref"
     train(tiny_config(ref, data, teacher, overrides=["trainer.max_steps=12", "trainer.valid_every=3"]))
     run = tmp_path / "run"
-    out = train(tiny_config(run, data, teacher, overrides=["trainer.max_steps=12", "trainer.valid_every=3",
-                                                          "trainer.stop_after_steps=5"]))
+    out = train(
+        tiny_config(
+            run,
+            data,
+            teacher,
+            overrides=["trainer.max_steps=12", "trainer.valid_every=3", "trainer.stop_after_steps=5"],
+        )
+    )
     assert out.get("stopped")
     assert read_checkpoint(run / "last.pt")["step"] == 3
-    train(tiny_config(run, data, teacher, overrides=["trainer.max_steps=12", "trainer.valid_every=3",
-                                                    "trainer.resume=true"]))
+    train(
+        tiny_config(
+            run, data, teacher, overrides=["trainer.max_steps=12", "trainer.valid_every=3", "trainer.resume=true"]
+        )
+    )
     a, b = losses_by_step(ref), losses_by_step(run)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in range(1, 13):
@@ -207,8 +243,13 @@ def test_resume_after_kill_minus_9(assets, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ref, run = tmp_path / "ref", tmp_path / "run"
     subprocess.run(_train_cmd(ref, data, teacher), cwd=ROOT, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(run, data, teacher, "trainer.stop_after_steps=0"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(run, data, teacher, "trainer.stop_after_steps=0"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
@@ -225,8 +266,9 @@ def test_resume_after_kill_minus_9(assets, tmp_path):
     proc.wait()
     if killed_at is None or killed_at >= 12:
         pytest.skip("the run finished before it could be killed mid-way")
-    subprocess.run(_train_cmd(run, data, teacher, "trainer.resume=true"), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _train_cmd(run, data, teacher, "trainer.resume=true"), cwd=ROOT, env=env, check=True, capture_output=True
+    )
     a, b = losses_by_step(ref), losses_by_step(run)
     assert sorted(b) == list(range(1, 13))
     assert all(a[s] == b[s] for s in range(1, 13))
@@ -234,17 +276,26 @@ def test_resume_after_kill_minus_9(assets, tmp_path):
 
 # -------------------------------------------------------------------------------------------------------- DDP
 def _ddp_worker(rank: int, world: int, port: int, teacher: str, data: str, exp: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
-    tr = make_trainer(tiny_config(Path(exp), Path(data), Path(teacher),
-                                  overrides=["optim.warmup_steps=0", "optim.grad_clip=0"]))
+    tr = make_trainer(
+        tiny_config(Path(exp), Path(data), Path(teacher), overrides=["optim.warmup_steps=0", "optim.grad_clip=0"])
+    )
     items = [tr.parts.train_set[i] for i in (range(4) if world == 1 else range(2 * rank, 2 * rank + 2))]
     values = tr.train_step([collate_training(items, tr.parts.tokenizer.eot)])
     if rank == 0:
         grads = {n: p.grad.clone() for n, p in tr.parts.student.named_parameters() if p.grad is not None}
-        torch.save({"state": tr.parts.student.state_dict(), "grads": grads, "chosen": values["chosen"],
-                    "ddp": isinstance(tr.model, torch.nn.parallel.DistributedDataParallel)}, out)
+        torch.save(
+            {
+                "state": tr.parts.student.state_dict(),
+                "grads": grads,
+                "chosen": values["chosen"],
+                "ddp": isinstance(tr.model, torch.nn.parallel.DistributedDataParallel),
+            },
+            out,
+        )
     torch.distributed.destroy_process_group() if world > 1 else None
 
 
@@ -279,14 +330,31 @@ def test_ddp_two_ranks_equal_one_rank_on_the_combined_batch(assets, tmp_path):
 def test_paper_command_runs(assets, tmp_path, nj, alpha):
     teacher, data, _ = assets
     exp = tmp_path / "X"
-    cmd = ["bash", "scripts/train_ce_ctc.sh", "--nj", str(nj), "--expdir", str(exp), "--conf", "conf/jap_ts.yaml",
-           f"checkpoint_dir={exp}", f"data.data_dir={data}", "optim.lr=3e-5", "data.collector.minibatch_size=20",
-           f"loss.alpha={alpha}",
-           # tiny-model settings
-           f"teacher.name={teacher}", "data.audio_window=2.0", "data.bpe_vocab_size=300",
-           "student.decoder_layers=[0,3]",
-           f"trainer.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2", "trainer.valid_every=1",
-           "trainer.progress=false", "trainer.num_threads=1"]
+    cmd = [
+        "bash",
+        "scripts/train_ce_ctc.sh",
+        "--nj",
+        str(nj),
+        "--expdir",
+        str(exp),
+        "--conf",
+        "conf/jap_ts.yaml",
+        f"checkpoint_dir={exp}",
+        f"data.data_dir={data}",
+        "optim.lr=3e-5",
+        "data.collector.minibatch_size=20",
+        f"loss.alpha={alpha}",
+        # tiny-model settings
+        f"teacher.name={teacher}",
+        "data.audio_window=2.0",
+        "data.bpe_vocab_size=300",
+        "student.decoder_layers=[0,3]",
+        f"trainer.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_steps=2",
+        "trainer.valid_every=1",
+        "trainer.progress=false",
+        "trainer.num_threads=1",
+    ]
     env = {**os.environ, "PYTHON": sys.executable}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -301,6 +369,7 @@ def test_paper_command_runs(assets, tmp_path, nj, alpha):
     if alpha != "0":
         tags = set()
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
         for ev in (exp / "tensorboard").glob("events.*"):
             acc = EventAccumulator(str(ev))
             acc.Reload()
@@ -309,13 +378,29 @@ def test_paper_command_runs(assets, tmp_path, nj, alpha):
 
 
 def test_script_rejects_unknown_option_and_typo(assets, tmp_path):
-    res = subprocess.run(["bash", "scripts/train_ce_ctc.sh", "--njobs", "1", "--expdir", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["bash", "scripts/train_ce_ctc.sh", "--njobs", "1", "--expdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and "unknown option --njobs" in res.stderr
     teacher, data, _ = assets
-    res = subprocess.run(["bash", "scripts/train_ce_ctc.sh", "--expdir", str(tmp_path / "x"), "--conf",
-                          "conf/jap_ts.yaml", "loss.alpa=0"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHON": sys.executable})
+    res = subprocess.run(
+        [
+            "bash",
+            "scripts/train_ce_ctc.sh",
+            "--expdir",
+            str(tmp_path / "x"),
+            "--conf",
+            "conf/jap_ts.yaml",
+            "loss.alpa=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert res.returncode != 0 and "loss.alpa" in res.stdout + res.stderr
 
 
@@ -323,9 +408,19 @@ def test_trainable_encoder_uncached_with_encoder_matching_and_specaugment(assets
     """The GPU-style path on the CPU: the encoder trains (no encoder cache for the student), SpecAugment on,
     encoder layers matched too."""
     teacher, data, _ = assets
-    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[
-        "student.freeze_encoder=false", "loss.match.encoder=true", "data.spec_augment.enabled=true",
-        "data.spec_augment.time_mask_param=10", "trainer.max_steps=2", "trainer.valid_every=0"])
+    cfg = tiny_config(
+        tmp_path / "exp",
+        data,
+        teacher,
+        overrides=[
+            "student.freeze_encoder=false",
+            "loss.match.encoder=true",
+            "data.spec_augment.enabled=true",
+            "data.spec_augment.time_mask_param=10",
+            "trainer.max_steps=2",
+            "trainer.valid_every=0",
+        ],
+    )
     tr = make_trainer(cfg)
     p = tr.parts
     assert p.caches.enc is None and p.train_base.spec_augment is not None and p.model.enc_adapter is not None

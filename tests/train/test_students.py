@@ -1,5 +1,6 @@
 """What the demo students rely on: dev decoding as at test time, quantizer scales in their own optimizer group,
 early stopping on dev, and the loss-term shares."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ def test_quantizer_params_are_named_by_their_module():
 
 def test_lsq_scales_get_their_own_group_without_weight_decay(assets, tmp_path):
     teacher, data, _ = assets
-    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[
-        "quant=w4a8", "optim.weight_decay=0.01", "optim.quant_lr=0.005", "optim.lr=0.001"])
+    cfg = tiny_config(
+        tmp_path / "exp",
+        data,
+        teacher,
+        overrides=["quant=w4a8", "optim.weight_decay=0.01", "optim.quant_lr=0.005", "optim.lr=0.001"],
+    )
     tr = make_trainer(cfg)
     names = {id(p): n for n, p in tr.parts.student.named_parameters()}
     groups = [g for g in tr.parts.optimizer.param_groups if g["params"]]
@@ -69,8 +74,12 @@ def test_dev_is_decoded_as_test_with_a_cap_from_the_audio_and_runaways_counted(a
 
 def test_early_stop_ends_training_when_dev_stops_improving(assets, tmp_path, monkeypatch):
     teacher, data, _ = assets
-    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[
-        "trainer.max_steps=30", "trainer.valid_every=2", "trainer.early_stop=2"])
+    cfg = tiny_config(
+        tmp_path / "exp",
+        data,
+        teacher,
+        overrides=["trainer.max_steps=30", "trainer.valid_every=2", "trainer.early_stop=2"],
+    )
     values = iter([0.5, 0.6, 0.6] + [0.1] * 30)
     monkeypatch.setattr(Trainer, "validate", lambda self: {"error": next(values), "n_runaways": 0})
     summary = train(cfg)

@@ -25,13 +25,44 @@ embedding with zero rows for pruned ids and writes a projection bias of `PRUNED_
 so CT2 never emits them; the pruned ids are also added to config.json's `suppress_ids`. Such a model is one-way:
 `ct2_to_openai` refuses a projection bias.
 """
-from dqwhisper.models.ct2.binfile import (BINARY_VERSION, PRUNED_LOGIT, SPEC_NAME, SPEC_REVISION, CT2ModelFile,
-                                          Int8Weight, join_parts, model_bin_bytes, read_model_bin, write_model_bin)
+
+from dqwhisper.models.ct2.binfile import (
+    BINARY_VERSION,
+    PRUNED_LOGIT,
+    SPEC_NAME,
+    SPEC_REVISION,
+    CT2ModelFile,
+    Int8Weight,
+    join_parts,
+    model_bin_bytes,
+    read_model_bin,
+    write_model_bin,
+)
 from dqwhisper.models.ct2.from_openai import QUANTIZATIONS, openai_to_ct2, openai_to_ct2_variables, quantize_int8_rows
 from dqwhisper.models.ct2.to_openai import ct2_to_openai, load_ct2_model, read_ct2_config, set_alignment_heads
 from dqwhisper.models.ct2.tokenizer import find_tokenizer_dir, vocabulary_lines, whisper_config, whisper_tokenizer_for
 
-__all__ = ["BINARY_VERSION", "PRUNED_LOGIT", "SPEC_NAME", "SPEC_REVISION", "CT2ModelFile", "Int8Weight", "join_parts",
-           "model_bin_bytes", "read_model_bin", "write_model_bin", "QUANTIZATIONS", "openai_to_ct2",
-           "openai_to_ct2_variables", "quantize_int8_rows", "ct2_to_openai", "load_ct2_model", "read_ct2_config",
-           "set_alignment_heads", "find_tokenizer_dir", "vocabulary_lines", "whisper_config", "whisper_tokenizer_for"]
+__all__ = [
+    "BINARY_VERSION",
+    "PRUNED_LOGIT",
+    "SPEC_NAME",
+    "SPEC_REVISION",
+    "CT2ModelFile",
+    "Int8Weight",
+    "join_parts",
+    "model_bin_bytes",
+    "read_model_bin",
+    "write_model_bin",
+    "QUANTIZATIONS",
+    "openai_to_ct2",
+    "openai_to_ct2_variables",
+    "quantize_int8_rows",
+    "ct2_to_openai",
+    "load_ct2_model",
+    "read_ct2_config",
+    "set_alignment_heads",
+    "find_tokenizer_dir",
+    "vocabulary_lines",
+    "whisper_config",
+    "whisper_tokenizer_for",
+]

@@ -7,6 +7,7 @@ Layout (ctranslate2 4.x, binary version 6, little-endian):
 where a str is a u16 length that counts a trailing NUL, then the bytes and the NUL. Variables are sorted by name.
 Quantized weights: an int8 tensor `q` plus a float32 `<name>_scale` with one value per output row, `w ~= q / scale`.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,7 @@ SPEC_NAME = "WhisperSpec"
 SPEC_REVISION = 3
 PRUNED_LOGIT = -1.0e4  # projection bias at pruned token ids (representable in float16)
 
-_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.int8, torch.int16, torch.int32, torch.float16,
-                                    torch.bfloat16)
+_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,6 +66,7 @@ class Int8Weight:
 
 # ----------------------------------------------------------------------------------------------------
 
+
 class _Reader:
     def __init__(self, data: bytes, path: Path):
         self.data, self.path, self.pos = data, path, 0
@@ -76,7 +77,7 @@ class _Reader:
                 f"{self.path} is truncated: {what} needs {n} bytes at offset {self.pos}, "
                 f"the file has {len(self.data)} bytes"
             )
-        chunk = self.data[self.pos: self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
@@ -123,8 +124,10 @@ def read_model_bin(path: str | Path) -> CT2ModelFile:
         n_bytes = r.unpack("I", f"the byte count of {name}")
         expected = torch.Size(shape).numel() * dtype.itemsize
         if n_bytes != expected:
-            raise DQWhisperError(f"{path} is corrupt: variable {name} of shape {shape} and {dtype} "
-                                 f"should take {expected} bytes, the file says {n_bytes}")
+            raise DQWhisperError(
+                f"{path} is corrupt: variable {name} of shape {shape} and {dtype} "
+                f"should take {expected} bytes, the file says {n_bytes}"
+            )
         raw = r.take(n_bytes, f"the data of {name}")
         tensor = torch.frombuffer(bytearray(raw), dtype=dtype) if n_bytes else torch.empty(0, dtype=dtype)
         variables[name] = tensor.reshape(shape)
@@ -171,8 +174,10 @@ def join_parts(parts: list[str | Path], out: str | Path, expected_size: int | No
     parts = [Path(p) for p in parts]
     for p in parts:
         if not p.is_file():
-            raise DQWhisperError(f"part file {p} is missing: every part of {Path(out).name} is needed, in order "
-                                 f"{[q.name for q in parts]}")
+            raise DQWhisperError(
+                f"part file {p} is missing: every part of {Path(out).name} is needed, in order "
+                f"{[q.name for q in parts]}"
+            )
     total = sum(p.stat().st_size for p in parts)
     if expected_size is not None and total != expected_size:
         raise DQWhisperError(f"parts {[str(p) for p in parts]} add up to {total} bytes, expected {expected_size}")

@@ -5,6 +5,7 @@ embedding with zero rows for pruned ids and writes a projection bias of `PRUNED_
 so CT2 never emits them; the pruned ids are also added to config.json's `suppress_ids`. Such a model is one-way:
 `ct2_to_openai` refuses a projection bias.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,14 @@ def _cast(t: Tensor, float_dtype: torch.dtype | None) -> Tensor:
     return t
 
 
-def openai_to_ct2_variables(dims: ModelDimensions, state_dict: Mapping[str, Tensor], *,
-                            quantization: str | None = None,
-                            int8_weights: Mapping[str, Int8Weight | tuple[Tensor, Tensor]] | None = None,
-                            vocab_keep: list[int] | None = None) -> CT2ModelFile:
+def openai_to_ct2_variables(
+    dims: ModelDimensions,
+    state_dict: Mapping[str, Tensor],
+    *,
+    quantization: str | None = None,
+    int8_weights: Mapping[str, Int8Weight | tuple[Tensor, Tensor]] | None = None,
+    vocab_keep: list[int] | None = None,
+) -> CT2ModelFile:
     """openai-whisper dims + state_dict -> CT2 variables.
 
     quantization: None keeps every float tensor's dtype; "float32"/"float16" cast floats; "int8" quantizes every
@@ -59,14 +64,20 @@ def openai_to_ct2_variables(dims: ModelDimensions, state_dict: Mapping[str, Tens
     """
     if quantization not in QUANTIZATIONS:
         raise DQWhisperError(f"quantization {quantization!r} is not one of {QUANTIZATIONS}")
-    float_dtype = {"float32": torch.float32, "int8_float32": torch.float32, "float16": torch.float16,
-                   "int8_float16": torch.float16}.get(quantization)
+    float_dtype = {
+        "float32": torch.float32,
+        "int8_float32": torch.float32,
+        "float16": torch.float16,
+        "int8_float16": torch.float16,
+    }.get(quantization)
     quantize_all = quantization is not None and quantization.startswith("int8")
     given = {k: v if isinstance(v, Int8Weight) else Int8Weight(*v) for k, v in (int8_weights or {}).items()}
     for k, v in given.items():
         if v.q.dtype != torch.int8 or v.scale.ndim != 1 or v.scale.shape[0] != v.q.shape[0]:
-            raise DQWhisperError(f"int8 weight {k}: expected an int8 tensor and one float scale per row, got "
-                                 f"{v.q.dtype} {tuple(v.q.shape)} and scale {tuple(v.scale.shape)}")
+            raise DQWhisperError(
+                f"int8 weight {k}: expected an int8 tensor and one float scale per row, got "
+                f"{v.q.dtype} {tuple(v.q.shape)} and scale {tuple(v.scale.shape)}"
+            )
     unknown = sorted(set(given) - set(state_dict))
     if unknown:
         raise DQWhisperError(f"int8 weights given for names the model does not have: {unknown[:5]}")
@@ -125,8 +136,12 @@ def openai_to_ct2_variables(dims: ModelDimensions, state_dict: Mapping[str, Tens
                 (put_norm if is_norm(ct2_prefix) else put_linear)(ct2_prefix, oa_prefix)
             for ct2_prefix, parts in fused(side, i):
                 put_weight(ct2_prefix + "/weight", [p + ".weight" for p in parts])
-                rows = [state_dict[p + ".weight"].shape[0] if p + ".weight" in state_dict
-                        else given[p + ".weight"].q.shape[0] for p in parts]
+                rows = [
+                    state_dict[p + ".weight"].shape[0]
+                    if p + ".weight" in state_dict
+                    else given[p + ".weight"].q.shape[0]
+                    for p in parts
+                ]
                 put_bias(ct2_prefix + "/bias", [p + ".bias" for p in parts], rows)
     variables["encoder/position_encodings/encodings"] = _cast(need("encoder.positional_embedding"), float_dtype)
     variables["decoder/position_encodings/encodings"] = _cast(need("decoder.positional_embedding"), float_dtype)
@@ -165,8 +180,11 @@ def openai_to_ct2_variables(dims: ModelDimensions, state_dict: Mapping[str, Tens
     for name, (dtype, value) in DECODER_FLAGS.items():
         variables[f"decoder/{name}"] = torch.tensor(value, dtype=dtype)
 
-    ignored = [k for k in state_dict if k not in used and not k.startswith(("ctc_head.", "decoder.vocab_keep",
-                                                                          "decoder.full_to_sub"))]
+    ignored = [
+        k
+        for k in state_dict
+        if k not in used and not k.startswith(("ctc_head.", "decoder.vocab_keep", "decoder.full_to_sub"))
+    ]
     if ignored:
         log.warning("export ignores %d tensors that CTranslate2 has no place for: %s", len(ignored), ignored[:5])
     if any(k.startswith("ctc_head.") for k in state_dict):
@@ -174,11 +192,17 @@ def openai_to_ct2_variables(dims: ModelDimensions, state_dict: Mapping[str, Tens
     return CT2ModelFile(variables, aliases)
 
 
-def openai_to_ct2(dims: ModelDimensions, state_dict: Mapping[str, Tensor], out_dir: str | Path,
-                  quantization: str | None = None, *, vocab_keep: list[int] | None = None,
-                  alignment_heads: list | None = None,
-                  int8_weights: Mapping[str, Int8Weight | tuple[Tensor, Tensor]] | None = None,
-                  tokenizer_dir: str | Path | None = None) -> Path:
+def openai_to_ct2(
+    dims: ModelDimensions,
+    state_dict: Mapping[str, Tensor],
+    out_dir: str | Path,
+    quantization: str | None = None,
+    *,
+    vocab_keep: list[int] | None = None,
+    alignment_heads: list | None = None,
+    int8_weights: Mapping[str, Int8Weight | tuple[Tensor, Tensor]] | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
     """Write a faster-whisper model directory: model.bin, config.json, vocabulary.txt, tokenizer.json.
 
     dims, state_dict (openai layout), vocab_keep, alignment_heads: as `dqwhisper.models.student.export_state` gives
@@ -187,8 +211,9 @@ def openai_to_ct2(dims: ModelDimensions, state_dict: Mapping[str, Tensor], out_d
     matches (base-ct2, tiny.en-ct2); else vocabulary.txt is generated from openai-whisper's tokenizer and
     tokenizer.json is left out, with a warning.
     """
-    ct2 = openai_to_ct2_variables(dims, state_dict, quantization=quantization, int8_weights=int8_weights,
-                                  vocab_keep=vocab_keep)
+    ct2 = openai_to_ct2_variables(
+        dims, state_dict, quantization=quantization, int8_weights=int8_weights, vocab_keep=vocab_keep
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_model_bin(out / "model.bin", ct2)
@@ -199,8 +224,11 @@ def openai_to_ct2(dims: ModelDimensions, state_dict: Mapping[str, Tensor], out_d
         store = model_store()
         tokenizer_dir = find_tokenizer_dir(dims, [store / "base-ct2", store / "tiny.en-ct2"])
     if tokenizer_dir is None:
-        log.warning("no tokenizer.json for n_vocab=%d found (looked in the model store); faster-whisper will try "
-                    "to download one", dims.n_vocab)
+        log.warning(
+            "no tokenizer.json for n_vocab=%d found (looked in the model store); faster-whisper will try "
+            "to download one",
+            dims.n_vocab,
+        )
         atomic_write_bytes(out / "vocabulary.txt", ("\n".join(vocabulary_lines(dims)) + "\n").encode("utf-8"))
     else:
         for name in ("tokenizer.json", "vocabulary.txt"):
@@ -209,6 +237,10 @@ def openai_to_ct2(dims: ModelDimensions, state_dict: Mapping[str, Tensor], out_d
                 raise DQWhisperError(f"tokenizer file {src} does not exist")
             if src.resolve() != (out / name).resolve():
                 shutil.copyfile(src, out / name)
-    log.info("wrote CTranslate2 model %s (%.1f MB, quantization %s)", out, (out / "model.bin").stat().st_size / 1e6,
-             quantization or "none")
+    log.info(
+        "wrote CTranslate2 model %s (%.1f MB, quantization %s)",
+        out,
+        (out / "model.bin").stat().st_size / 1e6,
+        quantization or "none",
+    )
     return out

@@ -5,6 +5,7 @@ bias: a key bias adds the same amount to every score of a query and cancels in t
 `linear_1` is k|v. The output projection is tied to the token embedding through the alias
 `decoder/projection/weight -> decoder/embeddings/weight`.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,6 +24,7 @@ DECODER_FLAGS: dict[str, tuple[torch.dtype, int]] = {
     "scale_embeddings": (torch.int8, 0),
     "start_from_zero_embedding": (torch.int8, 0),
 }
+
 
 def layer_pairs(side: str, i: int) -> list[tuple[str, str]]:
     """(CT2 layer prefix, openai module prefix) pairs of the non-fused parts of layer i."""
@@ -53,8 +55,12 @@ def fused(side: str, i: int) -> list[tuple[str, list[str]]]:
 
 
 def top_pairs() -> list[tuple[str, str]]:
-    return [("encoder/conv1", "encoder.conv1"), ("encoder/conv2", "encoder.conv2"),
-            ("encoder/layer_norm", "encoder.ln_post"), ("decoder/layer_norm", "decoder.ln")]
+    return [
+        ("encoder/conv1", "encoder.conv1"),
+        ("encoder/conv2", "encoder.conv2"),
+        ("encoder/layer_norm", "encoder.ln_post"),
+        ("decoder/layer_norm", "decoder.ln"),
+    ]
 
 
 PARAM = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias"}

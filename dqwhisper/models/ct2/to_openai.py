@@ -1,4 +1,5 @@
 """CTranslate2 Whisper directory -> openai-whisper dims + state_dict (int8 weights dequantized)."""
+
 from __future__ import annotations
 
 import json
@@ -43,20 +44,27 @@ def ct2_to_openai(ct2_dir: str | Path) -> tuple[ModelDimensions, dict[str, Tenso
     if model.spec != SPEC_NAME:
         raise DQWhisperError(f"{bin_path} holds a {model.spec}, not a {SPEC_NAME}")
     if model.revision != SPEC_REVISION:
-        log.warning("%s has WhisperSpec revision %d; this reader was written for revision %d",
-                    bin_path, model.revision, SPEC_REVISION)
+        log.warning(
+            "%s has WhisperSpec revision %d; this reader was written for revision %d",
+            bin_path,
+            model.revision,
+            SPEC_REVISION,
+        )
     proj = model.aliases.get("decoder/projection/weight")
     if "decoder/projection/bias" in model.variables or (
-            proj != "decoder/embeddings/weight" and "decoder/projection/weight" in model.variables):
-        raise DQWhisperError(f"{bin_path} has an untied output projection or a projection bias (a pruned-vocabulary "
-                             f"export?); openai-whisper ties the projection to the token embedding")
+        proj != "decoder/embeddings/weight" and "decoder/projection/weight" in model.variables
+    ):
+        raise DQWhisperError(
+            f"{bin_path} has an untied output projection or a projection bias (a pruned-vocabulary "
+            f"export?); openai-whisper ties the projection to the token embedding"
+        )
     get = lambda name: _dequantized(model, name, bin_path)  # noqa: E731
 
     sd: dict[str, Tensor] = {}
     used: set[str] = set()
 
     def put(ct2_prefix: str, oa_prefix: str) -> None:
-        for ct2_param in (("gamma", "beta") if is_norm(ct2_prefix) else ("weight", "bias")):
+        for ct2_param in ("gamma", "beta") if is_norm(ct2_prefix) else ("weight", "bias"):
             sd[f"{oa_prefix}.{PARAM[ct2_param]}"] = get(f"{ct2_prefix}/{ct2_param}")
             used.update({f"{ct2_prefix}/{ct2_param}", f"{ct2_prefix}/{ct2_param}_scale"})
 
@@ -71,16 +79,19 @@ def ct2_to_openai(ct2_dir: str | Path) -> tuple[ModelDimensions, dict[str, Tenso
             for ct2_prefix, parts in fused(side, i):
                 weight, bias = get(ct2_prefix + "/weight"), get(ct2_prefix + "/bias")
                 if weight.shape[0] % len(parts):
-                    raise DQWhisperError(f"{bin_path}: {ct2_prefix}/weight has {weight.shape[0]} rows, "
-                                         f"not a multiple of {len(parts)}")
+                    raise DQWhisperError(
+                        f"{bin_path}: {ct2_prefix}/weight has {weight.shape[0]} rows, not a multiple of {len(parts)}"
+                    )
                 for part, w, b in zip(parts, weight.chunk(len(parts)), bias.chunk(len(parts))):
                     sd[part + ".weight"] = w.clone()
                     if not part.endswith(".key"):
                         sd[part + ".bias"] = b.clone()
                 used.update(ct2_prefix + s for s in ("/weight", "/weight_scale", "/bias"))
-    for ct2_name, oa_name in (("encoder/position_encodings/encodings", "encoder.positional_embedding"),
-                              ("decoder/position_encodings/encodings", "decoder.positional_embedding"),
-                              ("decoder/embeddings/weight", "decoder.token_embedding.weight")):
+    for ct2_name, oa_name in (
+        ("encoder/position_encodings/encodings", "encoder.positional_embedding"),
+        ("decoder/position_encodings/encodings", "decoder.positional_embedding"),
+        ("decoder/embeddings/weight", "decoder.token_embedding.weight"),
+    ):
         sd[oa_name] = get(ct2_name)
         used.update({ct2_name, ct2_name + "_scale"})
 

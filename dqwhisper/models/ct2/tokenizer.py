@@ -1,4 +1,5 @@
 """The tokenizer files of a faster-whisper directory: vocabulary.txt, config.json, a matching tokenizer.json."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,16 +48,26 @@ def vocabulary_lines(dims: ModelDimensions) -> list[str]:
     return lines
 
 
-def whisper_config(dims: ModelDimensions, alignment_heads: list | None,
-                   extra_suppress: list[int] | None = None) -> dict:
+def whisper_config(
+    dims: ModelDimensions, alignment_heads: list | None, extra_suppress: list[int] | None = None
+) -> dict:
     """config.json as faster-whisper / CTranslate2 read it."""
     tok = whisper_tokenizer_for(dims)
-    suppress = set(tok.non_speech_tokens) | {tok.transcribe, tok.translate, tok.sot, tok.sot_prev, tok.sot_lm,
-                                              tok.no_speech}
+    suppress = set(tok.non_speech_tokens) | {
+        tok.transcribe,
+        tok.translate,
+        tok.sot,
+        tok.sot_prev,
+        tok.sot_lm,
+        tok.no_speech,
+    }
     suppress |= set(extra_suppress or [])
     if alignment_heads is None:
-        alignment_heads = [[layer, head] for layer in range(dims.n_text_layer // 2, dims.n_text_layer)
-                           for head in range(dims.n_text_head)]
+        alignment_heads = [
+            [layer, head]
+            for layer in range(dims.n_text_layer // 2, dims.n_text_layer)
+            for head in range(dims.n_text_head)
+        ]
     return {
         "alignment_heads": [[int(a), int(b)] for a, b in alignment_heads],
         "lang_ids": sorted(tok.all_language_tokens),

@@ -5,6 +5,7 @@ UTF-8 byte pieces. CTC targets are `piece id + 1`: id 0 of the CTC head is the b
 
 CLI: python -m dqwhisper.data.bpe DATA_DIR OUT.model [--vocab-size 500]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import sentencepiece as spm
 from dqwhisper.data.kaldi import DataDir
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
 
-log = get_logger("dqwhisper.data.bpe")   # not __name__: "__main__" under python -m
+log = get_logger("dqwhisper.data.bpe")  # not __name__: "__main__" under python -m
 
 DEFAULT_VOCAB_SIZE = 500
 
@@ -65,8 +66,12 @@ class BPE:
         return self.decode([u - 1 for u in units if u > 0])
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, out_path: str | os.PathLike | None = None,
-              character_coverage: float = 0.9995) -> BPE:
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    out_path: str | os.PathLike | None = None,
+    character_coverage: float = 0.9995,
+) -> BPE:
     """Train a BPE model on `texts` (one transcript each). The vocabulary is a soft limit: a small corpus gives
     fewer pieces than asked. Deterministic for the same input (one thread, no sampling)."""
     sentences = [" ".join(t.split()) for t in texts]
@@ -79,14 +84,28 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, out_pa
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, character_coverage=character_coverage, hard_vocab_limit=False, num_threads=1,
-            input_sentence_size=0, shuffle_input_sentence=False, split_digits=True,
-            max_sentence_length=1 << 16, minloglevel=2, bos_id=-1, eos_id=-1, unk_id=0)
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=character_coverage,
+            hard_vocab_limit=False,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            split_digits=True,
+            max_sentence_length=1 << 16,
+            minloglevel=2,
+            bos_id=-1,
+            eos_id=-1,
+            unk_id=0,
+        )
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars"
         raise DQWhisperError(
             f"train_bpe: sentencepiece could not train {vocab_size} pieces on {len(sentences)} transcripts "
-            f"({str(e).strip().splitlines()[-1]}); a larger data.bpe_vocab_size covers more scripts") from e
+            f"({str(e).strip().splitlines()[-1]}); a larger data.bpe_vocab_size covers more scripts"
+        ) from e
     bpe = BPE(model.getvalue())
     if out_path is not None:
         bpe.save(out_path)
@@ -94,9 +113,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, out_pa
     return bpe
 
 
-def train_bpe_from_data_dir(data_dir: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                            out_path: str | os.PathLike | None = None,
-                            languages: list[str] | None = None) -> BPE:
+def train_bpe_from_data_dir(
+    data_dir: str | os.PathLike,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    out_path: str | os.PathLike | None = None,
+    languages: list[str] | None = None,
+) -> BPE:
     data = DataDir.load(data_dir)
     if languages is not None:
         data = data.filter(languages=list(languages))

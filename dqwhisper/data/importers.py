@@ -19,6 +19,7 @@ python -m dqwhisper.data.importers manifest SRC DEST [--lang LANG]
 Audio is referenced where it lies (absolute paths; mp3 is decoded at load time), not copied. Rows whose audio file
 is missing or whose transcript is empty are skipped and counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,24 @@ from whisper.tokenizer import LANGUAGES
 from dqwhisper.data.kaldi import DataDir, Utterance, is_pipe, write_data_dir
 from dqwhisper.utils import DQWhisperError, command, get_logger
 
-log = get_logger("dqwhisper.data.importers")   # not __name__: "__main__" under python -m
+log = get_logger("dqwhisper.data.importers")  # not __name__: "__main__" under python -m
 
 DEFAULT_SPLITS = ("train", "dev", "test")
 # corpus language tags whose ISO 639-1 code is not their first part
-LANGUAGE_ALIASES = {"cmn": "zh", "zh-cn": "zh", "zh-tw": "zh", "zh-hk": "yue", "yue": "yue", "fil": "tl",
-                    "nb-no": "no", "nn-no": "nn", "sv-se": "sv", "es-es": "es", "pt-br": "pt", "ga-ie": "ga"}
+LANGUAGE_ALIASES = {
+    "cmn": "zh",
+    "zh-cn": "zh",
+    "zh-tw": "zh",
+    "zh-hk": "yue",
+    "yue": "yue",
+    "fil": "tl",
+    "nb-no": "no",
+    "nn-no": "nn",
+    "sv-se": "sv",
+    "es-es": "es",
+    "pt-br": "pt",
+    "ga-ie": "ga",
+}
 
 
 class ImportStats(dict):
@@ -84,8 +97,10 @@ def _write(dest: Path, utts: list[Utterance], stats: ImportStats, recordings: di
 
 # ---------------------------------------------------------------- Common Voice
 
-def import_commonvoice(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS, lang: str | None = None
-                       ) -> ImportStats:
+
+def import_commonvoice(
+    src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS, lang: str | None = None
+) -> ImportStats:
     src, dest = Path(src), Path(dest)
     stats = ImportStats()
     found = False
@@ -112,19 +127,24 @@ def import_commonvoice(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS,
                     stats.skip("empty transcript", what)
                     continue
                 spk = "cv" + hashlib.sha1(row["client_id"].encode()).hexdigest()[:12]
-                utts.append(Utterance(f"{spk}-{safe_id(Path(row['path']).stem)}", str(audio.resolve()), text,
-                                      spk, code))
+                utts.append(
+                    Utterance(f"{spk}-{safe_id(Path(row['path']).stem)}", str(audio.resolve()), text, spk, code)
+                )
         _write(dest / split, utts, stats)
     if not found:
-        raise DQWhisperError(f"{src}: none of {', '.join(s + '.tsv' for s in splits)} found (a Common Voice "
-                             "language folder holds them beside clips/)")
+        raise DQWhisperError(
+            f"{src}: none of {', '.join(s + '.tsv' for s in splits)} found (a Common Voice "
+            "language folder holds them beside clips/)"
+        )
     return stats
 
 
 # ---------------------------------------------------------------- FLEURS
 
-def import_fleurs(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS, lang: str | None = None,
-                  normalized_text: bool = False) -> ImportStats:
+
+def import_fleurs(
+    src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS, lang: str | None = None, normalized_text: bool = False
+) -> ImportStats:
     """FLEURS tsv rows (no header): id, file_name, raw_transcription, transcription, phonemes, num_samples,
     gender. The raw (cased, punctuated) transcription is used unless `normalized_text`."""
     src, dest = Path(src), Path(dest)
@@ -145,8 +165,14 @@ def import_fleurs(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS, lang
                 raise DQWhisperError(f"{tsv}:{lineno}: expected >= 4 tab-separated columns, got {len(cols)}")
             file_name = cols[1]
             text = clean_text(cols[3] if normalized_text else cols[2])
-            audio = next((p for p in (src / "audio" / split / file_name, src / split / file_name,
-                                      src / "audio" / file_name) if p.is_file()), None)
+            audio = next(
+                (
+                    p
+                    for p in (src / "audio" / split / file_name, src / split / file_name, src / "audio" / file_name)
+                    if p.is_file()
+                ),
+                None,
+            )
             what = f"{tsv}:{lineno}"
             if audio is None:
                 stats.skip("missing audio", f"{what} ({file_name})")
@@ -163,6 +189,7 @@ def import_fleurs(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS, lang
 
 
 # ---------------------------------------------------------------- LibriSpeech
+
 
 def import_librispeech(src: str | Path, dest: str | Path, lowercase: bool = False) -> ImportStats:
     src, dest = Path(src), Path(dest)
@@ -189,13 +216,21 @@ def import_librispeech(src: str | Path, dest: str | Path, lowercase: bool = Fals
             if not text:
                 stats.skip("empty transcript", what)
                 continue
-            utts.append(Utterance(utt_id, str(audio.resolve()), text.lower() if lowercase else text,
-                                  f"{id_parts[0]}-{id_parts[1]}", "en"))
+            utts.append(
+                Utterance(
+                    utt_id,
+                    str(audio.resolve()),
+                    text.lower() if lowercase else text,
+                    f"{id_parts[0]}-{id_parts[1]}",
+                    "en",
+                )
+            )
     _write(dest, utts, stats)
     return stats
 
 
 # ---------------------------------------------------------------- AISHELL-1
+
 
 def import_aishell(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS) -> ImportStats:
     """Transcripts are word-segmented with spaces; Whisper text for Chinese has none, so spaces are removed.
@@ -251,6 +286,7 @@ def import_csj(src: str | Path, dest: str | Path) -> ImportStats:
     src, dest = Path(src), Path(dest)
     data = DataDir.load(src, default_lang="ja")
     stats = ImportStats()
+
     def absolute(v: str) -> str:
         return v if is_pipe(v) else str(Path(data.resolve(v)).resolve())
 
@@ -261,19 +297,24 @@ def import_csj(src: str | Path, dest: str | Path) -> ImportStats:
         if not text:
             stats.skip("empty transcript after removing tags", u.utt_id)
             continue
-        utts.append(Utterance(u.utt_id, absolute(u.wav), text, u.speaker, "ja" if u.lang not in LANGUAGES else u.lang,
-                              u.segment))
+        utts.append(
+            Utterance(
+                u.utt_id, absolute(u.wav), text, u.speaker, "ja" if u.lang not in LANGUAGES else u.lang, u.segment
+            )
+        )
     _write(dest, utts, stats, new_recordings)
     return stats
 
 
 # ---------------------------------------------------------------- generic manifest
 
-_COLUMNS = {"path": ("path", "audio", "file", "wav", "filename", "audio_path", "file_name"),
-            "text": ("text", "sentence", "transcript", "transcription"),
-            "lang": ("language", "lang", "locale"),
-            "speaker": ("speaker", "client_id", "spk", "speaker_id"),
-            "id": ("id", "utt_id", "utterance_id")}
+_COLUMNS = {
+    "path": ("path", "audio", "file", "wav", "filename", "audio_path", "file_name"),
+    "text": ("text", "sentence", "transcript", "transcription"),
+    "lang": ("language", "lang", "locale"),
+    "speaker": ("speaker", "client_id", "spk", "speaker_id"),
+    "id": ("id", "utt_id", "utterance_id"),
+}
 
 
 def import_manifest(src: str | Path, dest: str | Path, lang: str | None = None) -> ImportStats:
@@ -287,8 +328,9 @@ def import_manifest(src: str | Path, dest: str | Path, lang: str | None = None) 
     col = {k: next((header[c] for c in names if c in header), None) for k, names in _COLUMNS.items()}
     for need in ("path", "text"):
         if col[need] is None:
-            raise DQWhisperError(f"{src}:1: no {need} column (one of {', '.join(_COLUMNS[need])}); "
-                                 f"header: {reader.fieldnames}")
+            raise DQWhisperError(
+                f"{src}:1: no {need} column (one of {', '.join(_COLUMNS[need])}); header: {reader.fieldnames}"
+            )
     if col["lang"] is None and lang is None:
         raise DQWhisperError(f"{src}:1: no language column ({', '.join(_COLUMNS['lang'])}): pass --lang")
     stats = ImportStats()
@@ -310,8 +352,9 @@ def import_manifest(src: str | Path, dest: str | Path, lang: str | None = None) 
         except DQWhisperError as e:
             raise DQWhisperError(f"{what}: {e}") from None
         spk = safe_id(row[col["speaker"]]) if col["speaker"] and row[col["speaker"]] else None
-        base = safe_id(row[col["id"]]) if col["id"] and row[col["id"]] else safe_id(Path(rel).with_suffix("")
-                                                                                    .as_posix())
+        base = (
+            safe_id(row[col["id"]]) if col["id"] and row[col["id"]] else safe_id(Path(rel).with_suffix("").as_posix())
+        )
         utt = f"{spk}-{base}" if spk and not base.startswith(spk) else base
         if utt in seen:
             raise DQWhisperError(f"{what}: duplicate utterance id '{utt}'")
@@ -321,15 +364,24 @@ def import_manifest(src: str | Path, dest: str | Path, lang: str | None = None) 
     return stats
 
 
-IMPORTERS = {"commonvoice": import_commonvoice, "fleurs": import_fleurs, "librispeech": import_librispeech,
-             "aishell": import_aishell, "csj": import_csj, "manifest": import_manifest}
+IMPORTERS = {
+    "commonvoice": import_commonvoice,
+    "fleurs": import_fleurs,
+    "librispeech": import_librispeech,
+    "aishell": import_aishell,
+    "csj": import_csj,
+    "manifest": import_manifest,
+}
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dqwhisper.data.importers",
-                                 description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m dqwhisper.data.importers",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("corpus", choices=sorted(IMPORTERS))
     ap.add_argument("src")
     ap.add_argument("dest")
@@ -338,10 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lowercase", action="store_true", help="librispeech: lowercase the transcripts")
     ap.add_argument("--normalized-text", action="store_true", help="fleurs: use the normalised transcription")
     args = ap.parse_args(argv)
-    kwargs = {"commonvoice": dict(splits=args.splits, lang=args.lang),
-              "fleurs": dict(splits=args.splits, lang=args.lang, normalized_text=args.normalized_text),
-              "librispeech": dict(lowercase=args.lowercase), "aishell": dict(splits=args.splits), "csj": {},
-              "manifest": dict(lang=args.lang)}[args.corpus]
+    kwargs = {
+        "commonvoice": dict(splits=args.splits, lang=args.lang),
+        "fleurs": dict(splits=args.splits, lang=args.lang, normalized_text=args.normalized_text),
+        "librispeech": dict(lowercase=args.lowercase),
+        "aishell": dict(splits=args.splits),
+        "csj": {},
+        "manifest": dict(lang=args.lang),
+    }[args.corpus]
     stats = IMPORTERS[args.corpus](args.src, args.dest, **kwargs)
     for d, n in stats.items():
         print(f"{d}: {n} utterances")

@@ -4,6 +4,7 @@ wav.scp values are a path (absolute, or relative to the data dir) or a shell com
 an audio file (wav, flac, mp3, ... anything soundfile or torchcodec decodes). Audio comes back as float32 mono at
 16 kHz, resampled with `torchaudio.functional.resample` when the source rate differs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +30,11 @@ SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif", ".au", ".w64", "
 @dataclass(frozen=True)
 class Utterance:
     utt_id: str
-    wav: str                 # the wav.scp value of its recording (path or "cmd |")
+    wav: str  # the wav.scp value of its recording (path or "cmd |")
     text: str
     speaker: str
-    lang: str                # ISO 639-1
-    segment: tuple[float, float] | None = None   # (start, end) seconds within the recording, from `segments`
+    lang: str  # ISO 639-1
+    segment: tuple[float, float] | None = None  # (start, end) seconds within the recording, from `segments`
 
 
 def is_pipe(wav: str) -> bool:
@@ -121,8 +122,11 @@ class DataDir:
 
     def filter(self, languages: list[str] | None = None, utt_ids: set[str] | None = None) -> "DataDir":
         """A view with only the utterances of `languages` (None = all) and/or of `utt_ids`."""
-        keep = [u for u in self.utts
-                if (languages is None or u.lang in languages) and (utt_ids is None or u.utt_id in utt_ids)]
+        keep = [
+            u
+            for u in self.utts
+            if (languages is None or u.lang in languages) and (utt_ids is None or u.utt_id in utt_ids)
+        ]
         return DataDir(self.path, keep, self.recordings)
 
     @classmethod
@@ -143,8 +147,10 @@ class DataDir:
         elif default_lang is not None:
             langs = {u: default_lang for u in texts}
         else:
-            raise DQWhisperError(f"{path / 'utt2lang'}: missing (needed for the language token; "
-                                 "importers write it, or pass default_lang)")
+            raise DQWhisperError(
+                f"{path / 'utt2lang'}: missing (needed for the language token; "
+                "importers write it, or pass default_lang)"
+            )
         segments = _parse_segments(path / "segments") if (path / "segments").is_file() else None
 
         keys = set(texts)
@@ -156,13 +162,15 @@ class DataDir:
             _same_keys(path / "segments", keys, set(segments), path / "text")
             for utt, (rec, _, _) in segments.items():
                 if rec not in wavs:
-                    raise DQWhisperError(f"{path / 'segments'}: utterance '{utt}' refers to recording '{rec}' "
-                                         f"that is not in {path / 'wav.scp'}")
+                    raise DQWhisperError(
+                        f"{path / 'segments'}: utterance '{utt}' refers to recording '{rec}' "
+                        f"that is not in {path / 'wav.scp'}"
+                    )
         utts = []
         for utt in keys:
             if segments is not None:
                 rec, start, end = segments[utt]
-                seg = None if (start, end) == (0.0, -1.0) else (start, end)   # the whole recording
+                seg = None if (start, end) == (0.0, -1.0) else (start, end)  # the whole recording
                 utts.append(Utterance(utt, wavs[rec], texts[utt], spks[utt], langs[utt], seg))
             else:
                 utts.append(Utterance(utt, wavs[utt], texts[utt], spks[utt], langs[utt]))
@@ -206,8 +214,9 @@ def _run_pipe(cmd: str) -> bytes:
     proc = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise DQWhisperError(f"wav.scp command failed (exit {proc.returncode}): {command!r}: "
-                             f"{err[-1] if err else 'no message'}")
+        raise DQWhisperError(
+            f"wav.scp command failed (exit {proc.returncode}): {command!r}: {err[-1] if err else 'no message'}"
+        )
     if not proc.stdout:
         raise DQWhisperError(f"wav.scp command wrote no audio: {command!r}")
     return proc.stdout
@@ -216,12 +225,14 @@ def _run_pipe(cmd: str) -> bytes:
 def _decode(source: str | bytes, what: str) -> tuple[np.ndarray, int]:
     """Decode a whole file/bytes -> (samples (T,) float32 mono, rate)."""
     try:
-        data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source,
-                             dtype="float32", always_2d=True)
+        data, rate = sf.read(
+            io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True
+        )
         return data.mean(axis=1).astype(np.float32), rate
     except Exception as sf_error:  # noqa: BLE001 - fall back to torchcodec (mp3, m4a, opus, ...)
         try:
             from torchcodec.decoders import AudioDecoder
+
             samples = AudioDecoder(source).get_all_samples()
             return samples.data.mean(dim=0).numpy().astype(np.float32), int(samples.sample_rate)
         except Exception as tc_error:  # noqa: BLE001
@@ -278,6 +289,7 @@ def wav_duration(wav: str) -> float:
         pass
     try:
         from torchcodec.decoders import AudioDecoder
+
         meta = AudioDecoder(wav).metadata
         if meta.duration_seconds_from_header:
             return float(meta.duration_seconds_from_header)
@@ -323,7 +335,7 @@ def write_data_dir(path: str | os.PathLike, utts: list[Utterance], recordings: d
     for u in utts:
         if u.segment is None:
             wav_scp[u.utt_id] = u.wav
-            if any_segment:   # a segments file must cover every utterance: "0 -1" is the whole recording
+            if any_segment:  # a segments file must cover every utterance: "0 -1" is the whole recording
                 segments[u.utt_id] = f"{u.utt_id} 0.000 -1.000"
         else:
             rec = rec_of_wav.setdefault(u.wav, _recording_id(u.wav))

@@ -8,6 +8,7 @@ contradicts utt2spk, missing or unreadable audio, empty transcripts, transcripts
 language codes Whisper does not know. Warnings (exit 0): audio longer than the window, recordings no utterance
 uses, pipes not run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def _read(report: Report, name: str, allow_empty: bool = False, n_fields: int | 
     values: dict[str, str] = {}
     prev_key: bytes | None = None
     unsorted_reported = False
-    for lineno, raw in enumerate(kaldi_lines(content), 1):   # split as DataDir.load splits
+    for lineno, raw in enumerate(kaldi_lines(content), 1):  # split as DataDir.load splits
         if raw[:1].isspace() and raw.strip():
             report.error(f"{path}:{lineno}: leading whitespace")
         line = raw.strip()
@@ -72,8 +73,10 @@ def _read(report: Report, name: str, allow_empty: bool = False, n_fields: int | 
             report.error(f"{path}:{lineno}: duplicate key '{key}'")
         kb = key.encode("utf-8")
         if prev_key is not None and kb < prev_key and not unsorted_reported:
-            report.error(f"{path}:{lineno}: not sorted (LC_ALL=C): '{key}' after '{prev_key.decode()}' "
-                         "(sort with: LC_ALL=C sort -k1,1)")
+            report.error(
+                f"{path}:{lineno}: not sorted (LC_ALL=C): '{key}' after '{prev_key.decode()}' "
+                "(sort with: LC_ALL=C sort -k1,1)"
+            )
             unsorted_reported = True
         prev_key = kb
         values[key] = value
@@ -90,8 +93,13 @@ def _compare_keys(report: Report, name: str, keys: set[str], ref_name: str, ref:
         report.error(f"{report.path / name}: {len(extra)} key(s) not in {ref_name}, e.g. '{extra[0]}'")
 
 
-def validate_data_dir(path: str | Path, check_audio: bool = True, run_pipes: bool = False,
-                      max_seconds: float = 30.0, max_tokens: int = 448) -> Report:
+def validate_data_dir(
+    path: str | Path,
+    check_audio: bool = True,
+    run_pipes: bool = False,
+    max_seconds: float = 30.0,
+    max_tokens: int = 448,
+) -> Report:
     report = Report(Path(path))
     if not report.path.is_dir():
         report.error(f"{report.path}: not a directory")
@@ -144,30 +152,42 @@ def validate_data_dir(path: str | Path, check_audio: bool = True, run_pipes: boo
         got = {spk: set(v.split()) for spk, v in spk2utt.items()}
         if got != want:
             bad = sorted(set(want) ^ set(got)) or sorted(s for s in want if want[s] != got.get(s))
-            report.error(f"{report.path / 'spk2utt'}: does not match utt2spk (e.g. speaker '{bad[0]}'; "
-                         "regenerate it from utt2spk)")
+            report.error(
+                f"{report.path / 'spk2utt'}: does not match utt2spk (e.g. speaker '{bad[0]}'; "
+                "regenerate it from utt2spk)"
+            )
 
     tokenizer = default_tokenizer()
     for utt in sorted(keys):
         lang = utt2lang.get(utt)
         if lang is not None and lang not in LANGUAGES:
-            report.error(f"{report.path / 'utt2lang'}: '{utt}': unknown language code '{lang}' "
-                         "(Whisper knows ISO 639-1 codes such as en, ja, zh)")
+            report.error(
+                f"{report.path / 'utt2lang'}: '{utt}': unknown language code '{lang}' "
+                "(Whisper knows ISO 639-1 codes such as en, ja, zh)"
+            )
         if not text[utt].strip():
             report.error(f"{report.path / 'text'}: '{utt}': empty transcript")
         else:
             n = 4 + len(text_ids(tokenizer, text[utt], lang or "en")) + 1
             if n > max_tokens:
-                report.error(f"{report.path / 'text'}: '{utt}': transcript too long ({n} tokens with prefix "
-                             f"and eot > {max_tokens})")
+                report.error(
+                    f"{report.path / 'text'}: '{utt}': transcript too long ({n} tokens with prefix "
+                    f"and eot > {max_tokens})"
+                )
 
     if check_audio:
         _check_audio(report, wavs, seg_times, keys if segments is None else None, run_pipes, max_seconds)
     return report
 
 
-def _check_audio(report: Report, wavs: dict[str, str], seg_times: dict, utt_keys: set[str] | None,
-                 run_pipes: bool, max_seconds: float) -> None:
+def _check_audio(
+    report: Report,
+    wavs: dict[str, str],
+    seg_times: dict,
+    utt_keys: set[str] | None,
+    run_pipes: bool,
+    max_seconds: float,
+) -> None:
     durations: dict[str, float] = {}
     skipped_pipes = 0
     for rec, value in wavs.items():
@@ -202,13 +222,16 @@ def _check_audio(report: Report, wavs: dict[str, str], seg_times: dict, utt_keys
                 continue
             total = durations[rec]
             if end != -1 and end > total + 0.05:
-                report.error(f"{report.path / 'segments'}: '{utt}': ends at {end} s, recording '{rec}' "
-                             f"has {total:.2f} s")
+                report.error(
+                    f"{report.path / 'segments'}: '{utt}': ends at {end} s, recording '{rec}' has {total:.2f} s"
+                )
             per_utt[utt] = (min(end, total) if end != -1 else total) - start
     long = sorted(u for u, d in per_utt.items() if d > max_seconds)
     if long:
-        report.warn(f"{report.path}: {len(long)} utterance(s) longer than {max_seconds} s (trimmed or skipped by "
-                    f"training with that window), e.g. '{long[0]}' ({per_utt[long[0]]:.1f} s)")
+        report.warn(
+            f"{report.path}: {len(long)} utterance(s) longer than {max_seconds} s (trimmed or skipped by "
+            f"training with that window), e.g. '{long[0]}' ({per_utt[long[0]]:.1f} s)"
+        )
     report.seconds = sum(per_utt.values())
 
 

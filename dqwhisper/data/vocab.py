@@ -12,11 +12,11 @@ decoder takes full ids and returns full-vocabulary logits with -inf at pruned id
 (`decoder.subset_logits = True`) logits come in `vocab_keep` order, and the teacher's KD targets are
 `teacher_logits.index_select(-1, keep)` (`gather_teacher_logits`).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -42,8 +42,9 @@ def select_vocab(token_lists: Iterable[Sequence[int]], tokenizer, byte_tokens: b
     return vocab_from_token_lists(lists, n_vocab, tokenizer.eot)
 
 
-def vocab_from_data_dirs(data_dirs: Sequence[str | Path], languages: Sequence[str] | None = None,
-                         tokenizer=None, byte_tokens: bool = True) -> list[int]:
+def vocab_from_data_dirs(
+    data_dirs: Sequence[str | Path], languages: Sequence[str] | None = None, tokenizer=None, byte_tokens: bool = True
+) -> list[int]:
     tokenizer = tokenizer or default_tokenizer()
     lists = []
     for d in data_dirs:
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     keep = vocab_from_data_dirs(args.data_dirs, args.languages, byte_tokens=not args.no_byte_tokens)
     n_vocab = default_tokenizer().encoding.n_vocab
-    print(f"kept {len(keep):,} of {n_vocab:,} token ids ({len(keep) / n_vocab:.1%}); the embedding/projection "
-          f"shrinks {n_vocab / len(keep):.1f}x")
+    print(
+        f"kept {len(keep):,} of {n_vocab:,} token ids ({len(keep) / n_vocab:.1%}); the embedding/projection "
+        f"shrinks {n_vocab / len(keep):.1f}x"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(keep) + "\n")
     return 0

@@ -72,31 +72,44 @@ def hf_to_openai_name(name: str) -> str | None:
     """An HF Whisper parameter name -> openai-whisper's; None for names openai has no place for (proj_out: tied)."""
     if name == "proj_out.weight":
         return None
-    m = re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m:
-        side, i, part, kind = m.groups()
-        for hf, oa in _LAYER:
-            if part == hf:
-                return f"{side}.blocks.{i}.{oa}.{kind}"
-        raise DQWhisperError(f"HF Whisper weight {name}: unknown layer part '{part}'")
-    for hf, oa in _TOP:
-        if name == hf or name.startswith(hf + "."):
-            return oa + name[len(hf) :]
-    raise DQWhisperError(f"HF Whisper weight {name}: no openai-whisper counterpart")
+    return _rename(name, _HF_SIDE)
 
 
 def openai_to_hf_name(name: str) -> str:
-    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    return _rename(name, _OPENAI_SIDE)
+
+
+# (label, layer-name pattern, layer-name format, index into the (HF, openai) pairs, the other side's label)
+_HF_SIDE = (
+    "HF Whisper",
+    r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)",
+    "{}.blocks.{}.{}.{}",
+    0,
+    "openai-whisper",
+)
+_OPENAI_SIDE = (
+    "openai-whisper",
+    r"(encoder|decoder)\.blocks\.(\d+)\.(.+)\.(weight|bias)",
+    "model.{}.layers.{}.{}.{}",
+    1,
+    "HF",
+)
+
+
+def _rename(name: str, side: tuple) -> str:
+    """A parameter name of one side -> the other's, through the _LAYER / _TOP tables."""
+    label, pattern, layer_fmt, src, other = side
+    m = re.fullmatch(pattern, name)
     if m:
-        side, i, part, kind = m.groups()
-        for hf, oa in _LAYER:
-            if part == oa:
-                return f"model.{side}.layers.{i}.{hf}.{kind}"
-        raise DQWhisperError(f"openai-whisper weight {name}: unknown block part '{part}'")
-    for hf, oa in _TOP:
-        if name == oa or name.startswith(oa + "."):
-            return hf + name[len(oa) :]
-    raise DQWhisperError(f"openai-whisper weight {name}: no HF counterpart")
+        where, i, part, kind = m.groups()
+        for pair in _LAYER:
+            if part == pair[src]:
+                return layer_fmt.format(where, i, pair[1 - src], kind)
+        raise DQWhisperError(f"{label} weight {name}: unknown layer part '{part}'")
+    for pair in _TOP:
+        if name == pair[src] or name.startswith(pair[src] + "."):
+            return pair[1 - src] + name[len(pair[src]) :]
+    raise DQWhisperError(f"{label} weight {name}: no {other} counterpart")
 
 
 def dims_from_hf_config(cfg: dict, source: str = "config.json") -> ModelDimensions:

@@ -1,4 +1,5 @@
 """Fixture writers shared by the data tests: sine-wave audio files and small data dirs."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,8 +20,9 @@ def tone(seconds: float, rate: int = 16000, freq: float = 440.0, channels: int =
     return np.stack([x] * channels, axis=1) if channels > 1 else x
 
 
-def write_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 440.0, channels: int = 1,
-              subtype: str = "PCM_16") -> Path:
+def write_wav(
+    path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 440.0, channels: int = 1, subtype: str = "PCM_16"
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, tone(seconds, rate, freq, channels), rate, subtype=subtype)
     return path
@@ -31,8 +33,10 @@ def write_mp3(path: Path, seconds: float = 1.0, rate: int = 48000) -> Path:
         pytest.skip("ffmpeg not installed")
     wav = write_wav(path.with_suffix(".src.wav"), seconds, rate)
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-codec:a", "libmp3lame", "-b:a", "64k",
-                    str(path)], check=True)
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), "-codec:a", "libmp3lame", "-b:a", "64k", str(path)],
+        check=True,
+    )
     wav.unlink()
     return path
 

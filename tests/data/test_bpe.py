@@ -1,16 +1,22 @@
 from dqwhisper.data.bpe import BPE, main, train_bpe
 
-TEXTS = ["hello world how are you", "good morning to you", "今日は晴れです", "ありがとうございます",
-         "привет как дела", "ciao come stai"] * 10
+TEXTS = [
+    "hello world how are you",
+    "good morning to you",
+    "今日は晴れです",
+    "ありがとうございます",
+    "привет как дела",
+    "ciao come stai",
+] * 10
 
 
 def test_train_encode_decode_and_byte_fallback(tmp_path):
     bpe = train_bpe(TEXTS, vocab_size=320, out_path=tmp_path / "bpe.model")
     assert 260 < bpe.vocab_size <= 320 and bpe.n_ctc_units == bpe.vocab_size + 1
-    for text in ["hello world", "今日は晴れです", "鬱蒼とした森", "Ωμέγα"]:   # the last two were never seen
+    for text in ["hello world", "今日は晴れです", "鬱蒼とした森", "Ωμέγα"]:  # the last two were never seen
         assert bpe.decode(bpe.encode(text)) == text
     unseen = bpe.encode("鬱")
-    assert [bpe.sp.is_byte(i) for i in unseen] == [False, True, True, True]   # "▁" + three UTF-8 bytes
+    assert [bpe.sp.is_byte(i) for i in unseen] == [False, True, True, True]  # "▁" + three UTF-8 bytes
     assert bpe.sp.unk_id() not in bpe.encode("鬱蒼とした森")
     ctc = bpe.ctc_targets("good morning")
     assert ctc == [i + 1 for i in bpe.encode("good morning")] and 0 not in ctc
@@ -27,6 +33,7 @@ def test_deterministic():
 
 def test_cli(tmp_path, capsys):
     from .helpers import make_data_dir
+
     d = make_data_dir(tmp_path, n=4)
     main([str(d), str(tmp_path / "m.model"), "--vocab-size", "300"])
     assert (tmp_path / "m.model").is_file() and "CTC units" in capsys.readouterr().out

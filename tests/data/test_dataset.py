@@ -1,13 +1,20 @@
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 import whisper
 
 from dqwhisper.data.bpe import train_bpe
-from dqwhisper.data.dataset import BatchSampler, SpecAugment, TooManyBadUtterances, WhisperDataset, collate, \
-    default_tokenizer, text_tokens, token_vocabulary
+from dqwhisper.data.dataset import (
+    BatchSampler,
+    SpecAugment,
+    TooManyBadUtterances,
+    WhisperDataset,
+    collate,
+    default_tokenizer,
+    text_tokens,
+    token_vocabulary,
+)
 from dqwhisper.data.kaldi import DataDir, Utterance, write_data_dir
 
 from .helpers import make_data_dir, write_wav
@@ -54,8 +61,9 @@ def test_items_and_collate(tmp_path):
     assert batch["ctc_target_lengths"].tolist() == [len(a["ctc_targets"]), len(b["ctc_targets"])]
     assert batch["ctc_targets"].tolist() == a["ctc_targets"] + b["ctc_targets"]
     assert batch["enc_lengths"].tolist() == [50, 75]
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=BatchSampler(ds.lengths, 2, shuffle=False),
-                                         collate_fn=partial(collate, pad_id=TOK.eot))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=BatchSampler(ds.lengths, 2, shuffle=False), collate_fn=partial(collate, pad_id=TOK.eot)
+    )
     assert [b["utt_ids"] for b in loader] == [["s-a", "s-b"]]
 
 
@@ -68,7 +76,7 @@ def test_log_mel_matches_whisper(tmp_path, n_mels, n_audio_ctx):
     mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), n_mels, padding=whisper.audio.N_SAMPLES)
     content = mel[:, : mel.shape[-1] - whisper.audio.N_FRAMES]
     ref = whisper.pad_or_trim(content[:, : 2 * n_audio_ctx], 2 * n_audio_ctx)
-    assert bool((ref[:, content.shape[-1]:] == 0).all())
+    assert bool((ref[:, content.shape[-1] :] == 0).all())
     got = ds[0]["mel"]
     assert got.shape == (n_mels, 2 * n_audio_ctx)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
@@ -86,8 +94,13 @@ def test_bad_utterances_skipped_and_counted(tmp_path, caplog):
     ds = WhisperDataset(d, TOK, n_mels=80, n_audio_ctx=100, max_bad_fraction=0.5)
     assert len(ds) == 10 and ds.n_total == 15
     reasons = {k: v.split(":")[0] for k, v in ds.bad.items()}
-    assert reasons == {"s-missing": "missing audio", "s-empty": "empty transcript", "s-lang": "unknown language",
-                       "s-long": "transcript too long", "s-toolongaudio": "audio too long"}
+    assert reasons == {
+        "s-missing": "missing audio",
+        "s-empty": "empty transcript",
+        "s-lang": "unknown language",
+        "s-long": "transcript too long",
+        "s-toolongaudio": "audio too long",
+    }
     assert "skipping utterance s-missing" in caplog.text
     with pytest.raises(TooManyBadUtterances, match="5 of 15"):
         WhisperDataset(d, TOK, n_mels=80, n_audio_ctx=100, max_bad_fraction=0.3)
@@ -98,7 +111,7 @@ def test_bad_utterances_skipped_and_counted(tmp_path, caplog):
 def test_unreadable_audio_at_load_time(tmp_path):
     d = _dir(tmp_path, [(f"s-ok{i}", 0.5, "fine", "en") for i in range(4)] + [("s-bad", 0.5, "bad", "en")])
     (tmp_path / "wav" / "s-bad.wav").write_bytes(b"garbage" * 100)
-    assert "s-bad" in WhisperDataset(d, TOK, 80, 100, max_bad_fraction=0.5).bad   # the header check finds it
+    assert "s-bad" in WhisperDataset(d, TOK, 80, 100, max_bad_fraction=0.5).bad  # the header check finds it
     ds = WhisperDataset(d, TOK, 80, 100, max_bad_fraction=0.2, check_audio=False)
     assert len(ds) == 5
     items = [ds[i] for i in range(len(ds))]
@@ -115,13 +128,15 @@ def test_spec_augment(tmp_path):
     torch.manual_seed(0)
     aug = WhisperDataset(d, TOK, 80, 100, spec_augment={"enabled": True, "time_mask_param": 20})[0]["mel"]
     assert aug.shape == plain.shape and not torch.equal(aug, plain)
-    torch.testing.assert_close(aug[:, 100:], plain[:, 100:], rtol=0, atol=0)   # padding frames untouched
+    torch.testing.assert_close(aug[:, 100:], plain[:, 100:], rtol=0, atol=0)  # padding frames untouched
     assert SpecAugment.from_config({"enabled": False}) is None and SpecAugment.from_config(None) is None
     assert SpecAugment.from_config(True).freq_mask_param == 27
     from dqwhisper.config import SpecAugmentConfig
+
     assert SpecAugment.from_config(SpecAugmentConfig(enabled=False)) is None
-    cfg = SpecAugment.from_config(SpecAugmentConfig(enabled=True, freq_mask_param=5, time_mask_param=7,
-                                                    num_freq_masks=1, num_time_masks=3))
+    cfg = SpecAugment.from_config(
+        SpecAugmentConfig(enabled=True, freq_mask_param=5, time_mask_param=7, num_freq_masks=1, num_time_masks=3)
+    )
     assert (cfg.freq_mask_param, cfg.time_mask_param, cfg.num_freq_masks, cfg.num_time_masks) == (5, 7, 1, 3)
     short = SpecAugment.from_config({"freq_mask": 4, "time_mask": 6, "n_freq_masks": 3, "n_time_masks": 1})
     assert (short.freq_mask_param, short.time_mask_param, short.num_freq_masks, short.num_time_masks) == (4, 6, 3, 1)
@@ -132,9 +147,9 @@ def test_batch_sampler():
     s = BatchSampler(lengths, minibatch_size=3, seed=5)
     e0 = list(s)
     assert sorted(i for b in e0 for i in b) == list(range(7)) and all(len(b) <= 3 for b in e0)
-    assert e0 == list(BatchSampler(lengths, 3, seed=5))                 # same seed and epoch: same batches
+    assert e0 == list(BatchSampler(lengths, 3, seed=5))  # same seed and epoch: same batches
     s.set_epoch(1)
-    assert list(s) != e0                                               # a new epoch reshuffles
+    assert list(s) != e0  # a new epoch reshuffles
     budget = list(BatchSampler(lengths, 10, max_frames=100, shuffle=False))
     assert budget == [[0, 1, 2, 3], [4], [5], [6]]
     assert all(sum(lengths[i] for i in b) <= 100 for b in budget)

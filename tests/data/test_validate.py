@@ -18,20 +18,23 @@ def _break(d, file, content):
     (d / file).write_text(content)
 
 
-@pytest.mark.parametrize("file,content,message", [
-    ("text", "spk1-u1 b\nspk0-u0 a\n", "text:2: not sorted"),
-    ("text", "spk0-u0 a\nspk0-u0 a\nspk1-u1 b\n", "text:2: duplicate key"),
-    ("text", "spk0-u0 a\n", "wav.scp: 1 key(s) not in text"),
-    ("text", "spk0-u0\nspk1-u1 b\n", "'spk0-u0': empty transcript"),
-    ("text", "spk0-u0 " + "word " * 500 + "\nspk1-u1 b\n", "'spk0-u0': transcript too long"),
-    ("utt2lang", "spk0-u0 xx\nspk1-u1 en\n", "unknown language code 'xx'"),
-    ("utt2spk", "spk0-u0 spk0 extra\nspk1-u1 spk1\n", "utt2spk:1: expected 2 fields"),
-    ("spk2utt", "spk0 spk0-u0 spk1-u1\n", "spk2utt: does not match utt2spk"),
-    ("wav.scp", "spk0-u0 ../wav/nothere.wav\nspk1-u1 ../wav/spk1-u1.wav\n", "audio file missing"),
-    ("wav.scp", "spk0-u0 ../wav/garbage.wav\nspk1-u1 ../wav/spk1-u1.wav\n", "unreadable audio"),
-    ("segments", "spk0-u0 spk0-u0 0 5.0\nspk1-u1 spk1-u1 0 -1\n", "ends at 5.0 s"),
-    ("segments", "spk0-u0 nosuchrec 0 0.5\nspk1-u1 spk1-u1 0 -1\n", "refers to recording 'nosuchrec'"),
-])
+@pytest.mark.parametrize(
+    "file,content,message",
+    [
+        ("text", "spk1-u1 b\nspk0-u0 a\n", "text:2: not sorted"),
+        ("text", "spk0-u0 a\nspk0-u0 a\nspk1-u1 b\n", "text:2: duplicate key"),
+        ("text", "spk0-u0 a\n", "wav.scp: 1 key(s) not in text"),
+        ("text", "spk0-u0\nspk1-u1 b\n", "'spk0-u0': empty transcript"),
+        ("text", "spk0-u0 " + "word " * 500 + "\nspk1-u1 b\n", "'spk0-u0': transcript too long"),
+        ("utt2lang", "spk0-u0 xx\nspk1-u1 en\n", "unknown language code 'xx'"),
+        ("utt2spk", "spk0-u0 spk0 extra\nspk1-u1 spk1\n", "utt2spk:1: expected 2 fields"),
+        ("spk2utt", "spk0 spk0-u0 spk1-u1\n", "spk2utt: does not match utt2spk"),
+        ("wav.scp", "spk0-u0 ../wav/nothere.wav\nspk1-u1 ../wav/spk1-u1.wav\n", "audio file missing"),
+        ("wav.scp", "spk0-u0 ../wav/garbage.wav\nspk1-u1 ../wav/spk1-u1.wav\n", "unreadable audio"),
+        ("segments", "spk0-u0 spk0-u0 0 5.0\nspk1-u1 spk1-u1 0 -1\n", "ends at 5.0 s"),
+        ("segments", "spk0-u0 nosuchrec 0 0.5\nspk1-u1 spk1-u1 0 -1\n", "refers to recording 'nosuchrec'"),
+    ],
+)
 def test_errors(tmp_path, capsys, file, content, message):
     d = make_data_dir(tmp_path, n=2)
     (tmp_path / "wav" / "garbage.wav").write_bytes(b"RIFF not really a wav file at all" * 10)

@@ -95,6 +95,25 @@ def _write(dest: Path, utts: list[Utterance], stats: ImportStats, recordings: di
     log.info("%s: %d utterances", dest, len(utts))
 
 
+def _usable(stats: ImportStats, what: str, audio: Path, text: str) -> bool:
+    """False (and the reason counted) for a row whose audio file is missing or whose transcript is empty."""
+    if not audio.is_file():
+        stats.skip("missing audio", f"{what} ({audio})")
+        return False
+    if not text:
+        stats.skip("empty transcript", what)
+        return False
+    return True
+
+
+def _split_files(src: Path, splits, name: str, hint: str = "") -> list[tuple[str, Path]]:
+    """(split, src / name.format(split)) for the splits that exist; an error naming them all when none does."""
+    found = [(split, src / name.format(split)) for split in splits if (src / name.format(split)).exists()]
+    if not found:
+        raise DQWhisperError(f"{src}: none of {', '.join(name.format(s) for s in splits)} found{hint}")
+    return found
+
+
 # ---------------------------------------------------------------- Common Voice
 
 
@@ -103,12 +122,7 @@ def import_commonvoice(
 ) -> ImportStats:
     src, dest = Path(src), Path(dest)
     stats = ImportStats()
-    found = False
-    for split in splits:
-        tsv = src / f"{split}.tsv"
-        if not tsv.is_file():
-            continue
-        found = True
+    for split, tsv in _split_files(src, splits, "{}.tsv", " (a Common Voice language folder holds them beside clips/)"):
         utts = []
         with tsv.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -120,22 +134,13 @@ def import_commonvoice(
                 audio = src / "clips" / row["path"]
                 text = clean_text(row["sentence"] or "")
                 what = f"{tsv}:{lineno}"
-                if not audio.is_file():
-                    stats.skip("missing audio", f"{what} ({audio})")
-                    continue
-                if not text:
-                    stats.skip("empty transcript", what)
+                if not _usable(stats, what, audio, text):
                     continue
                 spk = "cv" + hashlib.sha1(row["client_id"].encode()).hexdigest()[:12]
                 utts.append(
                     Utterance(f"{spk}-{safe_id(Path(row['path']).stem)}", str(audio.resolve()), text, spk, code)
                 )
         _write(dest / split, utts, stats)
-    if not found:
-        raise DQWhisperError(
-            f"{src}: none of {', '.join(s + '.tsv' for s in splits)} found (a Common Voice "
-            "language folder holds them beside clips/)"
-        )
     return stats
 
 
@@ -150,12 +155,7 @@ def import_fleurs(
     src, dest = Path(src), Path(dest)
     code = to_iso639_1(src.name, lang)
     stats = ImportStats()
-    found = False
-    for split in splits:
-        tsv = src / f"{split}.tsv"
-        if not tsv.is_file():
-            continue
-        found = True
+    for split, tsv in _split_files(src, splits, "{}.tsv"):
         utts = []
         for lineno, line in enumerate(tsv.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -183,8 +183,6 @@ def import_fleurs(
             utt = f"{code}-{safe_id(Path(file_name).stem)}"
             utts.append(Utterance(utt, str(audio.resolve()), text, utt, code))
         _write(dest / split, utts, stats)
-    if not found:
-        raise DQWhisperError(f"{src}: none of {', '.join(s + '.tsv' for s in splits)} found")
     return stats
 
 
@@ -210,11 +208,7 @@ def import_librispeech(src: str | Path, dest: str | Path, lowercase: bool = Fals
             if len(id_parts) != 3:
                 raise DQWhisperError(f"{what}: utterance id '{utt_id}' is not SPEAKER-CHAPTER-NUMBER")
             audio = trans.parent / f"{utt_id}.flac"
-            if not audio.is_file():
-                stats.skip("missing audio", f"{what} ({audio})")
-                continue
-            if not text:
-                stats.skip("empty transcript", what)
+            if not _usable(stats, what, audio, text):
                 continue
             utts.append(
                 Utterance(
@@ -245,12 +239,7 @@ def import_aishell(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS) -> 
         if len(parts) == 2:
             texts[parts[0]] = "".join(parts[1].split())
     stats = ImportStats()
-    found = False
-    for split in splits:
-        folder = src / "wav" / split
-        if not folder.is_dir():
-            continue
-        found = True
+    for split, folder in _split_files(src / "wav", splits, "{}", " (split folders)"):
         utts = []
         for wav in sorted(folder.rglob("*.wav")):
             utt = wav.stem
@@ -260,8 +249,6 @@ def import_aishell(src: str | Path, dest: str | Path, splits=DEFAULT_SPLITS) -> 
             spk = utt[6:11]
             utts.append(Utterance(f"{spk}-{utt}", str(wav.resolve()), texts[utt], spk, "zh"))
         _write(dest / split, utts, stats)
-    if not found:
-        raise DQWhisperError(f"{src / 'wav'}: none of the split folders {list(splits)}")
     return stats
 
 

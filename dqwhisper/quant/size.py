@@ -72,38 +72,12 @@ def dqw_tensors(path: Path) -> list[dict]:
 
 def pt_tensors(path: Path) -> list[dict]:
 
-    rows = []
-    for name, t in read_checkpoint(path)["model_state_dict"].items():
-        nbytes = t.numel() * t.element_size()
-        rows.append(
-            {
-                "name": name,
-                "shape": list(t.shape),
-                "numel": t.numel(),
-                "bytes": nbytes,
-                "bits": 8 * t.element_size(),
-                "format": str(t.dtype).replace("torch.", ""),
-            }
-        )
-    return rows
+    return _plain_rows(read_checkpoint(path)["model_state_dict"])
 
 
 def ct2_tensors(path: Path) -> list[dict]:
 
-    rows = []
-    for name, t in read_model_bin(path).variables.items():
-        nbytes = t.numel() * t.element_size()
-        rows.append(
-            {
-                "name": name,
-                "shape": list(t.shape),
-                "numel": t.numel(),
-                "bytes": nbytes,
-                "bits": 8 * t.element_size(),
-                "format": str(t.dtype).replace("torch.", ""),
-            }
-        )
-    return rows
+    return _plain_rows(read_model_bin(path).variables)
 
 
 def size_report(file: str | Path, teacher: str | Path | None = None) -> dict:
@@ -182,3 +156,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _plain_rows(tensors: dict) -> list[dict]:
+    """One row per unpacked tensor (its dtype's bits per value)."""
+    return [
+        {
+            "name": name,
+            "shape": list(t.shape),
+            "numel": t.numel(),
+            "bytes": t.numel() * t.element_size(),
+            "bits": 8 * t.element_size(),
+            "format": str(t.dtype).replace("torch.", ""),
+        }
+        for name, t in tensors.items()
+    ]

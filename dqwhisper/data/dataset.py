@@ -11,7 +11,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -351,78 +351,3 @@ def collate(items: list[dict | None], pad_id: int) -> dict:
         ctc_target_lengths=torch.tensor([len(c) for c in ctc], dtype=torch.long),
         enc_lengths=torch.tensor([it["n_frames"] for it in items], dtype=torch.long),
     )
-
-
-class BatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of at most `minibatch_size` utterances and, when `max_frames` is set, at most `max_frames` real-audio
-    encoder frames in total (an utterance longer than the budget gets a batch of its own). Shuffling is
-    deterministic: a permutation drawn from `seed + epoch` (call `set_epoch`). For DDP each rank takes every
-    `world_size`-th batch; every rank gets the same number of batches (wrapping around, or dropping the tail
-    with `drop_last`)."""
-
-    def __init__(
-        self,
-        lengths: list[int],
-        minibatch_size: int,
-        max_frames: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ):
-        if minibatch_size < 1:
-            raise DQWhisperError(f"minibatch_size must be >= 1, got {minibatch_size}")
-        if rank is None or world_size is None:
-            dist = torch.distributed
-            ddp = dist.is_available() and dist.is_initialized()
-            rank = rank if rank is not None else (dist.get_rank() if ddp else 0)
-            world_size = world_size if world_size is not None else (dist.get_world_size() if ddp else 1)
-        if not 0 <= rank < world_size:
-            raise DQWhisperError(f"rank {rank} outside world_size {world_size}")
-        self.lengths = list(lengths)
-        self.minibatch_size = minibatch_size
-        self.max_frames = max_frames
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _all_batches(self) -> list[list[int]]:
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(order), generator=g).tolist()
-        batches, batch, frames = [], [], 0
-        for i in order:
-            n = self.lengths[i]
-            over = self.max_frames is not None and batch and frames + n > self.max_frames
-            if len(batch) == self.minibatch_size or over:
-                batches.append(batch)
-                batch, frames = [], 0
-            batch.append(i)
-            frames += n
-        if batch:
-            batches.append(batch)
-        return batches
-
-    def _rank_batches(self) -> list[list[int]]:
-        batches = self._all_batches()
-        if self.world_size > 1 and batches:
-            if self.drop_last:
-                batches = batches[: len(batches) - len(batches) % self.world_size]
-            else:
-                short = (-len(batches)) % self.world_size
-                batches = batches + [batches[i % len(batches)] for i in range(short)]
-        return batches[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._rank_batches())
-
-    def __len__(self) -> int:
-        return len(self._rank_batches())

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dqwhisper.data.dataset import BatchSampler
+from dqwhisper.data.sampler import BatchSampler
 from dqwhisper.train import dist as D
 from dqwhisper.train.build import Parts, build, setup
 from dqwhisper.train.cache_set import TrainingSet, collate_training

@@ -6,7 +6,6 @@ import whisper
 
 from dqwhisper.data.bpe import train_bpe
 from dqwhisper.data.dataset import (
-    BatchSampler,
     SpecAugment,
     TooManyBadUtterances,
     WhisperDataset,
@@ -16,6 +15,7 @@ from dqwhisper.data.dataset import (
     token_vocabulary,
 )
 from dqwhisper.data.kaldi import DataDir, Utterance, write_data_dir
+from dqwhisper.data.sampler import BatchSampler
 
 from .helpers import make_data_dir, write_wav
 

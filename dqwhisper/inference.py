@@ -18,9 +18,7 @@ scored (`empty_references`).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from whisper.model import ModelDimensions
 
-from dqwhisper.data.kaldi import DataDir, is_pipe
 
 from dqwhisper.decoding import (
     DETECT,
@@ -40,8 +37,8 @@ from dqwhisper.decoding import (
     check_decode_config,
     decode_utterances,
     search_tag,
-    select_utts,
 )
+from dqwhisper.decoding.sets import HypWriter, check_bad_fraction, check_out_dir, load_test_set, set_names
 from dqwhisper.interop.hf import is_hf_dir
 from dqwhisper.models.load import load_model
 from dqwhisper.quant.quantized import select_kernels
@@ -187,92 +184,6 @@ def test_set_dirs(cfg: DictConfig, is_exp: bool) -> list[Path]:
     if not sets:
         raise DQWhisperError("no test set: give decode.test_sets=[DATA_DIR,...]")
     return [Path(s) for s in sets]
-
-
-@dataclass
-class DecodeSet:
-    path: Path
-    data: object  # DataDir
-    utts: list  # the utterances decode.languages / max_utts / shard select
-    durations: dict[str, float]  # seconds from the audio headers (pipes: not run here)
-    bad: dict[str, str]  # utterances whose audio is missing or unreadable: reason
-
-
-def load_test_set(path: Path, dcfg: DecodeConfig) -> DecodeSet:
-    """DataDir.load, the selection, and every selected audio header read, so that a broken set fails (or its
-    unreadable utterances are known) before the model loads. Pipes are not run here: each runs once, when decoded."""
-    data = DataDir.load(path)
-    if not data.utts:
-        raise DQWhisperError(f"{path}: test set has no utterances")
-    utts = select_utts(data.utts, dcfg)
-    if not utts:
-        raise DQWhisperError(f"{path}: no utterance left after decode.languages / max_utts / shard")
-    durations, bad = {}, {}
-    for u in utts:
-        if is_pipe(u.wav):
-            continue
-        wav = data.resolve(u.wav)
-        if not Path(wav).is_file():
-            bad[u.utt_id] = f"audio file {wav} does not exist"
-            continue
-        try:
-            durations[u.utt_id] = data.duration(u)
-        except Exception as e:  # noqa: BLE001 - any reader error makes the utterance bad
-            bad[u.utt_id] = f"unreadable audio {wav}: {e}"
-            continue
-        if durations[u.utt_id] <= 0:
-            bad[u.utt_id] = f"audio {wav} has no samples"
-    for utt_id, reason in bad.items():
-        log.warning("%s: skipping utterance %s: %s", path, utt_id, reason)
-    check_bad_fraction(path, bad, len(utts), dcfg.max_bad_fraction)
-    return DecodeSet(path, data, utts, durations, bad)
-
-
-def check_bad_fraction(path: Path, bad: dict[str, str], n_total: int, max_fraction: float) -> None:
-    if len(bad) > max_fraction * n_total:
-        first = "; ".join(f"{u}: {r}" for u, r in list(bad.items())[:3])
-        raise DQWhisperError(
-            f"{path}: {len(bad)} of {n_total} utterances cannot be read, more than "
-            f"decode.max_bad_fraction={max_fraction}: {first}"
-        )
-
-
-def check_out_dir(out: Path) -> None:
-    """Create `out` and write a probe file there, so an unwritable output dir fails before any decoding."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise DQWhisperError(
-            f"output dir {out}: cannot write there ({e.strerror or e}); choose another with decode.out_dir=DIR"
-        ) from None
-
-
-class HypWriter:
-    """Appends each batch's hypotheses to `hyp.txt` as they come (flushed), so an interrupted run keeps them
-    (`run` rewrites the file sorted by utterance id at the end)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.file = open(path, "w", encoding="utf-8")
-        self.n = 0
-
-    def __call__(self, hyps) -> None:
-        self.file.write("".join(" ".join([h.utt_id, *h.text.split()]) + "\n" for h in hyps))
-        self.file.flush()
-        self.n += len(hyps)
-
-    def close(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-
-
-def set_names(paths: list[Path]) -> list[str]:
-    """Folder names of the test sets, with the parent prepended where two sets share a name."""
-    names = [p.resolve().name for p in paths]
-    return [f"{p.resolve().parent.name}_{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
 @dataclass

@@ -168,14 +168,7 @@ class Trainer:
         """Run to trainer.max_steps (or max_epochs), validating and checkpointing; returns the summary."""
         cfg, tc = self.cfg, self.cfg.trainer
         self.last_save = time.time()
-        if tc.resume and (self.expdir / "last.pt").exists():
-            self.load_state(self.expdir / "last.pt")
-            if self.dist.main:  # records of steps after last.pt were made by the killed run: they are redone
-                for name in ("train_losses.jsonl", "dev_results.jsonl"):
-                    truncate_log(self.expdir / name, self.step)
-        elif self.dist.main:  # a fresh run: the logs start empty
-            for name in ("train_losses.jsonl", "dev_results.jsonl"):
-                (self.expdir / name).unlink(missing_ok=True)
+        _resume_or_start(self)
         if cfg.quant.enabled and cfg.quant.ptq:
             log.info("post-training quantization: no training steps")
             metric = self.validate_and_save()
@@ -190,17 +183,7 @@ class Trainer:
             unit="step",
             disable=not (tc.progress and self.dist.main),
         )
-        c = cfg.data.collector
-        sampler = BatchSampler(
-            self.parts.train_set.lengths,
-            c.minibatch_size,
-            c.max_frames or None,
-            shuffle=c.shuffle,
-            seed=tc.seed,
-            drop_last=False,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        sampler = _train_sampler(cfg, self.parts, self.dist)
         start_step, t0 = self.step, time.time()
         state = "done" if self.step >= tc.max_steps else None
         while state is None and not (tc.max_epochs and self.epoch >= tc.max_epochs):
@@ -214,22 +197,7 @@ class Trainer:
         elapsed = time.time() - t0
         metric = self.validate_and_save() if self.validated_step != self.step else self.last_metric
         self.finish()
-        shares = defaultdict(list)
-        for record in self.loss_log:
-            for k, v in record.items():
-                if k.startswith("share_"):
-                    shares[k].append(v)
-        summary = {
-            "steps": self.step,
-            "epochs": self.epoch,
-            "train_seconds": round(elapsed, 2),
-            "mean_loss_shares": {k: round(sum(v) / len(v), 4) for k, v in shares.items()},
-            "seconds_per_step": round(elapsed / max(1, self.step - start_step), 4),
-            "dev_metric": metric,
-            "best_metric": self.topk.best_metric,
-            "nonfinite_steps": self.nonfinite,
-            "chosen_layers": {i: dict(c) for i, c in self.chosen_counts.items()},
-        }
+        summary = _run_summary(self, elapsed, start_step, metric)
         if self.dist.main:
             (self.expdir / "train_summary.json").write_text(json.dumps(summary, indent=1))
             log.info("done: %s", json.dumps(summary))
@@ -267,10 +235,8 @@ class Trainer:
             result.update(dev_errors(hyps, self.parts.dev_base.items))
             result["n_runaways"] = len(self._runaways)
             if self.dist.main:  # the latest dev hypotheses, Kaldi text format
-                atomic_write_bytes(
-                    self.expdir / "dev_hyp.txt",
-                    "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items())).encode(),
-                )
+                text = "".join(f"{u} {' '.join(h.split())}\n" for u, h in sorted(hyps.items()))
+                atomic_write_bytes(self.expdir / "dev_hyp.txt", text.encode())
         return result
 
     def validate_and_save(self) -> float:
@@ -301,17 +267,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_state(self, path: Path) -> None:
-        save_state(
-            path,
-            self.parts,
-            config_dict(self.cfg),
-            step=self.step,
-            epoch=self.epoch,
-            batch_in_epoch=self.batch_in_epoch,
-            best_metric=self.topk.best_metric,
-            kept=self.topk.kept,
-            nonfinite=self.nonfinite,
-        )
+        save_state(path, self.parts, config_dict(self.cfg), **_loop_state(self))
 
     def load_state(self, path: Path) -> None:
         ckpt = load_state(path, self.parts, self.device)
@@ -327,6 +283,64 @@ class Trainer:
             self.writer.close()
             self.writer = None
         D.barrier(self.dist)
+
+
+def _resume_or_start(tr: Trainer) -> None:
+    """Resume from last.pt (trainer.resume), its jsonl logs cut back to the resumed step; else start them empty."""
+    if tr.cfg.trainer.resume and (tr.expdir / "last.pt").exists():
+        tr.load_state(tr.expdir / "last.pt")
+        if tr.dist.main:  # records of steps after last.pt were made by the killed run: they are redone
+            for name in ("train_losses.jsonl", "dev_results.jsonl"):
+                truncate_log(tr.expdir / name, tr.step)
+    elif tr.dist.main:  # a fresh run: the logs start empty
+        for name in ("train_losses.jsonl", "dev_results.jsonl"):
+            (tr.expdir / name).unlink(missing_ok=True)
+
+
+def _train_sampler(cfg: Any, parts: Parts, dist: D.DistInfo) -> BatchSampler:
+    c = cfg.data.collector
+    return BatchSampler(
+        parts.train_set.lengths,
+        c.minibatch_size,
+        c.max_frames or None,
+        shuffle=c.shuffle,
+        seed=cfg.trainer.seed,
+        drop_last=False,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+
+
+def _run_summary(tr: Trainer, elapsed: float, start_step: int, metric: float) -> dict:
+    """train_summary.json: steps, time, mean loss-term shares, dev metric, matching choices."""
+    shares = defaultdict(list)
+    for record in tr.loss_log:
+        for k, v in record.items():
+            if k.startswith("share_"):
+                shares[k].append(v)
+    return {
+        "steps": tr.step,
+        "epochs": tr.epoch,
+        "train_seconds": round(elapsed, 2),
+        "mean_loss_shares": {k: round(sum(v) / len(v), 4) for k, v in shares.items()},
+        "seconds_per_step": round(elapsed / max(1, tr.step - start_step), 4),
+        "dev_metric": metric,
+        "best_metric": tr.topk.best_metric,
+        "nonfinite_steps": tr.nonfinite,
+        "chosen_layers": {i: dict(c) for i, c in tr.chosen_counts.items()},
+    }
+
+
+def _loop_state(tr: Trainer) -> dict:
+    """The loop's own state that last.pt keeps besides the model, optimizer, scheduler and RNG."""
+    return dict(
+        step=tr.step,
+        epoch=tr.epoch,
+        batch_in_epoch=tr.batch_in_epoch,
+        best_metric=tr.topk.best_metric,
+        kept=tr.topk.kept,
+        nonfinite=tr.nonfinite,
+    )
 
 
 def config_dict(cfg: Any) -> dict | None:

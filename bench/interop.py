@@ -34,6 +34,19 @@ from dqwhisper.scoring import score_utterances, summarize  # noqa: E402
 MAX_NEW = 224
 
 
+def hf_greedy(hfm, mel, lang: str):
+    """transformers' greedy generate on one (n_mels, T) mel, language forced, no timestamps."""
+    return hfm.generate(
+        input_features=mel[None],
+        language=lang,
+        task="transcribe",
+        return_timestamps=False,
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        num_beams=1,
+    )
+
+
 def load_any(ckpt: str):
     from dqwhisper.models.load import load_whisper
 
@@ -123,15 +136,7 @@ def cmd_hf_tokens(a) -> dict:
         mel = mel_of(data.load_audio(u), model.dims)
         with torch.no_grad():
             mine = ours_tokens(model, mel, u.lang)
-            seq = hfm.generate(
-                input_features=mel[None],
-                language=u.lang,
-                task="transcribe",
-                return_timestamps=False,
-                max_new_tokens=MAX_NEW,
-                do_sample=False,
-                num_beams=1,
-            )
+            seq = hf_greedy(hfm, mel, u.lang)
         seq = seq.sequences if hasattr(seq, "sequences") else seq
         theirs = [int(t) for t in seq[0] if int(t) < tok.eot]
         ours_txt[u.utt_id], hf_txt[u.utt_id] = tok.decode(mine), tok.decode(theirs)
@@ -273,15 +278,7 @@ def cmd_speed(a) -> dict:
                     elif name == "ours_dqw_int8":
                         ours_tokens(dqw, mel, u.lang)
                     elif name == "transformers_fp32":
-                        hfm.generate(
-                            input_features=mel[None],
-                            language=u.lang,
-                            task="transcribe",
-                            return_timestamps=False,
-                            max_new_tokens=MAX_NEW,
-                            do_sample=False,
-                            num_beams=1,
-                        )
+                        hf_greedy(hfm, mel, u.lang)
                     else:
                         runners[name.split("_", 1)[1]].decode_pcm(
                             audio[: model.dims.n_audio_ctx * 320], u.lang, max_tokens=MAX_NEW

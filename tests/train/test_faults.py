@@ -262,7 +262,7 @@ def test_train_ce_ctc_error_is_one_line(assets, tmp_path):
 
 # ------------------------------------------------------------------------------------------- fault injection
 FAULT_RUN = FAST + [
-    "trainer.max_steps=24",
+    "trainer.max_steps=40",
     "trainer.valid_every=6",
     "trainer.save_every_steps=1",
     "trainer.save_every_minutes=0",
@@ -310,7 +310,7 @@ def _n_logged(exp: Path) -> int:
 
 
 def test_random_kill_minus_9_and_resume_end_bit_identical(assets, tmp_path):
-    """12 kill -9s at random points of a 24-step run (a third of them inside a checkpoint write, leaving half a temp
+    """12 kill -9s at random points of a 40-step run (a third of them inside a checkpoint write, leaving half a temp
     file), each followed by a resume: the final weights (last.pt, best.pt, avg.pt) equal an uninterrupted run's bit
     for bit, every step is logged once with the same values, and no temp file is left."""
     teacher, data, _ = assets
@@ -324,13 +324,14 @@ def test_random_kill_minus_9_and_resume_end_bit_identical(assets, tmp_path):
             proc = _start(run, data, teacher, kill_in_save=rng.randint(1, 3))
             proc.wait(timeout=600)
             in_write += proc.returncode == -signal.SIGKILL
-        else:  # at a random moment once this process has trained a step
-            start = _n_logged(run)
+        else:  # at a random moment once this process has trained one or two steps (counted, not timed: a fast
+            # machine must not finish the run before the 12 kills)
+            start, steps = _n_logged(run), rng.randint(1, 2)
             proc = _start(run, data, teacher)
             deadline = time.time() + 300
-            while proc.poll() is None and _n_logged(run) <= start and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.4))
+            while proc.poll() is None and _n_logged(run) < start + steps and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.02))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         kills += proc.returncode == -signal.SIGKILL
@@ -347,7 +348,7 @@ def test_random_kill_minus_9_and_resume_end_bit_identical(assets, tmp_path):
         for k, v in a["model_state_dict"].items():
             assert torch.equal(v, b["model_state_dict"][k]), (name, k)
     assert (ref / "train_losses.jsonl").read_text() == (run / "train_losses.jsonl").read_text()
-    assert steps_logged(run / "train_losses.jsonl") == list(range(1, 25))
+    assert steps_logged(run / "train_losses.jsonl") == list(range(1, 41))
     assert (ref / "dev_results.jsonl").read_text() == (run / "dev_results.jsonl").read_text()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 

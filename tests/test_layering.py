@@ -37,7 +37,6 @@ LAYERS = [  # (layer, module name prefixes); the longest matching prefix decides
             "dqwhisper.quant.dqw",
             "dqwhisper.quant.ct2_export",
             "dqwhisper.quant.export",
-            "dqwhisper.quant.ptq",
             "dqwhisper.quant.size",
             "dqwhisper.models.load",
             "dqwhisper.models.convert",
@@ -51,6 +50,7 @@ LAYERS = [  # (layer, module name prefixes); the longest matching prefix decides
         [
             "dqwhisper.config",
             "dqwhisper.train",
+            "dqwhisper.quant.ptq",
             "dqwhisper.decoding",
             "dqwhisper.scoring",
             "dqwhisper.transcribe",

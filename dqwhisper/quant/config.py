@@ -50,6 +50,9 @@ class QuantConfig:
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     activation: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
     ptq: bool = False  # post-training quantization of a float student: quantize, no training
+    gptq: bool = False  # GPTQ rounding (calibrated on training audio) for the weights that do not train afterwards:
+    # the frozen encoder of a QAT student, every linear and convolution under PTQ (symmetric per-channel/group only)
+    gptq_utts: int = 64  # calibration utterances for GPTQ, evenly spaced over the training set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +128,13 @@ def validate(cfg: QuantConfig) -> QuantConfig:
                 "quant config: ggml keeps the convolution kernels in f16; set quant.conv=false with "
                 f"quant.weight.granularity = {w.granularity}"
             )
+    if cfg.gptq and (not w.symmetric or w.granularity not in ("per_channel", "per_group")):
+        raise DQWhisperError(
+            "quant config: quant.gptq = true needs symmetric per_channel or per_group weights "
+            f"(got symmetric {w.symmetric}, granularity {w.granularity})"
+        )
+    if cfg.gptq and (isinstance(cfg.gptq_utts, bool) or not isinstance(cfg.gptq_utts, int) or cfg.gptq_utts < 1):
+        raise DQWhisperError(f"quant config: quant.gptq_utts = {cfg.gptq_utts!r}, must be an integer >= 1")
     if w.scale_init not in SCALE_INITS:
         raise DQWhisperError(
             f"quant config: quant.weight.scale_init = {w.scale_init!r}, must be one of {list(SCALE_INITS)}"

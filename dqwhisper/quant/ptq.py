@@ -1,12 +1,13 @@
 """Post-training quantization: the float student through the same quantizer as QAT, no training.
 
-    python -m dqwhisper.quant.ptq STUDENT.pt QUANT_CFG OUT.pt [key=value ...]
+    python -m dqwhisper.quant.ptq STUDENT.pt QUANT_CFG OUT.pt [key=value ...] [--calib DATA_DIR]
 
 QUANT_CFG: a YAML file or the name of one in conf/quant/ (w8, w4, w4g64, ...); overrides use dotted keys of
 QuantConfig (e.g. weight.bits=3 scope=all). OUT.pt is a fake-quantized checkpoint (the same format QAT writes):
 export it with `python -m dqwhisper.quant.export OUT.pt model.dqw`, decode it with inference.py. With LSQ configs
 the scales are the LSQ initialisation (per-scale MSE-optimal clipping when scale_init=mse) — PTQ with the
-quantizer's best static scales.
+quantizer's best static scales. With `gptq=true` (and `--calib`, a Kaldi-style data dir of training audio) every
+linear and convolution is rounded by GPTQ on `gptq_utts` of its utterances instead of to the nearest code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from omegaconf import OmegaConf
 
 from dqwhisper.models.student import load_checkpoint, read_checkpoint, save_checkpoint
 from dqwhisper.quant.config import QuantConfig, resolve_config
+from dqwhisper.data.dataset import WhisperDataset, default_tokenizer
 from dqwhisper.quant.prepare import prepare
+from dqwhisper.train.calibrate import gptq_calibrate
 from dqwhisper.utils import CONF_DIR, DQWhisperError, command, get_logger
 
 log = get_logger(__name__)
@@ -45,7 +48,7 @@ def load_quant_config(name_or_path: str, overrides: list[str] | None = None) -> 
     return resolve_config(cfg)
 
 
-def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path):
+def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path, calib: str | Path | None = None):
 
     ckpt = read_checkpoint(student_path)
     meta = ckpt.get("dqwhisper") or {}
@@ -53,9 +56,17 @@ def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path):
         raise DQWhisperError(
             f"{student_path} is already quantized ({meta['quant'].get('weight')}); PTQ needs a float student"
         )
+    if cfg.gptq and calib is None:
+        raise DQWhisperError("PTQ with gptq=true needs calibration audio: --calib DATA_DIR (e.g. data/demo/train)")
     model = load_checkpoint(student_path)
     prepare(model, cfg)
     config = dict(meta.get("config") or {})
+    if cfg.gptq:
+        languages = (config.get("data") or {}).get("languages")
+        ds = WhisperDataset(
+            calib, default_tokenizer(model.dims.n_vocab), model.dims.n_mels, model.dims.n_audio_ctx, languages=languages
+        )
+        gptq_calibrate(model, ds, cfg.gptq_utts, "", "cpu")
     config["quant"] = cfg.to_dict()
     save_checkpoint(model, out, config=config)
     log.info(
@@ -70,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("student", help="float student checkpoint (.pt)")
     p.add_argument("quant", help="conf/quant name (w8, w4, w4g64, ...) or a YAML path")
     p.add_argument("out", help="output fake-quantized checkpoint (.pt)")
-    p.add_argument("overrides", nargs="*", help="QuantConfig overrides, e.g. weight.bits=3 scope=all")
+    p.add_argument("overrides", nargs="*", help="QuantConfig overrides, e.g. weight.bits=3 scope=all gptq=true")
+    p.add_argument("--calib", help="data dir of calibration audio for gptq=true (e.g. data/demo/train)")
     args = p.parse_args(argv)
-    ptq(args.student, load_quant_config(args.quant, args.overrides), args.out)
+    ptq(args.student, load_quant_config(args.quant, args.overrides), args.out, args.calib)
     print(f"wrote {args.out}")
     return 0
 

@@ -24,6 +24,7 @@ from dqwhisper.distill.teacher import CachedTargets, LiveTargets, TeacherTargets
 from dqwhisper.models.load import load_model
 from dqwhisper.models.student import DQWhisper, from_whisper, vocab_from_token_lists, window_frames
 from dqwhisper.quant import prepare
+from dqwhisper.train.calibrate import gptq_calibrate
 from dqwhisper.train.cache_set import CacheFiller, Caches, TrainingSet, check_usable
 from dqwhisper.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_device
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device, set_seed
@@ -285,6 +286,13 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         prepare(student, OmegaConf.to_object(cfg.quant) if OmegaConf.is_config(cfg.quant) else cfg.quant)
     student.to(device)
     del source
+    if cfg.quant.enabled and cfg.quant.gptq:
+        if cfg.quant.ptq:
+            gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "", device)
+        elif cfg.student.freeze_encoder:
+            gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "encoder.", device)
+        else:
+            log.info("quant.gptq: nothing to do (every quantized weight trains; GPTQ rounds frozen weights only)")
     params = set_trainable(student, cfg)
 
     adapter = enc_adapter = None

@@ -166,5 +166,15 @@ def test_inference_and_transcribe_take_an_hf_dir_and_a_ggml_file(tmp_path):
         )
         hyps[name] = (tmp_path / name / "hyp.txt").read_text()
     assert hyps["hf"] == hyps["pt"]
-    assert transcribe_main(["--model", str(tmp_path / "hfdir"), "--language", "en", str(test / "a.wav")]) == 0
-    assert transcribe_main(["--model", str(tmp_path / "s.bin"), "--language", "en", str(test / "a.wav")]) == 0
+    assert (
+        transcribe_main(
+            ["--model", str(tmp_path / "hfdir"), "--language", "en", "-o", str(tmp_path), str(test / "a.wav")]
+        )
+        == 0
+    )
+    assert (
+        transcribe_main(
+            ["--model", str(tmp_path / "s.bin"), "--language", "en", "-o", str(tmp_path), str(test / "a.wav")]
+        )
+        == 0
+    )

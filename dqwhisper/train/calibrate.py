@@ -1,0 +1,49 @@
+"""GPTQ calibration on training audio: the glue between a data set and `dqwhisper.quant.gptq`.
+
+The weights that do not train afterwards are rounded with GPTQ instead of to the nearest code: the frozen encoder
+of a QAT student (before its outputs are cached, so the decoder trains on what the export computes), and every
+linear and convolution of a PTQ model. `quant.gptq=true` turns it on; `quant.gptq_utts` sets the calibration size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dqwhisper.data.dataset import WhisperDataset, collate
+from dqwhisper.quant.gptq import gptq_
+from dqwhisper.utils import DQWhisperError, get_logger
+
+log = get_logger(__name__)
+
+
+def calibration_batches(ds: WhisperDataset, n_utts: int, batch_size: int = 8) -> list[dict]:
+    """`n_utts` utterances evenly spaced over `ds` (every language stays), collated in batches; bad ones skipped."""
+    n = min(n_utts, len(ds.items))
+    items = [ds[int(i * len(ds.items) / n)] for i in range(n)]
+    items = [it for it in items if it is not None]
+    if not items:
+        raise DQWhisperError(f"GPTQ calibration: no readable utterance in {ds.data.path}")
+    pad = ds.tokenizer.eot
+    return [collate(items[i : i + batch_size], pad) for i in range(0, len(items), batch_size)]
+
+
+def gptq_calibrate(model: nn.Module, ds: WhisperDataset, n_utts: int, scope: str, device: torch.device | str) -> dict:
+    """GPTQ-round the fake-quantized layers of `model` under `scope` ("encoder." or "" for all) on `n_utts` of `ds`."""
+    batches = calibration_batches(ds, n_utts)
+    log.info(
+        "GPTQ: %d calibration utterances from %s, scope %r",
+        sum(len(b["mel"]) for b in batches),
+        ds.data.path,
+        scope or "all",
+    )
+    if scope.startswith("encoder"):
+
+        def run(m, b):
+            return m.encoder(b["mel"].to(device))
+    else:
+
+        def run(m, b):
+            return m(b["mel"].to(device), b["tokens_in"].to(device))
+
+    return gptq_(model, batches, scope=scope, run=run)

@@ -52,7 +52,7 @@ class QuantConfig:
     ptq: bool = False  # post-training quantization of a float student: quantize, no training
     gptq: bool = False  # GPTQ rounding (calibrated on training audio) for the weights that do not train afterwards:
     # the frozen encoder of a QAT student, every linear and convolution under PTQ (symmetric per-channel/group only)
-    gptq_utts: int = 64  # calibration utterances for GPTQ, evenly spaced over the training set
+    gptq_utts: int = 32  # calibration utterances for GPTQ, evenly spaced over the training set
 
     def to_dict(self) -> dict:
         return asdict(self)

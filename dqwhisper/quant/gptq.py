@@ -90,10 +90,10 @@ def _adder(acc: HessianAccumulator, module: nn.Module):
 
 
 def _block_of(name: str) -> str:
-    """`encoder.blocks.3.attn.query` -> `encoder.blocks.3`; a name outside numbered blocks is its own group."""
+    """`encoder.blocks.3.mlp.0` -> `encoder.blocks.3` (the first numbered part); a name without one is its own group."""
     parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].isdigit():
+    for i, part in enumerate(parts):
+        if part.isdigit():
             return ".".join(parts[: i + 1])
     return name
 
@@ -111,7 +111,7 @@ def _round_layer(m: FakeQuantizedLinear | FakeQuantizedConv1d, h: Tensor, damp: 
     rtn = wfq(m.weight).detach().double().reshape(w.shape)
 
     def out_err(d: Tensor) -> float:
-        return float(torch.einsum("oi,ij,oj->", d, h, d).clamp(min=0).sqrt())
+        return float(((d @ h) * d).sum().clamp(min=0).sqrt())
 
     ratio = out_err(new_w.double() - w.double()) / max(out_err(rtn - w.double()), 1e-30)
     m.weight.copy_(new_w.reshape(m.weight.shape))

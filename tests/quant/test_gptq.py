@@ -115,3 +115,10 @@ def test_ptq_cli_with_gptq_calibrates_on_a_data_dir(tmp_path, capsys):
     torch.testing.assert_close(
         r["encoder.blocks.0.mlp.0.weight_fake_quantizer.scale"], g["encoder.blocks.0.mlp.0.weight_fake_quantizer.scale"]
     )
+
+
+def test_layers_of_one_block_share_a_calibration_pass():
+    from dqwhisper.quant.gptq import _block_of
+
+    assert _block_of("encoder.blocks.3.mlp.0") == _block_of("encoder.blocks.3.attn.query") == "encoder.blocks.3"
+    assert _block_of("encoder.conv2") == "encoder.conv2"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dqwhisper.train import make_trainer, train
 from dqwhisper.train.build import is_quantizer_param
@@ -46,6 +47,26 @@ def test_lsq_scales_get_their_own_group_without_weight_decay(assets, tmp_path):
     # the trainable decoder's scales train, the frozen encoder's do not
     assert any(n.startswith("decoder.") for n in (names[id(p)] for p in g["params"]))
     assert not any(n.startswith("encoder.") for n in (names[id(p)] for p in g["params"]))
+
+
+def test_gptq_rounds_the_frozen_encoder_before_its_outputs_are_cached(assets, tmp_path):
+    teacher, data, _ = assets
+    runs = {}
+    for g in ("false", "true"):
+        cfg = tiny_config(
+            tmp_path / f"exp_{g}", data, teacher, overrides=["quant=w4a8", f"quant.gptq={g}", "quant.gptq_utts=4"]
+        )
+        runs[g] = make_trainer(cfg).parts.student
+    for name, m in runs["true"].named_modules():
+        if name.startswith("encoder.") and hasattr(m, "weight_fake_quantizer"):
+            with torch.no_grad():  # on the quantizer's grid (GPTQ's codes), and not round-to-nearest's everywhere
+                torch.testing.assert_close(m.weight_fake_quantizer(m.weight), m.weight, rtol=0, atol=1e-6)
+    enc = "encoder.blocks.0.mlp.0"
+    a, b = runs["false"].get_submodule(enc), runs["true"].get_submodule(enc)
+    with torch.no_grad():
+        assert not torch.equal(a.weight_fake_quantizer(a.weight), b.weight)
+    dec = dict(runs["false"].named_parameters())  # the decoder, which trains, starts from the same float weights
+    assert all(torch.equal(p, dec[n]) for n, p in runs["true"].named_parameters() if n.startswith("decoder."))
 
 
 def test_dev_is_decoded_as_test_with_a_cap_from_the_audio_and_runaways_counted(assets, tmp_path, monkeypatch):

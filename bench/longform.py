@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -98,13 +99,18 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-chunk-seconds", type=float, default=None)
-    p.add_argument("--no-merge", action="store_true", help="one VAD region per chunk (no merging up to the window)")
+    p.add_argument(
+        "--merge", default="auto", choices=["auto", "yes", "no"], help="merge VAD regions up to the window (auto: 30 s)"
+    )
+    p.add_argument("--speech-pad-ms", type=int, default=None, help="VAD padding; default: VadConfig's")
     p.add_argument("--workdir", default=None, help="where the recordings are written (default: a temp dir)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from dqwhisper.models.load import load_model
-    from dqwhisper.transcribe import LongFormConfig, transcribe_file
+    from dqwhisper.transcribe import LongFormConfig, VadConfig, load_vad, transcribe_file
+
+    load_vad()  # loaded once before timing, as the models are
 
     data = DataDir.load(args.data)
     langs = args.languages.split(",")
@@ -122,6 +128,8 @@ def main(argv=None) -> dict:
         print(f"{lang}: {path} {len(audio) / SAMPLE_RATE:.1f} s, {len(used)} clips", flush=True)
     cfg = DecodeConfig(batch_size=args.batch_size)
     report = {"languages": langs, "min_seconds": args.min_seconds, "threads": args.threads, "models": []}
+    vad = VadConfig() if args.speech_pad_ms is None else VadConfig(speech_pad_ms=args.speech_pad_ms)
+    merge = {"auto": None, "yes": True, "no": False}[args.merge]
     for name in args.model:
         model = load_model(name, export_mode=args.export_mode)
         row = {"model": name, "window_seconds": model.dims.n_audio_ctx / 50, "per_language": {}}
@@ -134,7 +142,7 @@ def main(argv=None) -> dict:
             row["per_language"].setdefault(lang, {})["per_utterance_rtf"] = wall / secs
             refs = {u.utt_id: u.text for u in utts}
             s_utt = summarize(score_utterances(refs, hyps, {u: lang for u in refs})[0])["overall"]
-            lcfg = LongFormConfig(decode=cfg, max_chunk_seconds=args.max_chunk_seconds, merge=not args.no_merge)
+            lcfg = LongFormConfig(decode=cfg, vad=vad, max_chunk_seconds=args.max_chunk_seconds, merge=merge)
             t0 = time.perf_counter()
             result = transcribe_file(model, rec["path"], lang, lcfg)
             long_wall += time.perf_counter() - t0
@@ -179,10 +187,12 @@ def main(argv=None) -> dict:
         row["per_utterance_rtf"] = per_wall / per_audio
         row["long_form_rtf"] = long_wall / long_audio
         row["rtf_ratio"] = row["long_form_rtf"] / row["per_utterance_rtf"]
+        row["load_average"] = os.getloadavg()  # how busy the machine was (1, 5, 15 min) when the model was done
         print(
             f"{name}: pooled error per-utterance {100 * row['per_utterance_error']:.2f}% long-form "
             f"{100 * row['long_form_error']:.2f}% (x{row['ratio']:.3f}); RTF per-utterance "
-            f"{row['per_utterance_rtf']:.3f} long-form {row['long_form_rtf']:.3f} (x{row['rtf_ratio']:.2f})",
+            f"{row['per_utterance_rtf']:.3f} long-form {row['long_form_rtf']:.3f} (x{row['rtf_ratio']:.2f}); "
+            f"load average {' '.join(f'{x:.2f}' for x in row['load_average'])}",
             flush=True,
         )
         report["models"].append(row)

@@ -8,8 +8,10 @@ M is anything `dqwhisper.models.load_model` reads: a store name (base), a .pt ch
 CTranslate2 dir or an experiment dir. AUDIO is anything ffmpeg reads (wav, flac, mp3, m4a, a video's sound track; any
 rate, any channels), streamed through ffmpeg in blocks, so memory stays bounded on long files.
 
-Per block: Silero VAD (faster-whisper's bundled copy) finds the speech regions; consecutive regions are merged into
-chunks that fit the model's audio window (8 s students included; a longer region is cut into window-sized pieces);
+Per block: Silero VAD (faster-whisper's bundled copy) finds the speech regions (a region longer than the model's
+window is split at its last short pause before the limit). For a 30 s window (openai's models) consecutive regions
+are merged into chunks that fill the window; for a shorter window (the toolkit's adapted teacher and 8 s students,
+trained on single utterances) each region is its own chunk, so a chunk is one sentence-like piece between pauses;
 chunks are decoded in batches by `dqwhisper.decoding.decode_mels` (openai transcribe's temperature fallback, token cap,
 special tokens suppressed). Each chunk is one segment, its start and end taken from the audio. The language is
 detected once per file (first batch) unless given. A file that cannot be read is reported in one line and the other
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+import soundfile as sf
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -49,7 +52,7 @@ OUTPUT_FORMATS = ("txt", "srt", "vtt", "tsv", "json", "all")
 class VadConfig:
     threshold: float = 0.5  # Silero speech probability above which a 32 ms frame is speech
     min_silence_ms: int = 500  # a pause at least this long ends a speech region
-    speech_pad_ms: int = 200  # regions are widened by this much on each side (within the audio)
+    speech_pad_ms: int = 400  # regions are widened by this much on each side (within the audio; chosen on dev)
     min_speech_ms: int = 150  # shorter regions are dropped
 
 
@@ -58,7 +61,11 @@ class LongFormConfig:
     block_seconds: float = 120.0  # audio read (and VAD'd) per step; the memory bound
     vad: VadConfig = field(default_factory=VadConfig)
     max_chunk_seconds: Optional[float] = None  # chunk length limit; None = the model's window
-    merge: bool = True  # merge consecutive speech regions up to the limit (False: one region, one chunk)
+    # merge consecutive speech regions up to the limit (False: one region, one chunk); None = merge only for a 30 s
+    # window (openai's models, trained on 30 s of running speech), not for shorter windows (the toolkit's models,
+    # trained on single utterances: several sentences in one window make them stop early or loop)
+    merge: Optional[bool] = None
+    drop_no_speech: bool = True  # drop a chunk whose P(no speech) > no_speech_threshold and logprob < logprob_threshold
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(batch_size=8))
 
 
@@ -82,6 +89,25 @@ class Chunk:
 
 
 # ---------------------------------------------------------------------------------------------------------- audio
+def audio_blocks(path: str | Path, block_samples: int) -> Iterator[np.ndarray]:
+    """float32 mono 16 kHz blocks of `block_samples` (the last one shorter). A 16 kHz mono file libsndfile reads
+    (wav, flac, ogg) is read directly (the same samples ffmpeg gives, without starting a process); anything else
+    goes through ffmpeg (`ffmpeg_blocks`)."""
+    path = Path(path)
+    try:
+        info = sf.info(str(path)) if path.is_file() else None
+    except (sf.LibsndfileError, RuntimeError):
+        info = None
+    if info is None or info.samplerate != SAMPLE_RATE or info.channels != 1:
+        yield from ffmpeg_blocks(path, block_samples)
+        return
+    try:
+        for block in sf.blocks(str(path), blocksize=block_samples, dtype="int16"):
+            yield block.astype(np.float32) / 32768.0
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise DQWhisperError(f"audio file {path} could not be decoded (libsndfile: {e})") from None
+
+
 def ffmpeg_blocks(path: str | Path, block_samples: int) -> Iterator[np.ndarray]:
     """float32 mono 16 kHz blocks of `block_samples` (the last one shorter) decoded by ffmpeg as a stream; errors
     (missing file, not audio) are DQWhisperErrors naming the file."""
@@ -146,13 +172,22 @@ def probe_seconds(path: str | Path) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- VAD and chunking
-def speech_regions(audio: np.ndarray, vad: VadConfig) -> list[tuple[int, int]]:
-    """Silero VAD speech regions [(start, end)] in samples of `audio` (16 kHz)."""
+def load_vad() -> None:
+    """Load Silero VAD's onnx session now (it is cached), e.g. before timing a run."""
+    from faster_whisper.vad import get_vad_model
+
+    get_vad_model()
+
+
+def speech_regions(audio: np.ndarray, vad: VadConfig, max_samples: int | None = None) -> list[tuple[int, int]]:
+    """Silero VAD speech regions [(start, end)] in samples of `audio` (16 kHz). A region longer than `max_samples`
+    (padding included) is split by Silero at its last pause of >= 98 ms before the limit (else just before it)."""
     from faster_whisper.vad import VadOptions, get_speech_timestamps
 
     if len(audio) == 0:
         return []
     opts = VadOptions(
+        max_speech_duration_s=float("inf") if max_samples is None else max_samples / SAMPLE_RATE,
         threshold=vad.threshold,
         min_silence_duration_ms=vad.min_silence_ms,
         speech_pad_ms=vad.speech_pad_ms,
@@ -193,7 +228,7 @@ def stream_chunks(
         buf = np.concatenate([buf, nxt]) if len(buf) else nxt
         nxt = next(blocks, None)
         final = nxt is None
-        regions = speech_regions(buf, vad)
+        regions = speech_regions(buf, vad, max_samples)
         keep_from = len(buf)
         if final:
             spans = plan_chunks(regions, max_samples, merge)
@@ -244,6 +279,7 @@ def transcribe_audio(
     fp16 = bool(dcfg.fp16) and device.type == "cuda"
     window = model_window_samples(model)
     max_samples = window if cfg.max_chunk_seconds is None else min(window, int(cfg.max_chunk_seconds * SAMPLE_RATE))
+    merge = cfg.merge if cfg.merge is not None else window >= 30 * SAMPLE_RATE
     segments: list[Segment] = []
 
     def run(batch: list[Chunk]) -> None:
@@ -257,7 +293,8 @@ def transcribe_audio(
         hyps = decode_mels(model, features, language, [len(c.audio) / SAMPLE_RATE for c in batch], dcfg, fp16)
         for c, h in zip(batch, hyps):
             silent = (
-                dcfg.no_speech_threshold is not None
+                cfg.drop_no_speech
+                and dcfg.no_speech_threshold is not None
                 and h.no_speech_prob > dcfg.no_speech_threshold
                 and dcfg.logprob_threshold is not None
                 and h.avg_logprob < dcfg.logprob_threshold
@@ -272,7 +309,7 @@ def transcribe_audio(
             progress.update(round(batch[-1].end / SAMPLE_RATE - progress.n, 2))
 
     batch: list[Chunk] = []
-    for chunk in stream_chunks(blocks, max_samples, cfg.vad, cfg.merge):
+    for chunk in stream_chunks(blocks, max_samples, cfg.vad, merge):
         batch.append(chunk)
         if len(batch) == dcfg.batch_size:
             run(batch)
@@ -302,7 +339,7 @@ def transcribe_file(
     model, path: str | Path, language: str | None = None, cfg: LongFormConfig | None = None, progress=None
 ) -> dict:
     cfg = cfg or LongFormConfig()
-    blocks = ffmpeg_blocks(path, int(cfg.block_seconds * SAMPLE_RATE))
+    blocks = audio_blocks(path, int(cfg.block_seconds * SAMPLE_RATE))
     return transcribe_audio(model, blocks, language, cfg, progress)
 
 
@@ -333,6 +370,12 @@ def build_parser(prog: str = "dqwhisper transcribe") -> argparse.ArgumentParser:
     p.add_argument("--export_mode", default="int8", choices=["int8", "dequant"], help="how a .dqw export runs")
     p.add_argument("--no_speech_threshold", type=float, default=0.6)
     p.add_argument("--vad_threshold", type=float, default=VadConfig.threshold)
+    p.add_argument(
+        "--merge",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="merge speech regions up to the window (auto: only for a 30 s window)",
+    )
     p.add_argument("--verbose", action="store_true", help="print each segment as it is written")
     return p
 
@@ -357,7 +400,8 @@ def main(argv: list[str] | None = None, prog: str = "dqwhisper transcribe") -> i
         device=args.device,
         fp16=args.device != "cpu",
     )
-    cfg = LongFormConfig(vad=VadConfig(threshold=args.vad_threshold), decode=decode)
+    merge = {"auto": None, "yes": True, "no": False}[args.merge]
+    cfg = LongFormConfig(vad=VadConfig(threshold=args.vad_threshold), merge=merge, decode=decode)
     try:
         model = load_model(args.model, resolve_device(args.device), export_mode=args.export_mode)
     except DQWhisperError as e:

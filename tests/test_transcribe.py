@@ -20,7 +20,7 @@ from tests.conftest import random_tiny_whisper
 SR = 16000
 
 
-def energy_regions(audio: np.ndarray, vad: VadConfig) -> list[tuple[int, int]]:
+def energy_regions(audio: np.ndarray, vad: VadConfig, max_samples: int | None = None) -> list[tuple[int, int]]:
     """Stand-in for Silero: 512-sample frames with RMS > 0.01 are speech; pauses shorter than min_silence_ms are
     bridged; regions padded by speech_pad_ms."""
     n = len(audio) // 512
@@ -240,3 +240,54 @@ def test_real_base_long_recording(base_checkpoint, tmp_path):
         "overall"
     ]["error"]
     assert long_err <= 1.10 * utt_err, (long_err, utt_err)
+
+
+@pytest.mark.parametrize("n_audio_ctx, merged", [(100, False), (1500, True)])
+def test_merge_auto_only_for_a_30s_window(monkeypatch, n_audio_ctx, merged):
+    """Short-window models (trained on single utterances) get one VAD region per chunk; a 30 s model gets regions
+    merged up to its window; merge=True/False override."""
+    monkeypatch.setattr(tr, "speech_regions", energy_regions)
+    audio = bursts([(0.2, 0.4), (0.9, 1.1), (1.6, 1.8)], 3.0)  # three regions, together 1.8 s with padding
+    seen = []
+    stream = tr.stream_chunks
+
+    def spy(blocks, max_samples, vad, merge=True):
+        chunks = list(stream(blocks, max_samples, vad, merge))
+        seen.append((merge, len(chunks)))
+        return iter(chunks)
+
+    monkeypatch.setattr(tr, "stream_chunks", spy)
+    model = random_tiny_whisper(n_audio_ctx=n_audio_ctx)
+    vad = VadConfig(min_silence_ms=300, speech_pad_ms=100)
+    cfg = tr.LongFormConfig(vad=vad, decode=tr.DecodeConfig(temperatures=[0.0], max_new_tokens=3))
+    tr.transcribe_audio(model, iter([audio]), "en", cfg)
+    cfg.merge = not merged
+    tr.transcribe_audio(model, iter([audio]), "en", cfg)
+    assert seen == [(merged, 1 if merged else 3), (not merged, 3 if merged else 1)]
+
+
+def test_audio_blocks_reads_16k_mono_directly_and_the_rest_through_ffmpeg(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(3 * SR + 123) * 0.1).astype(np.float32)
+    wav, stereo = tmp_path / "a.wav", tmp_path / "b.wav"
+    sf.write(wav, audio, SR, subtype="PCM_16")
+    sf.write(stereo, np.stack([audio, audio], 1), SR, subtype="PCM_16")
+    want = np.concatenate(list(tr.ffmpeg_blocks(wav, SR)))
+    calls = []
+    ffmpeg = tr.ffmpeg_blocks
+    monkeypatch.setattr(tr, "ffmpeg_blocks", lambda p, n: calls.append(p) or ffmpeg(p, n))
+    blocks = list(tr.audio_blocks(wav, SR))
+    assert calls == [] and [len(b) for b in blocks] == [SR, SR, SR, 123]
+    np.testing.assert_array_equal(np.concatenate(blocks), want)  # the same samples as ffmpeg's
+    np.testing.assert_allclose(np.concatenate(list(tr.audio_blocks(stereo, SR))), want, atol=1 / 32768)
+    assert calls == [stereo]
+
+
+def test_long_regions_are_split_by_silero_at_the_window(monkeypatch):
+    import faster_whisper.vad as fv
+
+    got = []
+    monkeypatch.setattr(fv, "get_speech_timestamps", lambda audio, opts: got.append(opts) or [])
+    tr.speech_regions(np.zeros(SR, np.float32), VadConfig(), max_samples=8 * SR)
+    tr.speech_regions(np.zeros(SR, np.float32), VadConfig())
+    assert got[0].max_speech_duration_s == 8.0 and got[1].max_speech_duration_s == float("inf")

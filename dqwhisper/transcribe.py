@@ -65,6 +65,7 @@ class LongFormConfig:
     # window (openai's models, trained on 30 s of running speech), not for shorter windows (the toolkit's models,
     # trained on single utterances: several sentences in one window make them stop early or loop)
     merge: Optional[bool] = None
+    sort_batches: int = 4  # chunks are decoded this many batches at a time, sorted by length (1 = in time order)
     drop_no_speech: bool = True  # drop a chunk whose P(no speech) > no_speech_threshold and logprob < logprob_threshold
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(batch_size=8))
 
@@ -306,16 +307,22 @@ def transcribe_audio(
                     )
                 )
         if progress is not None:
-            progress.update(round(batch[-1].end / SAMPLE_RATE - progress.n, 2))
+            progress.update(max(0.0, round(max(c.end for c in batch) / SAMPLE_RATE - progress.n, 2)))
 
-    batch: list[Chunk] = []
+    def run_sorted(pending: list[Chunk]) -> None:  # batches of similar lengths: less padding in each decoder call
+        pending = sorted(pending, key=lambda c: -len(c.audio))
+        for i in range(0, len(pending), dcfg.batch_size):
+            run(pending[i : i + dcfg.batch_size])
+
+    pending: list[Chunk] = []
     for chunk in stream_chunks(blocks, max_samples, cfg.vad, merge):
-        batch.append(chunk)
-        if len(batch) == dcfg.batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
+        pending.append(chunk)
+        if len(pending) == dcfg.batch_size * cfg.sort_batches:
+            run_sorted(pending)
+            pending = []
+    if pending:
+        run_sorted(pending)
+    segments.sort(key=lambda s: s.start)
     language = language or ""
     sep = "" if language in NO_SPACE_LANGUAGES else " "
     return {

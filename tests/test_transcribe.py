@@ -291,3 +291,33 @@ def test_long_regions_are_split_by_silero_at_the_window(monkeypatch):
     tr.speech_regions(np.zeros(SR, np.float32), VadConfig(), max_samples=8 * SR)
     tr.speech_regions(np.zeros(SR, np.float32), VadConfig())
     assert got[0].max_speech_duration_s == 8.0 and got[1].max_speech_duration_s == float("inf")
+
+
+def test_batches_sorted_by_length_segments_in_time_order(monkeypatch):
+    """Chunks are decoded in batches of similar lengths (several batches at a time); segments come out in time
+    order with each chunk's own text."""
+    import dataclasses
+
+    monkeypatch.setattr(tr, "speech_regions", energy_regions)
+    spans = [(0.2, 0.5), (1.5, 2.6), (3.6, 3.9), (5.0, 6.5), (7.5, 7.8), (9.0, 10.2), (11.2, 11.4)]
+    audio = bursts(spans, 12.5)
+    calls = []
+    real = tr.decode_mels
+
+    def spy(model, features, language, seconds, cfg, fp16):
+        calls.append(list(seconds))
+        return [
+            dataclasses.replace(h, text=f"{s:.2f}")
+            for h, s in zip(real(model, features, language, seconds, cfg, fp16), seconds)
+        ]
+
+    monkeypatch.setattr(tr, "decode_mels", spy)
+    vad = VadConfig(min_silence_ms=300, speech_pad_ms=100)
+    dcfg = tr.DecodeConfig(temperatures=[0.0], max_new_tokens=2, batch_size=2, no_speech_threshold=None)
+    res = tr.transcribe_audio(random_tiny_whisper(), iter([audio]), "en", tr.LongFormConfig(vad=vad, decode=dcfg))
+    segs = res["segments"]
+    assert len(segs) == len(spans) and sum(len(c) for c in calls) == len(spans)
+    assert all(c == sorted(c, reverse=True) for c in calls)  # each batch longest first
+    assert [c[0] for c in calls[:4]] == sorted((c[0] for c in calls[:4]), reverse=True)  # 4 batches sorted together
+    assert all(a["end"] <= b["start"] for a, b in zip(segs, segs[1:]))
+    assert all(abs(float(s["text"]) - (s["end"] - s["start"])) < 0.01 for s in segs)  # each its own chunk's text

@@ -15,11 +15,13 @@ Systems (each decodes every utterance with its language forced, no timestamps, t
                           --ct2-cache), same window, same threads
   student-fw-ct2          --student-ct2 DIR: faster-whisper on the student's CT2 export (--student-ct2-compute)
 
-Prints per system: RTF (wall seconds / audio seconds, model loading and one warm-up utterance excluded), speed
-relative to the anchor (anchor RTF / RTF), tokens per second, the pooled error (when the data has references) and
-the fraction of transcripts identical to the anchor's. Machine load moves absolute numbers: compare the ratios of
-one run. The header names the CPU, its SIMD flags, an AVX2 emulation (scripts/emulate_avx2.sh) and the load
-average. Example:
+Prints per system: RTF (wall seconds / audio seconds, model loading and one warm-up utterance excluded), CPU RTF
+(this process's CPU seconds, all its threads, / audio seconds: time lost to other jobs on a shared machine does not
+count), speed relative to the anchor (anchor RTF / RTF), tokens per second, the pooled error (when the data has
+references) and the fraction of transcripts identical to the anchor's; per student, ours vs CTranslate2 int8 (wall,
+CPU and tokens/s ratios). The CTranslate2 rows stop at our decoder's token cap per utterance, so a runaway costs both
+sides alike. Machine load moves absolute numbers: compare the ratios of one run. The header names the CPU, its SIMD
+flags, an AVX2 emulation (scripts/emulate_avx2.sh) and the load average. Example:
   nice python bench/decode_speed.py --data data/demo/test --max-utts 12 --threads 2 --fw-fp32
   python bench/decode_speed.py --student-export exp/demo/student_kd_dm_q8 --student-export exp/demo/student_kd_dm_q4
 """
@@ -59,30 +61,48 @@ class Preloaded:
         return len(self.audio[utt.utt_id]) / SAMPLE_RATE
 
 
-def time_ours(
-    model, data: Preloaded, utts: list, cfg: DecodeConfig, mel_padding: str
-) -> tuple[dict[str, str], float, int]:
+Timing = tuple[dict[str, str], float, int, float]  # (transcripts, wall seconds, tokens, process CPU seconds)
+
+
+def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig, mel_padding: str) -> Timing:
     cfg = replace(cfg, mel_padding=mel_padding)
     decode_utterances(model, data, utts[:1], cfg, progress=False)  # warm-up
+    cpu = time.process_time()
     run = decode_utterances(model, data, utts, cfg, progress=False)
-    return {h.utt_id: h.text for h in run.hyps}, run.wall_seconds, run.n_tokens
+    cpu = time.process_time() - cpu
+    return {h.utt_id: h.text for h in run.hyps}, run.wall_seconds, run.n_tokens, cpu
 
 
-def time_each(one, utts: list) -> tuple[dict[str, str], float, int]:
-    """Run `one(utt) -> (text, n_tokens)` once to warm up, then over every utterance: (texts, seconds, tokens)."""
+def time_each(one, utts: list) -> Timing:
+    """Run `one(utt) -> (text, n_tokens)` once to warm up, then over every utterance: (texts, wall seconds, tokens,
+    CPU seconds of this process, all its threads)."""
     one(utts[0])
     texts, n_tokens = {}, 0
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     for utt in utts:
         texts[utt.utt_id], n = one(utt)
         n_tokens += n
-    return texts, time.perf_counter() - start, n_tokens
+    return texts, time.perf_counter() - start, n_tokens, time.process_time() - cpu
+
+
+def token_caps(utts: list, data: Preloaded, cfg: DecodeConfig, model, window_seconds: float) -> dict[str, int]:
+    """Our decoder's token cap per utterance (decoding.token_cap on the windowed duration), for the CT2 rows."""
+    from dqwhisper.decoding import token_cap
+
+    return {u.utt_id: token_cap(min(data.duration(u), window_seconds), cfg, model) for u in utts}
 
 
 def time_ct2_generate(
-    path: str, compute_type: str, data: Preloaded, utts: list, threads: int, window_seconds: float
-) -> tuple[dict[str, str], float, int]:
-    """Greedy CTranslate2 decoding on our own mel for the export's window (log-mel included in the time)."""
+    path: str,
+    compute_type: str,
+    data: Preloaded,
+    utts: list,
+    threads: int,
+    window_seconds: float,
+    caps: dict[str, int] | None = None,
+) -> Timing:
+    """Greedy CTranslate2 decoding on our own mel for the export's window (log-mel included in the time). caps: the
+    most tokens per utterance (our decoder's cap, so that a runaway costs both sides alike); default 224."""
     import ctranslate2
     import numpy as np
     from whisper.tokenizer import get_tokenizer
@@ -96,8 +116,9 @@ def time_ct2_generate(
     def one(utt):
         mel = window_log_mel(data.audio[utt.utt_id], model.n_mels, n_ctx).numpy()[None]
         prompt = [tok.sot, tok.to_language_token(utt.lang), tok.transcribe, tok.no_timestamps]
-        ids = model.generate(
-            ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), [prompt], beam_size=1, max_length=224
+        cap = 224 if caps is None else caps[utt.utt_id]
+        ids = model.generate(  # CTranslate2's Whisper samples at most max_length // 2 tokens
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), [prompt], beam_size=1, max_length=2 * cap
         )[0].sequences_ids[0]
         return tok.decode(ids).strip(), len(ids)
 
@@ -106,7 +127,7 @@ def time_ct2_generate(
 
 def time_faster_whisper(
     path: str, compute_type: str, data: Preloaded, utts: list, threads: int, beam_size: int, window_seconds: int | None
-) -> tuple[dict[str, str], float, int]:
+) -> Timing:
     from faster_whisper import WhisperModel
 
     model = WhisperModel(path, device="cpu", compute_type=compute_type, cpu_threads=threads)
@@ -211,9 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     def add(name, fn):
         if only is not None and not any(name.startswith(o) for o in only):
             return
-        texts, wall, n_tokens = fn()
-        systems.append(dict(name=name, texts=texts, wall=wall, n_tokens=n_tokens))
-        print(f"  {name}: {wall:.1f} s", flush=True)
+        texts, wall, n_tokens, cpu = fn()
+        systems.append(dict(name=name, texts=texts, wall=wall, n_tokens=n_tokens, cpu=cpu))
+        print(f"  {name}: {wall:.1f} s ({cpu:.1f} s CPU)", flush=True)
 
     add("teacher-openai-fp32", lambda: time_ours(load_model(args.teacher), audio, utts, cfg, args.teacher_mel_padding))
     if Path(args.teacher_ct2, "model.bin").is_file():
@@ -261,9 +282,11 @@ def main(argv: list[str] | None = None) -> None:
             ct2_dir = Path(args.ct2_cache) / name
             if not (ct2_dir / "model.bin").is_file() or (ct2_dir / "model.bin").stat().st_mtime < path.stat().st_mtime:
                 export_ct2(path, ct2_dir)
+            seconds = ref.dims.n_audio_ctx / 50
+            caps = token_caps(utts, audio, cfg, ref, seconds)
             add(
                 f"{name}-ct2-int8",
-                lambda: time_ct2_generate(str(ct2_dir), "int8", audio, utts, args.threads, ref.dims.n_audio_ctx / 50),
+                lambda: time_ct2_generate(str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps),
             )
     if args.student_ct2 and window and window < 30:
         # faster-whisper's transcribe pads features to 30 s; a short-window export runs in CTranslate2 directly
@@ -305,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     print(
-        f"\n{'system':<26}{'RTF':>8}{'speed vs anchor':>17}{'tokens/s':>10}{'error %':>9}{'same as anchor':>16}"
+        f"\n{'system':<26}{'RTF':>8}{'CPU RTF':>9}{'speed vs anchor':>17}{'tokens/s':>10}{'error %':>9}"
+        f"{'same as anchor':>16}"
         f"{'same as --against':>19}"
     )
     for s in systems:
@@ -313,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         row = dict(
             system=s["name"],
             rtf=rtf,
+            cpu_rtf=s["cpu"] / audio_seconds,
+            n_tokens=s["n_tokens"],
             speed_vs_anchor=None if anchor is None else anchor["wall"] / s["wall"],
             tokens_per_second=s["n_tokens"] / s["wall"],
             error=summarize(score_utterances(refs, s["texts"], langs)[0])["overall"]["error"],
@@ -321,20 +347,28 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows.append(row)
         print(
-            f"{s['name']:<26}{rtf:>8.3f}{fmt(row['speed_vs_anchor'], suffix='x'):>17}"
+            f"{s['name']:<26}{rtf:>8.3f}{row['cpu_rtf']:>9.3f}{fmt(row['speed_vs_anchor'], suffix='x'):>17}"
             f"{row['tokens_per_second']:>10.1f}{fmt(row['error'], 100):>9}{fmt(row['same_as_anchor'], 100, '%'):>16}"
             f"{fmt(row['same_as_against'], 100, '%'):>19}"
         )
     by_name = {r["system"]: r for r in rows}
+    texts_of = {s["name"]: s["texts"] for s in systems}
     if students:
         print()
     for name, _ in students:
         f, o = by_name.get(f"{name}-float"), by_name.get(f"{name}-ours")
-        i8, c2 = by_name.get(f"{name}-ours-int8") or o, by_name.get(f"{name}-ct2-int8")
+        c2 = by_name.get(f"{name}-ct2-int8")
         line = f"{name}: ours {f['rtf'] / o['rtf']:.2f}x its float self" if f and o else f"{name}:"
-        if i8 and c2:
-            line += f"; ours int8 takes {i8['rtf'] / c2['rtf']:.2f}x CTranslate2 int8's time"
         print(line)
+        for mine in (o, by_name.get(f"{name}-ours-int8")):
+            if mine and c2:
+                same_c2 = same(texts_of[mine["system"]], texts_of[c2["system"]])
+                print(
+                    f"  {mine['system']} / {c2['system']}: time {mine['rtf'] / c2['rtf']:.2f}x (wall), "
+                    f"{mine['cpu_rtf'] / c2['cpu_rtf']:.2f}x (CPU); tokens/s {mine['tokens_per_second']:.1f} vs "
+                    f"{c2['tokens_per_second']:.1f} ({mine['tokens_per_second'] / c2['tokens_per_second']:.2f}x); "
+                    f"tokens {mine['n_tokens']} vs {c2['n_tokens']}; same transcript {100 * same_c2:.0f}%"
+                )
     fastest = min(
         (r for r in rows if r["system"].endswith(("-ours", "-ours-int8"))), key=lambda r: r["rtf"], default=None
     )

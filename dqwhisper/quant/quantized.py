@@ -178,7 +178,7 @@ class QuantizedEmbedding(_QuantizedBase):
         if self.impl is None or self.kernel == "float":
             if self.act_quant:
                 q, s = kernels.quantize_tokens(x)
-                x = (q * s).to(x.dtype)
+                x = q.mul_(s).to(x.dtype)
             return x @ self.weight.to(x.dtype).t()
         return self.impl(x, None)
 

@@ -151,3 +151,45 @@ def test_decode_kernel_names_match_the_kernel_layer():
     from dqwhisper.decoding import KERNELS
 
     assert KERNELS == kernels.CHOICES
+
+
+def _awkward_activations(rows: int = 37, k: int = 96) -> torch.Tensor:
+    """Rows that stress the per-token codes: ties at .5 after scaling, a zero row, one sign only, large values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-3, 3, rows)[:, None]
+    x[0] = 0.0
+    x[1] = x[1].abs()
+    x[2] = -x[2].abs()
+    x[3] = torch.arange(k) - 48.0  # max |x| 48: codes 127.5 / 48 * j land on .5 ties
+    x[4, ::2] = -0.0
+    return x
+
+
+def test_quantize_tokens_equals_the_fake_quant_per_token_codes_bit_for_bit():
+    from dqwhisper.quant.fake_quant import quantize_per_token
+
+    x = _awkward_activations()
+    for rows in (x, x[:5]):  # many rows and the decoder's few take different paths to max |x|
+        q, s = kernels.quantize_tokens(rows)
+        q_ref, s_ref = quantize_per_token(rows, 8)
+        torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+        torch.testing.assert_close(q, q_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "fbgemm"])
+def test_int8_kernels_equal_their_integer_formula_bit_for_bit(backend):
+    """The in-place rescale (int32 * token scale -> float32, then row scale, then bias, in that order) gives the
+    same float32 bits as the written-out formula: what the kernel computed before it was made cheaper."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randint(-8, 8, (40, 96), dtype=torch.int8, generator=g)
+    row_scale = torch.rand(40, generator=g) * 1e-2
+    bias = torch.randn(40, generator=g)
+    x = _awkward_activations()
+    q, s = kernels.quantize_tokens(x)
+    acc = q.double() @ w.double().t()  # exact: every product and sum is an integer far below 2^53
+    want = (acc.float() * s * row_scale + bias) if backend == "int_mm" else None
+    kernel = (kernels.IntMMKernel if backend == "int_mm" else kernels.FbgemmKernel)(w, row_scale)
+    y = kernel(x.reshape(1, 37, 96), bias).reshape(37, 40)
+    if want is None:  # fbgemm rescales the exact sum with its own float32 weight scale first
+        want = torch.ops.quantized.linear_dynamic(torch.cat([q, kernel.pin]), kernel.packed, False)[:37] * s + bias
+    torch.testing.assert_close(y, want, atol=0, rtol=0)

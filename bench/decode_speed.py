@@ -13,6 +13,8 @@ Systems (each decodes every utterance with its language forced, no timestamps, t
                           chose otherwise: the like-for-like partner of CTranslate2's int8
   <name>-ct2-int8         CTranslate2 int8 on the export's CT2 conversion (quant/ct2_export.py; written once under
                           --ct2-cache), same window, same threads
+  <name>-whispercpp-<type> whisper.cpp (--ggml-types, e.g. q8_0,q4_0) on the export's `export-ggml` file, our log-mel,
+                          same window, same threads, same token cap
   student-fw-ct2          --student-ct2 DIR: faster-whisper on the student's CT2 export (--student-ct2-compute)
 
 Prints per system: RTF (wall seconds / audio seconds, model loading and one warm-up utterance excluded), CPU RTF
@@ -125,6 +127,30 @@ def time_ct2_generate(
     return time_each(one, utts)
 
 
+def time_whispercpp(
+    path: Path, data: Preloaded, utts: list, threads: int, window_seconds: float, caps: dict[str, int]
+) -> Timing:
+    """whisper.cpp (pywhispercpp, the `ggml` extra) on our log-mel of the audio in the export's window (log-mel
+    included in the time; whisper.cpp pads it), greedy, language forced, stopped at our token cap per utterance."""
+    from whisper.tokenizer import get_tokenizer
+
+    from dqwhisper.data.dataset import window_log_mel
+    from dqwhisper.interop.whispercpp import WhisperCpp
+
+    runner = WhisperCpp(path, n_threads=threads)
+    tok = get_tokenizer(multilingual=True)
+    n_ctx = round(window_seconds * 50)
+
+    def one(utt):
+        audio = data.audio[utt.utt_id]
+        frames = min(len(audio), n_ctx * 320) // 160
+        mel = window_log_mel(audio, runner.n_mels, n_ctx).numpy()[:, :frames]
+        ids = runner.decode_mel(mel, utt.lang, max_tokens=caps[utt.utt_id])
+        return tok.decode(ids).strip(), len(ids)
+
+    return time_each(one, utts)
+
+
 def time_faster_whisper(
     path: str, compute_type: str, data: Preloaded, utts: list, threads: int, beam_size: int, window_seconds: int | None
 ) -> Timing:
@@ -173,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--ct2-cache", default="/tmp/dqw-bench-ct2", help="where the students' CT2 int8 exports go")
     p.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows of --student-export")
+    p.add_argument(
+        "--ggml-types",
+        default="",
+        help="comma-separated whisper.cpp weight types (q8_0, q4_0, f16 ...): a whisper.cpp row per --student-export "
+        "and type (its `dqwhisper export-ggml` file, written once under --ct2-cache; needs the ggml extra)",
+    )
     p.add_argument("--student-ct2", help="CT2 export of the student (export/ct2)")
     p.add_argument("--student-ct2-compute", default="int8", help="compute type for --student-ct2")
     p.add_argument(
@@ -287,6 +319,18 @@ def main(argv: list[str] | None = None) -> None:
             add(
                 f"{name}-ct2-int8",
                 lambda: time_ct2_generate(str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps),
+            )
+        for ggml_type in filter(None, args.ggml_types.split(",")):
+            from dqwhisper.interop.ggml_export import export_ggml
+
+            seconds = ref.dims.n_audio_ctx / 50
+            caps = token_caps(utts, audio, cfg, ref, seconds)
+            ggml_file = Path(args.ct2_cache) / f"{name}-{ggml_type}.bin"
+            if not ggml_file.is_file() or ggml_file.stat().st_mtime < path.stat().st_mtime:
+                export_ggml(path, ggml_file, ggml_type)
+            add(
+                f"{name}-whispercpp-{ggml_type}",
+                lambda: time_whispercpp(ggml_file, audio, utts, args.threads, seconds, caps),
             )
     if args.student_ct2 and window and window < 30:
         # faster-whisper's transcribe pads features to 30 s; a short-window export runs in CTranslate2 directly

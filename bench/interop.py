@@ -166,7 +166,7 @@ def cmd_hf_tokens(a) -> dict:
     }
 
 
-def _whispercpp_texts(runner, data, utts, dims, mode: str, tok) -> tuple[dict, float, float]:
+def _whispercpp_texts(runner, data, utts, dims, mode: str, tok, ids_out: dict | None = None):
     texts, wall, audio_s = {}, 0.0, 0.0
     for u in utts:
         audio = data.load_audio(u)
@@ -180,10 +180,12 @@ def _whispercpp_texts(runner, data, utts, dims, mode: str, tok) -> tuple[dict, f
             ids = runner.decode_pcm(audio[: dims.n_audio_ctx * 320], u.lang, max_tokens=MAX_NEW)
         wall += time.perf_counter() - t0
         texts[u.utt_id] = tok.decode(ids)
+        if ids_out is not None:
+            ids_out[u.utt_id] = ids
     return texts, wall, audio_s
 
 
-def _ours_texts(model, data, utts, tok) -> tuple[dict, float]:
+def _ours_texts(model, data, utts, tok, ids_out: dict | None = None) -> tuple[dict, float]:
     texts, wall = {}, 0.0
     for u in utts:
         audio = data.load_audio(u)
@@ -192,7 +194,34 @@ def _ours_texts(model, data, utts, tok) -> tuple[dict, float]:
             ids = ours_tokens(model, mel_of(audio, model.dims), u.lang)
         wall += time.perf_counter() - t0
         texts[u.utt_id] = tok.decode(ids)
+        if ids_out is not None:
+            ids_out[u.utt_id] = ids
     return texts, wall
+
+
+def divergence(model, data, u, ours: list[int], theirs: list[int]) -> dict:
+    """Where two greedy token sequences of one utterance part, and how close our model's call was there: on the
+    common prefix (teacher forced, our weights), the logit of our token minus that of whisper.cpp's (a near-tie
+    when small: then the runtimes' arithmetic, not the decoding rules, decides), and the rank of theirs in ours."""
+    from whisper.tokenizer import get_tokenizer
+
+    i = next((k for k, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+    tok = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=u.lang, task="transcribe")
+    eot = tok.eot
+    prompt = list(tok.sot_sequence_including_notimestamps)
+    with torch.no_grad():
+        feats = model.embed_audio(mel_of(data.load_audio(u), model.dims)[None])
+        logits = model.logits(torch.tensor([prompt + ours[:i]]), feats)[0, -1].float()
+    a = ours[i] if i < len(ours) else eot
+    b = theirs[i] if i < len(theirs) else eot
+    return {
+        "utt": u.utt_id,
+        "first_diff": i,
+        "n_ours": len(ours),
+        "n_whispercpp": len(theirs),
+        "margin": float(logits[a] - logits[b]),
+        "rank_of_whispercpp_token": int((logits > logits[b]).sum()),
+    }
 
 
 def cmd_ggml(a) -> dict:
@@ -206,8 +235,10 @@ def cmd_ggml(a) -> dict:
     file_model = load_ggml(out)  # the weights the file holds, dequantized as ggml does
     tok = default_tokenizer(file_model.dims.n_vocab)
     data, utts = utterances(a.data, a.max_utts)
-    ours, ours_wall = _ours_texts(file_model, data, utts, tok)
-    runner = WhisperCpp(out, n_threads=a.threads)
+    ours_ids: dict = {}
+    ours, ours_wall = _ours_texts(file_model, data, utts, tok, ours_ids)
+    fa = {"default": None, "on": True, "off": False}[a.flash_attn]
+    runner = WhisperCpp(out, n_threads=a.threads, flash_attn=fa)
     res = {
         "ckpt": a.ckpt,
         "file": str(out),
@@ -216,10 +247,13 @@ def cmd_ggml(a) -> dict:
         "audio_ctx": info["audio_ctx"],
         "notes": info["notes"],
         "n_utts": len(utts),
+        "whispercpp_flash_attn": runner.flash_attn,
         "error_ours_same_weights": score(utts, ours),
+        "rtf_ours": ours_wall / sum(len(data.load_audio(u)) / 16000 for u in utts),
     }
     for mode in a.modes.split(","):
-        texts, wall, audio_s = _whispercpp_texts(runner, data, utts, file_model.dims, mode, tok)
+        ids: dict = {}
+        texts, wall, audio_s = _whispercpp_texts(runner, data, utts, file_model.dims, mode, tok, ids)
         e = score(utts, texts)
         res[f"error_whispercpp_{mode}"] = e
         res[f"ratio_{mode}_pooled"] = e["pooled"] / max(res["error_ours_same_weights"]["pooled"], 1e-9)
@@ -227,7 +261,22 @@ def cmd_ggml(a) -> dict:
             res["error_ours_same_weights"]["avg_over_languages"], 1e-9
         )
         res[f"same_text_{mode}"] = sum(texts[k] == ours[k] for k in ours)
+        res[f"same_tokens_{mode}"] = sum(ids[k] == ours_ids[k] for k in ours)
         res[f"rtf_whispercpp_{mode}"] = wall / audio_s
+        if a.diverge:
+            rows = [divergence(file_model, data, u, ours_ids[u.utt_id], ids[u.utt_id]) for u in utts]
+            rows = [r for r in rows if ours_ids[r["utt"]] != ids[r["utt"]]]
+            m = sorted(abs(r["margin"]) for r in rows)
+            res[f"divergence_{mode}"] = {
+                "n": len(rows),
+                "abs_margin_median": m[len(m) // 2] if m else None,
+                "abs_margin_le_0.5": sum(x <= 0.5 for x in m),
+                "abs_margin_le_1": sum(x <= 1.0 for x in m),
+                "whispercpp_empty": sum(r["n_whispercpp"] == 0 for r in rows),
+                "ours_at_cap": sum(r["n_ours"] >= MAX_NEW for r in rows),
+                "rows": rows,
+                "texts": {r["utt"]: {"ours": ours[r["utt"]], "whispercpp": texts[r["utt"]]} for r in rows},
+            }
     if a.reference:
         ref_model = load_any(a.ckpt)
         ref, _ = _ours_texts(ref_model, data, utts, tok)
@@ -299,6 +348,13 @@ def main(argv=None) -> int:
     p.add_argument("--types", default="f16,q8_0,q4_0")
     p.add_argument("--modes", default="mel,pcm", help="whisper.cpp input: mel (ours, set_mel), pcm (its own mel)")
     p.add_argument("--reference", action="store_true", help="also decode the original checkpoint with ours")
+    p.add_argument(
+        "--flash_attn",
+        choices=["default", "on", "off"],
+        default="default",
+        help="whisper.cpp's (default: the runner's)",
+    )
+    p.add_argument("--diverge", action="store_true", help="ggml: where and how near a tie ours and whisper.cpp part")
     p.add_argument("--dqw", default=None, help="speed: also time this .dqw export in int8 mode")
     p.add_argument("--max_utts", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -312,7 +368,14 @@ def main(argv=None) -> int:
     res["command"] = " ".join(["python bench/interop.py"] + (argv if argv is not None else sys.argv[1:]))
     path = Path(a.out) / f"{a.tag or a.cmd}.json"
     path.write_text(json.dumps(res, indent=2, ensure_ascii=False))
-    brief = {k: v for k, v in res.items() if k not in ("mismatches",)}
+    brief = {k: v for k, v in res.items() if k not in ("mismatches",) and not k.startswith("divergence_")}
+    brief.update(
+        {
+            k: {x: y for x, y in v.items() if x not in ("rows", "texts")}
+            for k, v in res.items()
+            if k.startswith("divergence_")
+        }
+    )
     print(json.dumps(brief, indent=1, ensure_ascii=False))
     if res.get("mismatches"):
         for r in res["mismatches"]:

@@ -226,13 +226,20 @@ def write_ggml(model: Whisper, path: str | Path, file_type: str = "f16") -> dict
             0,
             f"audio window {dims.n_audio_ctx / 50:g} s: run whisper.cpp with audio_ctx = "
             f"{dims.n_audio_ctx} (whisper-cli -ac {dims.n_audio_ctx}); the file holds the full "
-            f"{FULL_AUDIO_CTX}-position table",
+            f"{FULL_AUDIO_CTX}-position table"
+            + (
+                "; and with flash attention off (whisper-cli --no-flash-attn): whisper.cpp's flash attention "
+                "attends over the window padded to a multiple of 256 positions without a mask"
+                if dims.n_audio_ctx % 256
+                else ""
+            ),
         )
     dropped = pruned_ids(model)
     info = {
         "type": file_type,
         "audio_ctx": dims.n_audio_ctx if dims.n_audio_ctx < FULL_AUDIO_CTX else 0,
         "n_audio_ctx": dims.n_audio_ctx,
+        "flash_attn": dims.n_audio_ctx % 256 == 0,  # see the note: whisper.cpp's flash attention pads unmasked
         "tensor_types": counts,
         "pruned_ids": len(dropped),
         "bytes": path.stat().st_size,

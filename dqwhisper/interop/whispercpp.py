@@ -17,7 +17,11 @@ from dqwhisper.utils import DQWhisperError
 
 
 class WhisperCpp:
-    def __init__(self, path: str | Path, n_threads: int = 1):
+    def __init__(self, path: str | Path, n_threads: int = 1, flash_attn: bool | None = None):
+        """flash_attn: whisper.cpp's flash attention; None: off unless the audio window is a multiple of 256
+        positions. whisper.cpp's flash-attention graphs attend over the window padded to a multiple of 256 with
+        no mask (encoder self-attention and decoder cross-attention): the padding's zero keys take softmax weight,
+        which at a student's short window (400 -> 512) moves logits by whole units and flips greedy tokens."""
         try:
             import _pywhispercpp as pw
         except ImportError as e:
@@ -28,7 +32,12 @@ class WhisperCpp:
             raise DQWhisperError(f"whisper.cpp model {self.path} does not exist")
         sidecar = Path(str(self.path) + ".json")
         self.audio_ctx = json.loads(sidecar.read_text()).get("audio_ctx", 0) if sidecar.is_file() else 0
-        self.ctx = pw.whisper_init_from_file_with_params(str(self.path), pw.whisper_context_default_params())
+        cparams = pw.whisper_context_default_params()
+        if flash_attn is None:
+            flash_attn = (self.audio_ctx or pw.WHISPER_CHUNK_SIZE * 50) % 256 == 0 and bool(cparams.flash_attn)
+        cparams.flash_attn = flash_attn
+        self.flash_attn = bool(cparams.flash_attn)
+        self.ctx = pw.whisper_init_from_file_with_params(str(self.path), cparams)
         if self.ctx is None:
             raise DQWhisperError(f"whisper.cpp could not load {self.path}")
         self.n_threads = n_threads

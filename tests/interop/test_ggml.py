@@ -102,6 +102,7 @@ def test_short_window_pruned_student(tmp_path):
     info = write_ggml(s, tmp_path / "s.bin", "q8_0")
     f = read_ggml(tmp_path / "s.bin")
     assert info["audio_ctx"] == 50 and "audio_ctx = 50" in info["notes"][0]
+    assert info["flash_attn"] is False and "--no-flash-attn" in info["notes"][0]  # 50 is no multiple of 256
     assert f["hparams"]["ftype"] == 7 + 2000
     pos = np.frombuffer(f["tensors"]["encoder.positional_embedding"][2], "<f4").reshape(1500, 64)
     np.testing.assert_array_equal(pos[:50], s.encoder.positional_embedding.numpy())
@@ -191,6 +192,7 @@ def test_whisper_cpp_loads_and_decodes(tmp_path, fmt):
     write_ggml(s, tmp_path / "s.bin", fmt)
     runner = WhisperCpp(tmp_path / "s.bin", n_threads=1)
     assert pw.whisper_model_n_audio_ctx(runner.ctx) == 1500
+    assert runner.flash_attn is False  # its flash attention would attend to 256 - 50 unmasked padding positions
     mel = torch.zeros(80, 60)
     tokens = runner.decode_mel(mel.numpy(), "en", audio_ctx=50, max_tokens=5)
     assert isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)

@@ -21,7 +21,8 @@ class WhisperCpp:
         """flash_attn: whisper.cpp's flash attention; None: off unless the audio window is a multiple of 256
         positions. whisper.cpp's flash-attention graphs attend over the window padded to a multiple of 256 with
         no mask (encoder self-attention and decoder cross-attention): the padding's zero keys take softmax weight,
-        which at a student's short window (400 -> 512) moves logits by whole units and flips greedy tokens."""
+        which at the demo's 8 s window (400 -> 512) flips greedy tokens (demo teacher f16, our log-mel: our tokens on
+        21 of 40 utterances with it, 40 of 40 without)."""
         try:
             import _pywhispercpp as pw
         except ImportError as e:

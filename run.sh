@@ -13,7 +13,7 @@
 #   4  students        students cut from the adapted teacher (2 decoder layers, full vocabulary), the same data
 #                      and steps: CE only, KD + dynamic matching; then 4-bit QAT starting from the KD + matching
 #                      student (--all_students true: also KD alone and 8-bit QAT; --seeds N: each with N seeds)
-#   5  ptq + export    PTQ 4-bit of the float KD + matching student (the 4-bit QAT student's quantizer); the adapted
+#   5  ptq + export    PTQ 4-bit of the float KD + matching student (the 4-bit QAT student's quantizer, GPTQ); the adapted
 #                      teacher and every student exported to export/model.dqw (packed low-bit, or fp16 for float)
 #   6  decode          every model on data/demo/test with inference.py (greedy, language from utt2lang)
 #   7  report          exp/demo/RESULTS.md, results.json, wer_vs_size.png
@@ -116,8 +116,9 @@ stage_export() {
   for k in $(seq 1 "$seeds"); do
     x=$(sfx "$k")
     mkdir -p "$exp/student_ptq4$x"
-    # the same quantizer as student_kd_dm_q4 (calibrated MSE scales), without training
-    $py -m dqwhisper.quant.ptq "$exp/student_kd_dm$x/best.pt" w4a8 "$exp/student_ptq4$x/best.pt"
+    # the same quantizer as student_kd_dm_q4 (MSE scales, GPTQ codes on 64 training utterances), without training
+    $py -m dqwhisper.quant.ptq "$exp/student_kd_dm$x/best.pt" w4a8 "$exp/student_ptq4$x/best.pt" gptq=true gptq_utts=64 \
+      --calib "$data/train"
     cp "$exp/student_kd_dm$x/config.yaml" "$exp/student_ptq4$x/config.yaml"
   done
   # float models are exported too (fp16 tensors), so every row's size is a file that decodes as reported

@@ -50,8 +50,8 @@ class QuantConfig:
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     activation: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
     ptq: bool = False  # post-training quantization of a float student: quantize, no training
-    gptq: bool = False  # GPTQ rounding (calibrated on training audio) for the weights that do not train afterwards:
-    # the frozen encoder of a QAT student, every linear and convolution under PTQ (symmetric per-channel/group only)
+    gptq: bool = False  # GPTQ rounding of every quantized linear and convolution, calibrated on training audio
+    # (symmetric per-channel/group only): final for frozen weights and PTQ, the starting point for weights that train
     gptq_utts: int = 32  # calibration utterances for GPTQ, evenly spaced over the training set
 
     def to_dict(self) -> dict:

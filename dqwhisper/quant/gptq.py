@@ -5,8 +5,8 @@ and moves each column's rounding error onto the columns not yet quantized, weigh
 input Hessian H = X^T X (X: the layer's inputs on calibration audio), which minimises ||X W^T - X Q^T|| instead of
 ||W - Q||. The scales stay what the quantizer has (MSE-initialised LSQ scales); only the integer codes change, and
 the module's float weight is set to the dequantized codes so that the fake-quant forward, convert and export all
-reproduce them exactly. Used for modules whose weights do not train afterwards (the frozen encoder of a QAT student,
-PTQ), where rounding is all there is.
+reproduce them exactly. For frozen weights (a QAT student's encoder, PTQ) these are the final codes; weights that
+train start QAT from them.
 
     gptq_(model, batches, scope="encoder")   # batches: an iterable of whatever model(**b) / model(*b) takes
 """

@@ -286,13 +286,8 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         prepare(student, OmegaConf.to_object(cfg.quant) if OmegaConf.is_config(cfg.quant) else cfg.quant)
     student.to(device)
     del source
-    if cfg.quant.enabled and cfg.quant.gptq:
-        if cfg.quant.ptq:
-            gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "", device)
-        elif cfg.student.freeze_encoder:
-            gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "encoder.", device)
-        else:
-            log.info("quant.gptq: nothing to do (every quantized weight trains; GPTQ rounds frozen weights only)")
+    if cfg.quant.enabled and cfg.quant.gptq:  # frozen layers keep these codes; trainable ones start from them
+        gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "", device)
     params = set_trainable(student, cfg)
 
     adapter = enc_adapter = None

@@ -1,8 +1,8 @@
 """GPTQ calibration on training audio: the glue between a data set and `dqwhisper.quant.gptq`.
 
-The weights that do not train afterwards are rounded with GPTQ instead of to the nearest code: the frozen encoder
-of a QAT student (before its outputs are cached, so the decoder trains on what the export computes), and every
-linear and convolution of a PTQ model. `quant.gptq=true` turns it on; `quant.gptq_utts` sets the calibration size.
+With `quant.gptq=true` every quantized linear and convolution is rounded by GPTQ instead of to the nearest code,
+before the frozen encoder's outputs are cached: frozen weights (the encoder of a QAT student, everything under PTQ)
+keep those codes, trainable ones start QAT from them. `quant.gptq_utts` sets the calibration size.
 """
 
 from __future__ import annotations

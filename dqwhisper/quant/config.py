@@ -128,10 +128,11 @@ def validate(cfg: QuantConfig) -> QuantConfig:
                 "quant config: ggml keeps the convolution kernels in f16; set quant.conv=false with "
                 f"quant.weight.granularity = {w.granularity}"
             )
-    if cfg.gptq and (not w.symmetric or w.granularity not in ("per_channel", "per_group")):
+    if cfg.gptq and (not w.symmetric or not w.lsq or w.granularity not in ("per_channel", "per_group")):
         raise DQWhisperError(
-            "quant config: quant.gptq = true needs symmetric per_channel or per_group weights "
-            f"(got symmetric {w.symmetric}, granularity {w.granularity})"
+            "quant config: quant.gptq = true needs symmetric per_channel or per_group weights with stored (LSQ) "
+            f"scales (got symmetric {w.symmetric}, lsq {w.lsq}, granularity {w.granularity}): min/max scales move "
+            "with the rounded weights"
         )
     if cfg.gptq and (isinstance(cfg.gptq_utts, bool) or not isinstance(cfg.gptq_utts, int) or cfg.gptq_utts < 1):
         raise DQWhisperError(f"quant config: quant.gptq_utts = {cfg.gptq_utts!r}, must be an integer >= 1")

@@ -29,7 +29,8 @@ def calibration_batches(ds: WhisperDataset, n_utts: int, batch_size: int = 8) ->
 
 
 def gptq_calibrate(model: nn.Module, ds: WhisperDataset, n_utts: int, scope: str, device: torch.device | str) -> dict:
-    """GPTQ-round the fake-quantized layers of `model` under `scope` ("encoder." or "" for all) on `n_utts` of `ds`."""
+    """GPTQ-round the fake-quantized layers of `model` under `scope` ("encoder.", "decoder." or "" for both) on
+    `n_utts` utterances of `ds`: the encoder first, then the decoder on the rounded encoder's outputs."""
     batches = calibration_batches(ds, n_utts)
     log.info(
         "GPTQ: %d calibration utterances from %s, scope %r",
@@ -37,13 +38,14 @@ def gptq_calibrate(model: nn.Module, ds: WhisperDataset, n_utts: int, scope: str
         ds.data.path,
         scope or "all",
     )
-    if scope.startswith("encoder"):
-
-        def run(m, b):
-            return m.encoder(b["mel"].to(device))
-    else:
-
-        def run(m, b):
-            return m(b["mel"].to(device), b["tokens_in"].to(device))
-
-    return gptq_(model, batches, scope=scope, run=run)
+    ratios = {}
+    quantized = {n.split(".")[0] for n, m in model.named_modules() if hasattr(m, "weight_fake_quantizer")}
+    if scope in ("", "encoder", "encoder.") and "encoder" in quantized:
+        ratios.update(gptq_(model, batches, scope="encoder.", run=lambda m, b: m.encoder(b["mel"].to(device))))
+    if scope in ("", "decoder", "decoder.") and "decoder" in quantized:
+        with torch.no_grad():  # the encoder is final now: its outputs once, not in every decoder block's pass
+            dec_batches = [(b["tokens_in"].to(device), model.encoder(b["mel"].to(device))) for b in batches]
+        ratios.update(gptq_(model, dec_batches, scope="decoder.", run=lambda m, b: m.decoder(*b)))
+    if not ratios:
+        raise DQWhisperError(f"GPTQ: no quantized linear or convolution in scope {scope or 'all'!r}")
+    return ratios

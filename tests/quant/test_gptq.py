@@ -87,7 +87,9 @@ def test_encoder_scope_leaves_the_decoder_alone(inputs):
 
 def test_unsupported_settings_are_refused():
     with pytest.raises(DQWhisperError, match="quant.gptq"):
-        resolve_config(QuantConfig(enabled=True, gptq=True, weight={"bits": 4, "symmetric": False}))
+        resolve_config(QuantConfig(enabled=True, gptq=True, weight={"bits": 4, "symmetric": False, "lsq": True}))
+    with pytest.raises(DQWhisperError, match="LSQ"):
+        resolve_config(QuantConfig(enabled=True, gptq=True, weight={"bits": 4, "lsq": False}))
     model = prepare(make_student(), {"enabled": True, "scope": "decoder", "embedding": False})
     with pytest.raises(DQWhisperError, match="no fake-quantized"):
         gptq_(model, [], scope="encoder.")

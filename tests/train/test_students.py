@@ -122,3 +122,13 @@ def test_loss_shares_are_logged_and_sum_to_one(assets, tmp_path):
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
     assert rec["share_kd"] == pytest.approx(0.9 * rec["loss_kd"] / rec["loss"], rel=1e-3)
     assert set(summary["mean_loss_shares"]) == set(shares)
+
+
+def test_gptq_with_a_decoder_only_quantizer(assets, tmp_path):
+    teacher, data, _ = assets
+    over = ["quant=w8", "quant.weight.lsq=true", "quant.gptq=true", "quant.gptq_utts=4"]
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=over)
+    student = make_trainer(cfg).parts.student
+    m = student.get_submodule("decoder.blocks.0.mlp.0")
+    with torch.no_grad():
+        torch.testing.assert_close(m.weight_fake_quantizer(m.weight), m.weight, rtol=0, atol=1e-6)

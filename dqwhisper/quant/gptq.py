@@ -183,7 +183,7 @@ def gptq_(
         model.train(was_training)
     mean = sum(ratios.values()) / max(len(ratios), 1)
     log.info(
-        "GPTQ: %d linears under %r rounded; output error %.2f of round-to-nearest's on average",
+        "GPTQ: %d layers under %r rounded; output error %.2f of round-to-nearest's on average",
         len(ratios),
         scope,
         mean,

@@ -8,7 +8,7 @@ the module's float weight is set to the dequantized codes so that the fake-quant
 reproduce them exactly. For frozen weights (a QAT student's encoder, PTQ) these are the final codes; weights that
 train start QAT from them.
 
-    gptq_(model, batches, scope="encoder")   # batches: an iterable of whatever model(**b) / model(*b) takes
+    gptq_(model, batches, scope="encoder.", run=lambda m, b: m.encoder(b))   # run(model, batch) per batch
 """
 
 from __future__ import annotations

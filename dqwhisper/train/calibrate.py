@@ -12,6 +12,7 @@ from torch import nn
 
 from dqwhisper.data.dataset import WhisperDataset, collate
 from dqwhisper.quant.gptq import gptq_
+from dqwhisper.quant.prepare import quantized_modules
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -39,7 +40,7 @@ def gptq_calibrate(model: nn.Module, ds: WhisperDataset, n_utts: int, scope: str
         scope or "all",
     )
     ratios = {}
-    quantized = {n.split(".")[0] for n, m in model.named_modules() if hasattr(m, "weight_fake_quantizer")}
+    quantized = {n.split(".")[0] for n, _ in quantized_modules(model)}
     if scope in ("", "encoder", "encoder.") and "encoder" in quantized:
         ratios.update(gptq_(model, batches, scope="encoder.", run=lambda m, b: m.encoder(b["mel"].to(device))))
     if scope in ("", "decoder", "decoder.") and "decoder" in quantized:

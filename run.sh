@@ -16,7 +16,7 @@
 #   5  ptq + export    PTQ 4-bit of the float KD + matching student (the 4-bit QAT student's quantizer, GPTQ); the adapted
 #                      teacher and every student exported to export/model.dqw (packed low-bit, or fp16 for float)
 #   6  decode          every model on data/demo/test with inference.py (greedy, language from utt2lang)
-#   7  report          exp/demo/RESULTS.md, results.json, wer_vs_size.png
+#   7  report          exp/demo/RESULTS.md, results.json, comparisons.json (paired bootstrap), wer_vs_size.png
 # Everything a stage needs is on disk from the stages before it; exp/demo/stage_times.tsv keeps the wall times.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -143,7 +143,16 @@ stage_report() {
   # the teacher's fp16 file: Whisper base as shipped (CTranslate2 float16 model.bin)
   local teacher_bytes
   teacher_bytes=$(stat -c %s exp/models/base-ct2/model.bin)
-  $py -m dqwhisper.report --out "$exp" --teacher-fp16-bytes "$teacher_bytes" --stage-times "$times" "${rows[@]}"
+  # the claims' comparisons, each by a paired bootstrap over test utterances (RESULTS.md: 95% interval, P(better))
+  local cmp=(--compare teacher_adapted teacher_zeroshot) k x
+  for k in $(seq 1 "$seeds"); do
+    x=$(sfx "$k")
+    cmp+=(--compare "student_kd_dm$x" "student_ce$x" --compare "student_kd_dm_q4$x" "student_ptq4$x")
+    cmp+=(--compare "student_kd_dm_q4$x" teacher_adapted)
+    has student_kd && cmp+=(--compare "student_kd$x" "student_ce$x")
+  done
+  $py -m dqwhisper.report --out "$exp" --teacher-fp16-bytes "$teacher_bytes" --stage-times "$times" "${rows[@]}" \
+    "${cmp[@]}"
 }
 
 run_stage 0 setup stage_setup

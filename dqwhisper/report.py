@@ -5,6 +5,11 @@
 
 Each row names a model, the results.json that inference.py wrote for it on the test set, and the file that holds
 the model as it would ship (the exported file for quantized students). Parameters are counted from that file.
+
+    --compare A B   (repeatable) A against B by a paired bootstrap over test utterances (resampled within each
+                    language, the same draw for both models, the language-averaged error recomputed each time):
+                    A's relative change in average error, its 95% interval and the share of draws where A is better.
+                    Read from the utt_errors.tsv next to each row's results.json; written to comparisons.json.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import platform
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 from dqwhisper.models.student import read_checkpoint
 from dqwhisper.quant.dqw import read_header
@@ -59,6 +66,92 @@ def build_row(name: str, results_json: Path, model_file: Path, teacher_fp16_byte
     }
 
 
+def read_utt_errors(results_json: Path) -> dict[str, tuple[str, float, float]]:
+    """{utterance id: (language, errors, reference units)} from the utt_errors.tsv beside a results.json."""
+    path = Path(results_json).parent / "utt_errors.tsv"
+    if not path.exists():
+        raise DQWhisperError(f"{path} does not exist: a paired comparison needs the per-utterance errors of a decode")
+    out = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise DQWhisperError(f"{path} is empty")
+    head = lines[0].split("\t")
+    try:
+        i_utt, i_lang, i_err, i_ref = (head.index(k) for k in ("utt_id", "lang", "errors", "n_ref"))
+    except ValueError:
+        raise DQWhisperError(f"{path}: header {head} lacks one of utt_id, lang, errors, n_ref") from None
+    for n, line in enumerate(lines[1:], 2):
+        f = line.split("\t")
+        try:
+            out[f[i_utt]] = (f[i_lang], float(f[i_err]), float(f[i_ref]))
+        except (IndexError, ValueError):
+            raise DQWhisperError(f"{path}:{n}: not a row of utt_id, lang, errors, n_ref: {line[:80]!r}") from None
+    return out
+
+
+def paired_bootstrap(
+    a: dict[str, tuple[str, float, float]],
+    b: dict[str, tuple[str, float, float]],
+    n_boot: int = 4000,
+    seed: int = 0,
+) -> dict:
+    """A against B on the utterances both decoded: the relative change of A's language-averaged error against B's
+    (negative = A better), its 2.5/97.5 percentiles over bootstrap draws of utterances within each language (the
+    same draw for both), and the share of draws in which A's average error is below B's."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise DQWhisperError("paired bootstrap: the two decodes share no utterance")
+    by_lang: dict[str, list[str]] = {}
+    for u in common:
+        by_lang.setdefault(a[u][0], []).append(u)
+    rng = np.random.default_rng(seed)
+    sum_a = np.zeros(n_boot)
+    sum_b = np.zeros(n_boot)
+    point_a = point_b = 0.0
+    for utts in by_lang.values():
+        ea, eb, ref = (np.array([x[u][i] for u in utts]) for x, i in ((a, 1), (b, 1), (a, 2)))
+        point_a += ea.sum() / max(ref.sum(), 1.0)
+        point_b += eb.sum() / max(ref.sum(), 1.0)
+        idx = rng.integers(0, len(utts), size=(n_boot, len(utts)))
+        r = np.maximum(ref[idx].sum(1), 1.0)
+        sum_a += ea[idx].sum(1) / r
+        sum_b += eb[idx].sum(1) / r
+    k = len(by_lang)
+    rel = sum_a / np.maximum(sum_b, 1e-12) - 1.0
+    return {
+        "n_utts": len(common),
+        "avg_error": float(point_a / k),
+        "against_avg_error": float(point_b / k),
+        "relative_change": float(point_a / max(point_b, 1e-12) - 1.0),
+        "ci95": [float(np.percentile(rel, 2.5)), float(np.percentile(rel, 97.5))],
+        "p_better": float((sum_a < sum_b).mean()),
+        "n_boot": n_boot,
+    }
+
+
+def render_comparisons(comparisons: list[dict]) -> list[str]:
+    if not comparisons:
+        return []
+    lines = [
+        "",
+        "## Paired comparisons",
+        "",
+        "Relative change of the first model's average error against the second's on the same test utterances; the "
+        "95% interval and P(better) from a paired bootstrap over utterances within each language "
+        f"({comparisons[0]['n_boot']} draws). An interval that contains 0 is not a difference this test set resolves.",
+        "",
+        "| model | against | avg % | against avg % | relative change | 95% interval | P(better) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        lo, hi = c["ci95"]
+        lines.append(
+            f"| {c['name']} | {c['against']} | {100 * c['avg_error']:.1f} | {100 * c['against_avg_error']:.1f} | "
+            f"{100 * c['relative_change']:+.1f}% | [{100 * lo:+.1f}%, {100 * hi:+.1f}%] | {c['p_better']:.2f} |"
+        )
+    return lines
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -71,7 +164,12 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot_name: str | None) -> str:
+def render_markdown(
+    rows: list[dict],
+    stage_times: list[tuple[str, float]],
+    plot_name: str | None,
+    comparisons: list[dict] | None = None,
+) -> str:
     langs = sorted({lang for r in rows for lang in r["per_language"]})
     metric = {
         lang: next(r["per_language"][lang]["metric"] for r in rows if lang in r["per_language"]) for lang in langs
@@ -106,6 +204,7 @@ def render_markdown(rows: list[dict], stage_times: list[tuple[str, float]], plot
         cells.append("—" if r.get("n_runaways") is None else str(r["n_runaways"]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += render_seeds(rows)
+    lines += render_comparisons(comparisons or [])
     if plot_name:
         lines += ["", f"![average error vs size]({plot_name})"]
     if stage_times:
@@ -200,13 +299,30 @@ def main(argv: list[str] | None = None) -> int | None:
         help="size of the teacher in fp16 on disk, the denominator of every ratio",
     )
     p.add_argument("--stage-times", type=Path, help="TSV of stage name and seconds (run.sh writes it)")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="paired bootstrap of row A against row B (repeatable); rows not given are skipped with a warning",
+    )
     args = p.parse_args(argv)
 
     rows = [build_row(n, Path(r), Path(m), args.teacher_fp16_bytes) for n, r, m in args.row]
+    results = {n: Path(r) for n, r, _ in args.row}
+    comparisons = []
+    for a, b in args.compare:
+        if a not in results or b not in results:
+            log.warning("comparison %s vs %s skipped: %s is not a row", a, b, a if a not in results else b)
+            continue
+        c = paired_bootstrap(read_utt_errors(results[a]), read_utt_errors(results[b]))
+        comparisons.append({"name": a, "against": b, **c})
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    atomic_write_bytes(args.out / "comparisons.json", (json.dumps(comparisons, indent=2) + "\n").encode())
     plot(rows, args.out / "wer_vs_size.png")
-    md = render_markdown(rows, read_stage_times(args.stage_times), "wer_vs_size.png")
+    md = render_markdown(rows, read_stage_times(args.stage_times), "wer_vs_size.png", comparisons)
     atomic_write_bytes(args.out / "RESULTS.md", md.encode())
     print(md)
 

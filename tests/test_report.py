@@ -88,3 +88,67 @@ def test_seed_rows_are_grouped_with_their_mean():
     assert "| student_ce | 40.0 | 50.0 | 45.0 |" in md
     assert "student_kd |" not in md
     assert report.render_seeds(rows[:3]) == []
+
+
+def _utt_errors(folder, rows):
+    """rows: (utt, lang, errors, n_ref) -> folder/utt_errors.tsv (inference.py's columns) and folder/results.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    head = "utt_id\tlang\tmetric\tn_ref\tsub\tdel\tins\terrors\terror\tref\thyp"
+    lines = [head] + [f"{u}\t{lang}\twer\t{n}\t{e}\t0\t0\t{e}\t{e / n:.4f}\tr\th" for u, lang, e, n in rows]
+    (folder / "utt_errors.tsv").write_text("\n".join(lines) + "\n")
+    return folder / "results.json"
+
+
+def _langs(errors_by_lang, n_ref=10):
+    return [(f"{lang}-{i}", lang, e, n_ref) for lang, errs in errors_by_lang.items() for i, e in enumerate(errs)]
+
+
+def test_paired_bootstrap_point_estimate_is_the_language_average(tmp_path):
+    a = report.read_utt_errors(_utt_errors(tmp_path / "a", _langs({"en": [1, 2, 3], "de": [5, 5, 0]})))
+    b = report.read_utt_errors(_utt_errors(tmp_path / "b", _langs({"en": [2, 2, 2], "de": [6, 6, 6]})))
+    c = report.paired_bootstrap(a, b, n_boot=500)
+    assert c["avg_error"] == pytest.approx((6 / 30 + 10 / 30) / 2)
+    assert c["against_avg_error"] == pytest.approx((6 / 30 + 18 / 30) / 2)
+    assert c["relative_change"] == pytest.approx(c["avg_error"] / c["against_avg_error"] - 1)
+    assert c["n_utts"] == 6 and c["ci95"][0] <= c["relative_change"] <= c["ci95"][1]
+
+
+def test_paired_bootstrap_separates_a_consistent_gain_from_noise(tmp_path):
+    rng = __import__("random").Random(0)
+    base = {lang: [rng.randint(2, 8) for _ in range(30)] for lang in ("en", "de", "ja")}
+    better = {lang: [max(e - 1, 0) for e in errs] for lang, errs in base.items()}  # one error fewer everywhere
+    shuffled = {lang: rng.sample(errs, len(errs)) for lang, errs in base.items()}  # same totals, paired noise
+    r = {
+        name: report.read_utt_errors(_utt_errors(tmp_path / name, _langs(d)))
+        for name, d in (("base", base), ("better", better), ("shuffled", shuffled))
+    }
+    gain = report.paired_bootstrap(r["better"], r["base"])
+    assert gain["ci95"][1] < 0 and gain["p_better"] > 0.99
+    noise = report.paired_bootstrap(r["shuffled"], r["base"])
+    assert noise["relative_change"] == pytest.approx(0.0)
+    assert noise["ci95"][0] < 0 < noise["ci95"][1] and 0.2 < noise["p_better"] < 0.8
+    same = report.paired_bootstrap(r["base"], r["base"])
+    assert same["ci95"] == [0.0, 0.0] and same["p_better"] == 0.0
+
+
+def test_compare_needs_the_per_utterance_errors(tmp_path):
+    with pytest.raises(DQWhisperError, match="utt_errors.tsv does not exist"):
+        report.read_utt_errors(tmp_path / "results.json")
+    (tmp_path / "utt_errors.tsv").write_text("utt_id\tlang\terrors\tn_ref\nu1\ten\tx\t3\n")
+    with pytest.raises(DQWhisperError, match=r"utt_errors.tsv:2: not a row"):
+        report.read_utt_errors(tmp_path / "results.json")
+
+
+def test_report_writes_paired_comparisons(tmp_path, tiny_whisper):
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(from_whisper(tiny_whisper), ckpt)
+    args = ["--out", str(tmp_path / "out"), "--teacher-fp16-bytes", "1000"]
+    for name, errs in (("student_ce", [3, 4, 5, 6]), ("student_kd_dm", [2, 3, 4, 5])):
+        res = _utt_errors(tmp_path / name, _langs({"en": errs}))
+        _results(res, {"en": {"metric": "wer", "error": sum(errs) / 40, "n_utts": 4}}, 0.1)
+        args += ["--row", name, str(res), str(ckpt)]
+    report.main(args + ["--compare", "student_kd_dm", "student_ce", "--compare", "student_kd_dm", "nope"])
+    comps = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    assert [(c["name"], c["against"]) for c in comps] == [("student_kd_dm", "student_ce")]
+    assert comps[0]["relative_change"] == pytest.approx(14 / 18 - 1)
+    assert "| student_kd_dm | student_ce | 35.0 | 45.0 | -22.2% |" in (tmp_path / "out" / "RESULTS.md").read_text()

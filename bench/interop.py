@@ -74,6 +74,15 @@ def ours_tokens(model, mel: torch.Tensor, lang: str) -> list[int]:
     return list(decode_mels(model, mel[None], lang, cfg=GREEDY)[0].tokens)
 
 
+def runaways(ids: dict[str, list[int]], texts: dict[str, str]) -> list[str]:
+    """Utterances whose plain greedy hypothesis is a runaway by our decoder's rule: it hits the token cap or its
+    text's gzip compression ratio exceeds the default threshold (2.4)."""
+    from whisper.utils import compression_ratio
+
+    thr = DecodeConfig().compression_ratio_threshold
+    return sorted(k for k in ids if len(ids[k]) >= MAX_NEW or compression_ratio(texts[k]) > thr)
+
+
 def score(utts, texts: dict[str, str]) -> dict:
     refs = {u.utt_id: u.text for u in utts}
     scores, _ = score_utterances(refs, texts, {u.utt_id: u.lang for u in utts})
@@ -249,6 +258,7 @@ def cmd_ggml(a) -> dict:
         "n_utts": len(utts),
         "whispercpp_flash_attn": runner.flash_attn,
         "error_ours_same_weights": score(utts, ours),
+        "runaways_ours_same_weights": runaways(ours_ids, ours),
         "rtf_ours": ours_wall / sum(len(data.load_audio(u)) / 16000 for u in utts),
     }
     for mode in a.modes.split(","):
@@ -260,6 +270,7 @@ def cmd_ggml(a) -> dict:
         res[f"ratio_{mode}_avg"] = e["avg_over_languages"] / max(
             res["error_ours_same_weights"]["avg_over_languages"], 1e-9
         )
+        res[f"runaways_whispercpp_{mode}"] = runaways(ids, texts)
         res[f"same_text_{mode}"] = sum(texts[k] == ours[k] for k in ours)
         res[f"same_tokens_{mode}"] = sum(ids[k] == ours_ids[k] for k in ours)
         res[f"rtf_whispercpp_{mode}"] = wall / audio_s
@@ -279,8 +290,10 @@ def cmd_ggml(a) -> dict:
             }
     if a.reference:
         ref_model = load_any(a.ckpt)
-        ref, _ = _ours_texts(ref_model, data, utts, tok)
+        ref_ids: dict = {}
+        ref, _ = _ours_texts(ref_model, data, utts, tok, ref_ids)
         res["error_ours_original"] = score(utts, ref)
+        res["runaways_ours_original"] = runaways(ref_ids, ref)
     return res
 
 

@@ -155,6 +155,8 @@ def write_ggml(model: Whisper, path: str | Path, file_type: str = "f16") -> dict
     if quant and quant.get("enabled"):
         g = quant["weight"]["granularity"]
         if g == f"ggml_{file_type}":
+            # the trained codes replace the dequantized floats of those weights: not "written dequantized"
+            notes = [n for n in notes if "written dequantized" not in n]
             notes.append(f"{len(trained)} fake-quantized {file_type} weights written as their trained codes")
         else:
             notes.append(

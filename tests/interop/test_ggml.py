@@ -136,6 +136,7 @@ def test_qat_codes_written_bit_for_bit(tmp_path, fmt):
     s = load_checkpoint(tmp_path / "qat.pt")
     info = write_ggml(s, tmp_path / "qat.bin", fmt)
     assert any("trained codes" in n for n in info["notes"])
+    assert not any("written dequantized" in n for n in info["notes"])  # the codes, not floats, are in the file
     tensors = read_ggml(tmp_path / "qat.bin")["tensors"]
     keep = s.decoder.vocab_keep
     n_fq = 0

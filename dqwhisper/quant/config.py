@@ -46,6 +46,8 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)  # regexes on module names to leave in float
     embedding: bool = True  # quantize the token embedding (and so the tied output projection) when in scope
     embedding_bits: int | None = None  # bits of the token embedding; None: weight.bits
+    module_bits: list[str] = field(default_factory=list)  # "REGEX=BITS": modules whose name matches (re.search;
+    # the first entry that matches wins, over embedding_bits too) get BITS instead, e.g. "encoder\\.conv=8"
     conv: bool = True  # quantize the encoder's Conv1d layers when the encoder is in scope (per output channel)
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     activation: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
@@ -82,7 +84,7 @@ def _build(cls, values: Mapping, where: str):
                 if isinstance(value, ActivationQuantConfig)
                 else _build(ActivationQuantConfig, value, "quant.activation")
             )
-        elif name in ("include", "exclude"):
+        elif name in ("include", "exclude", "module_bits"):
             value = [] if value is None else list(value)
         kwargs[name] = value
     return cls(**kwargs)
@@ -145,13 +147,35 @@ def validate(cfg: QuantConfig) -> QuantConfig:
             f"quant config: quant.activation.bits = {cfg.activation.bits!r}; only 8-bit "
             "activations are supported (the int8 kernels need them)"
         )
+    for entry in cfg.module_bits:
+        pattern, sep, bits = str(entry).rpartition("=")
+        if not sep or not pattern or not bits.strip().isdigit():
+            raise DQWhisperError(f"quant config: quant.module_bits entry {entry!r} is not REGEX=BITS")
+        _check_bits(int(bits), f"quant.module_bits[{entry!r}]")
+        if w.granularity in GGML_BITS and int(bits) != w.bits:
+            raise DQWhisperError(f"quant config: quant.module_bits entry {entry!r}: a ggml file has one type")
     for key in ("include", "exclude"):
         for pattern in getattr(cfg, key):
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise DQWhisperError(f"quant config: quant.{key} pattern {pattern!r} is not a regex: {e}") from e
+    for entry in cfg.module_bits:
+        pattern = entry.rpartition("=")[0]
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise DQWhisperError(f"quant config: quant.module_bits pattern {pattern!r} is not a regex: {e}") from e
     return cfg
+
+
+def module_bits(cfg: QuantConfig, name: str) -> int | None:
+    """The bits `quant.module_bits` gives module `name` (the first matching entry), or None."""
+    for entry in cfg.module_bits:
+        pattern, _, bits = entry.rpartition("=")
+        if re.search(pattern, name):
+            return int(bits)
+    return None
 
 
 def resolve_config(cfg: QuantConfig | Mapping | Any) -> QuantConfig:

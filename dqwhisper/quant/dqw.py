@@ -5,7 +5,8 @@ Layout (little-endian):
 Every tensor's bytes lie in `data` at the header's `offset` (from the start of data, 64-byte aligned) and `nbytes`.
 Header: `format`, `version`, `dims` (ModelDimensions), `quant` (the QuantConfig dict or null), `ctc_units`,
 `float_dtype`, `tokenizer` (multilingual, num_languages, languages the student was trained for, task),
-`encoder_positional` ("sinusoids": regenerated on load, not stored | "stored"), `vocab_keep` / `bpe_model` (tensor
+`encoder_positional` ("sinusoids": regenerated on load, not stored | "sinusoids_float16": the same, rounded to
+float16 as checkpoints converted from float16 files hold them | "stored"), `vocab_keep` / `bpe_model` (tensor
 names or null), `source`, `data_nbytes` and `data_sha256` (the data section's size and SHA-256: a truncated or damaged
 file is one error naming it; version 1 files have neither and are only bounds-checked), and `tensors`: name -> entry.
 - float entry: {"kind": "float", "dtype": "float16"|"float32", "shape"} — every non-quantized float tensor.
@@ -143,8 +144,12 @@ def export_model(
     dims = model.dims
     enc_pos = "stored"
     pos = state.get("encoder.positional_embedding")
-    if pos is not None and torch.equal(pos.float().cpu(), sinusoids(dims.n_audio_ctx, dims.n_audio_state)):
-        enc_pos = "sinusoids"
+    if pos is not None:
+        table = sinusoids(dims.n_audio_ctx, dims.n_audio_state)
+        if torch.equal(pos.float().cpu(), table):
+            enc_pos = "sinusoids"
+        elif torch.equal(pos.float().cpu(), table.half().float()):
+            enc_pos = "sinusoids_float16"
     for key, value in state.items():
         stored_pos = key == "encoder.positional_embedding" and enc_pos == "stored"
         if key in covered or (key in SKIP_BUFFERS and not stored_pos):
@@ -302,8 +307,11 @@ def load_exported(
     for name, entry in entries.items():
         if entry["kind"] == "float":
             state[name] = _read_plain(entry, data).float()
-    if header["encoder_positional"] == "sinusoids":
-        state["encoder.positional_embedding"] = sinusoids(dims.n_audio_ctx, dims.n_audio_state)
+    if header["encoder_positional"] in ("sinusoids", "sinusoids_float16"):
+        table = sinusoids(dims.n_audio_ctx, dims.n_audio_state)
+        state["encoder.positional_embedding"] = (
+            table if header["encoder_positional"] == "sinusoids" else table.half().float()
+        )
     quantized = {n: e for n, e in entries.items() if e["kind"] == "quantized"}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.rpartition(".")[0] not in quantized or not k.endswith(".weight")]

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from dqwhisper.quant.config import QuantConfig, resolve_config
+from dqwhisper.quant.config import QuantConfig, module_bits, resolve_config
 from dqwhisper.quant.fake_quant import (
     FAKE_QUANTIZED_TYPES,
     ActivationFakeQuantizer,
@@ -65,11 +65,12 @@ def select_modules(model: nn.Module, cfg: QuantConfig) -> Iterator[tuple[str, nn
         yield name, module
 
 
-def weight_spec(cfg: QuantConfig, module: nn.Module) -> QuantSpec:
+def weight_spec(cfg: QuantConfig, module: nn.Module, name: str = "") -> QuantSpec:
     w = cfg.weight
     bits, granularity = w.bits, w.granularity
     if isinstance(module, nn.Embedding) and cfg.embedding_bits is not None:
         bits = cfg.embedding_bits
+    bits = module_bits(cfg, name) or bits
     if isinstance(module, nn.Conv1d) and granularity.startswith("ggml_"):
         raise DQWhisperError("ggml keeps the convolution kernels in f16: set quant.conv=false")
     if isinstance(module, nn.Conv1d) and granularity == "per_group":
@@ -104,7 +105,7 @@ def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
             f"prepare: quant config (scope={cfg.scope}, include={cfg.include}, "
             f"exclude={cfg.exclude}) selects no module of this model"
         )
-    specs = [(name, module, weight_spec(cfg, module)) for name, module in chosen]
+    specs = [(name, module, weight_spec(cfg, module, name)) for name, module in chosen]
     for name, module, spec in specs:  # check every shape before changing anything
         spec.grouped_shape(tuple(module.weight.shape), name)
     for name, module, spec in specs:
@@ -120,6 +121,9 @@ def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
         new.train(module.training)
         set_module(model, name, new)
     model.quant_config = cfg.to_dict()
+    other = {name: spec.bits for name, _, spec in specs if spec.bits != cfg.weight.bits}
+    if other:
+        log.info("prepare: %d modules at other bit widths: %s", len(other), other)
     log.info(
         "prepare: %d modules fake-quantized (%d-bit %s%s, scope %s)",
         len(specs),

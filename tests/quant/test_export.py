@@ -158,3 +158,24 @@ def test_float_checkpoint_exports_fp16(tmp_path, inputs):
     assert not any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in loaded.modules())
     round_floats_to_fp16(model)
     torch.testing.assert_close(forward(loaded, mel, tokens)[1], forward(model, mel, tokens)[1], atol=0, rtol=0)
+
+
+def test_float16_sinusoids_are_regenerated_not_stored(tmp_path):
+    """A checkpoint converted from a float16 file holds the encoder's sinusoid table rounded to float16: the
+    export regenerates it on load (no 2 * n_audio_ctx * d bytes in the file) and the loaded table is identical."""
+    model = prepare(make_student(), CONFIGS["w8"])
+    pos = model.encoder.positional_embedding
+    pos.copy_(pos.half().float())
+    save_checkpoint(model, tmp_path / "q.pt")
+    assert main([str(tmp_path / "q.pt"), str(tmp_path / "m.dqw")]) == 0
+    header, _ = read_header(tmp_path / "m.dqw")
+    assert header["encoder_positional"] == "sinusoids_float16"
+    assert "encoder.positional_embedding" not in header["tensors"]
+    loaded = load_exported(tmp_path / "m.dqw", "dequant")
+    assert torch.equal(loaded.encoder.positional_embedding, pos)
+    pos.add_(1e-3)  # anything else is stored
+    save_checkpoint(model, tmp_path / "r.pt")
+    main([str(tmp_path / "r.pt"), str(tmp_path / "r.dqw")])
+    header, _ = read_header(tmp_path / "r.dqw")
+    assert header["encoder_positional"] == "stored" and "encoder.positional_embedding" in header["tensors"]
+    assert torch.equal(load_exported(tmp_path / "r.dqw", "dequant").encoder.positional_embedding, pos.half().float())

@@ -22,6 +22,7 @@ from dqwhisper.quant import (
     resolve_config,
 )
 from dqwhisper.quant.fake_quant import FAKE_QUANTIZED_TYPES
+from dqwhisper.quant.prepare import quantized_modules
 from dqwhisper.utils import DQWhisperError
 from tests.quant.conftest import make_student
 
@@ -109,11 +110,33 @@ def test_accepts_dataclass_dictconfig_dict():
         ({"weight": {"bitz": 4}}, "unknown key"),
         ({"include": ["("]}, "not a regex"),
         ({"activation": {"enabled": True, "bits": 4}}, "only 8-bit"),
+        ({"module_bits": ["encoder.conv"]}, "not REGEX=BITS"),
+        ({"module_bits": ["encoder.conv=16"]}, r"quant.module_bits\['encoder.conv=16'\] = 16"),
+        ({"module_bits": ["(=8"]}, "module_bits pattern '\\(' is not a regex"),
+        (
+            {"module_bits": ["conv=8"], "weight": {"bits": 4, "granularity": "ggml_q4_0"}, "conv": False},
+            "a ggml file has one type",
+        ),
     ],
 )
 def test_bad_configs_fail_clearly(cfg, match):
     with pytest.raises(DQWhisperError, match=match):
         resolve_config({"enabled": True, **cfg})
+
+
+def test_module_bits_first_match_wins_over_embedding_bits():
+    cfg = {
+        "enabled": True,
+        "scope": "all",
+        "embedding_bits": 3,
+        "module_bits": ["blocks\\.0\\.attn\\.query=8", "blocks\\.0=6", "token_embedding=5"],
+        "weight": {"bits": 4},
+    }
+    model = prepare(make_student(), cfg)
+    bits = {n: m.weight_fake_quantizer.spec.bits for n, m in quantized_modules(model)}
+    assert bits["encoder.blocks.0.attn.query"] == 8 and bits["decoder.blocks.0.attn.query"] == 8
+    assert bits["encoder.blocks.0.mlp.0"] == 6 and bits["encoder.blocks.1.mlp.0"] == 4
+    assert bits["decoder.token_embedding"] == 5 and bits["encoder.conv1"] == 4
 
 
 def test_group_size_not_dividing_width_fails_before_changing_the_model():
@@ -151,6 +174,13 @@ CONFIGS = {
         "weight": {"bits": 2, "granularity": "per_group", "group_size": 32},
     },
     "w8a8": {"enabled": True, "scope": "all", "activation": {"enabled": True}},
+    "w4a8_mixed": {  # the demo's 4-bit student: its most sensitive encoder modules at 8 bits
+        "enabled": True,
+        "scope": "all",
+        "module_bits": ["encoder\\.conv=8", "encoder\\.blocks\\.0\\.attn\\.(query|value)=8"],
+        "weight": {"bits": 4, "lsq": True},
+        "activation": {"enabled": True},
+    },
 }
 
 

@@ -6,7 +6,9 @@ input Hessian H = X^T X (X: the layer's inputs on calibration audio), which mini
 ||W - Q||. The scales stay what the quantizer has (MSE-initialised LSQ scales); only the integer codes change, and
 the module's float weight is set to the dequantized codes so that the fake-quant forward, convert and export all
 reproduce them exactly. For frozen weights (a QAT student's encoder, PTQ) these are the final codes; weights that
-train start QAT from them.
+train start QAT from them. The token embedding is rounded as the tied output projection (its Hessian from the
+hidden states the projection sees; it is done last, after the decoder blocks whose outputs it reads): the logits
+are what its 4-bit error costs, far more than the lookup of one row per token.
 
     gptq_(model, batches, scope="encoder.", run=lambda m, b: m.encoder(b))   # run(model, batch) per batch
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dqwhisper.quant.fake_quant import FakeQuantizedConv1d, FakeQuantizedLinear
+from dqwhisper.quant.fake_quant import FakeQuantizedConv1d, FakeQuantizedEmbedding, FakeQuantizedLinear
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -89,6 +91,23 @@ def _adder(acc: HessianAccumulator, module: nn.Module):
     return lambda _m, args: acc.add(args[0])
 
 
+class _ProjectionTap:
+    """Adds the input of an embedding's tied projection (`project(x)`) to a Hessian while in place; `remove()`."""
+
+    def __init__(self, emb: FakeQuantizedEmbedding, acc: HessianAccumulator):
+        self.emb = emb
+        original = emb.project
+
+        def project(x: Tensor) -> Tensor:
+            acc.add(x)
+            return original(x)
+
+        emb.project = project  # an instance attribute shadows the method until remove()
+
+    def remove(self) -> None:
+        del self.emb.project
+
+
 def _block_of(name: str) -> str:
     """`encoder.blocks.3.mlp.0` -> `encoder.blocks.3` (the first numbered part); a name without one is its own group."""
     parts = name.split(".")
@@ -99,7 +118,9 @@ def _block_of(name: str) -> str:
 
 
 @torch.no_grad()
-def _round_layer(m: FakeQuantizedLinear | FakeQuantizedConv1d, h: Tensor, damp: float) -> float:
+def _round_layer(
+    m: FakeQuantizedLinear | FakeQuantizedConv1d | FakeQuantizedEmbedding, h: Tensor, damp: float
+) -> float:
     """GPTQ codes for one layer written into its weight; returns its output error over round-to-nearest's."""
     wfq = m.weight_fake_quantizer
     w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
@@ -122,7 +143,9 @@ def _round_layer(m: FakeQuantizedLinear | FakeQuantizedConv1d, h: Tensor, damp: 
 def _targets(model: nn.Module, scope: str) -> list[tuple[str, nn.Module]]:
     out = []
     for name, m in model.named_modules():
-        if not isinstance(m, (FakeQuantizedLinear, FakeQuantizedConv1d)) or not name.startswith(scope):
+        if not isinstance(m, (FakeQuantizedLinear, FakeQuantizedConv1d, FakeQuantizedEmbedding)):
+            continue
+        if not name.startswith(scope):
             continue
         wfq = m.weight_fake_quantizer
         if wfq.ggml or not wfq.spec.symmetric or wfq.spec.granularity not in ("per_channel", "per_group"):
@@ -153,7 +176,7 @@ def gptq_(
     if not targets:
         raise DQWhisperError(f"GPTQ: no fake-quantized linear under {scope!r}")
     groups: dict[str, list[tuple[str, nn.Module]]] = {}
-    for name, m in targets:
+    for name, m in sorted(targets, key=lambda t: isinstance(t[1], FakeQuantizedEmbedding)):  # projections last
         groups.setdefault(_block_of(name), []).append((name, m))
     was_training = model.training
     model.eval()
@@ -161,9 +184,15 @@ def gptq_(
     try:
         for members in groups.values():
             accs = [HessianAccumulator(m.weight[0].numel()) for _, m in members]
-            hooks = [m.register_forward_pre_hook(_adder(a, m)) for (_, m), a in zip(members, accs)]
+            hooks = []
+            for (_, m), a in zip(members, accs):
+                if isinstance(m, FakeQuantizedEmbedding):  # its projection's input, not the lookup's ids
+                    hooks.append(_ProjectionTap(m, a))
+                else:
+                    hooks.append(m.register_forward_pre_hook(_adder(a, m)))
             last = members[-1][1]
-            hooks.append(last.register_forward_hook(_stop))
+            if not isinstance(last, FakeQuantizedEmbedding):
+                hooks.append(last.register_forward_hook(_stop))
             try:
                 for b in batches:
                     try:

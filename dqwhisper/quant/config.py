@@ -16,7 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dqwhisper.utils import DQWhisperError
 
 SCOPES = ("decoder", "encoder", "all")
-GRANULARITIES = ("per_tensor", "per_channel", "per_group", "ggml_q4_0", "ggml_q5_0", "ggml_q8_0")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_group_int8", "ggml_q4_0", "ggml_q5_0", "ggml_q8_0")
+GPTQ_GRANULARITIES = ("per_channel", "per_group", "per_group_int8")
 GGML_BITS = {"ggml_q4_0": 4, "ggml_q5_0": 5, "ggml_q8_0": 8}  # ggml's block formats (blocks of 32, its scale rule)
 SCALE_INITS = ("minmax", "mse")
 MIN_BITS, MAX_BITS = 2, 8
@@ -26,8 +27,9 @@ MIN_BITS, MAX_BITS = 2, 8
 class WeightQuantConfig:
     bits: int = 8  # 2..8
     symmetric: bool = True  # symmetric (zero point 0) or asymmetric (integer zero point per scale)
-    granularity: str = "per_channel"  # per_tensor | per_channel (per output row) | per_group | ggml_q4_0/q5_0/q8_0
-    group_size: int = 64  # with per_group: consecutive input columns sharing one scale
+    granularity: str = "per_channel"  # per_tensor | per_channel (per output row) | per_group | per_group_int8 (group
+    # scales = integer multiples of a row scale: runs on the int8 kernels exactly; LSQ, <= 4 bits) | ggml_q4_0/q5_0/q8_0
+    group_size: int = 64  # with per_group(_int8): consecutive input columns sharing one scale
     lsq: bool = False  # learnable step size (LSQ, Esser et al. 2020) instead of a scale recomputed from the weights
     scale_init: str = "mse"  # LSQ init: minmax (no clipping) | mse (clipping ratio with the least squared error)
 
@@ -46,6 +48,9 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)  # regexes on module names to leave in float
     embedding: bool = True  # quantize the token embedding (and so the tied output projection) when in scope
     embedding_bits: int | None = None  # bits of the token embedding; None: weight.bits
+    embedding_granularity: str | None = None  # of the token embedding (its rows = the projection's output
+    # channels); None: weight.granularity. per_group splits each row into embedding_group_size columns
+    embedding_group_size: int | None = None  # None: weight.group_size
     module_bits: list[str] = field(default_factory=list)  # "REGEX=BITS": modules whose name matches (re.search;
     # the first entry that matches wins, over embedding_bits too) get BITS instead, e.g. "encoder\\.conv=8"
     conv: bool = True  # quantize the encoder's Conv1d layers when the encoder is in scope (per output channel)
@@ -104,11 +109,39 @@ def validate(cfg: QuantConfig) -> QuantConfig:
         _check_bits(cfg.embedding_bits, "quant.embedding_bits")
     if cfg.scope not in SCOPES:
         raise DQWhisperError(f"quant config: quant.scope = {cfg.scope!r}, must be one of {list(SCOPES)}")
+    if cfg.embedding_granularity is not None and cfg.embedding_granularity not in GRANULARITIES:
+        raise DQWhisperError(
+            f"quant config: quant.embedding_granularity = {cfg.embedding_granularity!r}, must be null or one of "
+            f"{list(GRANULARITIES)}"
+        )
+    if (
+        cfg.embedding_granularity is not None
+        and (cfg.embedding_granularity in GGML_BITS or w.granularity in GGML_BITS)
+        and cfg.embedding_granularity != w.granularity
+    ):
+        raise DQWhisperError("quant config: quant.embedding_granularity: a ggml file has one type")
+    if cfg.embedding_group_size is not None and (
+        isinstance(cfg.embedding_group_size, bool)
+        or not isinstance(cfg.embedding_group_size, int)
+        or cfg.embedding_group_size < 2
+    ):
+        raise DQWhisperError(
+            f"quant config: quant.embedding_group_size = {cfg.embedding_group_size!r}, must be null or an integer >= 2"
+        )
     if w.granularity not in GRANULARITIES:
         raise DQWhisperError(
             f"quant config: quant.weight.granularity = {w.granularity!r}, must be one of {list(GRANULARITIES)}"
         )
-    if w.granularity == "per_group" and (
+    for gran, bits, where in (
+        (w.granularity, w.bits, "quant.weight.granularity"),
+        (cfg.embedding_granularity, cfg.embedding_bits or w.bits, "quant.embedding_granularity"),
+    ):
+        if gran == "per_group_int8" and (bits > 4 or not w.symmetric or not w.lsq):
+            raise DQWhisperError(
+                f"quant config: {where} = per_group_int8 needs symmetric LSQ weights of at most 4 bits "
+                f"(got {bits}-bit, symmetric {w.symmetric}, lsq {w.lsq})"
+            )
+    if w.granularity in ("per_group", "per_group_int8") and (
         isinstance(w.group_size, bool) or not isinstance(w.group_size, int) or w.group_size < 2
     ):
         raise DQWhisperError(f"quant config: quant.weight.group_size = {w.group_size!r}, must be an integer >= 2")
@@ -130,7 +163,7 @@ def validate(cfg: QuantConfig) -> QuantConfig:
                 "quant config: ggml keeps the convolution kernels in f16; set quant.conv=false with "
                 f"quant.weight.granularity = {w.granularity}"
             )
-    if cfg.gptq and (not w.symmetric or not w.lsq or w.granularity not in ("per_channel", "per_group")):
+    if cfg.gptq and (not w.symmetric or not w.lsq or w.granularity not in GPTQ_GRANULARITIES):
         raise DQWhisperError(
             "quant config: quant.gptq = true needs symmetric per_channel or per_group weights with stored (LSQ) "
             f"scales (got symmetric {w.symmetric}, lsq {w.lsq}, granularity {w.granularity}): min/max scales move "

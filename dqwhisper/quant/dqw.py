@@ -14,6 +14,8 @@ file is one error naming it; version 1 files have neither and are only bounds-ch
 - quantized entry (name = module name): {"kind": "quantized", "module": "linear"|"embedding"|"conv1d", "shape",
   "bits", "symmetric", "granularity", "group_size", "act_quant", "codes": {offset, nbytes} (codes - qmin, bit-packed,
   see packing.py), "scale": {offset, nbytes, shape (A, B)} float16, "zero": {offset, nbytes} uint8 or null}.
+  per_group_int8 entries store the row scales as "scale" (shape (A, 1)) and "multiplier": {offset, nbytes, bits,
+  shape (A, B)}, the group multipliers - 1 bit-packed: the group scales are row scale * multiplier.
 The module's bias, if any, is a separate float entry `<name>.bias`.
 
 Loading rebuilds a DQWhisper (whisper.decode runs on it) with QuantizedLinear/Embedding/Conv1d modules:
@@ -102,10 +104,17 @@ def _quantized_entry(qt: QuantizedTensor, kind: str, act_quant: bool, blob: _Blo
         "act_quant": act_quant,
     }
     entry["codes"] = blob.add(pack_codes(unsigned, spec.bits))
-    scale16 = qt.scale.to(torch.float16)
-    if not torch.equal(scale16.float(), qt.scale.float()):
+    scale = qt.scale
+    if qt.row_scale is not None:
+        mult = qt.multipliers()
+        bits = max(1, (spec.max_multiple - 1).bit_length())
+        packed = pack_codes((mult - 1).to(torch.uint8).numpy(), bits)
+        entry["multiplier"] = {**blob.add(packed), "bits": bits, "shape": list(mult.shape)}
+        scale = qt.row_scale
+    scale16 = scale.to(torch.float16)
+    if not torch.equal(scale16.float(), scale.float()):
         raise DQWhisperError("a quantization scale is not float16-representable (not from this package's quantizer?)")
-    entry["scale"] = {**blob.add(_tensor_bytes(scale16)), "shape": list(qt.scale.shape)}
+    entry["scale"] = {**blob.add(_tensor_bytes(scale16)), "shape": list(scale.shape)}
     entry["zero"] = None if qt.zero is None else blob.add(_tensor_bytes(qt.zero.to(torch.uint8)))
     return entry
 
@@ -249,7 +258,8 @@ def _check_data(path: Path, header: dict, data: memoryview) -> None:
 
     def bounds(e: dict) -> list[tuple[int, int]]:
         if e.get("kind") == "quantized":
-            return [(p["offset"], p["nbytes"]) for p in (e["codes"], e["scale"], e["zero"]) if p is not None]
+            parts = (e["codes"], e["scale"], e["zero"], e.get("multiplier"))
+            return [(p["offset"], p["nbytes"]) for p in parts if p is not None]
         return [(e["offset"], e["nbytes"])]
 
     for name, entry in header["tensors"].items():
@@ -271,6 +281,13 @@ def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor
     s = entry["scale"]
     scale = torch.from_numpy(np.frombuffer(data[s["offset"] : s["offset"] + s["nbytes"]], np.float16).copy())
     scale = scale.float().reshape(s["shape"])
+    row_scale = None
+    if entry.get("multiplier") is not None:  # per_group_int8: row scales x the group multipliers
+        m = entry["multiplier"]
+        n_groups = int(np.prod(m["shape"]))
+        mult = unpack_codes(data[m["offset"] : m["offset"] + m["nbytes"]], m["bits"], n_groups).astype(np.float32) + 1
+        row_scale = scale
+        scale = row_scale * torch.from_numpy(mult.reshape(m["shape"]))
     if tuple(scale.shape) != spec.grouped_shape(shape, name)[:2]:
         raise DQWhisperError(f"export entry {name}: scale shape {tuple(scale.shape)} does not fit {spec}")
     zero = None
@@ -278,7 +295,7 @@ def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor
         z = entry["zero"]
         zero = torch.from_numpy(np.frombuffer(data[z["offset"] : z["offset"] + z["nbytes"]], np.uint8).copy())
         zero = zero.float().reshape(scale.shape)
-    return QuantizedTensor(codes, scale, zero, spec)
+    return QuantizedTensor(codes, scale, zero, spec, row_scale)
 
 
 def _read_plain(entry: dict, data: memoryview) -> Tensor:

@@ -9,6 +9,10 @@ Conventions (shared with convert and the export file, so the three agree bit for
 - Effective scales are float16 values (the export stores fp16 scales; min/max scales round up, so never clip), so a
   dequantized export reproduces the fake-quantized weights exactly: `w_q = (codes - zero) * scale` in float32 in both
   places.
+- per_group_int8: per_group whose scales are integer multiples m in [1, 2^(7 - bits)] of one float16 scale per row,
+  so `code * m` is an int8 code within +-64 and the row runs on the int8 per-row kernels exactly (without VNNI's
+  int16 saturation); the file stores the b-bit codes, the row scales and (7 - b)-bit multipliers. LSQ learns the row
+  scales; the multipliers are fixed when the scales are initialised.
 - Straight-through estimator for the rounding (and for the at most half-step clipping at the ends of the grid); LSQ
   (Esser et al., "Learned Step Size Quantization", ICLR 2020) learns the scale with its gradient scaled by
   `1 / sqrt(n * Qp)`, n = weights sharing that scale, Qp = the largest code.
@@ -61,7 +65,7 @@ class QuantSpec:
                     f"of {what} {tuple(shape)}; exclude that module"
                 )
             return rows, width // GGML_QK, GGML_QK
-        if self.granularity == "per_group":
+        if self.granularity in ("per_group", "per_group_int8"):
             if self.group_size <= 0 or width % self.group_size:
                 raise DQWhisperError(
                     f"quant config: group_size {self.group_size} does not divide the input width "
@@ -69,6 +73,29 @@ class QuantSpec:
                 )
             return rows, width // self.group_size, self.group_size
         raise DQWhisperError(f"unknown granularity {self.granularity!r}")
+
+    @property
+    def max_multiple(self) -> int:
+        """per_group_int8: the largest group multiplier, 2^(7 - bits) (|code * m| <= 64)."""
+        return 2 ** (7 - self.bits)
+
+
+def int8_group_scales(w3: Tensor, group_scales: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """per_group_int8: (row scales (A, 1) float16-valued, integer multipliers (A, B)) for weights (A, B, G) whose ideal
+    group scales are `group_scales` (A, B): the row scale is the largest group scale / max_multiple (rounded up to
+    float16), and each group takes the multiplier in [1, max_multiple] whose quantization error is least."""
+    top = spec.max_multiple
+    row = fp16_scale_up(group_scales.amax(-1, keepdim=True) / top)
+    best_m = torch.ones_like(group_scales)
+    best_err = torch.full_like(group_scales, float("inf"))
+    for m in range(1, top + 1):
+        s = row * m
+        q = torch.round(w3 / s.unsqueeze(-1)).clamp(spec.qmin, spec.qmax)
+        err = (q * s.unsqueeze(-1) - w3).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_m = torch.where(better, torch.full_like(best_m, float(m)), best_m)
+    return row, best_m
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -201,10 +228,19 @@ class WeightFakeQuantizer(nn.Module):
         self._cache: tuple | None = None
         self._pending_init: str | None = None
         self._weight_ref = [weight]  # a list, so the module does not register the weight as its own parameter
+        if spec.granularity == "per_group_int8" and (not lsq or not spec.symmetric or spec.bits > 4):
+            raise DQWhisperError(
+                f"{name}: per_group_int8 needs symmetric LSQ weights of at most 4 bits (got {spec.bits}-bit, "
+                f"symmetric {spec.symmetric}, lsq {lsq})"
+            )
         if lsq:
             # min/max now; the MSE search (seconds on a real model) runs on first use, and never when a checkpoint's
             # scales are loaded over it (model_from_checkpoint prepares, then loads)
-            s, z = minmax_scale_zero(weight.detach().float().reshape(self.grouped), spec)
+            w3 = weight.detach().float().reshape(self.grouped)
+            s, z = minmax_scale_zero(w3, spec)
+            if self.int8_groups:
+                s, m = int8_group_scales(w3, s, spec)
+                self.register_buffer("multiplier", m)
             self.scale = nn.Parameter(s.detach().clone())
             self.zero_point = None if z is None else nn.Parameter(z.detach().clone())
             self._pending_init = scale_init if scale_init != "minmax" else None
@@ -216,6 +252,9 @@ class WeightFakeQuantizer(nn.Module):
         self._pending_init = None
         w3 = self._weight_ref[0].detach().float().reshape(self.grouped).to(self.scale.device)
         s, z = mse_scale_zero(w3, self.spec)
+        if self.int8_groups:
+            s, m = int8_group_scales(w3, s, self.spec)
+            self.multiplier.copy_(m)
         self.scale.copy_(s)
         if z is not None:
             self.zero_point.copy_(z)
@@ -240,6 +279,17 @@ class WeightFakeQuantizer(nn.Module):
     def ggml(self) -> bool:
         return self.spec.granularity.startswith("ggml_")
 
+    @property
+    def int8_groups(self) -> bool:
+        return self.spec.granularity == "per_group_int8"
+
+    def row_scale(self) -> Tensor | None:
+        """per_group_int8: the float16-valued row scales (A, 1) that the effective group scales are multiples of."""
+        if not self.int8_groups:
+            return None
+        self._init_scales()
+        return fp16_scale(self.scale.detach())
+
     def scale_zero(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         """Effective (fp16-representable) scale (A, B) and integer zero point (A, B) or None."""
         if self.ggml:
@@ -248,9 +298,11 @@ class WeightFakeQuantizer(nn.Module):
         if not self.lsq:
             return minmax_scale_zero(weight.detach().float().reshape(self.grouped), self.spec)
         self._init_scales()
-        n_per_scale = self.grouped[2]
+        n_per_scale = self.grouped[2] * (self.grouped[1] if self.int8_groups else 1)
         g = 1.0 / math.sqrt(n_per_scale * max(self.spec.qmax, 1))
         s = fp16_scale(_ScaleGrad.apply(self.scale, g))
+        if self.int8_groups:
+            s = s * self.multiplier  # exact: a float16 value times an integer <= 64
         z = None
         if self.zero_point is not None:
             z = round_ste(_ScaleGrad.apply(self.zero_point, g)).clamp(self.spec.qmin, self.spec.qmax)

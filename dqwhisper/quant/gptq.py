@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dqwhisper.quant.config import GPTQ_GRANULARITIES
 from dqwhisper.quant.fake_quant import FakeQuantizedConv1d, FakeQuantizedEmbedding, FakeQuantizedLinear
 from dqwhisper.utils import DQWhisperError, get_logger
 
@@ -148,7 +149,7 @@ def _targets(model: nn.Module, scope: str) -> list[tuple[str, nn.Module]]:
         if not name.startswith(scope):
             continue
         wfq = m.weight_fake_quantizer
-        if wfq.ggml or not wfq.spec.symmetric or wfq.spec.granularity not in ("per_channel", "per_group"):
+        if wfq.ggml or not wfq.spec.symmetric or wfq.spec.granularity not in GPTQ_GRANULARITIES:
             raise DQWhisperError(
                 f"GPTQ: {name} is {wfq.spec.granularity} (symmetric={wfq.spec.symmetric}); "
                 "it handles symmetric per-channel and per-group scales"

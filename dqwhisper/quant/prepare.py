@@ -68,18 +68,23 @@ def select_modules(model: nn.Module, cfg: QuantConfig) -> Iterator[tuple[str, nn
 def weight_spec(cfg: QuantConfig, module: nn.Module, name: str = "") -> QuantSpec:
     w = cfg.weight
     bits, granularity = w.bits, w.granularity
-    if isinstance(module, nn.Embedding) and cfg.embedding_bits is not None:
-        bits = cfg.embedding_bits
+    group_size = w.group_size
+    if isinstance(module, nn.Embedding):
+        bits = cfg.embedding_bits if cfg.embedding_bits is not None else bits
+        granularity = cfg.embedding_granularity or granularity
+        group_size = cfg.embedding_group_size or group_size
     bits = module_bits(cfg, name) or bits
     if isinstance(module, nn.Conv1d) and granularity.startswith("ggml_"):
         raise DQWhisperError("ggml keeps the convolution kernels in f16: set quant.conv=false")
-    if isinstance(module, nn.Conv1d) and granularity == "per_group":
+    if isinstance(module, nn.Conv1d) and granularity in ("per_group", "per_group_int8"):
         granularity = "per_channel"  # a kernel's taps x input channels do not form natural groups
     return QuantSpec(
         bits=bits,
         symmetric=w.symmetric,
         granularity=granularity,
-        group_size=w.group_size if granularity == "per_group" else (32 if granularity.startswith("ggml_") else 0),
+        group_size=group_size
+        if granularity in ("per_group", "per_group_int8")
+        else (32 if granularity.startswith("ggml_") else 0),
     )
 
 
@@ -142,9 +147,11 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def quantize_module_weight(module: nn.Module) -> QuantizedTensor:
     """The codes/scales a fake-quantized module's forward uses, as a QuantizedTensor."""
 
+    wfq = module.weight_fake_quantizer
     with torch.no_grad():
-        q, s, z = module.weight_fake_quantizer.codes(module.weight)
-    return QuantizedTensor.from_float_codes(q, s, z, module.weight_fake_quantizer.spec, tuple(module.weight.shape))
+        q, s, z = wfq.codes(module.weight)
+        row = wfq.row_scale()
+    return QuantizedTensor.from_float_codes(q, s, z, wfq.spec, tuple(module.weight.shape), row)
 
 
 def convert(model: nn.Module, mode: str = "dequant", batch: int = 1) -> nn.Module:

@@ -40,16 +40,31 @@ class QuantizedTensor:
     scale: Tensor
     zero: Tensor | None
     spec: QuantSpec
+    row_scale: Tensor | None = None  # per_group_int8: the (A, 1) row scales that `scale` is integer multiples of
 
     @classmethod
-    def from_float_codes(cls, q: Tensor, s: Tensor, z: Tensor | None, spec: QuantSpec, shape) -> "QuantizedTensor":
+    def from_float_codes(
+        cls, q: Tensor, s: Tensor, z: Tensor | None, spec: QuantSpec, shape, row_scale: Tensor | None = None
+    ) -> "QuantizedTensor":
         dtype = torch.int8 if spec.symmetric else torch.uint8
+        if (row_scale is None) != (spec.granularity != "per_group_int8"):
+            raise DQWhisperError(f"{spec.granularity} weights {'need' if row_scale is None else 'have no'} row scales")
         return cls(
             q.detach().reshape(shape).to(dtype),
             s.detach().float().clone(),
             None if z is None else z.detach().float().clone(),
             spec,
+            None if row_scale is None else row_scale.detach().float().reshape(-1, 1).clone(),
         )
+
+    def multipliers(self) -> Tensor:
+        """per_group_int8: the integer group multipliers (A, B), scale / row_scale."""
+        m = torch.round(self.scale / self.row_scale)
+        if not torch.equal(m * self.row_scale, self.scale) or int(m.min()) < 1 or int(m.max()) > self.spec.max_multiple:
+            raise DQWhisperError(
+                f"per_group_int8 scales are not multiples 1..{self.spec.max_multiple} of the row scales"
+            )
+        return m
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,6 +77,10 @@ class QuantizedTensor:
     def int8_rows(self) -> tuple[Tensor, Tensor] | None:
         """(codes - zero as int8 (rows, width), one scale per row) when the int8 kernel can run this weight."""
         rows = self.shape[0]
+        if self.row_scale is not None:  # per_group_int8: code * multiplier, within +-64 by construction
+            a, b, g = self.spec.grouped_shape(self.shape)
+            q = self.codes.reshape(a, b, g).to(torch.int16) * self.multipliers().to(torch.int16).unsqueeze(-1)
+            return q.reshape(rows, -1).to(torch.int8).contiguous(), self.row_scale.reshape(rows).contiguous()
         if self.scale.shape[1] != 1:  # several groups per row
             return None
         q = self.codes.reshape(rows, -1).to(torch.int16)
@@ -81,13 +100,14 @@ class _QuantizedBase(nn.Module):
         self.register_buffer("qweight", qt.codes)
         self.register_buffer("scale", qt.scale)
         self.register_buffer("zero_point", qt.zero)
+        self.register_buffer("row_scale", qt.row_scale)
         self.register_buffer("weight", qt.dequantize(), persistent=False)
         self.kernel = "float"
         self.impl: kernels.Kernel | None = None
         self.kernel_times: dict[str, float] = {}
 
     def quantized_tensor(self) -> QuantizedTensor:
-        return QuantizedTensor(self.qweight, self.scale, self.zero_point, self.spec)
+        return QuantizedTensor(self.qweight, self.scale, self.zero_point, self.spec, self.row_scale)
 
     def dequantized_weight(self) -> Tensor:
         return self.weight if self.weight is not None else self.quantized_tensor().dequantize()

@@ -27,6 +27,12 @@ W8A8 = {
     "activation": {"enabled": True, "bits": 8},
 }
 W4 = {"enabled": True, "scope": "all", "embedding": True, "weight": {"bits": 4, "lsq": True}}
+W4A8_INT8_GROUPS = {
+    "enabled": True,
+    "scope": "all",
+    "weight": {"bits": 4, "lsq": True, "granularity": "per_group_int8", "group_size": 16},
+    "activation": {"enabled": True},
+}
 
 
 def _capture(model, mel, tokens):
@@ -66,10 +72,11 @@ def _reference(module, x):
 
 
 @pytest.mark.parametrize("backend", ["fbgemm", "int_mm", "weight_only"])
-@pytest.mark.parametrize("config", ["w8a8", "w4"])
+@pytest.mark.parametrize("config", ["w8a8", "w4", "w4a8_int8groups"])
 def test_backend_within_its_stated_tolerance_of_the_fake_quant_arithmetic(backend, config, inputs):
     mel, tokens = inputs
-    model = convert(prepare(make_student(), W8A8 if config == "w8a8" else W4), backend)
+    cfg = {"w8a8": W8A8, "w4": W4, "w4a8_int8groups": W4A8_INT8_GROUPS}[config]
+    model = convert(prepare(make_student(), cfg), backend)
     seen = _capture(model, mel, tokens)
     ran = 0
     for name, m in model.named_modules():

@@ -174,6 +174,12 @@ CONFIGS = {
         "weight": {"bits": 2, "granularity": "per_group", "group_size": 32},
     },
     "w8a8": {"enabled": True, "scope": "all", "activation": {"enabled": True}},
+    "w4a8_int8groups": {  # group scales that are integer multiples of a row scale: exact on the int8 kernels
+        "enabled": True,
+        "scope": "all",
+        "weight": {"bits": 4, "lsq": True, "granularity": "per_group_int8", "group_size": 16},
+        "activation": {"enabled": True},
+    },
     "w4a8_mixed": {  # the demo's 4-bit student: its most sensitive encoder modules at 8 bits
         "enabled": True,
         "scope": "all",

@@ -180,7 +180,7 @@ CONFIGS = {
         "weight": {"bits": 4, "lsq": True, "granularity": "per_group_int8", "group_size": 16},
         "activation": {"enabled": True},
     },
-    "w4a8_mixed": {  # the demo's 4-bit student: its most sensitive encoder modules at 8 bits
+    "w4a8_mixed": {  # module_bits: chosen modules at 8 bits, the rest at 4
         "enabled": True,
         "scope": "all",
         "module_bits": ["encoder\\.conv=8", "encoder\\.blocks\\.0\\.attn\\.(query|value)=8"],

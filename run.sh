@@ -104,11 +104,13 @@ stage_students() {
     train "student_ce$x" conf/demo_student_ce.yaml "${o[@]}"
     if has student_kd; then train "student_kd$x" conf/demo_student_kd.yaml "${o[@]}"; fi
     train "student_kd_dm$x" conf/demo_student_kd_dm.yaml "${o[@]}"
-    # quantization-aware distillation starts from the float KD + matching student (the same architecture)
+    # quantization-aware distillation starts from the float KD + matching student (the same architecture) and is
+    # distilled from it (its float self as the teacher: what 4 bits must not lose)
     if has student_kd_dm_q8; then
       train "student_kd_dm_q8$x" conf/demo_student_kd_dm_q8.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
     fi
-    train "student_kd_dm_q4$x" conf/demo_student_kd_dm_q4.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
+    train "student_kd_dm_q4$x" conf/demo_student_kd_dm_q4.yaml "trainer.seed=$((1233 + k))" \
+      "teacher.name=$exp/student_kd_dm$x/best.pt" "student.name=$exp/student_kd_dm$x/best.pt"
   done
 }
 stage_export() {

@@ -49,7 +49,8 @@ def dqw_tensors(path: Path) -> list[dict]:
     for name, e in header["tensors"].items():
         numel = math.prod(e["shape"])
         if e["kind"] == "quantized":
-            nbytes = e["codes"]["nbytes"] + e["scale"]["nbytes"] + (e["zero"]["nbytes"] if e["zero"] else 0)
+            parts = (e["codes"], e["scale"], e["zero"], e.get("multiplier"))  # multiplier: per_group_int8
+            nbytes = sum(p["nbytes"] for p in parts if p)
             detail = (
                 f"int{e['bits']} {e['granularity']}"
                 + (f"/{e['group_size']}" if e["group_size"] else "")

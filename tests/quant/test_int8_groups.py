@@ -71,6 +71,10 @@ def test_the_file_stores_codes_row_scales_and_3_bit_multipliers(tmp_path, inputs
     rows, width = e["shape"]
     assert e["scale"]["shape"] == [rows, 1] and e["multiplier"]["bits"] == 3
     assert e["multiplier"]["nbytes"] == (rows * width // 16 * 3 + 7) // 8
+    from dqwhisper.quant.size import dqw_tensors
+
+    sizes = {r["name"]: r["bytes"] for r in dqw_tensors(tmp_path / "m.dqw")}
+    assert sizes["decoder.blocks.0.mlp.0"] == e["codes"]["nbytes"] + e["scale"]["nbytes"] + e["multiplier"]["nbytes"]
     with torch.no_grad():
         ref = model.decoder(tokens, model.encoder(mel))
         for mode, tol in (("dequant", 0.0), ("fbgemm", 1e-3)):

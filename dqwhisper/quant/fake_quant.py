@@ -32,6 +32,7 @@ from dqwhisper.quant.ggml_format import QK as GGML_QK
 from dqwhisper.utils import DQWhisperError
 
 SCALE_MIN = 2.0**-14  # smallest normal float16: scales never reach zero or a subnormal
+GROUPED = ("per_group", "per_group_int8")  # granularities with several scales per row, `group_size` columns each
 MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # clipping ratios tried by the mse scale init (1.0 .. 0.5)
 
 
@@ -65,7 +66,7 @@ class QuantSpec:
                     f"of {what} {tuple(shape)}; exclude that module"
                 )
             return rows, width // GGML_QK, GGML_QK
-        if self.granularity in ("per_group", "per_group_int8"):
+        if self.granularity in GROUPED:
             if self.group_size <= 0 or width % self.group_size:
                 raise DQWhisperError(
                     f"quant config: group_size {self.group_size} does not divide the input width "

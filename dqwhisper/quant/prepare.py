@@ -20,6 +20,7 @@ from dqwhisper.quant.fake_quant import (
     FakeQuantizedConv1d,
     FakeQuantizedEmbedding,
     FakeQuantizedLinear,
+    GROUPED,
     QuantSpec,
     WeightFakeQuantizer,
 )
@@ -76,15 +77,13 @@ def weight_spec(cfg: QuantConfig, module: nn.Module, name: str = "") -> QuantSpe
     bits = module_bits(cfg, name) or bits
     if isinstance(module, nn.Conv1d) and granularity.startswith("ggml_"):
         raise DQWhisperError("ggml keeps the convolution kernels in f16: set quant.conv=false")
-    if isinstance(module, nn.Conv1d) and granularity in ("per_group", "per_group_int8"):
+    if isinstance(module, nn.Conv1d) and granularity in GROUPED:
         granularity = "per_channel"  # a kernel's taps x input channels do not form natural groups
     return QuantSpec(
         bits=bits,
         symmetric=w.symmetric,
         granularity=granularity,
-        group_size=group_size
-        if granularity in ("per_group", "per_group_int8")
-        else (32 if granularity.startswith("ggml_") else 0),
+        group_size=group_size if granularity in GROUPED else (32 if granularity.startswith("ggml_") else 0),
     )
 
 

@@ -22,8 +22,10 @@ Prints per system: RTF (wall seconds / audio seconds, model loading and one warm
 count), speed relative to the anchor (anchor RTF / RTF), tokens per second, the pooled error (when the data has
 references) and the fraction of transcripts identical to the anchor's; per student, ours vs CTranslate2 int8 (wall,
 CPU and tokens/s ratios). The CTranslate2 rows stop at our decoder's token cap per utterance, so a runaway costs both
-sides alike. Machine load moves absolute numbers: compare the ratios of one run. The header names the CPU, its SIMD
-flags, an AVX2 emulation (scripts/emulate_avx2.sh) and the load average. Example:
+sides alike. The students' rows (ours and CTranslate2's) decode --batch-size utterances per call (default 8, as
+inference.py), in the batches inference.py forms; the anchor, faster-whisper and whisper.cpp one at a time, as their
+transcribe functions do. Machine load moves absolute numbers: compare the ratios of one run. The header names the
+CPU, its SIMD flags, an AVX2 emulation (scripts/emulate_avx2.sh) and the load average. Example:
   nice python bench/decode_speed.py --data data/demo/test --max-utts 12 --threads 2 --fw-fp32
   python bench/decode_speed.py --student-export exp/demo/student_kd_dm_q8 --student-export exp/demo/student_kd_dm_q4
 """
@@ -87,11 +89,35 @@ def time_each(one, utts: list) -> Timing:
     return texts, time.perf_counter() - start, n_tokens, time.process_time() - cpu
 
 
+def time_batches(run, batches: list[list]) -> Timing:
+    """time_each for `run(batch) -> ({utt_id: text}, n_tokens)` over batches of utterances."""
+    run(batches[0][:1])
+    texts, n_tokens = {}, 0
+    cpu, start = time.process_time(), time.perf_counter()
+    for batch in batches:
+        out, n = run(batch)
+        texts.update(out)
+        n_tokens += n
+    return texts, time.perf_counter() - start, n_tokens, time.process_time() - cpu
+
+
 def token_caps(utts: list, data: Preloaded, cfg: DecodeConfig, model, window_seconds: float) -> dict[str, int]:
     """Our decoder's token cap per utterance (decoding.token_cap on the windowed duration), for the CT2 rows."""
     from dqwhisper.decoding import token_cap
 
     return {u.utt_id: token_cap(min(data.duration(u), window_seconds), cfg, model) for u in utts}
+
+
+def batches_like_ours(utts: list, data: Preloaded, batch_size: int) -> list[list]:
+    """The batches our decoding forms (decoding.decode_utterances): one language each, longest first."""
+    groups: dict[str, list] = {}
+    for u in utts:
+        groups.setdefault(u.lang, []).append(u)
+    out = []
+    for members in groups.values():
+        members = sorted(members, key=lambda u: (-data.duration(u), u.utt_id))
+        out += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    return out
 
 
 def time_ct2_generate(
@@ -102,9 +128,11 @@ def time_ct2_generate(
     threads: int,
     window_seconds: float,
     caps: dict[str, int] | None = None,
+    batch_size: int = 1,
 ) -> Timing:
     """Greedy CTranslate2 decoding on our own mel for the export's window (log-mel included in the time). caps: the
-    most tokens per utterance (our decoder's cap, so that a runaway costs both sides alike); default 224."""
+    most tokens per utterance (our decoder's cap, so that a runaway costs both sides alike; a batch stops at its
+    members' largest cap); default 224. batch_size > 1: the batches our decoding forms, one generate call each."""
     import ctranslate2
     import numpy as np
     from whisper.tokenizer import get_tokenizer
@@ -115,16 +143,17 @@ def time_ct2_generate(
     tok = get_tokenizer(multilingual=True)
     n_ctx = round(window_seconds * 50)
 
-    def one(utt):
-        mel = window_log_mel(data.audio[utt.utt_id], model.n_mels, n_ctx).numpy()[None]
-        prompt = [tok.sot, tok.to_language_token(utt.lang), tok.transcribe, tok.no_timestamps]
-        cap = 224 if caps is None else caps[utt.utt_id]
-        ids = model.generate(  # CTranslate2's Whisper samples at most max_length // 2 tokens
-            ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), [prompt], beam_size=1, max_length=2 * cap
-        )[0].sequences_ids[0]
-        return tok.decode(ids).strip(), len(ids)
+    def run(batch):
+        mel = np.stack([window_log_mel(data.audio[u.utt_id], model.n_mels, n_ctx).numpy() for u in batch])
+        prompts = [[tok.sot, tok.to_language_token(u.lang), tok.transcribe, tok.no_timestamps] for u in batch]
+        cap = max(224 if caps is None else caps[u.utt_id] for u in batch)
+        results = model.generate(  # CTranslate2's Whisper samples at most max_length // 2 tokens
+            ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), prompts, beam_size=1, max_length=2 * cap
+        )
+        ids = [r.sequences_ids[0] for r in results]
+        return {u.utt_id: tok.decode(i).strip() for u, i in zip(batch, ids)}, sum(len(i) for i in ids)
 
-    return time_each(one, utts)
+    return time_batches(run, batches_like_ours(utts, data, batch_size))
 
 
 def time_whispercpp(
@@ -218,7 +247,14 @@ def main(argv: list[str] | None = None) -> None:
         choices=["zeros", "audio"],
         help="the teacher's mel: zeros = as openai transcribe / faster-whisper; audio = as training",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="our decoding: utterances per call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="utterances per call of the students' rows, ours and CTranslate2's alike (batches of one language, "
+        "longest first, as inference.py forms them; 8 = decode.batch_size's default); the anchor and the "
+        "faster-whisper / whisper.cpp rows always decode one utterance at a time, as their transcribe functions do",
+    )
     p.add_argument("--json", help="write the table as JSON here")
     p.add_argument("--dump", help="folder for each system's transcripts (<system>.txt, Kaldi lines)")
     p.add_argument(
@@ -268,7 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         systems.append(dict(name=name, texts=texts, wall=wall, n_tokens=n_tokens, cpu=cpu))
         print(f"  {name}: {wall:.1f} s ({cpu:.1f} s CPU)", flush=True)
 
-    add("teacher-openai-fp32", lambda: time_ours(load_model(args.teacher), audio, utts, cfg, args.teacher_mel_padding))
+    # the anchor as openai-whisper's transcribe runs it: one utterance at a time, whatever --batch-size
+    anchor_cfg = replace(cfg, batch_size=1)
+    add(
+        "teacher-openai-fp32",
+        lambda: time_ours(load_model(args.teacher), audio, utts, anchor_cfg, args.teacher_mel_padding),
+    )
     if Path(args.teacher_ct2, "model.bin").is_file():
         add(
             "teacher-fw-int8",
@@ -318,7 +359,9 @@ def main(argv: list[str] | None = None) -> None:
             caps = token_caps(utts, audio, cfg, ref, seconds)
             add(
                 f"{name}-ct2-int8",
-                lambda: time_ct2_generate(str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps),
+                lambda: time_ct2_generate(
+                    str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps, args.batch_size
+                ),
             )
         for ggml_type in filter(None, args.ggml_types.split(",")):
             from dqwhisper.interop.ggml_export import export_ggml
@@ -336,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
         # faster-whisper's transcribe pads features to 30 s; a short-window export runs in CTranslate2 directly
         add(
             f"student-ct2-{args.student_ct2_compute}",
-            lambda: time_ct2_generate(args.student_ct2, args.student_ct2_compute, audio, utts, args.threads, window),
+            lambda: time_ct2_generate(
+                args.student_ct2, args.student_ct2_compute, audio, utts, args.threads, window, None, args.batch_size
+            ),
         )
     elif args.student_ct2:
         add(

@@ -148,7 +148,8 @@ class DecodeConfig:
     tag: Optional[str] = None  # output folder tag; null = <checkpoint>_<greedy|beamN|ctc>
     checkpoint: str = "best"  # best | last | avg | export | path to a .pt file
     export_mode: str = "int8"  # how export/model.dqw runs: int8 (the `kernel` below) | dequant (exact float reference)
-    kernel: str = "auto"  # auto (fastest per shape that runs what was trained) | fbgemm | int_mm | weight_only | float
+    # auto (fastest per shape that runs what was trained) | fbgemm | int_mm | float_codes | weight_only | float
+    kernel: str = "auto"
     beam_size: int = 1  # 1 = greedy; N > 1 = beam search with N beams
     patience: Optional[float] = None  # beam search patience; null = 1.0
     length_penalty: Optional[float] = None  # alpha in [0, 1] for ranking finished beams; null = length normalization

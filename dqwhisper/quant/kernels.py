@@ -6,7 +6,13 @@ Backends (each packs its weights once, when chosen; `__call__(x, bias)` takes (.
 | float       | as trained (float, or per-token f.-q.) | dequantized float32  | bit for bit (the same operations) |
 | fbgemm      | int8 per token, codes as in QAT        | int8, per-row scales | exact integer sums; f32 rounding  |
 | int_mm      | int8 per token, codes as in QAT        | int8, per-row scales | exact integer sums; f32 rounding  |
+| float_codes | int8 per token, codes as in QAT        | codes as float32     | exact integer sums; f32 rounding  |
 | weight_only | as trained                             | int8/int4 packed     | f32 rounding (another summation)  |
+The three int8-activation backends give the same float32 bits: each forms the exact integer sum of code products
+(float_codes in the float GEMM, exact while K * 128 * max |weight code| <= 2^24, which int8-exact 4-bit groups
+always meet at K <= 2048; it is not built otherwise), converts it to float32 and rescales it as fbgemm does: times
+the row scale, then times the token scale. So what `auto` picks among them (by timing, which varies from run to
+run) never changes a transcript.
 fbgemm runs `quantized.linear_dynamic` on our own per-token integer codes: one extra input row pins its per-tensor
 range to [-128, 127], so its scale is 1 and its zero point 128 and the codes pass through unchanged. Without VNNI,
 fbgemm adds u8*s8 pairs in saturating int16 (vpmaddubsw); a probe at first use detects that, and weights with codes
@@ -21,9 +27,11 @@ token, as CTranslate2's int8 does) and says so once.
 
 `auto`: a short probe drops int_mm / weight_only when they have no fast kernel on this CPU; then every distinct
 (rows, K, N) of the model is timed with each remaining candidate (round-robin, best of 5, in process CPU time so
-that other jobs on a shared machine do not decide), and a candidate replaces float only when it is at least 10%
-faster, so auto is never slower than float on the measured shapes. Rows are the tokens a call sees: batch x audio
-frames in the encoder and the cross-attention keys/values, batch in the decoder.
+that other jobs on a shared machine do not decide). Weight-only modules: a candidate replaces float only when it is
+at least 10% faster, so auto is never slower than float on the measured shapes. Modules trained with int8
+activations: the fastest of the int8 backends (float_codes, whose GEMM is float's own, among them), unless float is
+more than 10% faster than it; so their outputs do not depend on the timing. Rows are the tokens a call sees:
+batch x audio frames in the encoder and the cross-attention keys/values, batch in the decoder.
 
 `DQW_EMULATE_CPU=avx2` (scripts/emulate_avx2.sh sets it with the ISA limits) disables mkldnn in this process, which
 sends `_int_mm` down the path a CPU without AVX512-VNNI takes (torch's dispatch checks mkldnn and VNNI).
@@ -44,9 +52,10 @@ from torch import Tensor
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
-BACKENDS = ("fbgemm", "int_mm", "weight_only", "float")
+BACKENDS = ("fbgemm", "int_mm", "float_codes", "weight_only", "float")
 CHOICES = ("auto",) + BACKENDS
-INT8_ACTIVATION = ("fbgemm", "int_mm")
+INT8_ACTIVATION = ("fbgemm", "int_mm", "float_codes")
+EXACT_FLOAT_SUM = 2**24  # integers up to this add exactly in float32, in any order
 MARGIN = 0.9  # a kernel replaces float only when it takes at most this fraction of float's time
 EMULATION_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -122,7 +131,27 @@ class IntMMKernel(Kernel):
 
     def matmul(self, x: Tensor) -> Tensor:
         q, s = quantize_tokens(x)
-        return torch.mul(torch._int_mm(q.to(torch.int8), self.w_t), s).mul_(self.row_scale)  # int32 * f32 -> f32
+        # int32 * f32 -> f32, row scale first, then the token scale: fbgemm's order, so both give the same bits
+        return torch.mul(torch._int_mm(q.to(torch.int8), self.w_t), self.row_scale).mul_(s)
+
+
+class FloatCodesKernel(Kernel):
+    """The int8 path's arithmetic in the float GEMM: integer-valued activation codes times the weight's integer
+    codes as float32. Every product and partial sum is an integer below 2^24 (checked when built), so the sum is
+    exact in any summation order: the same float32 bits as fbgemm / int_mm at float's speed."""
+
+    name, int8_activations = "float_codes", True
+
+    def __init__(self, w_int8: Tensor, row_scale: Tensor):
+        self.w_t, self.row_scale = w_int8.float().t().contiguous(), row_scale
+
+    @staticmethod
+    def exact(w_int8: Tensor) -> bool:
+        return w_int8.shape[1] * 128 * int(w_int8.abs().max()) <= EXACT_FLOAT_SUM
+
+    def matmul(self, x: Tensor) -> Tensor:
+        q, s = quantize_tokens(x)
+        return torch.mm(q, self.w_t).mul_(self.row_scale).mul_(s)
 
 
 _SATURATES: bool | None = None
@@ -153,11 +182,14 @@ class FbgemmKernel(Kernel):
 
     def __init__(self, w_int8: Tensor, row_scale: Tensor):
         n, k = w_int8.shape
-        qw = torch._make_per_channel_quantized_tensor(
-            w_int8.contiguous(), row_scale.double(), torch.zeros(n, dtype=torch.long), 0
-        )
-        self.packed = torch.ops.quantized.linear_prepack(qw, None)
         self.split = fbgemm_saturates() and int(w_int8.abs().max()) > 64
+        # fbgemm rescales its exact sum by its weight scale, then we by the token scale. Split, the halves' sums
+        # are added first (unscaled: weight scale 1), then rescaled the same way: the same bits while the
+        # integer sums stay below 2^24
+        self.row_scale = row_scale
+        scale = torch.ones(n, dtype=torch.double) if self.split else row_scale.double()
+        qw = torch._make_per_channel_quantized_tensor(w_int8.contiguous(), scale, torch.zeros(n, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)
         lo, hi = (-64.0, 191.0) if self.split else (-128.0, 127.0)  # pins scale 1, zero point 64 / 128
         self.pin = torch.zeros(1, k)
         self.pin[0, 0], self.pin[0, min(1, k - 1)] = lo, hi
@@ -170,7 +202,7 @@ class FbgemmKernel(Kernel):
         if self.split:  # q = q1 + q2 with both in [-64, 64]: u8 = q + 64 <= 128, 2 * 128 * 128 fits int16
             q1 = q.clamp(-64, 63)
             y = torch.ops.quantized.linear_dynamic(torch.cat([q1, q - q1, self.pin]), self.packed, False)
-            return (y[:m] + y[m : 2 * m]).mul_(s)
+            return (y[:m] + y[m : 2 * m]).mul_(self.row_scale).mul_(s)
         return torch.ops.quantized.linear_dynamic(torch.cat([q, self.pin]), self.packed, False)[:m].mul_(s)
 
 
@@ -233,6 +265,8 @@ def build(backend: str, qt, weight: Callable[[], Tensor], act_quant: bool) -> Ke
         return None if rows is None else FbgemmKernel(*rows)
     if backend == "int_mm":
         return None if rows is None else IntMMKernel(*rows)
+    if backend == "float_codes":
+        return FloatCodesKernel(*rows) if rows is not None and FloatCodesKernel.exact(rows[0]) else None
     if backend == "weight_only":
         int4 = int4_groups(qt)
         if int4 is not None:
@@ -305,7 +339,8 @@ _TIMES: dict[tuple, dict[str, float]] = {}
 
 def candidates(act_quant: bool) -> list[str]:
     names = ["fbgemm", "int_mm", "weight_only"] if act_quant else ["weight_only"]
-    return [b for b in names if has_fast_kernel(b)]
+    fast = [b for b in names if has_fast_kernel(b)]
+    return fast + ["float_codes"] if act_quant else fast  # float_codes runs float's own GEMM: no probe
 
 
 def choose(qt, weight: Callable[[], Tensor], act_quant: bool, rows: int) -> tuple[str, Kernel, dict[str, float]]:
@@ -324,9 +359,15 @@ def choose(qt, weight: Callable[[], Tensor], act_quant: bool, rows: int) -> tupl
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
         _TIMES[key] = race({name: (lambda kern=kern: kern(x, None)) for name, kern in built.items()})
     times = _TIMES[key]
-    best = min(times, key=times.get)
-    if best != "float" and times[best] > MARGIN * times["float"]:
-        best = "float"
+    exact = [name for name in built if name in INT8_ACTIVATION]
+    if act_quant and exact:  # one of the bit-identical int8 backends unless float is clearly faster
+        best = min(exact, key=times.get)
+        if MARGIN * times[best] > times["float"]:
+            best = "float"
+    else:
+        best = min(times, key=times.get)
+        if best != "float" and times[best] > MARGIN * times["float"]:
+            best = "float"
     return best, built[best], dict(times)
 
 

@@ -80,6 +80,11 @@ def apply_cpu_emulation() -> str | None:
 EMULATED = apply_cpu_emulation()
 
 
+def max_abs_code(w_int8: Tensor) -> int:
+    """max |code| of int8 codes (in int16: int8's abs(-128) wraps to -128)."""
+    return int(w_int8.to(torch.int16).abs().max())
+
+
 def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
     """(M, K) float -> (integer-valued float32 codes in [-128, 127], per-token scales (M, 1)): the arithmetic of
     fake_quant.quantize_per_token(x, 8), bit for bit, without autograd and with fewer temporaries (clamp and round
@@ -147,7 +152,7 @@ class FloatCodesKernel(Kernel):
 
     @staticmethod
     def exact(w_int8: Tensor) -> bool:
-        return w_int8.shape[1] * 128 * int(w_int8.abs().max()) <= EXACT_FLOAT_SUM
+        return w_int8.shape[1] * 128 * max_abs_code(w_int8) <= EXACT_FLOAT_SUM
 
     def matmul(self, x: Tensor) -> Tensor:
         q, s = quantize_tokens(x)
@@ -182,7 +187,7 @@ class FbgemmKernel(Kernel):
 
     def __init__(self, w_int8: Tensor, row_scale: Tensor):
         n, k = w_int8.shape
-        self.split = fbgemm_saturates() and int(w_int8.abs().max()) > 64
+        self.split = fbgemm_saturates() and max_abs_code(w_int8) > 64
         # fbgemm rescales its exact sum by its weight scale, then we by the token scale. Split, the halves' sums
         # are added first (unscaled: weight scale 1), then rescaled the same way: the same bits while the
         # integer sums stay below 2^24

@@ -217,6 +217,15 @@ def test_float_codes_is_built_only_where_its_float_sums_are_exact():
     ok = torch.randint(-64, 65, (8, 2048), dtype=torch.int8, generator=g)  # 2048 * 128 * 64 = 2^24
     assert kernels.FloatCodesKernel.exact(ok)
     assert not kernels.FloatCodesKernel.exact(torch.full((8, 2048), 65, dtype=torch.int8))
+    ok[3, 7] = -128  # int8's abs(-128) is -128: the bound must still see 128
+    assert not kernels.FloatCodesKernel.exact(ok)
+
+
+def test_fbgemm_splits_a_weight_whose_only_large_code_is_minus_128(monkeypatch):
+    monkeypatch.setattr(kernels, "_SATURATES", True)
+    w = torch.ones(4, 64, dtype=torch.int8)
+    w[1, 2] = -128
+    assert kernels.FbgemmKernel(w, torch.ones(4)).split
 
 
 def test_auto_output_does_not_depend_on_which_int8_kernel_wins(inputs, monkeypatch):

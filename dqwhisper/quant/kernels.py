@@ -85,18 +85,18 @@ def max_abs_code(w_int8: Tensor) -> int:
     return int(w_int8.to(torch.int16).abs().max())
 
 
-def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_tokens(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(M, K) float -> (integer-valued float32 codes in [-128, 127], per-token scales (M, 1)): the arithmetic of
     fake_quant.quantize_per_token(x, 8), bit for bit, without autograd and with fewer temporaries (clamp and round
     in place; for many rows max |x| as max(max x, -min x), the same value without a |x| copy, which costs more
-    than the two extra ops for the decoder's single rows)."""
+    than the two extra ops for the decoder's single rows). `out`: an (M, K) float32 view to write the codes into."""
     xf = x.float()
     if xf.shape[0] > 16:
         amax = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_())
     else:
         amax = xf.abs().amax(-1, keepdim=True)
     s = amax.div_(127.5).clamp_(min=1e-12)
-    return torch.div(xf, s).clamp_(-128, 127).round_(), s
+    return torch.div(xf, s, out=out).clamp_(-128, 127).round_(), s
 
 
 class Kernel:
@@ -202,13 +202,16 @@ class FbgemmKernel(Kernel):
             raise DQWhisperError("fbgemm kernel: an input width of 1 is not supported")
 
     def matmul(self, x: Tensor) -> Tensor:
-        q, s = quantize_tokens(x)
-        m = q.shape[0]
-        if self.split:  # q = q1 + q2 with both in [-64, 64]: u8 = q + 64 <= 128, 2 * 128 * 128 fits int16
-            q1 = q.clamp(-64, 63)
-            y = torch.ops.quantized.linear_dynamic(torch.cat([q1, q - q1, self.pin]), self.packed, False)
-            return (y[:m] + y[m : 2 * m]).mul_(self.row_scale).mul_(s)
-        return torch.ops.quantized.linear_dynamic(torch.cat([q, self.pin]), self.packed, False)[:m].mul_(s)
+        m = x.shape[0]
+        if not self.split:  # the codes go straight into a buffer that ends with the pin row (no copy of them)
+            buf = torch.empty(m + 1, x.shape[1])
+            buf[m:] = self.pin
+            _, s = quantize_tokens(x, out=buf[:m])
+            return torch.ops.quantized.linear_dynamic(buf, self.packed, False)[:m].mul_(s)
+        q, s = quantize_tokens(x)  # split: q = q1 + q2 with both in [-64, 64]: u8 = q + 64 <= 128, 2 * 128 * 128
+        q1 = q.clamp(-64, 63)  # fits int16
+        y = torch.ops.quantized.linear_dynamic(torch.cat([q1, q - q1, self.pin]), self.packed, False)
+        return (y[:m] + y[m : 2 * m]).mul_(self.row_scale).mul_(s)
 
 
 class WeightOnlyKernel(Kernel):

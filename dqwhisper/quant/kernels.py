@@ -99,6 +99,12 @@ def quantize_tokens(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tenso
     return torch.div(xf, s, out=out).clamp_(-128, 127).round_(), s
 
 
+def rescale(acc: Tensor, row_scale: Tensor, s: Tensor) -> Tensor:
+    """The int8 backends' one rescale of an exact integer sum (M, N): as float32, times the row scale, then times the
+    token scale (fbgemm's own order): the same bits from every backend. Overwrites `acc` when it is float32."""
+    return (acc.mul_(row_scale) if acc.dtype == torch.float32 else torch.mul(acc, row_scale)).mul_(s)
+
+
 class Kernel:
     name = "float"
     int8_activations = False
@@ -136,8 +142,7 @@ class IntMMKernel(Kernel):
 
     def matmul(self, x: Tensor) -> Tensor:
         q, s = quantize_tokens(x)
-        # int32 * f32 -> f32, row scale first, then the token scale: fbgemm's order, so both give the same bits
-        return torch.mul(torch._int_mm(q.to(torch.int8), self.w_t), self.row_scale).mul_(s)
+        return rescale(torch._int_mm(q.to(torch.int8), self.w_t), self.row_scale, s)
 
 
 class FloatCodesKernel(Kernel):
@@ -156,7 +161,7 @@ class FloatCodesKernel(Kernel):
 
     def matmul(self, x: Tensor) -> Tensor:
         q, s = quantize_tokens(x)
-        return torch.mm(q, self.w_t).mul_(self.row_scale).mul_(s)
+        return rescale(torch.mm(q, self.w_t), self.row_scale, s)
 
 
 _SATURATES: bool | None = None
@@ -208,10 +213,11 @@ class FbgemmKernel(Kernel):
             buf[m:] = self.pin
             _, s = quantize_tokens(x, out=buf[:m])
             return torch.ops.quantized.linear_dynamic(buf, self.packed, False)[:m].mul_(s)
-        q, s = quantize_tokens(x)  # split: q = q1 + q2 with both in [-64, 64]: u8 = q + 64 <= 128, 2 * 128 * 128
-        q1 = q.clamp(-64, 63)  # fits int16
+        # split: q = q1 + q2 with both in [-64, 64], so u8 = q + 64 <= 128 and 2 * 128 * 128 fits int16
+        q, s = quantize_tokens(x)
+        q1 = q.clamp(-64, 63)
         y = torch.ops.quantized.linear_dynamic(torch.cat([q1, q - q1, self.pin]), self.packed, False)
-        return (y[:m] + y[m : 2 * m]).mul_(self.row_scale).mul_(s)
+        return rescale(y[:m] + y[m : 2 * m], self.row_scale, s)
 
 
 class WeightOnlyKernel(Kernel):

@@ -13,8 +13,9 @@ The three int8-activation backends give the same float32 bits: each forms the ex
 always meet at K <= 2048; it is not built otherwise), converts it to float32 and rescales it as fbgemm does: times
 the row scale, then times the token scale. So what `auto` picks among them (by timing, which varies from run to
 run) never changes a transcript.
-fbgemm runs `quantized.linear_dynamic` on our own per-token integer codes: one extra input row pins its per-tensor
-range to [-128, 127], so its scale is 1 and its zero point 128 and the codes pass through unchanged. Without VNNI,
+fbgemm runs on our own per-token integer codes through `quantized.linear_with_input_q_dq_qweight_dq_output_fp32`,
+which takes the input's scale and zero point as given (1 and 128): the codes pass through unchanged, with no range
+pass over the activations (`linear_dynamic` needs one, and an extra input row to pin it). Without VNNI,
 fbgemm adds u8*s8 pairs in saturating int16 (vpmaddubsw); a probe at first use detects that, and weights with codes
 beyond +-64 then run as two GEMMs on halves of the activation codes (each pair sum fits int16), so the sums stay exact.
 `torch._int_mm` is fast only where torch sends it to oneDNN (mkldnn enabled and AVX512-VNNI); elsewhere it is a
@@ -25,7 +26,8 @@ What is trained is what runs: a model trained with weight-only quantization keep
 trained with activation quantization. Asking for fbgemm or int_mm by name runs them anyway (int8 activations per
 token, as CTranslate2's int8 does) and says so once.
 
-`auto`: a short probe drops int_mm / weight_only when they have no fast kernel on this CPU; then every distinct
+`auto`: fbgemm is a candidate wherever torch lists its quantized engine (fbgemm supports the CPU: AVX2 or later);
+a short probe drops int_mm / weight_only when they have no fast kernel on this CPU; then every distinct
 (rows, K, N) of the model is timed with each remaining candidate (round-robin, best of 5, in process CPU time so
 that other jobs on a shared machine do not decide). Weight-only modules: a candidate replaces float only when it is
 at least 10% faster, so auto is never slower than float on the measured shapes. Modules trained with int8
@@ -174,9 +176,10 @@ def fbgemm_saturates() -> bool:
         k = 64
         ones, zeros = torch.ones(8, dtype=torch.double), torch.zeros(8, dtype=torch.long)
         w = torch._make_per_channel_quantized_tensor(torch.full((8, k), 127, dtype=torch.int8), ones, zeros, 0)
-        x = torch.full((2, k), 127.0)
-        x[1, 0] = -128.0
-        y = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(w, None), False)
+        x = torch.full((1, k), 127.0)  # uint8 255 at zero point 128: pair sums of 2 * 255 * 127 overflow int16
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x, 1.0, 128, torch.ops.quantized.linear_prepack(w, None)
+        )
         _SATURATES = float(y[0, 0]) != 127.0 * 127.0 * k
         log.info(
             "fbgemm int8 GEMM %s",
@@ -200,24 +203,23 @@ class FbgemmKernel(Kernel):
         scale = torch.ones(n, dtype=torch.double) if self.split else row_scale.double()
         qw = torch._make_per_channel_quantized_tensor(w_int8.contiguous(), scale, torch.zeros(n, dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(qw, None)
-        lo, hi = (-64.0, 191.0) if self.split else (-128.0, 127.0)  # pins scale 1, zero point 64 / 128
-        self.pin = torch.zeros(1, k)
-        self.pin[0, 0], self.pin[0, min(1, k - 1)] = lo, hi
-        if k == 1:
-            raise DQWhisperError("fbgemm kernel: an input width of 1 is not supported")
+        self.zero_point = 64 if self.split else 128  # codes + zero point are fbgemm's uint8 inputs
+
+    def gemm(self, codes: Tensor) -> Tensor:
+        """(M, K) integer-valued float32 codes -> (M, N) float32 sums times the packed weight scale."""
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            codes, 1.0, self.zero_point, self.packed
+        )
 
     def matmul(self, x: Tensor) -> Tensor:
-        m = x.shape[0]
-        if not self.split:  # the codes go straight into a buffer that ends with the pin row (no copy of them)
-            buf = torch.empty(m + 1, x.shape[1])
-            buf[m:] = self.pin
-            _, s = quantize_tokens(x, out=buf[:m])
-            return torch.ops.quantized.linear_dynamic(buf, self.packed, False)[:m].mul_(s)
-        # split: q = q1 + q2 with both in [-64, 64], so u8 = q + 64 <= 128 and 2 * 128 * 128 fits int16
         q, s = quantize_tokens(x)
+        if not self.split:
+            return self.gemm(q).mul_(s)
+        # split: q = q1 + q2 with both in [-64, 64], so u8 = q + 64 <= 128 and 2 * 128 * 128 fits int16
+        m = x.shape[0]
         q1 = q.clamp(-64, 63)
-        y = torch.ops.quantized.linear_dynamic(torch.cat([q1, q - q1, self.pin]), self.packed, False)
-        return rescale(y[:m] + y[m : 2 * m], self.row_scale, s)
+        y = self.gemm(torch.cat([q1, q.sub_(q1)]))
+        return rescale(y[:m] + y[m:], self.row_scale, s)
 
 
 class WeightOnlyKernel(Kernel):
@@ -324,7 +326,11 @@ _FAST: dict[str, bool] = {}
 
 
 def has_fast_kernel(backend: str) -> bool:
-    """One probe per process: is `backend` at all faster than float on a (64 x 512) @ (512 x 512) product?"""
+    """fbgemm: whether torch has its engine here (it has AVX2 and AVX512 kernels; the per-shape race decides, as a
+    timing probe of one small shape, where it is ~1.5x float on AVX2, can drop it by noise). The others: one probe per
+    process, is `backend` at all faster than float on a (64 x 512) @ (512 x 512) product?"""
+    if backend == "fbgemm":
+        return "fbgemm" in torch.backends.quantized.supported_engines
     if backend not in _FAST:
         g = torch.Generator().manual_seed(0)
         w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
@@ -333,7 +339,6 @@ def has_fast_kernel(backend: str) -> bool:
         fast = {
             "int_mm": lambda: IntMMKernel(w, s),
             "weight_only": lambda: WeightOnlyKernel(w, s, None, False),
-            "fbgemm": lambda: FbgemmKernel(w, s),
         }[backend]()
         ref = FloatKernel(w.float() * s[:, None], False)
         t = race({"float": lambda: ref(x, None), backend: lambda: fast(x, None)}, rounds=3)

@@ -245,3 +245,17 @@ def test_auto_output_does_not_depend_on_which_int8_kernel_wins(inputs, monkeypat
     kernels._TIMES.clear()
     torch.testing.assert_close(outs["int_mm"], outs["fbgemm"], atol=0, rtol=0)
     torch.testing.assert_close(outs["float_codes"], outs["fbgemm"], atol=0, rtol=0)
+
+
+def test_fbgemm_is_a_candidate_wherever_torch_has_its_engine(monkeypatch):
+    """No timing probe decides fbgemm (on AVX2 it is ~1.5x float on the probe's small shape, and a noisy probe used
+    to drop it for the whole model); the per-shape race does."""
+
+    def no_race(*args, **kwargs):
+        raise AssertionError("fbgemm's candidacy must not be timed")
+
+    monkeypatch.setattr(kernels, "race", no_race)
+    monkeypatch.setattr(kernels, "_FAST", {"int_mm": False, "weight_only": False})  # as if probed already
+    expected = "fbgemm" in torch.backends.quantized.supported_engines
+    assert kernels.has_fast_kernel("fbgemm") is expected
+    assert kernels.candidates(True) == (["fbgemm"] if expected else []) + ["float_codes"]

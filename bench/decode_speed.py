@@ -11,6 +11,8 @@ Systems (each decodes every utterance with its language forced, no timestamps, t
   <name>-ours             the same export through our kernels as chosen by decode.kernel=auto (what was trained)
   <name>-ours-int8        the same export with int8 activations through fbgemm (decode.kernel=fbgemm), when auto
                           chose otherwise: the like-for-like partner of CTranslate2's int8
+  <name>-ours-bw<S>s      with --batch-window S: the same, each batch's encoder window cut to its longest utterance + S
+                          seconds (decode.batch_window; a speed/accuracy trade, not the trained model's own window)
   <name>-ct2-int8         CTranslate2 int8 on the export's CT2 conversion (quant/ct2_export.py; written once under
                           --ct2-cache), same window, same threads
   <name>-whispercpp-<type> whisper.cpp (--ggml-types, e.g. q8_0,q4_0) on the export's `export-ggml` file, our log-mel,
@@ -255,6 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         "longest first, as inference.py forms them; 8 = decode.batch_size's default); the anchor and the "
         "faster-whisper / whisper.cpp rows always decode one utterance at a time, as their transcribe functions do",
     )
+    p.add_argument(
+        "--batch-window",
+        type=float,
+        help="also time each --student-export through our kernels with decode.batch_window=S (a row <name>-ours-bwSs)",
+    )
     p.add_argument("--json", help="write the table as JSON here")
     p.add_argument("--dump", help="folder for each system's transcripts (<system>.txt, Kaldi lines)")
     p.add_argument(
@@ -345,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
         ours = load_exported(path, mode="auto", batch=batch)
         print(f"    {name}-ours kernels: {log_kernels(ours)}", flush=True)
         add(f"{name}-ours", lambda: time_ours(ours, audio, utts, cfg, "zeros"))
+        if args.batch_window is not None:
+            bw = replace(cfg, batch_window=args.batch_window)
+            add(f"{name}-ours-bw{args.batch_window:g}s", lambda: time_ours(ours, audio, utts, bw, "zeros"))
         if set(log_kernels(ours)) != {"fbgemm"}:
             int8 = load_exported(path, mode="fbgemm", batch=batch)
             print(f"    {name}-ours-int8 kernels: {log_kernels(int8)}", flush=True)

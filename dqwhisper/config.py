@@ -158,6 +158,9 @@ class DecodeConfig:
     ctc: bool = False  # CTC greedy decoding over the CTC head's sentencepiece units (no autoregressive decoder)
     audio_window: Optional[float] = None  # encoder window in seconds; null = the model's own (n_audio_ctx / 50)
     mel_padding: str = "zeros"  # zeros (transcribe-style, what training uses) | audio; see window_log_mel
+    # S: each batch's encoder window is its longest utterance + S seconds, in whole seconds (at most the window
+    # above): less encoder work on short audio (whisper.cpp's audio_ctx), at some accuracy; null = the whole window
+    batch_window: Optional[float] = None
     batch_size: int = 8  # utterances per whisper decoding call (one language per batch)
     device: str = "cpu"  # cpu | cuda | auto
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
@@ -195,6 +198,7 @@ def check_decode_config(cfg: DecodeConfig) -> None:
             f"decode.length_penalty={cfg.length_penalty}: must be in [0, 1] (or null)",
         ),
         (cfg.audio_window is None or cfg.audio_window > 0, f"decode.audio_window={cfg.audio_window}: must be > 0"),
+        (cfg.batch_window is None or cfg.batch_window >= 0, f"decode.batch_window={cfg.batch_window}: must be >= 0"),
         (cfg.mel_padding in MEL_PADDINGS, f"decode.mel_padding={cfg.mel_padding}: one of {', '.join(MEL_PADDINGS)}"),
         (cfg.export_mode in ("int8", "dequant"), f"decode.export_mode={cfg.export_mode}: int8 | dequant"),
         (cfg.kernel in KERNELS, f"decode.kernel={cfg.kernel}: one of {' | '.join(KERNELS)}"),

@@ -18,6 +18,7 @@ from dqwhisper.decoding import (
     DecodeConfig,
     apply_audio_window,
     audio_to_mel,
+    batch_frames,
     ctc_decode_batch,
     ctc_greedy,
     decode_batch,
@@ -156,6 +157,41 @@ def test_decode_utterances_batch_size_does_not_change_results(model):
         model, FakeData(), utts, DecodeConfig(batch_size=4, beam_size=2, max_new_tokens=6), progress=False
     )
     assert [h.text for h in one.hyps] == [h.text for h in four.hyps]
+
+
+def test_batch_window_cuts_each_batch_to_its_longest_utterance_and_restores_the_model(model):
+    utts = [FakeUtt("a", "en", 0.3), FakeUtt("b", "en", 0.4), FakeUtt("c", "de", 1.5)]
+    seen = []
+    hook = model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    try:
+        cfg = DecodeConfig(batch_size=2, max_new_tokens=4, batch_window=0.5)
+        run = decode_utterances(model, FakeData(), utts, cfg, progress=False)
+    finally:
+        hook.remove()
+    # en: 0.4 s + 0.5 s -> 1 s (50 positions, 100 mel frames); de: 1.5 s + 0.5 s -> the whole 2 s window
+    assert sorted(s[2] for s in seen) == [100, 200]
+    assert [h.utt_id for h in run.hyps] == ["a", "b", "c"]
+    assert model.dims.n_audio_ctx == 100 and model.encoder.positional_embedding.shape[0] == 100
+
+
+def test_batch_window_as_long_as_the_window_changes_nothing(model):
+    utts = [FakeUtt(f"u{i}", "en", 0.3 + 0.4 * i) for i in range(4)]
+    whole = decode_utterances(model, FakeData(), utts, DecodeConfig(batch_size=2, max_new_tokens=6), progress=False)
+    cfg = DecodeConfig(batch_size=2, max_new_tokens=6, batch_window=2.0)
+    assert [h.text for h in decode_utterances(model, FakeData(), utts, cfg, progress=False).hyps] == [
+        h.text for h in whole.hyps
+    ]
+
+
+def test_batch_frames_rounds_up_to_whole_seconds_within_the_window(model):
+    assert batch_frames(model, 16000, 0.0) == 50  # exactly 1 s stays 1 s
+    assert batch_frames(model, 16001, 0.0) == 100
+    assert batch_frames(model, 8000, 1.0) == 100  # 1.5 s -> 2 s
+    assert batch_frames(model, 32000, 1.0) == 100  # never past the model's 2 s
+    assert batch_frames(model, 8000, None) == 100  # off: the whole window
+    with pytest.raises(DQWhisperError, match="batch_window"):
+        decode_utterances(model, FakeData(), [], DecodeConfig(batch_window=-1.0), progress=False)
+    assert search_tag(DecodeConfig(batch_window=1.0)) == "greedy_bw1s"
 
 
 def test_apply_audio_window_shrinks_and_refuses_to_grow():

@@ -18,7 +18,7 @@ own window (`mel_padding` says how the window is filled).
 """
 
 from dqwhisper.config import KERNELS, DecodeConfig, check_decode_config
-from dqwhisper.decoding.audio import apply_audio_window, audio_to_mel, window_samples
+from dqwhisper.decoding.audio import apply_audio_window, audio_to_mel, batch_frames, encoder_window, window_samples
 from dqwhisper.decoding.ctc import ctc_decode_batch, ctc_greedy, load_ctc_bpe
 from dqwhisper.decoding.search import (
     DETECT,
@@ -55,6 +55,8 @@ __all__ = [
     "decode_utterances",
     "select_utts",
     "apply_audio_window",
+    "batch_frames",
+    "encoder_window",
     "search_tag",
     "DecodeRun",
     "UttHypothesis",

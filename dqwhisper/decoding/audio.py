@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Iterator
+
 import numpy as np
 import torch
 from torch import Tensor
-from whisper.model import Whisper
+from whisper.model import ModelDimensions, Whisper
 
 from dqwhisper.data.dataset import window_log_mel
-from dqwhisper.decoding.search import SAMPLES_PER_FRAME
+from dqwhisper.decoding.search import SAMPLES_PER_FRAME, SAMPLE_RATE
 from dqwhisper.models.student import set_audio_window, window_frames
 from dqwhisper.utils import DQWhisperError, get_logger
 
@@ -40,3 +45,29 @@ def apply_audio_window(model: Whisper, seconds: float | None) -> Whisper:
             f"decode.audio_window={seconds} s is longer than the model's window of {model.dims.n_audio_ctx / 50:.2f} s"
         )
     return set_audio_window(model, frames)
+
+
+def batch_frames(model: Whisper, n_samples: int, margin: float | None) -> int:
+    """Encoder positions for a batch whose longest waveform has `n_samples`: (its seconds + `margin`) rounded up to
+    whole seconds, at most the model's window; the whole window when `margin` is None."""
+    if margin is None:
+        return model.dims.n_audio_ctx
+    seconds = math.ceil(n_samples / SAMPLE_RATE + margin - 1e-9)
+    return max(1, min(model.dims.n_audio_ctx, window_frames(seconds)))
+
+
+@contextmanager
+def encoder_window(model: Whisper, frames: int) -> Iterator[Whisper]:
+    """The model with its encoder window cut to the first `frames` positions for the duration of the block (the
+    sinusoid table and dims restored after; decode.batch_window)."""
+    encoder, dims = model.encoder, model.dims
+    if frames >= dims.n_audio_ctx:
+        yield model
+        return
+    table = encoder.positional_embedding
+    encoder.positional_embedding = table[:frames]
+    model.dims = ModelDimensions(**{**asdict(dims), "n_audio_ctx": frames})
+    try:
+        yield model
+    finally:
+        encoder.positional_embedding, model.dims = table, dims

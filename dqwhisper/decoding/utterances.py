@@ -12,7 +12,7 @@ from whisper.model import Whisper
 
 from dqwhisper.config import DecodeConfig, check_decode_config
 from dqwhisper.data.kaldi import is_pipe
-from dqwhisper.decoding.audio import audio_to_mel, window_samples
+from dqwhisper.decoding.audio import audio_to_mel, batch_frames, encoder_window, window_samples
 from dqwhisper.decoding.ctc import ctc_decode_batch, load_ctc_bpe
 from dqwhisper.decoding.search import DETECT, SAMPLE_RATE, check_language, decode_mels
 from dqwhisper.utils import DQWhisperError, get_logger
@@ -139,18 +139,20 @@ def decode_utterances(
                 continue
             n_trimmed += sum(len(w) > n_window for w in waves)
             audio_seconds += sum(len(w) for w in waves) / SAMPLE_RATE
-            mel = audio_to_mel(waves, model, device, padding)
-            if bpe is not None:
-                results = [
-                    (text, n, language or "", False, 1)
-                    for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe)
-                ]
-            else:
-                seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
-                results = [
-                    (h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
-                    for h in decode_mels(model, mel, language, seconds, cfg, fp16)
-                ]
+            frames = batch_frames(model, min(max(len(w) for w in waves), n_window), cfg.batch_window)
+            with encoder_window(model, frames):
+                mel = audio_to_mel(waves, model, device, padding)
+                if bpe is not None:
+                    results = [
+                        (text, n, language or "", False, 1)
+                        for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe)
+                    ]
+                else:
+                    seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
+                    results = [
+                        (h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
+                        for h in decode_mels(model, mel, language, seconds, cfg, fp16)
+                    ]
             new = [
                 UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used, runaway, tries)
                 for u, w, (text, n, lang_used, runaway, tries) in zip(batch, waves, results)
@@ -194,6 +196,8 @@ def search_tag(cfg: DecodeConfig) -> str:
         tag += "_detect"
     elif cfg.language:
         tag += f"_lang{cfg.language}"
+    if cfg.batch_window is not None:
+        tag += f"_bw{cfg.batch_window:g}s"
     if cfg.mel_padding != "zeros":
         tag += f"_mel{cfg.mel_padding}"
     if cfg.raw:

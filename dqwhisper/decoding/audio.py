@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
-from whisper.model import ModelDimensions, Whisper
+from whisper.model import Whisper
 
 from dqwhisper.data.dataset import window_log_mel
 from dqwhisper.decoding.search import SAMPLES_PER_FRAME, SAMPLE_RATE
@@ -60,14 +59,9 @@ def batch_frames(model: Whisper, n_samples: int, margin: float | None) -> int:
 def encoder_window(model: Whisper, frames: int) -> Iterator[Whisper]:
     """The model with its encoder window cut to the first `frames` positions for the duration of the block (the
     sinusoid table and dims restored after; decode.batch_window)."""
-    encoder, dims = model.encoder, model.dims
-    if frames >= dims.n_audio_ctx:
-        yield model
-        return
-    table = encoder.positional_embedding
-    encoder.positional_embedding = table[:frames]
-    model.dims = ModelDimensions(**{**asdict(dims), "n_audio_ctx": frames})
+    table, dims = model.encoder.positional_embedding, model.dims
+    set_audio_window(model, min(frames, dims.n_audio_ctx))
     try:
         yield model
     finally:
-        encoder.positional_embedding, model.dims = table, dims
+        model.encoder.positional_embedding, model.dims = table, dims

@@ -12,9 +12,12 @@ Systems (each decodes every utterance with its language forced, no timestamps, t
   <name>-ours-int8        the same export with int8 activations through fbgemm (decode.kernel=fbgemm), when auto
                           chose otherwise: the like-for-like partner of CTranslate2's int8
   <name>-ours-bw<S>s      with --batch-window S: the same, each batch's encoder window cut to its longest utterance + S
-                          seconds (decode.batch_window; a speed/accuracy trade, not the trained model's own window)
+                          seconds (decode.batch_window=S)
   <name>-ct2-int8         CTranslate2 int8 on the export's CT2 conversion (quant/ct2_export.py; written once under
-                          --ct2-cache), same window, same threads
+                          --ct2-cache), same windows, same threads
+  An experiment dir whose config.yaml sets decode.batch_window (a student trained on per-utterance windows,
+  data.batch_window) is timed with it in its -float, -ours and -ct2-int8 rows, as inference.py decodes it; the
+  whisper.cpp rows keep the whole window.
   <name>-whispercpp-<type> whisper.cpp (--ggml-types, e.g. q8_0,q4_0) on the export's `export-ggml` file, our log-mel,
                           same window, same threads, same token cap
   student-fw-ct2          --student-ct2 DIR: faster-whisper on the student's CT2 export (--student-ct2-compute)
@@ -110,16 +113,27 @@ def token_caps(utts: list, data: Preloaded, cfg: DecodeConfig, model, window_sec
     return {u.utt_id: token_cap(min(data.duration(u), window_seconds), cfg, model) for u in utts}
 
 
-def batches_like_ours(utts: list, data: Preloaded, batch_size: int) -> list[list]:
-    """The batches our decoding forms (decoding.decode_utterances): one language each, longest first."""
+def batches_like_ours(utts: list, data: Preloaded, cfg: DecodeConfig, n_ctx: int) -> list[list]:
+    """The batches our decoding forms (decoding.decode_utterances): one language each, longest first, one window each
+    with decode.batch_window."""
+    from dqwhisper.decoding.utterances import utterance_batches
+
     groups: dict[str, list] = {}
     for u in utts:
         groups.setdefault(u.lang, []).append(u)
-    out = []
-    for members in groups.values():
-        members = sorted(members, key=lambda u: (-data.duration(u), u.utt_id))
-        out += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
-    return out
+    return [b for members in groups.values() for b in utterance_batches(data, members, None, cfg, n_ctx)]
+
+
+def own_decode_config(spec: str, cfg: DecodeConfig) -> DecodeConfig:
+    """`cfg` with the experiment's own decode.batch_window (its config.yaml) when `spec` is an experiment dir: a
+    student trained on per-utterance windows (data.batch_window) is timed the way inference.py decodes it."""
+    path = Path(spec) / "config.yaml"
+    if not path.is_file():
+        return cfg
+    from omegaconf import OmegaConf
+
+    bw = OmegaConf.load(path).get("decode", {}).get("batch_window")
+    return cfg if bw is None else replace(cfg, batch_window=float(bw))
 
 
 def time_ct2_generate(
@@ -131,22 +145,28 @@ def time_ct2_generate(
     window_seconds: float,
     caps: dict[str, int] | None = None,
     batch_size: int = 1,
+    batch_window: float | None = None,
 ) -> Timing:
     """Greedy CTranslate2 decoding on our own mel for the export's window (log-mel included in the time). caps: the
     most tokens per utterance (our decoder's cap, so that a runaway costs both sides alike; a batch stops at its
-    members' largest cap); default 224. batch_size > 1: the batches our decoding forms, one generate call each."""
+    members' largest cap); default 224. batch_size > 1: the batches our decoding forms, one generate call each.
+    batch_window: each batch's window cut as decode.batch_window cuts ours (CTranslate2 takes any mel length)."""
     import ctranslate2
     import numpy as np
     from whisper.tokenizer import get_tokenizer
 
     from dqwhisper.data.dataset import window_log_mel
+    from dqwhisper.models.student import margin_frames
 
     model = ctranslate2.models.Whisper(path, device="cpu", compute_type=compute_type, intra_threads=threads)
     tok = get_tokenizer(multilingual=True)
     n_ctx = round(window_seconds * 50)
+    cfg = DecodeConfig(batch_size=batch_size, batch_window=batch_window)
 
     def run(batch):
-        mel = np.stack([window_log_mel(data.audio[u.utt_id], model.n_mels, n_ctx).numpy() for u in batch])
+        longest = max(len(data.audio[u.utt_id]) for u in batch) / SAMPLE_RATE
+        ctx = margin_frames(min(longest, window_seconds), batch_window, n_ctx)
+        mel = np.stack([window_log_mel(data.audio[u.utt_id], model.n_mels, ctx).numpy() for u in batch])
         prompts = [[tok.sot, tok.to_language_token(u.lang), tok.transcribe, tok.no_timestamps] for u in batch]
         cap = max(224 if caps is None else caps[u.utt_id] for u in batch)
         results = model.generate(  # CTranslate2's Whisper samples at most max_length // 2 tokens
@@ -155,7 +175,7 @@ def time_ct2_generate(
         ids = [r.sequences_ids[0] for r in results]
         return {u.utt_id: tok.decode(i).strip() for u, i in zip(batch, ids)}, sum(len(i) for i in ids)
 
-    return time_batches(run, batches_like_ours(utts, data, batch_size))
+    return time_batches(run, batches_like_ours(utts, data, cfg, n_ctx))
 
 
 def time_whispercpp(
@@ -339,26 +359,28 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.student_export:
         path = Path(spec) / "export" / "model.dqw" if Path(spec).is_dir() else Path(spec)
         name = path.parent.parent.name if path.parent.name == "export" else path.stem
-        students.append((name, path))
+        students.append((name, path, own_decode_config(spec, cfg)))
     if students:
         from dqwhisper.quant.export import load_exported
         from dqwhisper.quant.quantized import log_kernels
 
-    for name, path in students:
+    for name, path, scfg in students:
         batch = args.batch_size * args.beam_size
         ref = load_exported(path, mode="float", batch=batch)
         window = window or ref.dims.n_audio_ctx / 50
-        add(f"{name}-float", lambda: time_ours(ref, audio, utts, cfg, "zeros"))
+        if scfg.batch_window is not None:
+            print(f"    {name}: its own decode.batch_window={scfg.batch_window:g} (trained on those windows)")
+        add(f"{name}-float", lambda: time_ours(ref, audio, utts, scfg, "zeros"))
         ours = load_exported(path, mode="auto", batch=batch)
         print(f"    {name}-ours kernels: {log_kernels(ours)}", flush=True)
-        add(f"{name}-ours", lambda: time_ours(ours, audio, utts, cfg, "zeros"))
+        add(f"{name}-ours", lambda: time_ours(ours, audio, utts, scfg, "zeros"))
         if args.batch_window is not None:
-            bw = replace(cfg, batch_window=args.batch_window)
+            bw = replace(scfg, batch_window=args.batch_window)
             add(f"{name}-ours-bw{args.batch_window:g}s", lambda: time_ours(ours, audio, utts, bw, "zeros"))
         if set(log_kernels(ours)) != {"fbgemm"}:
             int8 = load_exported(path, mode="fbgemm", batch=batch)
             print(f"    {name}-ours-int8 kernels: {log_kernels(int8)}", flush=True)
-            add(f"{name}-ours-int8", lambda: time_ours(int8, audio, utts, cfg, "zeros"))
+            add(f"{name}-ours-int8", lambda: time_ours(int8, audio, utts, scfg, "zeros"))
         if not args.no_ct2:
             from dqwhisper.quant.ct2_export import export_ct2
 
@@ -370,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             add(
                 f"{name}-ct2-int8",
                 lambda: time_ct2_generate(
-                    str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps, args.batch_size
+                    str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps, args.batch_size, scfg.batch_window
                 ),
             )
         for ggml_type in filter(None, args.ggml_types.split(",")):

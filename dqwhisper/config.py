@@ -48,6 +48,9 @@ class DataConfig:
     test_sets: list[str] = field(default_factory=lambda: ["test"])
     languages: Optional[list[str]] = None  # keep only these utt2lang codes; null = all
     audio_window: float = 30.0  # encoder window in seconds (30 = Whisper's own; the paper used 15)
+    # S seconds: each utterance's encoder window = its audio + S, rounded up to whole seconds (at most audio_window),
+    # batches of one window, as decode.batch_window=S decodes; needs the frozen, cached encoder; null = whole window
+    batch_window: Optional[float] = None
     bpe_vocab_size: int = 500  # sentencepiece units of the CTC head (soft limit)
     max_bad_fraction: float = 0.1  # more bad utterances than this fraction is an error
     max_train_utts: int = 0  # train on N utterances evenly spaced over the set (by id); 0 = all
@@ -59,6 +62,9 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     name: Optional[str] = "base"  # model store name or .pt path; null = no teacher (CE only)
+    # with data.batch_window: true = the teacher's targets come from the same short windows (a teacher trained on
+    # them); false = from its whole window (a teacher trained on whole windows)
+    batch_window: bool = False
 
 
 @dataclass
@@ -261,6 +267,15 @@ def validate(cfg: TrainConfig | DictConfig) -> None:
         (
             cfg.student.init == "pretrained" or cfg.teacher.name or cfg.student.name,
             f"student.init={cfg.student.init} copies from teacher.name (or student.name): set one",
+        ),
+        (
+            cfg.data.batch_window is None or cfg.data.batch_window >= 0,
+            f"data.batch_window={cfg.data.batch_window}: seconds >= 0, or null",
+        ),
+        (
+            cfg.data.batch_window is None or (cfg.student.freeze_encoder and cfg.trainer.cache_encoder),
+            f"data.batch_window={cfg.data.batch_window} needs the frozen, cached encoder (student.freeze_encoder=true, "
+            "trainer.cache_encoder=true); to train the encoder, or without the cache, set data.batch_window=null",
         ),
     ]
     for ok, msg in checks:

@@ -174,6 +174,29 @@ def test_batch_window_cuts_each_batch_to_its_longest_utterance_and_restores_the_
     assert model.dims.n_audio_ctx == 100 and model.encoder.positional_embedding.shape[0] == 100
 
 
+def test_batch_window_batches_hold_one_window_each(model):
+    # 1.2 s and 0.9 s + 0.5 s -> 2 s; 0.3 s + 0.5 s -> 1 s: two batches, as data.batch_window trains them, not one
+    # 2 s batch
+    utts = [FakeUtt("a", "en", 0.3), FakeUtt("b", "en", 0.9), FakeUtt("c", "en", 1.2)]
+    seen = []
+    hook = model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    try:
+        run = decode_utterances(
+            model, FakeData(), utts, DecodeConfig(batch_size=3, max_new_tokens=4, batch_window=0.5), progress=False
+        )
+    finally:
+        hook.remove()
+    assert [(s[0], s[2]) for s in seen] == [(2, 200), (1, 100)]
+    assert [h.utt_id for h in run.hyps] == ["a", "b", "c"]
+    seen.clear()
+    hook = model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    try:
+        decode_utterances(model, FakeData(), utts, DecodeConfig(batch_size=3, max_new_tokens=4), progress=False)
+    finally:
+        hook.remove()
+    assert [(s[0], s[2]) for s in seen] == [(3, 200)]  # off: one batch of the whole window
+
+
 def test_batch_window_as_long_as_the_window_changes_nothing(model):
     utts = [FakeUtt(f"u{i}", "en", 0.3 + 0.4 * i) for i in range(4)]
     whole = decode_utterances(model, FakeData(), utts, DecodeConfig(batch_size=2, max_new_tokens=6), progress=False)

@@ -14,7 +14,10 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
     encoder frames in total (an utterance longer than the budget gets a batch of its own). Shuffling is
     deterministic: a permutation drawn from `seed + epoch` (call `set_epoch`). For DDP each rank takes every
     `world_size`-th batch; every rank gets the same number of batches (wrapping around, or dropping the tail
-    with `drop_last`)."""
+    with `drop_last`).
+
+    `groups` (one key per utterance, e.g. its encoder window under data.batch_window): a batch holds utterances of
+    one group only; the batches of all groups are then put in one (seeded) random order."""
 
     def __init__(
         self,
@@ -26,6 +29,7 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
         drop_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        groups: list | None = None,
     ):
         if minibatch_size < 1:
             raise DQWhisperError(f"minibatch_size must be >= 1, got {minibatch_size}")
@@ -37,6 +41,9 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
         if not 0 <= rank < world_size:
             raise DQWhisperError(f"rank {rank} outside world_size {world_size}")
         self.lengths = list(lengths)
+        if groups is not None and len(groups) != len(self.lengths):
+            raise DQWhisperError(f"{len(groups)} groups for {len(self.lengths)} utterances")
+        self.groups = None if groups is None else list(groups)
         self.minibatch_size = minibatch_size
         self.max_frames = max_frames
         self.shuffle = shuffle
@@ -51,9 +58,19 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _all_batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(len(order), generator=g).tolist()
+        if self.groups is None:
+            return self._pack(order)
+        batches, keys = [], sorted(set(self.groups))
+        for key in keys:
+            batches += self._pack([i for i in order if self.groups[i] == key])
+        if self.shuffle and len(keys) > 1:  # one group: the batches of no grouping, in the same order
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def _pack(self, order: list[int]) -> list[list[int]]:
         batches, batch, frames = [], [], 0
         for i in order:
             n = self.lengths[i]

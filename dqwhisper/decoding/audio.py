@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -13,7 +12,7 @@ from whisper.model import Whisper
 
 from dqwhisper.data.dataset import window_log_mel
 from dqwhisper.decoding.search import SAMPLES_PER_FRAME, SAMPLE_RATE
-from dqwhisper.models.student import set_audio_window, window_frames
+from dqwhisper.models.student import margin_frames, set_audio_window, window_frames
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -48,11 +47,8 @@ def apply_audio_window(model: Whisper, seconds: float | None) -> Whisper:
 
 def batch_frames(model: Whisper, n_samples: int, margin: float | None) -> int:
     """Encoder positions for a batch whose longest waveform has `n_samples`: (its seconds + `margin`) rounded up to
-    whole seconds, at most the model's window; the whole window when `margin` is None."""
-    if margin is None:
-        return model.dims.n_audio_ctx
-    seconds = math.ceil(n_samples / SAMPLE_RATE + margin - 1e-9)
-    return max(1, min(model.dims.n_audio_ctx, window_frames(seconds)))
+    whole seconds, at most the model's window; the whole window when `margin` is None (`margin_frames`)."""
+    return margin_frames(n_samples / SAMPLE_RATE, margin, model.dims.n_audio_ctx)
 
 
 @contextmanager

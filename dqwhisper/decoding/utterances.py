@@ -15,6 +15,7 @@ from dqwhisper.data.kaldi import is_pipe
 from dqwhisper.decoding.audio import audio_to_mel, batch_frames, encoder_window, window_samples
 from dqwhisper.decoding.ctc import ctc_decode_batch, load_ctc_bpe
 from dqwhisper.decoding.search import DETECT, SAMPLE_RATE, check_language, decode_mels
+from dqwhisper.models.student import margin_frames
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -117,10 +118,10 @@ def decode_utterances(
     bar = tqdm(total=len(utts), desc="decode", unit="utt", disable=not progress, leave=False)
     start = time.perf_counter()
     for language, members in groups.items():
-        members = sorted(members, key=lambda u: (-_duration(data, u, durations), u.utt_id))  # similar lengths
-        for i in range(0, len(members), cfg.batch_size):
+        chunks = utterance_batches(data, members, durations, cfg, model.dims.n_audio_ctx)
+        for chunk in chunks:
             batch, waves = [], []
-            for u in members[i : i + cfg.batch_size]:
+            for u in chunk:
                 try:
                     wave = data.load_audio(u)
                     if len(wave) == 0:
@@ -134,7 +135,7 @@ def decode_utterances(
                     continue
                 batch.append(u)
                 waves.append(wave)
-            bar.update(len(members[i : i + cfg.batch_size]) - len(batch))
+            bar.update(len(chunk) - len(batch))
             if not batch:
                 continue
             n_trimmed += sum(len(w) > n_window for w in waves)
@@ -173,6 +174,25 @@ def decode_utterances(
         )
     hyps.sort(key=lambda h: h.utt_id)
     return DecodeRun(hyps, wall, audio_seconds, n_tokens, n_trimmed, skipped)
+
+
+def utterance_batches(
+    data, members: list, durations: dict[str, float] | None, cfg: DecodeConfig, n_ctx: int
+) -> list[list]:
+    """Batches of at most cfg.batch_size, longest utterance first (similar lengths); with decode.batch_window, each
+    batch holds utterances of one window (their audio + batch_window rounded up to whole seconds, as data.batch_window
+    trains them; an utterance of unknown length counts as the whole window)."""
+    seconds = {u.utt_id: _duration(data, u, durations) for u in members}
+    members = sorted(members, key=lambda u: (-seconds[u.utt_id], u.utt_id))
+    runs: list[list] = []
+    for u in members:
+        s = seconds[u.utt_id]
+        window = n_ctx if s <= 0 else margin_frames(s, cfg.batch_window, n_ctx)
+        if runs and runs[-1][0] == window:
+            runs[-1][1].append(u)
+        else:
+            runs.append((window, [u]))
+    return [g[k : k + cfg.batch_size] for _, g in runs for k in range(0, len(g), cfg.batch_size)]
 
 
 def _duration(data, utt, durations: dict[str, float] | None) -> float:

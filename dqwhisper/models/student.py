@@ -7,6 +7,7 @@ matching. See docs/DESIGN.md for the contract.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +31,16 @@ def window_frames(seconds: float) -> int:
     if not 1 <= frames <= 1500:
         raise DQWhisperError(f"audio window of {seconds} s is outside Whisper's 0.02..30 s")
     return frames
+
+
+def margin_frames(seconds: float, margin: float | None, n_audio_ctx: int) -> int:
+    """Encoder positions of the window for `seconds` of audio plus `margin` seconds, rounded up to whole seconds and
+    at most `n_audio_ctx` (the whole window when `margin` is None): decode.batch_window for the longest utterance
+    of a batch, data.batch_window for each training utterance (the same rule, so training sees what decoding runs)."""
+    if margin is None:
+        return n_audio_ctx
+    whole = math.ceil(seconds + margin - 1e-9)
+    return max(1, min(n_audio_ctx, whole * FRAMES_PER_SECOND))
 
 
 class DQAudioEncoder(AudioEncoder):

@@ -66,7 +66,8 @@ def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path, calib: str 
         ds = WhisperDataset(
             calib, default_tokenizer(model.dims.n_vocab), model.dims.n_mels, model.dims.n_audio_ctx, languages=languages
         )
-        gptq_calibrate(model, ds, cfg.gptq_utts, "", "cpu")
+        margin = (config.get("data") or {}).get("batch_window")  # the windows the student was trained on
+        gptq_calibrate(model, ds, cfg.gptq_utts, "", "cpu", margin)
     config["quant"] = cfg.to_dict()
     save_checkpoint(model, out, config=config)
     log.info(

@@ -25,7 +25,7 @@ from dqwhisper.models.load import load_model
 from dqwhisper.models.student import DQWhisper, from_whisper, vocab_from_token_lists, window_frames
 from dqwhisper.quant import prepare
 from dqwhisper.train.calibrate import gptq_calibrate
-from dqwhisper.train.cache_set import CacheFiller, Caches, TrainingSet, check_usable
+from dqwhisper.train.cache_set import CacheFiller, Caches, TrainingSet, check_usable, window_margins
 from dqwhisper.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_device
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device, set_seed
 
@@ -287,7 +287,7 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
     student.to(device)
     del source
     if cfg.quant.enabled and cfg.quant.gptq:  # frozen layers keep these codes; trainable ones start from them
-        gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "", device)
+        gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "", device, window_margins(cfg)[0])
     params = set_trainable(student, cfg)
 
     adapter = enc_adapter = None
@@ -312,8 +312,16 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         tc.progress,
     )
     caches = filler.open(cfg, student, teacher)
-    train_set = TrainingSet(train_base, caches.enc, caches.teacher_enc, caches.teacher)
-    dev_set = TrainingSet(dev_base, caches.enc)
+    margin, t_margin = window_margins(cfg)
+    train_set = TrainingSet(train_base, caches.enc, caches.teacher_enc, caches.teacher, margin, t_margin)
+    dev_set = TrainingSet(dev_base, caches.enc, margin=margin)
+    if margin is not None and cfg.decode.batch_window != margin:
+        log.warning(
+            "data.batch_window=%s but decode.batch_window=%s: dev (and inference.py) decode other windows than "
+            "training feeds",
+            margin,
+            cfg.decode.batch_window,
+        )
     targets: TeacherTargets | None = None
     if teacher is not None:
         kind = CachedTargets if caches.teacher_logits is not None else LiveTargets
@@ -343,7 +351,7 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
     keep = student.decoder.vocab_keep
     log.info(
         "student: %d encoder / %d decoder layers, %.1fM parameters (%.1fM trainable), vocabulary %s, "
-        "CTC units %d, window %.1f s; teacher: %s",
+        "CTC units %d, window %.1f s%s; teacher: %s",
         student.dims.n_audio_layer,
         student.dims.n_text_layer,
         sum(p.numel() for p in student.parameters()) / 1e6,
@@ -351,6 +359,7 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         "full" if keep is None else len(keep),
         ctc_units,
         n_audio_ctx / 50,
+        "" if margin is None else f" (each utterance's: its audio + {margin:g} s, whole seconds)",
         cfg.teacher.name if teacher is not None else "none",
     )
     return Parts(

@@ -15,16 +15,28 @@ from tqdm import tqdm
 
 from dqwhisper.cache import FeatureCache, audio_key, module_key, tokens_key
 from dqwhisper.data.dataset import WhisperDataset, collate
+from dqwhisper.decoding.audio import encoder_window
 from dqwhisper.distill.teacher import TeacherTargets
-from dqwhisper.models.student import DQWhisper
+from dqwhisper.models.student import FRAMES_PER_SECOND, DQWhisper, margin_frames
 from dqwhisper.utils import DQWhisperError, autocast, get_logger
 
 log = get_logger(__name__)
 
 
+def utterance_windows(base: WhisperDataset, margin: float | None) -> list[int]:
+    """Encoder window (positions) of each item: its audio + `margin` seconds rounded up to whole seconds
+    (`margin_frames`, data.batch_window); the dataset's whole window for every item when `margin` is None."""
+    ctx = base.n_audio_ctx
+    return [margin_frames(n / FRAMES_PER_SECOND, margin, ctx) for n in base.lengths]
+
+
 class TrainingSet(torch.utils.data.Dataset):
     """A WhisperDataset whose items come with cached encoder outputs (`enc`, instead of audio) and cached teacher
-    outputs (`t_logits` [, `t_index`], `t_feats`) where those caches are in use."""
+    outputs (`t_logits` [, `t_index`], `t_feats`) where those caches are in use.
+
+    `margin` (data.batch_window) gives each utterance its own encoder window (`utterance_windows`): its cached
+    encoder output has that many positions, and `windows` lets the sampler batch utterances of one window.
+    `teacher_margin`: the same for the teacher's encoder cache (None: its whole window)."""
 
     def __init__(
         self,
@@ -32,8 +44,13 @@ class TrainingSet(torch.utils.data.Dataset):
         enc_cache: FeatureCache | None = None,
         teacher_enc_cache: FeatureCache | None = None,
         teacher_caches: list[FeatureCache] = (),
+        margin: float | None = None,
+        teacher_margin: float | None = None,
     ):
         self.base = base
+        self.margin = margin
+        self.enc_windows = utterance_windows(base, margin)  # by position in base
+        self.teacher_enc_windows = utterance_windows(base, teacher_margin)
         self.enc_cache = enc_cache
         self.teacher_enc_cache = teacher_enc_cache
         self.teacher_caches = list(teacher_caches)  # teacher logits; teacher features (when matching)
@@ -51,6 +68,11 @@ class TrainingSet(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         all_lengths = self.base.lengths
         return [all_lengths[i] for i in self.index]
+
+    @property
+    def windows(self) -> list[int]:
+        """Encoder window (positions) of each usable item."""
+        return [self.enc_windows[i] for i in self.index]
 
     def tokens(self, i: int) -> list[int]:
         return self.base.items[i][1]
@@ -153,7 +175,10 @@ class CacheFiller:
         self.root, self.dtype, self.n_audio_ctx, self.device = root, dtype, n_audio_ctx, device
         self.batch_size, self.amp_dtype, self.progress = batch_size, amp_dtype, progress
 
-    def encoder_cache(self, model: DQWhisper, what: str) -> FeatureCache:
+    def encoder_cache(self, model: DQWhisper, what: str, margin: float | None = None) -> FeatureCache:
+        """The encoder outputs of `model` for the whole window, or (margin = data.batch_window) for each utterance's
+        own window."""
+        windows = {} if margin is None else {"batch_window": float(margin)}
         key = module_key(
             model.encoder,
             kind="encoder",
@@ -161,16 +186,19 @@ class CacheFiller:
             n_audio_ctx=self.n_audio_ctx,
             dtype=str(self.dtype),
             mel="zeros",
+            **windows,
         )
-        return FeatureCache(self.root / "encoder", key, info={"what": what, "n_audio_ctx": self.n_audio_ctx})
+        info = {"what": what, "n_audio_ctx": self.n_audio_ctx, **windows}
+        return FeatureCache(self.root / "encoder", key, info=info)
 
     def open(self, cfg, student: DQWhisper, teacher: DQWhisper | None) -> Caches:
         """`cfg`: the whole training config (trainer.cache_*, student.freeze_encoder, loss.kd_topk, loss.match)."""
         caches = Caches()
+        margin, t_margin = window_margins(cfg)
         if cfg.student.freeze_encoder and cfg.trainer.cache_encoder:
-            caches.enc = self.encoder_cache(student, "student encoder")
+            caches.enc = self.encoder_cache(student, "student encoder", margin)
         if teacher is not None and cfg.trainer.cache_encoder:
-            tcache = self.encoder_cache(teacher, "teacher encoder")
+            tcache = self.encoder_cache(teacher, "teacher encoder", t_margin)
             if caches.enc is None or tcache.dir != caches.enc.dir:
                 caches.teacher_enc = tcache
         if teacher is not None and cfg.trainer.cache_teacher and cfg.trainer.cache_encoder:
@@ -178,7 +206,7 @@ class CacheFiller:
             m = cfg.loss.match
             vocab = student.decoder.vocab_keep
             keep = None if vocab is None else vocab.tolist()
-            t_enc = caches.teacher_enc or caches.enc or self.encoder_cache(teacher, "teacher")
+            t_enc = caches.teacher_enc or caches.enc or self.encoder_cache(teacher, "teacher", t_margin)
             common = dict(dtype=str(self.dtype), encoder=t_enc.dir.name)
             key = module_key(teacher.decoder, kind="teacher_logits", keep=keep, topk=cfg.loss.kd_topk, **common)
             caches.teacher_logits = FeatureCache(
@@ -201,32 +229,36 @@ class CacheFiller:
     ) -> None:
         t0 = time.time()
         for ds, name in ((train_set, "train"), (dev_set, "dev")):
-            self.fill_encoder(ds, ds.enc_cache, student, name)
+            self.fill_encoder(ds, ds.enc_cache, student, name, ds.enc_windows)
             if ds is train_set:
-                self.fill_encoder(ds, ds.teacher_enc_cache, teacher and teacher.teacher, "train (teacher)")
+                teacher_model = teacher and teacher.teacher
+                self.fill_encoder(ds, ds.teacher_enc_cache, teacher_model, "train (teacher)", ds.teacher_enc_windows)
                 self.fill_teacher(ds, teacher, caches.teacher_feats)
         if time.time() - t0 > 1:
             log.info("caches ready in %.1f s", time.time() - t0)
 
-    def fill_encoder(self, ds: TrainingSet, cache: FeatureCache | None, model: DQWhisper | None, name: str) -> None:
+    def fill_encoder(
+        self, ds: TrainingSet, cache: FeatureCache | None, model: DQWhisper | None, name: str, windows: list[int]
+    ) -> None:
+        """Compute the missing encoder outputs, in batches of one window (`windows`, positions by base index): the
+        mel cut to the window's frames is the mel of the audio zero-padded to that window."""
         if cache is None:
             return
         todo = [i for i in ds.index if not cache.has(ds.audio_keys[i])]
         if not todo:
             return
         bs = self.batch_size
+        chunks = _window_chunks(todo, windows, bs)
         model.encoder.eval()
         with torch.no_grad():
-            for start in tqdm(
-                range(0, len(todo), bs), desc=f"encoder cache {name}", unit="batch", disable=not self.progress
-            ):
-                chunk = todo[start : start + bs]
+            for chunk in tqdm(chunks, desc=f"encoder cache {name}", unit="batch", disable=not self.progress):
                 items = [ds.base[i] for i in chunk]
                 ok = [(i, it) for i, it in zip(chunk, items) if it is not None]
                 if not ok:
                     continue
-                mel = torch.stack([it["mel"] for _, it in ok]).to(self.device)
-                with autocast(self.amp_dtype):
+                w = windows[chunk[0]]
+                mel = torch.stack([it["mel"][:, : 2 * w] for _, it in ok]).to(self.device)
+                with autocast(self.amp_dtype), encoder_window(model, w):
                     out = model.encoder(mel)
                 for (i, it), enc in zip(ok, out):
                     cache.put(ds.audio_keys[i], {"enc": enc.to(self.dtype), "n_frames": torch.tensor(it["n_frames"])})
@@ -245,9 +277,10 @@ class CacheFiller:
             return
         bs = self.batch_size
         pad = ds.base.tokenizer.eot
+        windows = ds.teacher_enc_windows if ds.teacher_enc_cache is not None else ds.enc_windows
+        chunks = _window_chunks(todo, windows, bs)
         with torch.no_grad():
-            for start in tqdm(range(0, len(todo), bs), desc="teacher cache", unit="batch", disable=not self.progress):
-                chunk = todo[start : start + bs]
+            for chunk in tqdm(chunks, desc="teacher cache", unit="batch", disable=not self.progress):
                 toks = [ds.tokens(i)[:-1] for i in chunk]
                 length = max(map(len, toks))
                 tokens_in = torch.full((len(chunk), length), pad, dtype=torch.long)
@@ -269,6 +302,22 @@ class CacheFiller:
         log.info(
             "teacher cache: %d utterances computed into %s", len(todo), ", ".join(str(c.dir) for c in ds.teacher_caches)
         )
+
+
+def _window_chunks(todo: list[int], windows: list[int], size: int) -> list[list[int]]:
+    """`todo` (base indices) in chunks of at most `size` that share one encoder window."""
+    chunks = []
+    for w in sorted({windows[i] for i in todo}):
+        members = [i for i in todo if windows[i] == w]
+        chunks += [members[k : k + size] for k in range(0, len(members), size)]
+    return chunks
+
+
+def window_margins(cfg) -> tuple[float | None, float | None]:
+    """(the student's, the teacher's) data.batch_window margin: the teacher's is None (its whole window) unless
+    teacher.batch_window."""
+    margin = getattr(cfg.data, "batch_window", None)
+    return margin, (margin if getattr(cfg.teacher, "batch_window", False) else None)
 
 
 def check_usable(train_set: TrainingSet, dev_set: TrainingSet) -> None:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from dqwhisper.data.dataset import WhisperDataset, collate
+from dqwhisper.decoding.audio import encoder_window
+from dqwhisper.models.student import FRAMES_PER_SECOND, margin_frames
 from dqwhisper.quant.gptq import gptq_
 from dqwhisper.quant.prepare import quantized_modules
 from dqwhisper.utils import DQWhisperError, get_logger
@@ -18,21 +20,43 @@ from dqwhisper.utils import DQWhisperError, get_logger
 log = get_logger(__name__)
 
 
-def calibration_batches(ds: WhisperDataset, n_utts: int, batch_size: int = 8) -> list[dict]:
-    """`n_utts` utterances evenly spaced over `ds` (every language stays), collated in batches; bad ones skipped."""
+def calibration_batches(
+    ds: WhisperDataset, n_utts: int, batch_size: int = 8, margin: float | None = None
+) -> list[dict]:
+    """`n_utts` utterances evenly spaced over `ds` (every language stays), collated in batches; bad ones skipped.
+    `margin` (data.batch_window): each utterance gets its training window (its audio + margin, whole seconds), the
+    mel cut to it, in batches of one window (`window`: encoder positions)."""
     n = min(n_utts, len(ds.items))
     items = [ds[int(i * len(ds.items) / n)] for i in range(n)]
     items = [it for it in items if it is not None]
     if not items:
         raise DQWhisperError(f"GPTQ calibration: no readable utterance in {ds.data.path}")
     pad = ds.tokenizer.eot
-    return [collate(items[i : i + batch_size], pad) for i in range(0, len(items), batch_size)]
+    batches = []
+    windows = [margin_frames(it["n_frames"] / FRAMES_PER_SECOND, margin, ds.n_audio_ctx) for it in items]
+    for w in sorted(set(windows), reverse=True):
+        group = [dict(it, mel=it["mel"][:, : 2 * w]) for it, iw in zip(items, windows) if iw == w]
+        batches += [dict(collate(group[i : i + batch_size], pad), window=w) for i in range(0, len(group), batch_size)]
+    return batches
 
 
-def gptq_calibrate(model: nn.Module, ds: WhisperDataset, n_utts: int, scope: str, device: torch.device | str) -> dict:
+def _encode(model: nn.Module, batch: dict, device: torch.device | str) -> torch.Tensor:
+    with encoder_window(model, batch["window"]):
+        return model.encoder(batch["mel"].to(device))
+
+
+def gptq_calibrate(
+    model: nn.Module,
+    ds: WhisperDataset,
+    n_utts: int,
+    scope: str,
+    device: torch.device | str,
+    margin: float | None = None,
+) -> dict:
     """GPTQ-round the fake-quantized layers of `model` under `scope` ("encoder.", "decoder." or "" for both) on
-    `n_utts` utterances of `ds`: the encoder first, then the decoder on the rounded encoder's outputs."""
-    batches = calibration_batches(ds, n_utts)
+    `n_utts` utterances of `ds`: the encoder first, then the decoder on the rounded encoder's outputs. `margin`:
+    data.batch_window of the model's training (the encoder runs on each utterance's window, as trained)."""
+    batches = calibration_batches(ds, n_utts, margin=margin)
     log.info(
         "GPTQ: %d calibration utterances from %s, scope %r",
         sum(len(b["mel"]) for b in batches),
@@ -42,10 +66,10 @@ def gptq_calibrate(model: nn.Module, ds: WhisperDataset, n_utts: int, scope: str
     ratios = {}
     quantized = {n.split(".")[0] for n, _ in quantized_modules(model)}
     if scope in ("", "encoder", "encoder.") and "encoder" in quantized:
-        ratios.update(gptq_(model, batches, scope="encoder.", run=lambda m, b: m.encoder(b["mel"].to(device))))
+        ratios.update(gptq_(model, batches, scope="encoder.", run=lambda m, b: _encode(m, b, device)))
     if scope in ("", "decoder", "decoder.") and "decoder" in quantized:
         with torch.no_grad():  # the encoder is final now: its outputs once, not in every decoder block's pass
-            dec_batches = [(b["tokens_in"].to(device), model.encoder(b["mel"].to(device))) for b in batches]
+            dec_batches = [(b["tokens_in"].to(device), _encode(model, b, device)) for b in batches]
         ratios.update(gptq_(model, dec_batches, scope="decoder.", run=lambda m, b: m.decoder(*b)))
     if not ratios:
         raise DQWhisperError(f"GPTQ: no quantized linear or convolution in scope {scope or 'all'!r}")

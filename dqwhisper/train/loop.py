@@ -219,7 +219,7 @@ class Trainer:
         hyps: dict[str, str] = {}
         self._runaways: list[str] = []
         with torch.no_grad():
-            for batch in self.loader(ds, [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]):
+            for batch in self.loader(ds, dev_batches(ds, bs)):
                 named, info = model(batch, with_teacher=False)
                 for k, v in named.items():
                     tot[k] += float(v) * info["n_tokens"]
@@ -297,6 +297,15 @@ def _resume_or_start(tr: Trainer) -> None:
             (tr.expdir / name).unlink(missing_ok=True)
 
 
+def dev_batches(ds: TrainingSet, size: int) -> list[list[int]]:
+    """Validation batches: in order, at most `size` utterances, one encoder window each (data.batch_window)."""
+    windows, batches = ds.windows, []
+    for w in dict.fromkeys(windows):
+        members = [j for j in range(len(ds)) if windows[j] == w]
+        batches += [members[k : k + size] for k in range(0, len(members), size)]
+    return batches
+
+
 def _train_sampler(cfg: Any, parts: Parts, dist: D.DistInfo) -> BatchSampler:
     c = cfg.data.collector
     return BatchSampler(
@@ -308,6 +317,7 @@ def _train_sampler(cfg: Any, parts: Parts, dist: D.DistInfo) -> BatchSampler:
         drop_last=False,
         rank=dist.rank,
         world_size=dist.world_size,
+        groups=parts.train_set.windows if parts.train_set.margin is not None else None,
     )
 
 

@@ -31,7 +31,12 @@ RECIPES = {
     "kd_dm_live_teacher": ("demo_student_kd_dm", ["trainer.cache_teacher=false"]),
     "kd_dm_train_encoder": (
         "demo_student_kd_dm",
-        ["student.freeze_encoder=false", "loss.match.encoder=true", "data.spec_augment.enabled=true"],
+        [
+            "student.freeze_encoder=false",
+            "data.batch_window=null",
+            "loss.match.encoder=true",
+            "data.spec_augment.enabled=true",
+        ],
     ),
 }
 

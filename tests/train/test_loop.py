@@ -84,7 +84,7 @@ def test_cached_equals_uncached(assets, tmp_path):
             tmp_path / f"exp{cached}",
             data,
             teacher,
-            overrides=[f"trainer.cache_encoder={cached}", f"trainer.cache_teacher={cached}"],
+            overrides=[f"trainer.cache_encoder={cached}", f"trainer.cache_teacher={cached}", "data.batch_window=null"],
         )
         tr = make_trainer(cfg)
         caches = tr.parts.caches
@@ -414,6 +414,7 @@ def test_trainable_encoder_uncached_with_encoder_matching_and_specaugment(assets
         teacher,
         overrides=[
             "student.freeze_encoder=false",
+            "data.batch_window=null",
             "loss.match.encoder=true",
             "data.spec_augment.enabled=true",
             "data.spec_augment.time_mask_param=10",

@@ -1,0 +1,115 @@
+"""data.batch_window: each training utterance gets the encoder window decode.batch_window gives it (its audio + S
+seconds, rounded up to whole seconds), its cached encoder output is what decoding computes, batches hold one
+window, and dev decodes those windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dqwhisper.data.sampler import BatchSampler
+from dqwhisper.decoding import audio_to_mel, batch_frames, encoder_window
+from dqwhisper.train import make_trainer, train
+from dqwhisper.train.cache_set import collate_training
+from dqwhisper.train.loop import dev_batches
+from dqwhisper.utils import DQWhisperError
+from tests.train.fixtures import tiny_config, write_data_dir, write_tiny_model
+
+# clips of 1.0-1.8 s in a 4 s window: + 0.5 s gives windows of 2 s and 3 s
+WINDOWED = ["data.audio_window=4.0", "data.batch_window=0.5", "decode.batch_window=0.5"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bw")
+    return write_tiny_model(root / "teacher.pt", n_audio_ctx=200), write_data_dir(root / "data"), root
+
+
+@pytest.fixture(scope="module")
+def trainer(assets):
+    teacher, data, root = assets
+    return make_trainer(tiny_config(root / "exp", data, teacher, overrides=WINDOWED))
+
+
+def test_each_utterance_gets_the_window_decoding_gives_it(trainer):
+    ds, student = trainer.parts.train_set, trainer.parts.student
+    windows = ds.windows
+    assert set(windows) == {100, 150}  # 2 s and 3 s: both occur in the fixture
+    for j, w in enumerate(windows):
+        utt = ds.base.items[ds.index[j]][0]
+        audio = ds.base.data.load_audio(utt)
+        assert batch_frames(student, len(audio), 0.5) == w, utt.utt_id
+
+
+def test_cached_encoder_output_is_the_decoders_on_that_window(trainer):
+    ds, student = trainer.parts.train_set, trainer.parts.student
+    for j in (0, len(ds) - 1):
+        item = ds[j]
+        w = ds.windows[j]
+        utt = ds.base.items[ds.index[j]][0]
+        with torch.no_grad(), encoder_window(student, w):
+            mel = audio_to_mel([ds.base.data.load_audio(utt)], student)
+            ref = student.encoder(mel)[0]
+        assert item["enc"].shape == ref.shape == (w, student.dims.n_audio_state)
+        torch.testing.assert_close(item["enc"], ref, rtol=1e-4, atol=1e-5)
+        # the teacher (trained on whole windows, teacher.batch_window=false) keeps its whole 4 s window
+        assert item["t_enc"].shape[0] == 200
+    assert student.dims.n_audio_ctx == 200  # restored after filling
+
+
+def test_training_batches_and_dev_batches_hold_one_window(trainer):
+    ds = trainer.parts.train_set
+    sampler = BatchSampler(ds.lengths, 4, groups=ds.windows, seed=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    assert all(len({ds.windows[i] for i in b}) == 1 for b in batches)
+    batch = collate_training([ds[i] for i in batches[0]], trainer.parts.tokenizer.eot)
+    named, _ = trainer.parts.model(batch)  # teacher logits from the whole window, student on the short one
+    assert all(torch.isfinite(v) for v in named.values())
+    dev = trainer.parts.dev_set
+    assert all(len({dev.windows[i] for i in b}) == 1 for b in dev_batches(dev, 3))
+
+
+def test_sampler_without_groups_is_unchanged():
+    lengths = list(range(10, 30))
+    plain = list(BatchSampler(lengths, 4, seed=5))
+    one_group = list(BatchSampler(lengths, 4, seed=5, groups=[0] * 20))
+    assert sorted(map(sorted, plain)) == sorted(map(sorted, one_group))
+    groups = [i % 3 for i in range(20)]
+    for b in BatchSampler(lengths, 4, seed=5, groups=groups):
+        assert len({groups[i] for i in b}) == 1
+    with pytest.raises(DQWhisperError, match="groups"):
+        BatchSampler(lengths, 4, groups=[0])
+
+
+def test_windowed_training_runs_end_to_end(assets, tmp_path):
+    teacher, data, _ = assets
+    summary = train(tiny_config(tmp_path / "exp", data, teacher, overrides=WINDOWED))
+    assert summary["steps"] == 6 and summary["nonfinite_steps"] == 0
+    dev = [json.loads(line) for line in (tmp_path / "exp" / "dev_results.jsonl").read_text().splitlines()]
+    assert dev and all("error" in r for r in dev)
+    saved = (tmp_path / "exp" / "config.yaml").read_text()
+    assert "batch_window: 0.5" in saved  # inference.py decodes with the experiment's decode.batch_window
+
+
+def test_batch_window_needs_the_frozen_cached_encoder(assets, tmp_path):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[*WINDOWED, "trainer.cache_encoder=false"])
+    with pytest.raises(DQWhisperError, match="needs the frozen, cached encoder"):
+        make_trainer(cfg)
+
+
+def test_gptq_calibration_runs_the_encoder_on_the_training_windows(trainer):
+    from dqwhisper.train.calibrate import calibration_batches
+
+    base = trainer.parts.train_base
+    batches = calibration_batches(base, 12, batch_size=4, margin=0.5)
+    assert sum(len(b["mel"]) for b in batches) == 12
+    assert {b["window"] for b in batches} == {100, 150}
+    for b in batches:
+        assert b["mel"].shape[-1] == 2 * b["window"]
+        assert all(batch_frames(trainer.parts.student, 320 * n, 0.5) == b["window"] for n in b["enc_lengths"].tolist())
+    whole = calibration_batches(base, 12, batch_size=4)
+    assert {b["window"] for b in whole} == {200} and [len(b["mel"]) for b in whole] == [4, 4, 4]

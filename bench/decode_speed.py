@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     texts_of = {s["name"]: s["texts"] for s in systems}
     if students:
         print()
-    for name, _ in students:
+    for name, _, _ in students:
         f, o = by_name.get(f"{name}-float"), by_name.get(f"{name}-ours")
         c2 = by_name.get(f"{name}-ct2-int8")
         line = f"{name}: ours {f['rtf'] / o['rtf']:.2f}x its float self" if f and o else f"{name}:"

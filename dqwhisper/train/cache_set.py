@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from dqwhisper.cache import FeatureCache, audio_key, module_key, tokens_key
 from dqwhisper.data.dataset import WhisperDataset, collate
+from dqwhisper.data.sampler import chunks_by_key
 from dqwhisper.decoding.audio import encoder_window
 from dqwhisper.distill.teacher import TeacherTargets
 from dqwhisper.models.student import FRAMES_PER_SECOND, DQWhisper, margin_frames
@@ -248,7 +249,7 @@ class CacheFiller:
         if not todo:
             return
         bs = self.batch_size
-        chunks = _window_chunks(todo, windows, bs)
+        chunks = chunks_by_key(todo, windows, bs)
         model.encoder.eval()
         with torch.no_grad():
             for chunk in tqdm(chunks, desc=f"encoder cache {name}", unit="batch", disable=not self.progress):
@@ -278,7 +279,7 @@ class CacheFiller:
         bs = self.batch_size
         pad = ds.base.tokenizer.eot
         windows = ds.teacher_enc_windows if ds.teacher_enc_cache is not None else ds.enc_windows
-        chunks = _window_chunks(todo, windows, bs)
+        chunks = chunks_by_key(todo, windows, bs)
         with torch.no_grad():
             for chunk in tqdm(chunks, desc="teacher cache", unit="batch", disable=not self.progress):
                 toks = [ds.tokens(i)[:-1] for i in chunk]
@@ -302,15 +303,6 @@ class CacheFiller:
         log.info(
             "teacher cache: %d utterances computed into %s", len(todo), ", ".join(str(c.dir) for c in ds.teacher_caches)
         )
-
-
-def _window_chunks(todo: list[int], windows: list[int], size: int) -> list[list[int]]:
-    """`todo` (base indices) in chunks of at most `size` that share one encoder window."""
-    chunks = []
-    for w in sorted({windows[i] for i in todo}):
-        members = [i for i in todo if windows[i] == w]
-        chunks += [members[k : k + size] for k in range(0, len(members), size)]
-    return chunks
 
 
 def window_margins(cfg) -> tuple[float | None, float | None]:

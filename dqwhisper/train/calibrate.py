@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dqwhisper.data.dataset import WhisperDataset, collate
+from dqwhisper.data.sampler import chunks_by_key
 from dqwhisper.decoding.audio import encoder_window
 from dqwhisper.models.student import FRAMES_PER_SECOND, margin_frames
 from dqwhisper.quant.gptq import gptq_
@@ -32,11 +33,11 @@ def calibration_batches(
     if not items:
         raise DQWhisperError(f"GPTQ calibration: no readable utterance in {ds.data.path}")
     pad = ds.tokenizer.eot
-    batches = []
     windows = [margin_frames(it["n_frames"] / FRAMES_PER_SECOND, margin, ds.n_audio_ctx) for it in items]
-    for w in sorted(set(windows), reverse=True):
-        group = [dict(it, mel=it["mel"][:, : 2 * w]) for it, iw in zip(items, windows) if iw == w]
-        batches += [dict(collate(group[i : i + batch_size], pad), window=w) for i in range(0, len(group), batch_size)]
+    batches = []
+    for chunk in chunks_by_key(list(range(len(items))), windows, batch_size):
+        w = windows[chunk[0]]
+        batches.append(dict(collate([dict(items[i], mel=items[i]["mel"][:, : 2 * w]) for i in chunk], pad), window=w))
     return batches
 
 

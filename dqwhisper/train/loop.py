@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dqwhisper.data.sampler import BatchSampler
+from dqwhisper.data.sampler import BatchSampler, chunks_by_key
 from dqwhisper.train import dist as D
 from dqwhisper.train.build import Parts, build, setup
 from dqwhisper.train.cache_set import TrainingSet, collate_training
@@ -298,12 +298,8 @@ def _resume_or_start(tr: Trainer) -> None:
 
 
 def dev_batches(ds: TrainingSet, size: int) -> list[list[int]]:
-    """Validation batches: in order, at most `size` utterances, one encoder window each (data.batch_window)."""
-    windows, batches = ds.windows, []
-    for w in dict.fromkeys(windows):
-        members = [j for j in range(len(ds)) if windows[j] == w]
-        batches += [members[k : k + size] for k in range(0, len(members), size)]
-    return batches
+    """Validation batches of at most `size` utterances, one encoder window each (data.batch_window)."""
+    return chunks_by_key(list(range(len(ds))), ds.windows, size)
 
 
 def _train_sampler(cfg: Any, parts: Parts, dist: D.DistInfo) -> BatchSampler:

@@ -154,7 +154,7 @@ class DecodeConfig:
     tag: Optional[str] = None  # output folder tag; null = <checkpoint>_<greedy|beamN|ctc>
     checkpoint: str = "best"  # best | last | avg | export | path to a .pt file
     export_mode: str = "int8"  # how export/model.dqw runs: int8 (the `kernel` below) | dequant (exact float reference)
-    # auto (fastest per shape that runs what was trained) | fbgemm | int_mm | float_codes | weight_only | float
+    # auto (fastest per shape that runs what was trained) | fbgemm | onednn | int_mm | float_codes | weight_only | float
     kernel: str = "auto"
     beam_size: int = 1  # 1 = greedy; N > 1 = beam search with N beams
     patience: Optional[float] = None  # beam search patience; null = 1.0

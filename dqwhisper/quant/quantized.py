@@ -133,8 +133,8 @@ class _QuantizedBase(nn.Module):
 
 
 class QuantizedLinear(_QuantizedBase):
-    """act_quant: trained with 8-bit per-token activation fake-quant (the float kernel applies it too; fbgemm and
-    int_mm quantize activations the same way whether or not the model was trained so)."""
+    """act_quant: trained with 8-bit per-token activation fake-quant (the float kernel applies it too; fbgemm,
+    onednn and int_mm quantize activations the same way whether or not the model was trained so)."""
 
     def __init__(
         self,

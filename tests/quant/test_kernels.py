@@ -3,8 +3,8 @@
 Tolerances, per output element y of a linear (y_ref: the fake-quant linear evaluated in float64 on the same input;
 A = |x_q| @ |w_q|.T + |bias|, the sum of the magnitudes that enter y):
 - float:            0 (the same float32 operations as the fake-quant forward)
-- fbgemm, int_mm, float_codes: 2^-21 * A (exact integer sums, then a few float32 roundings of the rescale and the
-  bias add); and the three give the same bits
+- fbgemm, onednn, int_mm, float_codes: 2^-21 * A (exact integer sums, then a few float32 roundings of the rescale
+  and the bias add); and the four give the same bits
 - weight_only:      K * 2^-24 * A (another float32 summation order: the standard gamma_K bound of a K-term dot)
 """
 
@@ -72,7 +72,12 @@ def _reference(module, x):
     return xq @ w.t() + b, xq.abs() @ w.abs().t() + b.abs()
 
 
-@pytest.mark.parametrize("backend", ["fbgemm", "int_mm", "float_codes", "weight_only"])
+needs_onednn = pytest.mark.skipif(not kernels.onednn_exact(), reason="no exact oneDNN int8 linear on this CPU")
+
+
+@pytest.mark.parametrize(
+    "backend", ["fbgemm", pytest.param("onednn", marks=needs_onednn), "int_mm", "float_codes", "weight_only"]
+)
 @pytest.mark.parametrize("config", ["w8a8", "w4", "w4a8_int8groups"])
 def test_backend_within_its_stated_tolerance_of_the_fake_quant_arithmetic(backend, config, inputs):
     mel, tokens = inputs
@@ -194,7 +199,7 @@ def test_quantize_tokens_equals_the_fake_quant_per_token_codes_bit_for_bit():
         torch.testing.assert_close(q, q_ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["int_mm", "fbgemm", "float_codes"])
+@pytest.mark.parametrize("backend", ["int_mm", "fbgemm", pytest.param("onednn", marks=needs_onednn), "float_codes"])
 def test_int8_kernels_equal_their_integer_formula_bit_for_bit(backend):
     """Every int8-activation backend gives the bits of one formula: the exact integer sum as float32, times the row
     scale, times the token scale, plus the bias. So auto's timing-dependent choice among them never changes an
@@ -207,9 +212,37 @@ def test_int8_kernels_equal_their_integer_formula_bit_for_bit(backend):
     q, s = kernels.quantize_tokens(x)
     acc = q.double() @ w.double().t()  # exact: every product and sum is an integer far below 2^53
     want = acc.float() * row_scale * s + bias
-    kernel = {"int_mm": kernels.IntMMKernel, "fbgemm": kernels.FbgemmKernel, "float_codes": kernels.FloatCodesKernel}
+    kernel = {
+        "int_mm": kernels.IntMMKernel,
+        "fbgemm": kernels.FbgemmKernel,
+        "onednn": kernels.OnednnKernel,
+        "float_codes": kernels.FloatCodesKernel,
+    }
     y = kernel[backend](w, row_scale)(x.reshape(1, 37, 96), bias).reshape(37, 40)
     torch.testing.assert_close(y, want, atol=0, rtol=0)
+
+
+@needs_onednn
+def test_onednn_sums_full_range_codes_exactly():
+    """8-bit weights at +-127/-128 against activation codes at both ends: where int16 pair sums would saturate."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randint(-128, 128, (48, 512), dtype=torch.int8, generator=g)
+    w[0], w[1] = 127, -128
+    s = torch.rand(48, generator=g) + 0.5
+    x = torch.randn(9, 512, generator=g)
+    x[0], x[1] = 5.0, -5.0
+    q, sx = kernels.quantize_tokens(x)
+    acc = q.double() @ w.double().t()
+    assert float(acc.abs().max()) < 2**24
+    torch.testing.assert_close(kernels.OnednnKernel(w, s)(x, None), acc.float().mul(s).mul(sx), atol=0, rtol=0)
+
+
+def test_onednn_is_not_built_where_its_sums_are_not_exact(monkeypatch):
+    monkeypatch.setattr(kernels, "_ONEDNN_EXACT", False)
+    qt = prepare(make_student(), W8A8)
+    linear = next(m for m in convert(qt, "onednn").modules() if isinstance(m, QuantizedLinear))
+    assert linear.kernel == "float"
+    assert "onednn" not in kernels.candidates(True)
 
 
 def test_float_codes_is_built_only_where_its_float_sums_are_exact():
@@ -234,7 +267,10 @@ def test_auto_output_does_not_depend_on_which_int8_kernel_wins(inputs, monkeypat
     mel, tokens = inputs
     model = prepare(make_student(), W4A8_INT8_GROUPS)
     outs = {}
-    for backend in ("fbgemm", "int_mm", "float_codes"):
+    backends = (
+        ("fbgemm", "onednn", "int_mm", "float_codes") if kernels.onednn_exact() else ("fbgemm", "int_mm", "float_codes")
+    )
+    for backend in backends:
         kernels._TIMES.clear()
         monkeypatch.setattr(kernels, "race", lambda fns, b=backend, **kw: {n: (1.0 if n == b else 2.0) for n in fns})
         monkeypatch.setattr(kernels, "has_fast_kernel", lambda name: True)
@@ -243,8 +279,8 @@ def test_auto_output_does_not_depend_on_which_int8_kernel_wins(inputs, monkeypat
         with torch.no_grad():
             outs[backend] = m.decoder(tokens, m.encoder(mel))
     kernels._TIMES.clear()
-    torch.testing.assert_close(outs["int_mm"], outs["fbgemm"], atol=0, rtol=0)
-    torch.testing.assert_close(outs["float_codes"], outs["fbgemm"], atol=0, rtol=0)
+    for backend in backends:
+        torch.testing.assert_close(outs[backend], outs["fbgemm"], atol=0, rtol=0)
 
 
 def test_fbgemm_is_a_candidate_wherever_torch_has_its_engine(monkeypatch):
@@ -256,6 +292,7 @@ def test_fbgemm_is_a_candidate_wherever_torch_has_its_engine(monkeypatch):
 
     monkeypatch.setattr(kernels, "race", no_race)
     monkeypatch.setattr(kernels, "_FAST", {"int_mm": False, "weight_only": False})  # as if probed already
+    monkeypatch.setattr(kernels, "_ONEDNN_EXACT", False)
     expected = "fbgemm" in torch.backends.quantized.supported_engines
     assert kernels.has_fast_kernel("fbgemm") is expected
     assert kernels.candidates(True) == (["fbgemm"] if expected else []) + ["float_codes"]

@@ -49,8 +49,11 @@ class DataConfig:
     languages: Optional[list[str]] = None  # keep only these utt2lang codes; null = all
     audio_window: float = 30.0  # encoder window in seconds (30 = Whisper's own; the paper used 15)
     # S seconds: each utterance's encoder window = its audio + S, rounded up to whole seconds (at most audio_window),
-    # batches of one window, as decode.batch_window=S decodes; needs the frozen, cached encoder; null = whole window
+    # as decode.batch_window=S decodes; needs the frozen, cached encoder; null = whole window
     batch_window: Optional[float] = None
+    # with batch_window: false = batches mix windows (padded; each row's cross-attention masked to its own window);
+    # true = each batch holds one window (no padding; batches of similar length, which cost dev accuracy)
+    group_windows: bool = False
     bpe_vocab_size: int = 500  # sentencepiece units of the CTC head (soft limit)
     max_bad_fraction: float = 0.1  # more bad utterances than this fraction is an error
     max_train_utts: int = 0  # train on N utterances evenly spaced over the set (by id); 0 = all

@@ -98,12 +98,14 @@ class DistillModel(nn.Module):
                 else:
                     xa = self.student.encoder(mel)
             self.student.decoder.subset_logits = True
+            lengths = batch.get("enc_window")  # rows of different encoder windows (data.batch_window), padded
             try:
-                if want_match:
-                    logits, ffn, blocks = self.student.decoder.forward_features(tokens_in, xa)
-                    s_feats = ffn if m.feature == "ffn" else blocks
-                else:
-                    logits = self.student.decoder(tokens_in, xa)
+                with self.student.decoder.key_lengths(None if lengths is None else lengths.to(dev), xa.shape[1]):
+                    if want_match:
+                        logits, ffn, blocks = self.student.decoder.forward_features(tokens_in, xa)
+                        s_feats = ffn if m.feature == "ffn" else blocks
+                    else:
+                        logits = self.student.decoder(tokens_in, xa)
             finally:
                 self.student.decoder.subset_logits = False
         return xa, logits, s_feats, enc_feats

@@ -40,11 +40,12 @@ class TeacherTargets:
     def dtype(self) -> torch.dtype:
         return next(self.teacher.parameters()).dtype
 
-    def outputs(self, tokens_in: Tensor, xa: Tensor) -> dict[str, Tensor]:
+    def outputs(self, tokens_in: Tensor, xa: Tensor, xa_lengths: Tensor | None = None) -> dict[str, Tensor]:
         """tokens_in (B, L), the teacher encoder's output xa (B, T, d) -> t_logits [, t_index] [, t_feats
-        (n_layer, B, L, D)]."""
-        with torch.no_grad(), autocast(self.amp_dtype):
-            logits, ffn, blocks = self.teacher.decoder.forward_features(tokens_in, xa.to(self.dtype))
+        (n_layer, B, L, D)]. xa_lengths (B,): each row's encoder window when the rows' windows differ (padded)."""
+        decoder = self.teacher.decoder
+        with torch.no_grad(), autocast(self.amp_dtype), decoder.key_lengths(xa_lengths, xa.shape[1]):
+            logits, ffn, blocks = decoder.forward_features(tokens_in, xa.to(self.dtype))
         if self.keep is not None:
             logits = logits.index_select(-1, self.keep)
         if not bool(torch.isfinite(logits).all()):
@@ -87,14 +88,15 @@ class CachedTargets(TeacherTargets):
 class LiveTargets(TeacherTargets):
     def __call__(self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool) -> dict:
         dev = tokens_in.device
+        lengths = None
         if "t_enc" in batch:
-            t_xa = batch["t_enc"].to(dev).float()
+            t_xa, lengths = batch["t_enc"].to(dev).float(), batch.get("t_enc_window")
         elif "enc" in batch:  # the teacher's encoder is the student's (one cache): its output is the student's
-            t_xa = student_xa.detach()
+            t_xa, lengths = student_xa.detach(), batch.get("enc_window")
         else:
             with torch.no_grad(), autocast(self.amp_dtype):
                 t_xa = self.teacher.encoder(batch["mel"].to(dev).to(self.dtype))
-        t = self.outputs(tokens_in, t_xa)
+        t = self.outputs(tokens_in, t_xa, None if lengths is None else lengths.to(dev))
         if want_match:
             t["t_feats"] = list(t["t_feats"])
         return t

@@ -7,6 +7,7 @@ matching. See docs/DESIGN.md for the contract.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -65,11 +66,24 @@ class DQAudioEncoder(AudioEncoder):
         return self.ln_post(x), block_outs, ffn_acts
 
 
+def masked_cross_attention(attn: nn.Module, x: Tensor, xa: Tensor, key_mask: Tensor) -> Tensor:
+    """Whisper's cross-attention `attn` (its query/key/value/out modules, fake-quantized or not) of x (B, L, d) over
+    xa (B, T, d), each row attending only to its keys where key_mask (B, T) is True: a row whose encoder window is
+    shorter than the batch's sees exactly what it sees alone on its window (the padding is never attended)."""
+    q, k, v = attn.query(x), attn.key(xa), attn.value(xa)
+    heads = attn.n_head
+    q, k, v = (t.view(*t.shape[:2], heads, -1).permute(0, 2, 1, 3) for t in (q, k, v))
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+    return attn.out(a.permute(0, 2, 1, 3).flatten(start_dim=2))
+
+
 class DQTextDecoder(TextDecoder):
     """Whisper's decoder with an optional pruned vocabulary and feature taps.
 
     Takes full-vocabulary token ids. Returns full-vocabulary logits (-inf at pruned ids) unless `subset_logits` is
-    set, then logits over `vocab_keep` in its order.
+    set, then logits over `vocab_keep` in its order. Inside `key_lengths(lengths)` (training on a batch whose rows
+    have encoder windows of different lengths, padded to the longest), row b's cross-attention sees only its first
+    lengths[b] encoder positions.
     """
 
     def __init__(
@@ -79,6 +93,7 @@ class DQTextDecoder(TextDecoder):
         super().__init__(rows, n_ctx, n_state, n_head, n_layer)
         self.n_vocab_full = n_vocab
         self.subset_logits = False
+        self.key_mask: Tensor | None = None
         if vocab_keep is None:
             self.vocab_keep = None
             self.full_to_sub = None
@@ -122,11 +137,34 @@ class DQTextDecoder(TextDecoder):
         full = logits.new_full((*logits.shape[:-1], self.n_vocab_full), float("-inf"))
         return full.index_copy_(-1, self.vocab_keep, logits)
 
+    @contextlib.contextmanager
+    def key_lengths(self, lengths: Tensor | None, n_keys: int):
+        """Within: cross-attention of row b over its first lengths[b] of the n_keys encoder positions (no mask when
+        lengths is None or every row has all n_keys)."""
+        if lengths is not None and bool((lengths < n_keys).any()):
+            self.key_mask = torch.arange(n_keys, device=lengths.device)[None] < lengths[:, None]
+        try:
+            yield
+        finally:
+            self.key_mask = None
+
+    def _cross(self, block: nn.Module, h: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
+        if self.key_mask is None:
+            return block.cross_attn(block.cross_attn_ln(h), xa, kv_cache=kv_cache)[0]
+        if kv_cache is not None:
+            raise DQWhisperError("a cross-attention key mask is for teacher-forced training, not kv-cached decoding")
+        return masked_cross_attention(block.cross_attn, block.cross_attn_ln(h), xa, self.key_mask.to(h.device))
+
     def forward(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
         h = self._embed(x, offset).to(xa.dtype)
         for block in self.blocks:
-            h = block(h, xa, mask=self.mask, kv_cache=kv_cache)
+            if self.key_mask is None:
+                h = block(h, xa, mask=self.mask, kv_cache=kv_cache)
+                continue
+            h = h + block.attn(block.attn_ln(h), mask=self.mask, kv_cache=kv_cache)[0]
+            h = h + self._cross(block, h, xa, kv_cache)
+            h = h + block.mlp(block.mlp_ln(h))
         return self._expand(self.project(self.ln(h)))
 
     def forward_features(self, x: Tensor, xa: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -136,7 +174,7 @@ class DQTextDecoder(TextDecoder):
         ffn_acts, block_outs = [], []
         for block in self.blocks:
             h = h + block.attn(block.attn_ln(h), mask=self.mask)[0]
-            h = h + block.cross_attn(block.cross_attn_ln(h), xa)[0]
+            h = h + self._cross(block, h, xa)
             a = block.mlp[1](block.mlp[0](block.mlp_ln(h)))
             h = h + block.mlp[2](a)
             ffn_acts.append(a)

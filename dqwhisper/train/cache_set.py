@@ -117,10 +117,17 @@ def collate_training(items: list[dict | None], pad_id: int) -> dict:
     items = [it for it in items if it is not None]
     batch = collate(items, pad_id)
     length = batch["tokens_in"].shape[1]
-    if "enc" in items[0]:
-        batch["enc"] = torch.stack([it["enc"] for it in items])
-    if "t_enc" in items[0]:
-        batch["t_enc"] = torch.stack([it["t_enc"] for it in items])
+    for key in ("enc", "t_enc"):  # cached encoder outputs; rows of different windows are padded to the longest
+        if key in items[0]:
+            windows = [it[key].shape[0] for it in items]
+            if len(set(windows)) == 1:
+                batch[key] = torch.stack([it[key] for it in items])
+            else:
+                first = items[0][key]
+                out = first.new_zeros((len(items), max(windows), *first.shape[1:]))
+                for b, it in enumerate(items):
+                    out[b, : windows[b]] = it[key]
+                batch[key], batch[f"{key}_window"] = out, torch.tensor(windows, dtype=torch.long)
 
     def pad(key: str, fill: float = 0.0) -> Tensor:
         first = items[0][key]

@@ -313,7 +313,7 @@ def _train_sampler(cfg: Any, parts: Parts, dist: D.DistInfo) -> BatchSampler:
         drop_last=False,
         rank=dist.rank,
         world_size=dist.world_size,
-        groups=parts.train_set.windows if parts.train_set.margin is not None else None,
+        groups=parts.train_set.windows if parts.train_set.margin is not None and cfg.data.group_windows else None,
     )
 
 

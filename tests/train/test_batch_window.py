@@ -1,6 +1,7 @@
 """data.batch_window: each training utterance gets the encoder window decode.batch_window gives it (its audio + S
-seconds, rounded up to whole seconds), its cached encoder output is what decoding computes, batches hold one
-window, and dev decodes those windows."""
+seconds, rounded up to whole seconds), its cached encoder output is what decoding computes, training batches mix
+windows (padded, cross-attention masked to each row's window; data.group_windows=true: one window a batch), dev
+batches hold one window, and dev decodes those windows."""
 
 from __future__ import annotations
 
@@ -59,7 +60,69 @@ def test_cached_encoder_output_is_the_decoders_on_that_window(trainer):
     assert student.dims.n_audio_ctx == 200  # restored after filling
 
 
-def test_training_batches_and_dev_batches_hold_one_window(trainer):
+def _mixed_batch(trainer):
+    ds = trainer.parts.train_set
+    by_window = {}
+    for j, w in enumerate(ds.windows):
+        by_window.setdefault(w, []).append(j)
+    rows = [by_window[100][0], by_window[150][0], by_window[100][1]]
+    return rows, collate_training([ds[j] for j in rows], trainer.parts.tokenizer.eot)
+
+
+def test_a_mixed_batch_pads_to_its_longest_window_and_names_each_rows_window(trainer):
+    rows, batch = _mixed_batch(trainer)
+    assert batch["enc"].shape[1] == 150
+    assert batch["enc_window"].tolist() == [100, 150, 100]
+    assert bool((batch["enc"][0, 100:] == 0).all())
+    assert "t_enc_window" not in batch  # the teacher's whole 4 s windows are all alike
+
+
+@pytest.mark.parametrize("with_features", [False, True])
+def test_each_row_of_a_mixed_batch_decodes_as_it_does_alone_on_its_window(trainer, with_features):
+    """The masked cross-attention: row b's logits (and decoder features) in a padded batch of mixed windows equal
+    its own on its unpadded window, alone."""
+    rows, batch = _mixed_batch(trainer)
+    decoder = trainer.parts.student.decoder.eval()
+    tokens = batch["tokens_in"]
+
+    def run(toks, xa, lengths):
+        with torch.no_grad(), decoder.key_lengths(lengths, xa.shape[1]):
+            if with_features:
+                logits, ffn, _ = decoder.forward_features(toks, xa)
+                return logits, torch.stack(ffn)
+            return decoder(toks, xa), torch.zeros(1)
+
+    mixed = run(tokens, batch["enc"], batch["enc_window"])
+    for b, w in enumerate(batch["enc_window"].tolist()):
+        alone = run(tokens[b : b + 1], batch["enc"][b : b + 1, :w], None)
+        n = int((tokens[b] != trainer.parts.tokenizer.eot).sum())  # the row's own tokens (the rest is padding)
+        torch.testing.assert_close(mixed[0][b, :n], alone[0][0, :n], rtol=1e-4, atol=1e-4)
+        if with_features:
+            torch.testing.assert_close(mixed[1][:, b, :n], alone[1][:, 0, :n], rtol=1e-4, atol=1e-4)
+    # without the mask the short rows would attend to their zero padding: a real difference
+    unmasked = run(tokens, batch["enc"], None)
+    assert not torch.allclose(unmasked[0][0], mixed[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_distillation_loss_of_a_mixed_batch_is_finite(trainer):
+    _, batch = _mixed_batch(trainer)
+    named, _ = trainer.parts.model(batch)
+    assert all(torch.isfinite(v) for v in named.values())
+
+
+def test_the_sampler_mixes_windows_unless_group_windows(trainer, assets, tmp_path):
+    from dqwhisper.train.loop import _train_sampler
+
+    ds = trainer.parts.train_set
+    batches = list(_train_sampler(trainer.cfg, trainer.parts, trainer.dist))
+    assert any(len({ds.windows[i] for i in b}) > 1 for b in batches)
+    teacher, data, _ = assets
+    grouped = make_trainer(tiny_config(tmp_path / "g", data, teacher, overrides=[*WINDOWED, "data.group_windows=true"]))
+    gds = grouped.parts.train_set
+    assert all(len({gds.windows[i] for i in b}) == 1 for b in _train_sampler(grouped.cfg, grouped.parts, grouped.dist))
+
+
+def test_grouped_training_batches_and_dev_batches_hold_one_window(trainer):
     ds = trainer.parts.train_set
     sampler = BatchSampler(ds.lengths, 4, groups=ds.windows, seed=3)
     batches = list(sampler)

@@ -34,9 +34,9 @@ decode_threads=2
 seeds=1             # students trained per configuration (seed k > 1 goes to exp/demo/<student>_seed<k>)
 keep_trained=false  # true: a model trained before (its .done exists) is not retrained even under --stage
 all_students=false  # true: also the KD-only and the 8-bit QAT students (about 7 more minutes on 2 cores)
-batch_window=       # S: students trained and decoded on per-utterance windows (audio + S s; data.batch_window)
+batch_window=1      # S: students trained and decoded on per-utterance windows (audio + S s; data.batch_window); none = whole window
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--nj N] [--steps N] [--exp DIR] [--seeds N]
-  [--keep_trained true] [--all_students true] [--batch_window S] [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]
+  [--keep_trained true] [--all_students true] [--batch_window S|none] [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]
   e.g. after a one-seed run: bash run.sh --stage 4 --seeds 2 --keep_trained true (trains only seed 2)"
 . scripts/parse_options.sh
 
@@ -66,7 +66,10 @@ run_stage() {
 step_args=()
 [ -n "$steps" ] && step_args=("trainer.max_steps=$steps")
 window_args=()   # --batch_window S: for the students only (the teacher trains its encoder, on whole windows)
-[ -n "$batch_window" ] && window_args=("data.batch_window=$batch_window")
+case "$batch_window" in
+  none | null | "") window_args=("data.batch_window=null") ;;
+  *) window_args=("data.batch_window=$batch_window") ;;
+esac
 teacher_ckpt=$exp/teacher_adapted/best.pt
 sfx() { [ "$1" = 1 ] && echo "" || echo "_seed$1"; }   # experiment-name suffix of seed k
 # the students: CE, KD + matching, its 4-bit QAT and 4-bit PTQ forms (what the claims compare); --all_students

@@ -103,15 +103,17 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = kernels.race(fns, rounds=args.reps, drop_after=args.reps)
                 wall = kernels.race(fns, rounds=args.reps, drop_after=args.reps, clock=time.perf_counter)
             ratio = cpu["auto"] / cpu["float"]
-            worst = max(worst, ratio)
+            if m.kernel != "float":  # auto chose float itself: the ratio is float against float, i.e. the noise
+                worst = max(worst, ratio)
             n, k = m.quantized_tensor().shape
             print(
                 f"{label:<22}{f'{rows}x{k}x{n}':>20}{'a8' if m.act_quant else 'w':>5}{m.kernel:>13}"
                 f"{cpu['float'] * 1e3:>10.3f}{cpu['auto'] * 1e3:>10.3f}{ratio:>7.2f}{wall['float'] * 1e3:>12.3f}"
-                f"{wall['auto'] * 1e3:>11.3f}{wall['auto'] / wall['float']:>7.2f}",
+                f"{wall['auto'] * 1e3:>11.3f}{wall['auto'] / wall['float']:>7.2f}"
+                + ("   (float itself: the timing noise, not counted)" if m.kernel == "float" else ""),
                 flush=True,
             )
-    print(f"\nslowest auto choice vs float: {worst:.2f}x (limit {args.tolerance:.2f})")
+    print(f"\nslowest auto choice other than float vs float: {worst:.2f}x (limit {args.tolerance:.2f})")
     if worst > args.tolerance:
         print("FAIL: auto chose a kernel slower than float", file=sys.stderr)
         return 1

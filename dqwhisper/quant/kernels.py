@@ -230,11 +230,11 @@ class FbgemmKernel(Kernel):
 _ONEDNN_EXACT: bool | None = None
 
 
-def _onednn_gemm(codes: Tensor, packed: Tensor, w_scale: Tensor) -> Tensor:
-    """(M, K) int8 codes @ packed int8 weight -> (M, N) float32: float32(exact int32 sum) * w_scale."""
-    zeros = torch.zeros(w_scale.shape[0], dtype=torch.long)
+def _onednn_gemm(codes: Tensor, packed: Tensor, w_scale: Tensor, w_zero: Tensor) -> Tensor:
+    """(M, K) int8 codes @ packed int8 weight -> (M, N) float32: float32(exact int32 sum) * w_scale (zero points
+    w_zero: zeros, made once per weight, not per call)."""
     return torch.ops.onednn.qlinear_pointwise(
-        codes, 1.0, 0, packed, w_scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        codes, 1.0, 0, packed, w_scale, w_zero, None, 1.0, 0, torch.float32, "none", [], ""
     )
 
 
@@ -249,7 +249,7 @@ def onednn_exact() -> bool:
         x[1] = 127
         want = x.double() @ w.double().t()  # +-16384 per product: int16 pair sums would saturate
         try:
-            y = _onednn_gemm(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(16))
+            y = _onednn_gemm(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(16), torch.zeros(16).long())
             _ONEDNN_EXACT = bool(torch.equal(y.double(), want))
         except (AttributeError, RuntimeError, NotImplementedError):
             _ONEDNN_EXACT = False
@@ -263,10 +263,11 @@ class OnednnKernel(Kernel):
     def __init__(self, w_int8: Tensor, row_scale: Tensor):
         self.packed = torch.ops.onednn.qlinear_prepack(w_int8.contiguous(), None)
         self.row_scale = row_scale.float().contiguous()
+        self.zero = torch.zeros(w_int8.shape[0], dtype=torch.long)
 
     def matmul(self, x: Tensor) -> Tensor:
         q, s = quantize_tokens(x)
-        return _onednn_gemm(q.to(torch.int8), self.packed, self.row_scale).mul_(s)
+        return _onednn_gemm(q.to(torch.int8), self.packed, self.row_scale, self.zero).mul_(s)
 
 
 class WeightOnlyKernel(Kernel):

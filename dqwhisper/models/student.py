@@ -158,10 +158,7 @@ class DQTextDecoder(TextDecoder):
     def forward(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
         h = self._embed(x, offset).to(xa.dtype)
-        for block in self.blocks:
-            if self.key_mask is None:
-                h = block(h, xa, mask=self.mask, kv_cache=kv_cache)
-                continue
+        for block in self.blocks:  # whisper's ResidualAttentionBlock.forward, with the cross-attention of _cross
             h = h + block.attn(block.attn_ln(h), mask=self.mask, kv_cache=kv_cache)[0]
             h = h + self._cross(block, h, xa, kv_cache)
             h = h + block.mlp(block.mlp_ln(h))

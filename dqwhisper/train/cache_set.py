@@ -117,24 +117,23 @@ def collate_training(items: list[dict | None], pad_id: int) -> dict:
     items = [it for it in items if it is not None]
     batch = collate(items, pad_id)
     length = batch["tokens_in"].shape[1]
+
+    def pad(key: str, fill: float = 0.0, to: int | None = None) -> Tensor:
+        """items[*][key] (n_b, ...) stacked along a new batch axis, each padded with `fill` to `to` (default: the
+        batch's token length) rows."""
+        first = items[0][key]
+        out = first.new_full((len(items), to or length, *first.shape[1:]), fill)
+        for b, it in enumerate(items):
+            out[b, : it[key].shape[0]] = it[key]
+        return out
+
     for key in ("enc", "t_enc"):  # cached encoder outputs; rows of different windows are padded to the longest
         if key in items[0]:
             windows = [it[key].shape[0] for it in items]
             if len(set(windows)) == 1:
                 batch[key] = torch.stack([it[key] for it in items])
             else:
-                first = items[0][key]
-                out = first.new_zeros((len(items), max(windows), *first.shape[1:]))
-                for b, it in enumerate(items):
-                    out[b, : windows[b]] = it[key]
-                batch[key], batch[f"{key}_window"] = out, torch.tensor(windows, dtype=torch.long)
-
-    def pad(key: str, fill: float = 0.0) -> Tensor:
-        first = items[0][key]
-        out = first.new_full((len(items), length, *first.shape[1:]), fill)
-        for b, it in enumerate(items):
-            out[b, : it[key].shape[0]] = it[key]
-        return out
+                batch[key], batch[f"{key}_window"] = pad(key, to=max(windows)), torch.tensor(windows)
 
     if "t_logits" in items[0]:
         batch["t_logits"] = pad("t_logits")

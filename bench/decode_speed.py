@@ -17,7 +17,12 @@ Systems (each decodes every utterance with its language forced, no timestamps, t
                           --ct2-cache), same windows, same threads
   An experiment dir whose config.yaml sets decode.batch_window (a student trained on per-utterance windows,
   data.batch_window) is timed with it in its -float, -ours and -ct2-int8 rows, as inference.py decodes it; the
-  whisper.cpp rows keep the whole window.
+  whisper.cpp rows keep the whole window. Ours then mixes windows in a batch (each row encoded and cross-attended
+  on its own window, decode.group_windows=false); CTranslate2 has no per-row window, so its row gets batches of one
+  window each (what it can run as trained), and two more rows show the batching alone:
+  <name>-ours-grouped     ours on CTranslate2's batches (decode.group_windows=true)
+  <name>-ct2-int8-padded  CTranslate2 on our batches, each padded to its longest row's window (shorter rows see
+                          padding they were not trained on: its transcripts can differ)
   <name>-whispercpp-<type> whisper.cpp (--ggml-types, e.g. q8_0,q4_0) on the export's `export-ggml` file, our log-mel,
                           same window, same threads, same token cap
   student-fw-ct2          --student-ct2 DIR: faster-whisper on the student's CT2 export (--student-ct2-compute)
@@ -116,15 +121,15 @@ def token_caps(utts: list, data: Preloaded, cfg: DecodeConfig, model, window_sec
     return {u.utt_id: token_cap(min(data.duration(u), window_seconds), cfg, model) for u in utts}
 
 
-def batches_like_ours(utts: list, data: Preloaded, cfg: DecodeConfig, n_ctx: int) -> list[list]:
-    """The batches our decoding forms (decoding.decode_utterances): one language each, longest first, one window each
-    with decode.batch_window."""
+def batches_like_ours(utts: list, data: Preloaded, cfg: DecodeConfig, n_ctx: int, mixed: bool = False) -> list[list]:
+    """The batches our decoding forms (decoding.decode_utterances): one language each, longest first; with
+    decode.batch_window, one window each unless `mixed` (decode.group_windows=false)."""
     from dqwhisper.decoding.utterances import utterance_batches
 
     groups: dict[str, list] = {}
     for u in utts:
         groups.setdefault(u.lang, []).append(u)
-    return [b for members in groups.values() for b in utterance_batches(data, members, None, cfg, n_ctx)]
+    return [b for members in groups.values() for b in utterance_batches(data, members, None, cfg, n_ctx, mixed)]
 
 
 def own_decode_config(spec: str, cfg: DecodeConfig) -> DecodeConfig:
@@ -149,11 +154,13 @@ def time_ct2_generate(
     caps: dict[str, int] | None = None,
     batch_size: int = 1,
     batch_window: float | None = None,
+    mixed: bool = False,
 ) -> Timing:
     """Greedy CTranslate2 decoding on our own mel for the export's window (log-mel included in the time). caps: the
     most tokens per utterance (our decoder's cap, so that a runaway costs both sides alike; a batch stops at its
     members' largest cap); default 224. batch_size > 1: the batches our decoding forms, one generate call each.
-    batch_window: each batch's window cut as decode.batch_window cuts ours (CTranslate2 takes any mel length)."""
+    batch_window: each batch's window cut as decode.batch_window cuts ours (CTranslate2 takes any mel length), one
+    window a batch, or with `mixed` our batches of mixed windows, each padded to its longest row's window."""
     import ctranslate2
     import numpy as np
     from whisper.tokenizer import get_tokenizer
@@ -178,7 +185,7 @@ def time_ct2_generate(
         ids = [r.sequences_ids[0] for r in results]
         return {u.utt_id: tok.decode(i).strip() for u, i in zip(batch, ids)}, sum(len(i) for i in ids)
 
-    return time_batches(run, batches_like_ours(utts, data, cfg, n_ctx))
+    return time_batches(run, batches_like_ours(utts, data, cfg, n_ctx, mixed))
 
 
 def time_whispercpp(
@@ -389,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.batch_window is not None:
             bw = replace(scfg, batch_window=args.batch_window)
             add(f"{name}-ours-bw{args.batch_window:g}s", lambda: time_ours(ours, audio, utts, bw, "zeros"))
+        if scfg.batch_window is not None and not scfg.group_windows:
+            grouped = replace(scfg, group_windows=True)
+            add(f"{name}-ours-grouped", lambda: time_ours(ours, audio, utts, grouped, "zeros"))
         if set(log_kernels(ours)) != {"fbgemm"}:
             int8 = load_exported(path, mode="fbgemm", batch=batch)
             print(f"    {name}-ours-int8 kernels: {log_kernels(int8)}", flush=True)
@@ -407,6 +417,22 @@ def main(argv: list[str] | None = None) -> None:
                     str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps, args.batch_size, scfg.batch_window
                 ),
             )
+            if scfg.batch_window is not None and not scfg.group_windows:
+                add(
+                    f"{name}-ct2-int8-padded",
+                    lambda: time_ct2_generate(
+                        str(ct2_dir),
+                        "int8",
+                        audio,
+                        utts,
+                        args.threads,
+                        seconds,
+                        caps,
+                        args.batch_size,
+                        scfg.batch_window,
+                        mixed=True,
+                    ),
+                )
         for ggml_type in filter(None, args.ggml_types.split(",")):
             from dqwhisper.interop.ggml_export import export_ggml
 
@@ -493,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
         c2 = by_name.get(f"{name}-ct2-int8")
         line = f"{name}: ours {f['rtf'] / o['rtf']:.2f}x its float self" if f and o else f"{name}:"
         print(line)
-        for mine in (o, by_name.get(f"{name}-ours-int8")):
+        pairs = [(o, c2), (by_name.get(f"{name}-ours-int8"), c2)]
+        pairs += [(by_name.get(f"{name}-ours-grouped"), c2), (o, by_name.get(f"{name}-ct2-int8-padded"))]
+        for mine, c2 in pairs:
             if mine and c2:
                 same_c2 = same(texts_of[mine["system"]], texts_of[c2["system"]])
                 print(

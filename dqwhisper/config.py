@@ -170,6 +170,9 @@ class DecodeConfig:
     # S: each batch's encoder window is its longest utterance + S seconds, in whole seconds (at most the window
     # above): less encoder work on short audio (whisper.cpp's audio_ctx), at some accuracy; null = the whole window
     batch_window: Optional[float] = None
+    # with batch_window: false = a batch mixes windows (padded to its longest; each row encoded and cross-attended
+    # on its own window, so larger batches); true = a batch holds one window (what models other than DQWhisper get)
+    group_windows: bool = False
     batch_size: int = 8  # utterances per whisper decoding call (one language per batch)
     device: str = "cpu"  # cpu | cuda | auto
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default

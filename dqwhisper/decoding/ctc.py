@@ -11,7 +11,7 @@ from torch import Tensor
 from whisper.model import Whisper
 
 from dqwhisper.data.bpe import BPE
-from dqwhisper.decoding.search import SAMPLES_PER_FRAME
+from dqwhisper.decoding.search import SAMPLES_PER_FRAME, row_windows
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -51,10 +51,14 @@ def load_ctc_bpe(model: Whisper, fallback: str | Path | None = None):
 
 
 @torch.no_grad()
-def ctc_decode_batch(model: Whisper, mel: Tensor, n_samples: Sequence[int], bpe) -> list[tuple[str, int]]:
+def ctc_decode_batch(
+    model: Whisper, mel: Tensor, n_samples: Sequence[int], bpe, windows: Sequence[int] | None = None
+) -> list[tuple[str, int]]:
     """CTC greedy transcripts of a mel batch: (text, number of units) per row. Encoder frames past the real audio
-    (padding) are ignored."""
-    features = model.encoder(mel)
+    (padding) are ignored. `windows`: encoder positions per row (each row encoded on its own window; DQWhisper)."""
+    lengths = None if windows is None else torch.as_tensor(list(windows), dtype=torch.long)
+    with row_windows(model, lengths):
+        features = model.encoder(mel)
     lengths = [min(math.ceil(n / SAMPLES_PER_FRAME), features.shape[1]) for n in n_samples]
     out = []
     for units in ctc_greedy(model.ctc_logits(features), lengths):

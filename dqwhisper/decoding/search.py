@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -93,9 +94,15 @@ class BatchedDecodingTask(DecodingTask):
     """
 
     def __init__(
-        self, model: Whisper, options: DecodingOptions, caps: Sequence[int] | None = None, no_repeat_ngram_size: int = 0
+        self,
+        model: Whisper,
+        options: DecodingOptions,
+        caps: Sequence[int] | None = None,
+        no_repeat_ngram_size: int = 0,
+        windows: Sequence[int] | None = None,
     ):
         super().__init__(model, options)
+        self.windows = None if windows is None else torch.as_tensor(list(windows), dtype=torch.long)
         eot = self.tokenizer.eot
         if options.without_timestamps:
             self.logit_filters.append(SuppressSpecial(eot))
@@ -106,10 +113,42 @@ class BatchedDecodingTask(DecodingTask):
             self.logit_filters.append(TokenCap(rows, self.sample_begin, eot))
 
     def _get_audio_features(self, mel: Tensor) -> Tensor:
-        return super()._get_audio_features(mel).repeat_interleave(self.n_group, dim=0)
+        with row_windows(self.model, self.windows, None):
+            return super()._get_audio_features(mel).repeat_interleave(self.n_group, dim=0)
 
     def _detect_language(self, audio_features: Tensor, tokens: Tensor):
-        return super()._detect_language(audio_features[:: self.n_group], tokens)
+        features = audio_features[:: self.n_group]
+        with row_windows(self.model, None, self.windows, features.shape[1]):
+            return super()._detect_language(features, tokens)
+
+    def run(self, mel: Tensor) -> list[DecodingResult]:
+        """whisper's run; with `windows` (encoder positions per row of `mel`), each row is encoded and
+        cross-attended on its own window (the batch is padded to the longest)."""
+        if self.windows is None:
+            return super().run(mel)
+        if len(self.windows) != mel.shape[0]:
+            raise ValueError(f"{mel.shape[0]} rows but {len(self.windows)} windows")
+        n_keys = int(self.model.dims.n_audio_ctx)
+        with row_windows(self.model, None, self.windows.repeat_interleave(self.n_group), n_keys):
+            return super().run(mel)
+
+
+@contextlib.contextmanager
+def row_windows(model: Whisper, encoder: Tensor | None, decoder: Tensor | None = None, n_keys: int = 0):
+    """Per-row encoder windows of a padded batch (DQWhisper): `encoder` = positions per row of the encoder's input,
+    `decoder` = positions per row of the decoder's batch (its cross-attention keys, n_keys in all). None = as is."""
+    with contextlib.ExitStack() as stack:
+        for lengths, part, hook in ((encoder, model.encoder, "row_windows"), (decoder, model.decoder, "key_lengths")):
+            if lengths is None:
+                continue
+            if not hasattr(part, hook):
+                raise DQWhisperError(
+                    f"per-row encoder windows need a DQWhisper model; {type(model).__name__} decodes one window per "
+                    "batch (decode.group_windows=true)"
+                )
+            args = (lengths,) if hook == "row_windows" else (lengths, n_keys)
+            stack.enter_context(getattr(part, hook)(*args))
+        yield
 
 
 @torch.no_grad()
@@ -163,14 +202,18 @@ def _is_runaway(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
     )
 
 
-def _language_codes(model: Whisper, features: Tensor, languages: list[str | None]) -> list[str]:
+def _language_codes(
+    model: Whisper, features: Tensor, languages: list[str | None], windows: Tensor | None = None
+) -> list[str]:
     """Forced codes kept; None / "detect" rows get Whisper's language ID (English for English-only models)."""
     out = list(languages)
     todo = [i for i, lang in enumerate(languages) if lang in (None, DETECT)]
     if todo:
         if model.is_multilingual:
             tok = get_tokenizer(True, num_languages=model.num_languages, task="transcribe")
-            _, probs = model.detect_language(features[todo], tok)
+            rows = None if windows is None else windows[todo]
+            with row_windows(model, None, rows, features.shape[1]):
+                _, probs = model.detect_language(features[todo], tok)
             for i, p in zip(todo, probs):
                 out[i] = max(p, key=p.get)
         else:
@@ -194,13 +237,16 @@ def decode_mels(
     seconds: Sequence[float] | None = None,
     cfg: DecodeConfig | None = None,
     fp16: bool = False,
+    windows: Sequence[int] | None = None,
 ) -> list[Hypothesis]:
     """Decode a batch the way inference.py and transcribe do (module docstring): openai transcribe's temperature
     fallback, a token cap per row, special tokens suppressed, optional no-repeat n-gram; greedy or beam search.
 
     mel (B, n_mels, 2 * n_audio_ctx), or encoder output (B, n_audio_ctx, n_audio_state) (then not re-encoded);
     languages: one code for all rows, or one per row; None / "detect" = Whisper's language ID;
-    seconds: audio seconds per row (for the token cap); None = the cap is max_new_tokens.
+    seconds: audio seconds per row (for the token cap); None = the cap is max_new_tokens;
+    windows: encoder positions per row (a DQWhisper batch of rows with their own windows, padded to the longest:
+    each row is encoded and cross-attended on its own window alone); None = every row has the whole window.
     The encoder runs once; fallback reruns only the decoder, on the rows that need it.
     """
     cfg = cfg or DecodeConfig()
@@ -209,29 +255,42 @@ def decode_mels(
     n = mel.shape[0]
     if isinstance(languages, str) or languages is None:
         languages = [languages] * n
-    if len(languages) != n or (seconds is not None and len(seconds) != n):
+    if any(v is not None and len(v) != n for v in (languages, seconds, windows)):
         raise ValueError(
-            f"{n} rows but {len(languages)} languages / {None if seconds is None else len(seconds)} durations"
+            f"{n} rows but {len(languages)} languages / {None if seconds is None else len(seconds)} durations / "
+            f"{None if windows is None else len(windows)} windows"
         )
     if not cfg.temperatures:
         raise DQWhisperError("decode.temperatures is empty: give at least [0.0]")
     dims = model.dims
+    lengths = None if windows is None else torch.as_tensor(list(windows), dtype=torch.long)
+    if lengths is not None and bool((lengths < 1).any() or (lengths > dims.n_audio_ctx).any()):
+        raise ValueError(f"windows {lengths.tolist()} must be within 1..{dims.n_audio_ctx} encoder positions")
     if tuple(mel.shape[-2:]) == (dims.n_audio_ctx, dims.n_audio_state):
         features = mel.half() if fp16 else mel
     else:
-        features = model.encoder(mel.half() if fp16 else mel)
-    codes = _language_codes(model, features, list(languages))
+        with row_windows(model, lengths):
+            features = model.encoder(mel.half() if fp16 else mel)
+    codes = _language_codes(model, features, list(languages), lengths)
     caps = [token_cap(None if seconds is None else seconds[i], cfg, model) for i in range(n)]
     out: list[Hypothesis | None] = [None] * n
     for lang in dict.fromkeys(codes):
         rows = [i for i in range(n) if codes[i] == lang]
-        for i, h in zip(rows, _decode_one_language(model, features[rows], lang, [caps[i] for i in rows], cfg, fp16)):
+        sub = None if lengths is None else lengths[rows]
+        hyps = _decode_one_language(model, features[rows], lang, [caps[i] for i in rows], cfg, fp16, sub)
+        for i, h in zip(rows, hyps):
             out[i] = h
     return out
 
 
 def _decode_one_language(
-    model: Whisper, features: Tensor, language: str, caps: list[int], cfg: DecodeConfig, fp16: bool
+    model: Whisper,
+    features: Tensor,
+    language: str,
+    caps: list[int],
+    cfg: DecodeConfig,
+    fp16: bool,
+    windows: Tensor | None = None,
 ) -> list[Hypothesis]:
     tried: list[list[tuple[DecodingResult, bool]]] = [[] for _ in caps]
     pending = list(range(len(caps)))
@@ -244,12 +303,15 @@ def _decode_one_language(
                 options = decoding_options(cfg, language, fp16, float(t), caps[i])
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(cfg.seed * 1000 + k)  # fresh draws per temperature, repeatable
-                    task = BatchedDecodingTask(model, options, [caps[i]], cfg.no_repeat_ngram_size)
+                    own = None if windows is None else windows[i : i + 1]
+                    task = BatchedDecodingTask(model, options, [caps[i]], cfg.no_repeat_ngram_size, own)
                     results += task.run(features[i : i + 1])
         else:
             sub_caps = [caps[i] for i in pending]
             options = decoding_options(cfg, language, fp16, float(t), max(sub_caps))
-            results = BatchedDecodingTask(model, options, sub_caps, cfg.no_repeat_ngram_size).run(features[pending])
+            sub = None if windows is None else windows[pending]
+            task = BatchedDecodingTask(model, options, sub_caps, cfg.no_repeat_ngram_size, sub)
+            results = task.run(features[pending])
         still = []
         for i, r in zip(pending, results):
             hit = len(r.tokens) >= caps[i]

@@ -113,12 +113,16 @@ def decode_utterances(
 
     padding = cfg.mel_padding
     n_window = window_samples(model)
+    mixed = cfg.batch_window is not None and not cfg.group_windows
+    if mixed and not hasattr(model.encoder, "row_windows"):
+        log.info("%s decodes one encoder window per batch (decode.group_windows)", type(model).__name__)
+        mixed = False
     hyps, n_tokens, n_trimmed, audio_seconds = [], 0, 0, 0.0
     skipped: dict[str, str] = {}
     bar = tqdm(total=len(utts), desc="decode", unit="utt", disable=not progress, leave=False)
     start = time.perf_counter()
     for language, members in groups.items():
-        chunks = utterance_batches(data, members, durations, cfg, model.dims.n_audio_ctx)
+        chunks = utterance_batches(data, members, durations, cfg, model.dims.n_audio_ctx, mixed)
         for chunk in chunks:
             batch, waves = [], []
             for u in chunk:
@@ -140,19 +144,21 @@ def decode_utterances(
                 continue
             n_trimmed += sum(len(w) > n_window for w in waves)
             audio_seconds += sum(len(w) for w in waves) / SAMPLE_RATE
-            frames = batch_frames(model, min(max(len(w) for w in waves), n_window), cfg.batch_window)
+            own = [batch_frames(model, min(len(w), n_window), cfg.batch_window) for w in waves]
+            frames = max(own)
+            windows = own if mixed and min(own) < frames else None
             with encoder_window(model, frames):
                 mel = audio_to_mel(waves, model, device, padding)
                 if bpe is not None:
                     results = [
                         (text, n, language or "", False, 1)
-                        for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe)
+                        for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe, windows)
                     ]
                 else:
                     seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
                     results = [
                         (h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
-                        for h in decode_mels(model, mel, language, seconds, cfg, fp16)
+                        for h in decode_mels(model, mel, language, seconds, cfg, fp16, windows)
                     ]
             new = [
                 UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used, runaway, tries)
@@ -177,13 +183,15 @@ def decode_utterances(
 
 
 def utterance_batches(
-    data, members: list, durations: dict[str, float] | None, cfg: DecodeConfig, n_ctx: int
+    data, members: list, durations: dict[str, float] | None, cfg: DecodeConfig, n_ctx: int, mixed: bool = False
 ) -> list[list]:
-    """Batches of at most cfg.batch_size, longest utterance first (similar lengths); with decode.batch_window, each
-    batch holds utterances of one window (their audio + batch_window rounded up to whole seconds, as data.batch_window
-    trains them; an utterance of unknown length counts as the whole window)."""
+    """Batches of at most cfg.batch_size, longest utterance first (similar lengths); with decode.batch_window and not
+    `mixed` (decode.group_windows), each batch holds utterances of one window (their audio + batch_window rounded up
+    to whole seconds, as data.batch_window trains them; an utterance of unknown length counts as the whole window)."""
     seconds = {u.utt_id: _duration(data, u, durations) for u in members}
     members = sorted(members, key=lambda u: (-seconds[u.utt_id], u.utt_id))
+    if mixed or cfg.batch_window is None:
+        return [members[k : k + cfg.batch_size] for k in range(0, len(members), cfg.batch_size)]
     runs: list[list] = []
     for u in members:
         s = seconds[u.utt_id]

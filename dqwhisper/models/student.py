@@ -45,8 +45,32 @@ def margin_frames(seconds: float, margin: float | None, n_audio_ctx: int) -> int
 
 
 class DQAudioEncoder(AudioEncoder):
-    def forward_features(self, mel: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """mel (B, n_mels, 2*n_ctx) -> (out (B, n_ctx, d), block outputs [(B, n_ctx, d)], FFN acts [(B, n_ctx, 4d)])."""
+    """Whisper's encoder plus feature taps, and per-row windows: inside `row_windows(lengths)` (a batch whose rows
+    have encoder windows of different lengths, padded to the longest), row b is encoded as it is alone on its first
+    lengths[b] positions: its mel frames past 2 * lengths[b] are zeroed (the conv's own zero padding) and its
+    self-attention sees only its own positions. Positions past a row's window are padding and hold no meaning."""
+
+    row_lengths: Tensor | None = None
+
+    @contextlib.contextmanager
+    def row_windows(self, lengths: Tensor | None):
+        """Within: row b of the batch has lengths[b] encoder positions (None: every row has the whole window)."""
+        before = self.row_lengths
+        self.row_lengths = lengths
+        try:
+            yield
+        finally:
+            self.row_lengths = before
+
+    def _key_mask(self, n_ctx: int, device: torch.device) -> Tensor | None:
+        lengths = self.row_lengths
+        if lengths is None or not bool((lengths < n_ctx).any()):
+            return None
+        return torch.arange(n_ctx, device=device)[None] < lengths.to(device)[:, None]
+
+    def _stem(self, mel: Tensor, mask: Tensor | None) -> Tensor:
+        if mask is not None:  # frames past a row's window are zero, as the conv pads the row alone
+            mel = mel * mask.repeat_interleave(2, dim=1)[:, None, :].to(mel.dtype)
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)
         if x.shape[1:] != self.positional_embedding.shape:
@@ -55,10 +79,32 @@ class DQAudioEncoder(AudioEncoder):
                 f"{self.positional_embedding.shape[0]} positions "
                 f"(expected {2 * self.positional_embedding.shape[0]} frames)"
             )
-        x = (x + self.positional_embedding).to(x.dtype)
+        return (x + self.positional_embedding).to(x.dtype)
+
+    def _attend(self, block: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+        if mask is None:
+            return block.attn(block.attn_ln(x))[0]
+        h = block.attn_ln(x)
+        return masked_attention(block.attn, h, h, mask)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, 2*n_ctx) -> (B, n_ctx, d), as whisper's AudioEncoder (per-row windows: row_windows)."""
+        mask = self._key_mask(self.positional_embedding.shape[0], mel.device)
+        if mask is None and mel.shape[-1] == 2 * self.positional_embedding.shape[0]:
+            return super().forward(mel)
+        x = self._stem(mel, mask)
+        for block in self.blocks:
+            x = x + self._attend(block, x, mask)
+            x = x + block.mlp(block.mlp_ln(x))
+        return self.ln_post(x)
+
+    def forward_features(self, mel: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """mel (B, n_mels, 2*n_ctx) -> (out (B, n_ctx, d), block outputs [(B, n_ctx, d)], FFN acts [(B, n_ctx, 4d)])."""
+        mask = self._key_mask(self.positional_embedding.shape[0], mel.device)
+        x = self._stem(mel, mask)
         block_outs, ffn_acts = [], []
         for block in self.blocks:
-            x = x + block.attn(block.attn_ln(x))[0]
+            x = x + self._attend(block, x, mask)
             h = block.mlp[1](block.mlp[0](block.mlp_ln(x)))
             x = x + block.mlp[2](h)
             block_outs.append(x)
@@ -66,11 +112,19 @@ class DQAudioEncoder(AudioEncoder):
         return self.ln_post(x), block_outs, ffn_acts
 
 
-def masked_cross_attention(attn: nn.Module, x: Tensor, xa: Tensor, key_mask: Tensor) -> Tensor:
-    """Whisper's cross-attention `attn` (its query/key/value/out modules, fake-quantized or not) of x (B, L, d) over
-    xa (B, T, d), each row attending only to its keys where key_mask (B, T) is True: a row whose encoder window is
-    shorter than the batch's sees exactly what it sees alone on its window (the padding is never attended)."""
-    q, k, v = attn.query(x), attn.key(xa), attn.value(xa)
+def masked_attention(attn: nn.Module, x: Tensor, xa: Tensor, key_mask: Tensor, kv_cache: dict | None = None) -> Tensor:
+    """Whisper's attention `attn` (its query/key/value/out modules, fake-quantized or not) of x (B, L, d) over xa
+    (B, T, d), each row attending only to its keys where key_mask (B, T) is True: a row whose encoder window is
+    shorter than the batch's sees exactly what it sees alone on its window (the padding is never attended). Used
+    for the encoder's self-attention (xa = x) and the decoder's cross-attention; with whisper's kv_cache (decoding),
+    the keys and values of xa are computed once and then read from it, as whisper's MultiHeadAttention does."""
+    q = attn.query(x)
+    if kv_cache is not None and attn.key in kv_cache:
+        k, v = kv_cache[attn.key], kv_cache[attn.value]
+    else:
+        k, v = attn.key(xa), attn.value(xa)
+    if key_mask.shape != k.shape[:2]:
+        raise DQWhisperError(f"key mask of shape {tuple(key_mask.shape)} for keys of shape {tuple(k.shape[:2])}")
     heads = attn.n_head
     q, k, v = (t.view(*t.shape[:2], heads, -1).permute(0, 2, 1, 3) for t in (q, k, v))
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
@@ -140,20 +194,21 @@ class DQTextDecoder(TextDecoder):
     @contextlib.contextmanager
     def key_lengths(self, lengths: Tensor | None, n_keys: int):
         """Within: cross-attention of row b over its first lengths[b] of the n_keys encoder positions (no mask when
-        lengths is None or every row has all n_keys)."""
+        lengths is None or every row has all n_keys), in training and in kv-cached decoding (the mask's rows are
+        the decoder's batch rows); the mask before is restored after."""
+        before = self.key_mask
+        self.key_mask = None
         if lengths is not None and bool((lengths < n_keys).any()):
             self.key_mask = torch.arange(n_keys, device=lengths.device)[None] < lengths[:, None]
         try:
             yield
         finally:
-            self.key_mask = None
+            self.key_mask = before
 
     def _cross(self, block: nn.Module, h: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
         if self.key_mask is None:
             return block.cross_attn(block.cross_attn_ln(h), xa, kv_cache=kv_cache)[0]
-        if kv_cache is not None:
-            raise DQWhisperError("a cross-attention key mask is for teacher-forced training, not kv-cached decoding")
-        return masked_cross_attention(block.cross_attn, block.cross_attn_ln(h), xa, self.key_mask.to(h.device))
+        return masked_attention(block.cross_attn, block.cross_attn_ln(h), xa, self.key_mask.to(h.device), kv_cache)
 
     def forward(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0

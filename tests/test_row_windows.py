@@ -1,0 +1,139 @@
+"""Per-row encoder windows in one decode batch (decode.batch_window, decode.group_windows=false): each row of a
+padded batch is encoded and decoded as it is alone on its own window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dqwhisper.decoding import DecodeConfig, audio_to_mel, decode_utterances
+from dqwhisper.decoding.audio import encoder_window
+from dqwhisper.decoding.search import decode_mels
+from dqwhisper.models.student import DQWhisper, from_whisper
+from dqwhisper.quant import prepare
+from dqwhisper.quant.export import export_model, load_exported
+from dqwhisper.utils import DQWhisperError
+from tests.test_decoding import FakeData, FakeUtt, noise, sharp_whisper
+
+SECONDS = (1.7, 0.4, 0.45, 1.2)  # audio per row
+WINDOWS = [100, 50, 50, 100]  # + 0.5 s, whole seconds, at most the tiny model's 2 s window
+
+
+@pytest.fixture(scope="module")
+def model() -> DQWhisper:
+    return from_whisper(sharp_whisper()).eval()
+
+
+def waves() -> list[np.ndarray]:
+    return [noise(s, 10 + i) for i, s in enumerate(SECONDS)]
+
+
+def alone(model, wave: np.ndarray, frames: int, padding: str = "zeros"):
+    """(encoder output, mel) of one utterance on its own window."""
+    with encoder_window(model, frames), torch.no_grad():
+        mel = audio_to_mel([wave], model, padding=padding)
+        return model.encoder(mel)[0], mel
+
+
+@pytest.mark.parametrize("padding", ["zeros", "audio"])
+def test_each_row_is_encoded_as_alone_on_its_window(model, padding):
+    mel = audio_to_mel(waves(), model, padding=padding)
+    lengths = torch.tensor(WINDOWS)
+    with torch.no_grad(), model.encoder.row_windows(lengths):
+        batched = model.encoder(mel)
+    with torch.no_grad():
+        unmasked = model.encoder(mel)
+    differs = False
+    for b, n in enumerate(WINDOWS):
+        ref, _ = alone(model, waves()[b], n, padding)
+        torch.testing.assert_close(batched[b, :n], ref, atol=2e-5, rtol=1e-5)
+        differs |= n < 100 and not torch.allclose(unmasked[b, :n], ref, atol=1e-3)
+    assert differs, "precondition: without the windows the short rows are encoded differently"
+    assert model.encoder.row_lengths is None  # restored
+
+
+def test_row_windows_equal_the_whole_window_change_nothing(model):
+    mel = audio_to_mel(waves(), model)
+    with torch.no_grad():
+        ref = model.encoder(mel)
+        with model.encoder.row_windows(torch.full((4,), 100)):
+            out = model.encoder(mel)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+@pytest.mark.parametrize("language", ["en", None])  # forced, detected
+def test_decode_mels_rows_decode_as_alone(model, beam_size, language):
+    cfg = DecodeConfig(beam_size=beam_size, max_new_tokens=10)
+    mel = audio_to_mel(waves(), model)
+    batched = decode_mels(model, mel, language, list(SECONDS), cfg, windows=WINDOWS)
+    single = []
+    for b, n in enumerate(WINDOWS):
+        with encoder_window(model, n):
+            m = audio_to_mel([waves()[b]], model)
+            single += decode_mels(model, m, language, [SECONDS[b]], cfg)
+    assert [h.tokens for h in batched] == [h.tokens for h in single]
+    assert [h.language for h in batched] == [h.language for h in single]
+    assert [h.n_tries for h in batched] == [h.n_tries for h in single]
+    plain = decode_mels(model, mel, language, list(SECONDS), cfg)  # every row on the batch's window
+    assert [h.tokens for h in plain] != [h.tokens for h in single], "precondition: the windows matter"
+
+
+def test_decoder_mask_is_restored_after_a_batch(model):
+    mel = audio_to_mel(waves(), model)
+    decode_mels(model, mel, "en", list(SECONDS), DecodeConfig(max_new_tokens=3), windows=WINDOWS)
+    assert model.decoder.key_mask is None and model.encoder.row_lengths is None
+
+
+def test_decode_utterances_mixes_windows_in_one_batch(model):
+    utts = [FakeUtt(f"u{i}", "en", s) for i, s in enumerate(SECONDS)] + [FakeUtt("x", "de", 0.3)]
+    seen = []
+    hook = model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    try:
+        mixed = decode_utterances(
+            model, FakeData(), utts, DecodeConfig(batch_size=4, max_new_tokens=6, batch_window=0.5), progress=False
+        )
+        n_mixed = len(seen)
+        seen.clear()
+        grouped = decode_utterances(
+            model,
+            FakeData(),
+            utts,
+            DecodeConfig(batch_size=4, max_new_tokens=6, batch_window=0.5, group_windows=True),
+            progress=False,
+        )
+    finally:
+        hook.remove()
+    assert n_mixed == 2  # en: one batch of 4 on 2 s (rows of 1 s and 2 s); de: one
+    assert [(s[0], s[2]) for s in seen] == [(2, 200), (2, 100), (1, 100)]  # one window a batch
+    assert [h.text for h in mixed.hyps] == [h.text for h in grouped.hyps]
+    assert model.dims.n_audio_ctx == 100
+
+
+def test_exported_int8_student_rows_decode_as_alone(tmp_path):
+    student = prepare(from_whisper(sharp_whisper()).eval(), {"enabled": True, "scope": "all", "weight": {"bits": 4}})
+    export_model(student, tmp_path / "m.dqw")
+    model = load_exported(tmp_path / "m.dqw", "fbgemm")
+    utts = [FakeUtt(f"u{i}", "en", s) for i, s in enumerate(SECONDS)]
+    runs = [
+        decode_utterances(
+            model,
+            FakeData(),
+            utts,
+            DecodeConfig(batch_size=size, max_new_tokens=8, batch_window=0.5, temperatures=[0.0]),
+            progress=False,
+        )
+        for size in (4, 1)
+    ]
+    assert [h.text for h in runs[0].hyps] == [h.text for h in runs[1].hyps]
+    assert len({h.text for h in runs[1].hyps}) > 1
+
+
+def test_windows_need_a_dqwhisper_model():
+    plain = sharp_whisper()
+    mel = audio_to_mel(waves()[:2], plain)
+    with pytest.raises(DQWhisperError, match="per-row encoder windows need a DQWhisper"):
+        decode_mels(plain, mel, "en", None, DecodeConfig(max_new_tokens=2), windows=[50, 100])
+    with pytest.raises(ValueError, match="windows"):
+        decode_mels(from_whisper(plain), mel, "en", None, DecodeConfig(max_new_tokens=2), windows=[50, 101])

@@ -47,8 +47,9 @@ def margin_frames(seconds: float, margin: float | None, n_audio_ctx: int) -> int
 class DQAudioEncoder(AudioEncoder):
     """Whisper's encoder plus feature taps, and per-row windows: inside `row_windows(lengths)` (a batch whose rows
     have encoder windows of different lengths, padded to the longest), row b is encoded as it is alone on its first
-    lengths[b] positions: its mel frames past 2 * lengths[b] are zeroed (the conv's own zero padding) and its
-    self-attention sees only its own positions. Positions past a row's window are padding and hold no meaning."""
+    lengths[b] positions, and the padding is never computed: each row's conv stem runs on its own mel frames, the
+    rows' positions are packed into one sequence for every linear layer, and self-attention runs per row. The
+    output holds zeros past each row's window."""
 
     row_lengths: Tensor | None = None
 
@@ -62,54 +63,68 @@ class DQAudioEncoder(AudioEncoder):
         finally:
             self.row_lengths = before
 
-    def _key_mask(self, n_ctx: int, device: torch.device) -> Tensor | None:
-        lengths = self.row_lengths
-        if lengths is None or not bool((lengths < n_ctx).any()):
-            return None
-        return torch.arange(n_ctx, device=device)[None] < lengths.to(device)[:, None]
+    def _window_error(self, mel: Tensor) -> DQWhisperError:
+        n = self.positional_embedding.shape[0]
+        return DQWhisperError(
+            f"mel of {mel.shape[-1]} frames does not fit this encoder's window of {n} positions "
+            f"(expected {2 * n} frames)"
+        )
 
-    def _stem(self, mel: Tensor, mask: Tensor | None) -> Tensor:
-        if mask is not None:  # frames past a row's window are zero, as the conv pads the row alone
-            mel = mel * mask.repeat_interleave(2, dim=1)[:, None, :].to(mel.dtype)
+    def _stem(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, 2 * n) -> conv stem + sinusoids (B, n, d), n at most the window."""
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)
-        if x.shape[1:] != self.positional_embedding.shape:
-            raise DQWhisperError(
-                f"mel of {mel.shape[-1]} frames does not fit this encoder's window of "
-                f"{self.positional_embedding.shape[0]} positions "
-                f"(expected {2 * self.positional_embedding.shape[0]} frames)"
-            )
-        return (x + self.positional_embedding).to(x.dtype)
-
-    def _attend(self, block: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
-        if mask is None:
-            return block.attn(block.attn_ln(x))[0]
-        h = block.attn_ln(x)
-        return masked_attention(block.attn, h, h, mask)
+        if x.shape[1] > self.positional_embedding.shape[0] or x.shape[2] != self.positional_embedding.shape[1]:
+            raise self._window_error(mel)
+        return (x + self.positional_embedding[: x.shape[1]]).to(x.dtype)
 
     def forward(self, mel: Tensor) -> Tensor:
         """mel (B, n_mels, 2*n_ctx) -> (B, n_ctx, d), as whisper's AudioEncoder (per-row windows: row_windows)."""
-        mask = self._key_mask(self.positional_embedding.shape[0], mel.device)
-        if mask is None and mel.shape[-1] == 2 * self.positional_embedding.shape[0]:
+        n_ctx = self.positional_embedding.shape[0]
+        lengths = self.row_lengths
+        if lengths is None or not bool((lengths < n_ctx).any()):
             return super().forward(mel)
-        x = self._stem(mel, mask)
+        if mel.shape[-1] != 2 * n_ctx or len(lengths) != mel.shape[0]:
+            raise DQWhisperError(
+                f"mel of shape {tuple(mel.shape)} for {len(lengths)} row windows of an encoder window of {n_ctx}"
+            )
+        sizes = [int(n) for n in lengths]
+        x = torch.cat([self._stem(mel[b : b + 1, :, : 2 * n]) for b, n in enumerate(sizes)], dim=1)  # (1, N, d)
         for block in self.blocks:
-            x = x + self._attend(block, x, mask)
+            x = x + segment_attention(block.attn, block.attn_ln(x), sizes)
             x = x + block.mlp(block.mlp_ln(x))
-        return self.ln_post(x)
+        x = self.ln_post(x)
+        out = x.new_zeros(len(sizes), n_ctx, x.shape[-1])
+        out[torch.arange(n_ctx, device=x.device)[None] < lengths.to(x.device)[:, None]] = x[0]
+        return out
 
     def forward_features(self, mel: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """mel (B, n_mels, 2*n_ctx) -> (out (B, n_ctx, d), block outputs [(B, n_ctx, d)], FFN acts [(B, n_ctx, 4d)])."""
-        mask = self._key_mask(self.positional_embedding.shape[0], mel.device)
-        x = self._stem(mel, mask)
+        if self.row_lengths is not None:
+            raise DQWhisperError("forward_features encodes whole windows; per-row windows are for decoding")
+        if mel.shape[-1] != 2 * self.positional_embedding.shape[0]:
+            raise self._window_error(mel)
+        x = self._stem(mel)
         block_outs, ffn_acts = [], []
         for block in self.blocks:
-            x = x + self._attend(block, x, mask)
+            x = x + block.attn(block.attn_ln(x))[0]
             h = block.mlp[1](block.mlp[0](block.mlp_ln(x)))
             x = x + block.mlp[2](h)
             block_outs.append(x)
             ffn_acts.append(h)
         return self.ln_post(x), block_outs, ffn_acts
+
+
+def segment_attention(attn: nn.Module, x: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Whisper's self-attention `attn` over x (1, N, d) holding consecutive rows of `sizes` positions, each row
+    attending only to itself (the linears run once on all N positions)."""
+    q, k, v = attn.query(x), attn.key(x), attn.value(x)
+    heads, out, start = attn.n_head, [], 0
+    for n in sizes:
+        qs, ks, vs = (t[:, start : start + n].view(1, n, heads, -1).permute(0, 2, 1, 3) for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qs, ks, vs).permute(0, 2, 1, 3).flatten(start_dim=2))
+        start += n
+    return attn.out(torch.cat(out, dim=1))
 
 
 def masked_attention(attn: nn.Module, x: Tensor, xa: Tensor, key_mask: Tensor, kv_cache: dict | None = None) -> Tensor:

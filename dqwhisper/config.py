@@ -51,8 +51,9 @@ class DataConfig:
     # S seconds: each utterance's encoder window = its audio + S, rounded up to whole seconds (at most audio_window),
     # as decode.batch_window=S decodes; needs the frozen, cached encoder; null = whole window
     batch_window: Optional[float] = None
-    # with batch_window: false = batches mix windows (padded; each row's cross-attention masked to its own window);
-    # true = each batch holds one window (no padding; batches of similar length, which cost dev accuracy)
+    # with batch_window: false = training and dev batches mix windows (padded; each row's cross-attention masked to
+    # its own window); true = each batch holds one window (no padding; batches of similar length, which cost dev
+    # accuracy)
     group_windows: bool = False
     bpe_vocab_size: int = 500  # sentencepiece units of the CTC head (soft limit)
     max_bad_fraction: float = 0.1  # more bad utterances than this fraction is an error

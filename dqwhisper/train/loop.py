@@ -219,7 +219,7 @@ class Trainer:
         hyps: dict[str, str] = {}
         self._runaways: list[str] = []
         with torch.no_grad():
-            for batch in self.loader(ds, dev_batches(ds, bs)):
+            for batch in self.loader(ds, dev_batches(ds, bs, self.cfg.data.group_windows)):
                 named, info = model(batch, with_teacher=False)
                 for k, v in named.items():
                     tot[k] += float(v) * info["n_tokens"]
@@ -297,9 +297,13 @@ def _resume_or_start(tr: Trainer) -> None:
             (tr.expdir / name).unlink(missing_ok=True)
 
 
-def dev_batches(ds: TrainingSet, size: int) -> list[list[int]]:
-    """Validation batches of at most `size` utterances, one encoder window each (data.batch_window)."""
-    return chunks_by_key(list(range(len(ds))), ds.windows, size)
+def dev_batches(ds: TrainingSet, size: int, group_windows: bool = True) -> list[list[int]]:
+    """Validation batches of at most `size` utterances: one encoder window each (data.batch_window) with
+    `group_windows`, else shortest window first, windows mixed (each row decoded on its own window)."""
+    if group_windows:
+        return chunks_by_key(list(range(len(ds))), ds.windows, size)
+    order = sorted(range(len(ds)), key=lambda i: ds.windows[i])
+    return [order[k : k + size] for k in range(0, len(order), size)]
 
 
 def _train_sampler(cfg: Any, parts: Parts, dist: D.DistInfo) -> BatchSampler:

@@ -27,9 +27,11 @@ def dev_hypotheses(
         with autocast(amp_dtype):
             xa = student.encoder(batch["mel"].to(device)).float()
     seconds = (batch["enc_lengths"].float() / 50).tolist()
+    windows = batch.get("enc_window")  # rows of different windows, padded: each decoded on its own
+    windows = None if windows is None else windows.tolist()
     # cached outputs of a shorter window (data.batch_window) are decoded with the model's window cut to them
     with autocast(amp_dtype), decoding.encoder_window(student, xa.shape[1]):
-        hyps = decoding.decode_mels(student, xa, list(batch["langs"]), seconds, decode_cfg)
+        hyps = decoding.decode_mels(student, xa, list(batch["langs"]), seconds, decode_cfg, windows=windows)
     return {u: h.text for u, h in zip(batch["utt_ids"], hyps)}, [u for u, h in zip(batch["utt_ids"], hyps) if h.runaway]
 
 

@@ -176,3 +176,22 @@ def test_gptq_calibration_runs_the_encoder_on_the_training_windows(trainer):
         assert all(batch_frames(trainer.parts.student, 320 * n, 0.5) == b["window"] for n in b["enc_lengths"].tolist())
     whole = calibration_batches(base, 12, batch_size=4)
     assert {b["window"] for b in whole} == {200} and [len(b["mel"]) for b in whole] == [4, 4, 4]
+
+
+def test_mixed_dev_batches_decode_as_one_window_batches(trainer):
+    from dqwhisper.train.validate import dev_hypotheses
+
+    dev, eot = trainer.parts.dev_set, trainer.parts.tokenizer.eot
+    mixed = dev_batches(dev, 3, group_windows=False)
+    assert sorted(i for b in mixed for i in b) == list(range(len(dev)))
+    assert any(len({dev.windows[i] for i in b}) > 1 for b in mixed)
+    student = trainer.parts.student.eval()
+
+    def hyps(batches):
+        out = {}
+        for b in batches:
+            batch = collate_training([dev[i] for i in b], eot)
+            out.update(dev_hypotheses(student, batch, trainer.cfg.decode, torch.device("cpu"))[0])
+        return out
+
+    assert hyps(mixed) == hyps(dev_batches(dev, 3))

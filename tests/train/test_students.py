@@ -78,9 +78,9 @@ def test_dev_is_decoded_as_test_with_a_cap_from_the_audio_and_runaways_counted(a
     calls, counted = [], []
     real = decoding.decode_mels
 
-    def spy(model, mel, languages, seconds=None, cfg=None, fp16=False):
+    def spy(model, mel, languages, seconds=None, cfg=None, fp16=False, windows=None):
         calls.append((list(languages), list(seconds), cfg))
-        hyps = real(model, mel, languages, seconds, cfg, fp16)
+        hyps = real(model, mel, languages, seconds, cfg, fp16, windows)
         hyps[0].runaway = True  # at least one per batch
         counted.append(sum(h.runaway for h in hyps))
         return hyps

@@ -75,6 +75,11 @@ class TrainingSet(torch.utils.data.Dataset):
         """Encoder window (positions) of each usable item."""
         return [self.enc_windows[i] for i in self.index]
 
+    @property
+    def languages(self) -> list[str]:
+        """utt2lang of each usable item."""
+        return [self.base.items[i][0].lang for i in self.index]
+
     def tokens(self, i: int) -> list[int]:
         return self.base.items[i][1]
 

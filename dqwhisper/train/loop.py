@@ -299,11 +299,13 @@ def _resume_or_start(tr: Trainer) -> None:
 
 def dev_batches(ds: TrainingSet, size: int, group_windows: bool = True) -> list[list[int]]:
     """Validation batches of at most `size` utterances: one encoder window each (data.batch_window) with
-    `group_windows`, else shortest window first, windows mixed (each row decoded on its own window)."""
+    `group_windows`, else one language each (decoding splits a batch by language), shortest window first, windows
+    mixed (each row decoded on its own window)."""
     if group_windows:
         return chunks_by_key(list(range(len(ds))), ds.windows, size)
-    order = sorted(range(len(ds)), key=lambda i: ds.windows[i])
-    return [order[k : k + size] for k in range(0, len(order), size)]
+    windows, languages = ds.windows, ds.languages
+    order = sorted(range(len(ds)), key=lambda i: (languages[i], windows[i], i))
+    return chunks_by_key(order, languages, size)
 
 
 def _train_sampler(cfg: Any, parts: Parts, dist: D.DistInfo) -> BatchSampler:

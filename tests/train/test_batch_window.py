@@ -185,6 +185,7 @@ def test_mixed_dev_batches_decode_as_one_window_batches(trainer):
     mixed = dev_batches(dev, 3, group_windows=False)
     assert sorted(i for b in mixed for i in b) == list(range(len(dev)))
     assert any(len({dev.windows[i] for i in b}) > 1 for b in mixed)
+    assert all(len({dev.languages[i] for i in b}) == 1 for b in mixed)  # decoding splits a batch by language
     student = trainer.parts.student.eval()
 
     def hyps(batches):

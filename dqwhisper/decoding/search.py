@@ -138,17 +138,20 @@ def row_windows(model: Whisper, encoder: Tensor | None, decoder: Tensor | None =
     """Per-row encoder windows of a padded batch (DQWhisper): `encoder` = positions per row of the encoder's input,
     `decoder` = positions per row of the decoder's batch (its cross-attention keys, n_keys in all). None = as is."""
     with contextlib.ExitStack() as stack:
-        for lengths, part, hook in ((encoder, model.encoder, "row_windows"), (decoder, model.decoder, "key_lengths")):
-            if lengths is None:
-                continue
-            if not hasattr(part, hook):
-                raise DQWhisperError(
-                    f"per-row encoder windows need a DQWhisper model; {type(model).__name__} decodes one window per "
-                    "batch (decode.group_windows=true)"
-                )
-            args = (lengths,) if hook == "row_windows" else (lengths, n_keys)
-            stack.enter_context(getattr(part, hook)(*args))
+        if encoder is not None:
+            stack.enter_context(_per_row(model, model.encoder, "row_windows")(encoder))
+        if decoder is not None:
+            stack.enter_context(_per_row(model, model.decoder, "key_lengths")(decoder, n_keys))
         yield
+
+
+def _per_row(model: Whisper, part: torch.nn.Module, name: str):
+    if not hasattr(part, name):
+        raise DQWhisperError(
+            f"per-row encoder windows need a DQWhisper model; {type(model).__name__} decodes one window per batch "
+            "(decode.group_windows=true)"
+        )
+    return getattr(part, name)
 
 
 @torch.no_grad()

@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.batch_window is not None:
             bw = replace(scfg, batch_window=args.batch_window)
             add(f"{name}-ours-bw{args.batch_window:g}s", lambda: time_ours(ours, audio, utts, bw, "zeros"))
-        if scfg.batch_window is not None and not scfg.group_windows:
+        mixed = scfg.batch_window is not None and not scfg.group_windows  # ours mixes windows in a batch
+        if mixed:
             grouped = replace(scfg, group_windows=True)
             add(f"{name}-ours-grouped", lambda: time_ours(ours, audio, utts, grouped, "zeros"))
         if set(log_kernels(ours)) != {"fbgemm"}:
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
                     str(ct2_dir), "int8", audio, utts, args.threads, seconds, caps, args.batch_size, scfg.batch_window
                 ),
             )
-            if scfg.batch_window is not None and not scfg.group_windows:
+            if mixed:
                 add(
                     f"{name}-ct2-int8-padded",
                     lambda: time_ct2_generate(

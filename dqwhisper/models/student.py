@@ -130,8 +130,8 @@ def segment_attention(attn: nn.Module, x: Tensor, sizes: Sequence[int]) -> Tenso
 def masked_attention(attn: nn.Module, x: Tensor, xa: Tensor, key_mask: Tensor, kv_cache: dict | None = None) -> Tensor:
     """Whisper's attention `attn` (its query/key/value/out modules, fake-quantized or not) of x (B, L, d) over xa
     (B, T, d), each row attending only to its keys where key_mask (B, T) is True: a row whose encoder window is
-    shorter than the batch's sees exactly what it sees alone on its window (the padding is never attended). Used
-    for the encoder's self-attention (xa = x) and the decoder's cross-attention; with whisper's kv_cache (decoding),
+    shorter than the batch's sees exactly what it sees alone on its window (the padding is never attended). The
+    decoder's cross-attention (the encoder's rows use `segment_attention`); with whisper's kv_cache (decoding),
     the keys and values of xa are computed once and then read from it, as whisper's MultiHeadAttention does."""
     q = attn.query(x)
     if kv_cache is not None and attn.key in kv_cache:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import io
 import subprocess
 import tempfile
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -83,18 +87,54 @@ VOICES: list[Voice] = [
 ]
 
 
+SUBPROCESS_ENGINES = ("flite", "festival", "espeak")  # separate processes: safe to run side by side
+
+
 class Synthesizer:
-    """Runs the engines; loads the neural ones once."""
+    """Runs the engines; loads the neural ones once. The in-process engines (openjtalk, kokoro, piper) run one clip
+    at a time (a lock: their libraries keep global state); the command-line engines and sox run in parallel."""
 
     def __init__(self):
         self._piper_voice = None
+        self._lock = threading.Lock()
 
     def __call__(self, voice: Voice, text: str) -> tuple[np.ndarray, int]:
-        audio, rate = getattr(self, "_" + voice.engine)(voice, text)
+        engine = getattr(self, "_" + voice.engine)
+        if voice.engine in SUBPROCESS_ENGINES:
+            audio, rate = engine(voice, text)
+        else:
+            with self._lock:
+                audio, rate = engine(voice, text)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         if voice.sox:
             audio, rate = _sox_effects(audio, rate, voice.sox)
         return audio, rate
+
+    def in_order(self, jobs: Iterable[tuple], workers: int = 2) -> Iterator[tuple]:
+        """(voice, key, text) jobs -> (voice, key, text, (audio, rate)) in the jobs' order, `workers` clips
+        synthesized at once, at most 2 x workers ahead of the consumer: it may stop early (the clips computed ahead
+        are dropped)."""
+        jobs = iter(jobs)
+        if workers <= 1:
+            for job in jobs:
+                yield (*job, self(job[0], job[2]))
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            ahead: deque = deque()
+            try:
+                while True:
+                    while len(ahead) < 2 * workers:
+                        job = next(jobs, None)
+                        if job is None:
+                            break
+                        ahead.append((job, pool.submit(self, job[0], job[2])))
+                    if not ahead:
+                        return
+                    job, fut = ahead.popleft()
+                    yield (*job, fut.result())
+            finally:
+                for _, fut in ahead:
+                    fut.cancel()
 
     def _openjtalk(self, voice, text):
         import pyopenjtalk

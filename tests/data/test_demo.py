@@ -1,12 +1,14 @@
 import hashlib
 import importlib.util
 import shutil
+import time
 
 import pytest
 
 from dqwhisper.data import demo
 from dqwhisper.data.kaldi import DataDir
 from dqwhisper.data.validate import validate_data_dir
+from dqwhisper.data.voices import Synthesizer
 
 
 def test_sentence_filter_and_key():
@@ -61,10 +63,10 @@ def test_tiny_corpus_is_deterministic(tmp_path):
     missing = _engines_missing()
     if missing:
         pytest.skip(f"TTS engines missing: {missing}")
-    a = demo.build(tmp_path / "a", n_train=2, n_dev=1, n_test=1)
-    b = demo.build(tmp_path / "b", n_train=2, n_dev=1, n_test=1)
+    a = demo.build(tmp_path / "a", n_train=2, n_dev=1, n_test=1)  # two clips synthesized at once
+    b = demo.build(tmp_path / "b", n_train=2, n_dev=1, n_test=1, jobs=1)
     da, db = _digest(tmp_path / "a"), _digest(tmp_path / "b")
-    assert da == db  # two fresh runs: the same bytes in every file
+    assert da == db  # two fresh runs, in parallel and one clip at a time: the same bytes in every file
     assert len([k for k in da if k.endswith(".wav")]) == 6 * 4
     rerun = demo.build(tmp_path / "a", n_train=2, n_dev=1, n_test=1)
     assert rerun["files_changed_since_last_run"] == [] and rerun["wav_files"]["unchanged"] == 24
@@ -84,3 +86,29 @@ def test_tiny_corpus_is_deterministic(tmp_path):
     assert {u.lang for u in ja.utts} == {"ja"} and len(ja) == 2
     assert len(ja.load_audio(ja.utts[0])) > 8000
     assert "CC-BY-3.0" in (tmp_path / "a" / "README").read_text()
+
+
+class _SlowEcho(Synthesizer):
+    """Returns the text's length as the 'audio' after a varying delay, so that parallel clips finish out of order."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = []
+
+    def __call__(self, voice, text):
+        self.started.append(text)
+        time.sleep(0.02 * (len(text) % 3))
+        return len(text), 16000
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_clips_come_back_in_job_order_and_an_early_stop_stops_the_work(workers):
+    synth = _SlowEcho()
+    jobs = [("v", f"k{i}", "x" * (i + 1)) for i in range(40)]
+    got = [(key, audio) for _, key, _, (audio, _) in synth.in_order(jobs, workers)]
+    assert got == [(f"k{i}", i + 1) for i in range(40)]
+    synth = _SlowEcho()
+    for _, key, _, _ in synth.in_order(jobs, workers):
+        if key == "k4":
+            break
+    assert len(synth.started) <= 5 + 2 * workers  # at most 2 x workers clips were started ahead of the consumer

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dqwhisper.utils import DQWhisperError
+from dqwhisper.quant.fake_quant import INT8_GROUP_MAX_BITS
 
 SCOPES = ("decoder", "encoder", "all")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_group_int8", "ggml_q4_0", "ggml_q5_0", "ggml_q8_0")
@@ -28,7 +29,7 @@ class WeightQuantConfig:
     bits: int = 8  # 2..8
     symmetric: bool = True  # symmetric (zero point 0) or asymmetric (integer zero point per scale)
     granularity: str = "per_channel"  # per_tensor | per_channel (per output row) | per_group | per_group_int8 (group
-    # scales = integer multiples of a row scale: runs on the int8 kernels exactly; LSQ, <= 4 bits) | ggml_q4_0/q5_0/q8_0
+    # scales = integer multiples of a row scale: runs on the int8 kernels exactly; LSQ, <= 6 bits) | ggml_q4_0/q5_0/q8_0
     group_size: int = 64  # with per_group(_int8): consecutive input columns sharing one scale
     lsq: bool = False  # learnable step size (LSQ, Esser et al. 2020) instead of a scale recomputed from the weights
     scale_init: str = "mse"  # LSQ init: minmax (no clipping) | mse (clipping ratio with the least squared error)
@@ -60,6 +61,8 @@ class QuantConfig:
     gptq: bool = False  # GPTQ rounding of every quantized linear and convolution, calibrated on training audio
     # (symmetric per-channel/group only): final for frozen weights and PTQ, the starting point for weights that train
     gptq_utts: int = 32  # calibration utterances for GPTQ, evenly spaced over the training set
+    gptq_act_order: bool = False  # GPTQ rounds the input columns in order of decreasing Hessian diagonal (the inputs
+    # with the most energy first, so their error spreads onto the rest); the scales stay those set before GPTQ
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,10 +139,10 @@ def validate(cfg: QuantConfig) -> QuantConfig:
         (w.granularity, w.bits, "quant.weight.granularity"),
         (cfg.embedding_granularity, cfg.embedding_bits or w.bits, "quant.embedding_granularity"),
     ):
-        if gran == "per_group_int8" and (bits > 4 or not w.symmetric or not w.lsq):
+        if gran == "per_group_int8" and (bits > INT8_GROUP_MAX_BITS or not w.symmetric or not w.lsq):
             raise DQWhisperError(
-                f"quant config: {where} = per_group_int8 needs symmetric LSQ weights of at most 4 bits "
-                f"(got {bits}-bit, symmetric {w.symmetric}, lsq {w.lsq})"
+                f"quant config: {where} = per_group_int8 needs symmetric LSQ weights of at most "
+                f"{INT8_GROUP_MAX_BITS} bits (got {bits}-bit, symmetric {w.symmetric}, lsq {w.lsq})"
             )
     if w.granularity in ("per_group", "per_group_int8") and (
         isinstance(w.group_size, bool) or not isinstance(w.group_size, int) or w.group_size < 2

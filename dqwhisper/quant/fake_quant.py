@@ -33,6 +33,10 @@ from dqwhisper.utils import DQWhisperError
 
 SCALE_MIN = 2.0**-14  # smallest normal float16: scales never reach zero or a subnormal
 GROUPED = ("per_group", "per_group_int8")  # granularities with several scales per row, `group_size` columns each
+INT8_GROUP_MAX_BITS = (
+    6  # per_group_int8: code x multiplier within +-64 leaves multipliers 1..2^(7 - bits): 8 at 4 bits,
+)
+# 4 at 5 bits, 2 at 6 bits
 MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # clipping ratios tried by the mse scale init (1.0 .. 0.5)
 
 
@@ -229,9 +233,10 @@ class WeightFakeQuantizer(nn.Module):
         self._cache: tuple | None = None
         self._pending_init: str | None = None
         self._weight_ref = [weight]  # a list, so the module does not register the weight as its own parameter
-        if spec.granularity == "per_group_int8" and (not lsq or not spec.symmetric or spec.bits > 4):
+        if spec.granularity == "per_group_int8" and (not lsq or not spec.symmetric or spec.bits > INT8_GROUP_MAX_BITS):
             raise DQWhisperError(
-                f"{name}: per_group_int8 needs symmetric LSQ weights of at most 4 bits (got {spec.bits}-bit, "
+                f"{name}: per_group_int8 needs symmetric LSQ weights of at most {INT8_GROUP_MAX_BITS} bits "
+                f"(got {spec.bits}-bit, "
                 f"symmetric {spec.symmetric}, lsq {lsq})"
             )
         if lsq:

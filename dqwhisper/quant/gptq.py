@@ -6,8 +6,11 @@ input Hessian H = X^T X (X: the layer's inputs on calibration audio), which mini
 ||W - Q||. The scales stay what the quantizer has (MSE-initialised LSQ scales); only the integer codes change, and
 the module's float weight is set to the dequantized codes so that the fake-quant forward, convert and export all
 reproduce them exactly. For frozen weights (a QAT student's encoder, PTQ) these are the final codes; weights that
-train start QAT from them. The tied token embedding keeps round-to-nearest codes: GPTQ on its projection's inputs
-(tried) raised the 4-bit student's dev cross-entropy (1.93 vs 1.79 nats, decoder-only PTQ); it is the lookup too.
+train start QAT from them. With `act_order` the columns go in order of decreasing Hessian diagonal (the inputs with
+the most energy first, while the most columns are left to absorb their error); each column keeps its own group
+scale, so the groups and their (int8-multiple) scales are those of round-to-nearest. The tied token embedding keeps
+round-to-nearest codes: GPTQ on its projection's inputs (tried) raised the 4-bit student's dev cross-entropy (1.93
+vs 1.79 nats, decoder-only PTQ); it is the lookup too.
 
     gptq_(model, batches, scope="encoder.", run=lambda m, b: m.encoder(b))   # run(model, batch) per batch
 """
@@ -42,10 +45,19 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def gptq_codes(
-    weight: Tensor, scale: Tensor, group: int, qmin: int, qmax: int, h: Tensor, damp: float = 0.01, block: int = 128
+    weight: Tensor,
+    scale: Tensor,
+    group: int,
+    qmin: int,
+    qmax: int,
+    h: Tensor,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
 ) -> Tensor:
     """GPTQ-rounded integer codes (out, in) of `weight` (out, in) for symmetric scales `scale` (out, in // group),
-    input Hessian `h` (in, in)."""
+    input Hessian `h` (in, in). `act_order`: columns are rounded in order of decreasing diag(h) (each column keeps
+    its own group's scale, so the groups and their scales are unchanged)."""
     w = weight.detach().to(torch.float64).clone()
     n_out, n_in = w.shape
     s = scale.detach().to(torch.float64).repeat_interleave(group, dim=1)  # (out, in)
@@ -53,6 +65,10 @@ def gptq_codes(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        q = gptq_codes(w[:, perm], s[:, perm], 1, qmin, qmax, h[perm][:, perm], damp, block, act_order=False)
+        return q[:, torch.argsort(perm)]
     h += torch.eye(n_in, dtype=h.dtype) * (damp * torch.diag(h).mean())
     # the upper Cholesky factor of H^-1: row j holds the weights that spread column j's error onto columns > j
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -101,14 +117,16 @@ def _block_of(name: str) -> str:
 
 
 @torch.no_grad()
-def _round_layer(m: FakeQuantizedLinear | FakeQuantizedConv1d, h: Tensor, damp: float) -> float:
+def _round_layer(
+    m: FakeQuantizedLinear | FakeQuantizedConv1d, h: Tensor, damp: float, act_order: bool = False
+) -> float:
     """GPTQ codes for one layer written into its weight; returns its output error over round-to-nearest's."""
     wfq = m.weight_fake_quantizer
     w = m.weight.detach().float().reshape(m.weight.shape[0], -1)
     s, _ = wfq.scale_zero(w)
     s = s.detach().float().reshape(w.shape[0], -1)
     group = w.shape[1] // s.shape[1]
-    q = gptq_codes(w, s, group, wfq.spec.qmin, wfq.spec.qmax, h, damp=damp)
+    q = gptq_codes(w, s, group, wfq.spec.qmin, wfq.spec.qmax, h, damp=damp, act_order=act_order)
     new_w = (q * s.double().repeat_interleave(group, dim=1)).to(m.weight.dtype)
     rtn = wfq(m.weight).detach().double().reshape(w.shape)
 
@@ -143,6 +161,7 @@ def gptq_(
     scope: str = "encoder.",
     run: Callable[[nn.Module, object], object] | None = None,
     damp: float = 0.01,
+    act_order: bool = False,
 ) -> dict[str, float]:
     """GPTQ-round every fake-quantized linear whose name starts with `scope`, in place, from the inputs those linears
     see while `run(model, batch)` (default: model(batch)) goes over `batches`. Blocks (`...blocks.N`) are done in
@@ -179,7 +198,7 @@ def gptq_(
                 if acc.rows == 0:  # not on the path `run` takes (a CTC head under a decoder pass): left as it is
                     log.info("GPTQ: %s saw no input, left at round-to-nearest", name)
                     continue
-                ratios[name] = _round_layer(m, acc.h, damp)
+                ratios[name] = _round_layer(m, acc.h, damp, act_order)
                 log.debug("GPTQ %s: %d input rows, output error %.3g of RTN's", name, acc.rows, ratios[name])
     finally:
         model.train(was_training)

@@ -67,7 +67,7 @@ def ptq(student_path: str | Path, cfg: QuantConfig, out: str | Path, calib: str 
             calib, default_tokenizer(model.dims.n_vocab), model.dims.n_mels, model.dims.n_audio_ctx, languages=languages
         )
         margin = (config.get("data") or {}).get("batch_window")  # the windows the student was trained on
-        gptq_calibrate(model, ds, cfg.gptq_utts, "", "cpu", margin)
+        gptq_calibrate(model, ds, cfg.gptq_utts, "", "cpu", margin, cfg.gptq_act_order)
     config["quant"] = cfg.to_dict()
     save_checkpoint(model, out, config=config)
     log.info(

@@ -287,7 +287,9 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
     student.to(device)
     del source
     if cfg.quant.enabled and cfg.quant.gptq:  # frozen layers keep these codes; trainable ones start from them
-        gptq_calibrate(student, train_base, cfg.quant.gptq_utts, "", device, window_margins(cfg)[0])
+        gptq_calibrate(
+            student, train_base, cfg.quant.gptq_utts, "", device, window_margins(cfg)[0], cfg.quant.gptq_act_order
+        )
     params = set_trainable(student, cfg)
 
     adapter = enc_adapter = None

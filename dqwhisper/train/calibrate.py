@@ -53,10 +53,12 @@ def gptq_calibrate(
     scope: str,
     device: torch.device | str,
     margin: float | None = None,
+    act_order: bool = False,
 ) -> dict:
     """GPTQ-round the fake-quantized layers of `model` under `scope` ("encoder.", "decoder." or "" for both) on
     `n_utts` utterances of `ds`: the encoder first, then the decoder on the rounded encoder's outputs. `margin`:
-    data.batch_window of the model's training (the encoder runs on each utterance's window, as trained)."""
+    data.batch_window of the model's training (the encoder runs on each utterance's window, as trained).
+    `act_order`: GPTQ's columns in order of decreasing Hessian diagonal (quant.gptq_act_order)."""
     batches = calibration_batches(ds, n_utts, margin=margin)
     log.info(
         "GPTQ: %d calibration utterances from %s, scope %r",
@@ -67,11 +69,13 @@ def gptq_calibrate(
     ratios = {}
     quantized = {n.split(".")[0] for n, _ in quantized_modules(model)}
     if scope in ("", "encoder", "encoder.") and "encoder" in quantized:
-        ratios.update(gptq_(model, batches, scope="encoder.", run=lambda m, b: _encode(m, b, device)))
+        ratios.update(
+            gptq_(model, batches, scope="encoder.", run=lambda m, b: _encode(m, b, device), act_order=act_order)
+        )
     if scope in ("", "decoder", "decoder.") and "decoder" in quantized:
         with torch.no_grad():  # the encoder is final now: its outputs once, not in every decoder block's pass
             dec_batches = [(b["tokens_in"].to(device), _encode(model, b, device)) for b in batches]
-        ratios.update(gptq_(model, dec_batches, scope="decoder.", run=lambda m, b: m.decoder(*b)))
+        ratios.update(gptq_(model, dec_batches, scope="decoder.", run=lambda m, b: m.decoder(*b), act_order=act_order))
     if not ratios:
         raise DQWhisperError(f"GPTQ: no quantized linear or convolution in scope {scope or 'all'!r}")
     return ratios

@@ -23,34 +23,39 @@ def _scales(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return s.reshape(w.shape[0], -1)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("granularity,group", [("per_channel", 0), ("per_group", 8)])
-def test_uncorrelated_inputs_give_round_to_nearest(granularity, group):
-    """With a diagonal Hessian no error is fed forward: GPTQ's codes are round-to-nearest's, bit for bit."""
+def test_uncorrelated_inputs_give_round_to_nearest(granularity, group, act_order):
+    """With a diagonal Hessian no error is fed forward: GPTQ's codes are round-to-nearest's, bit for bit, in either
+    column order (act_order keeps every column's own group scale)."""
     torch.manual_seed(0)
     w = torch.randn(16, 32)
     spec = QuantSpec(bits=4, symmetric=True, granularity=granularity, group_size=group)
     s = _scales(w, spec)
     g = w.shape[1] // s.shape[1]
     h = torch.diag(torch.rand(32) + 0.5).double()
-    q = gptq_codes(w, s, g, spec.qmin, spec.qmax, h, damp=0.0, block=5)
+    q = gptq_codes(w, s, g, spec.qmin, spec.qmax, h, damp=0.0, block=5, act_order=act_order)
     rtn = torch.clamp(torch.round(w / s.repeat_interleave(g, 1)), spec.qmin, spec.qmax)
     assert torch.equal(q, rtn.double())
 
 
-def test_correlated_inputs_lower_the_output_error():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_correlated_inputs_lower_the_output_error(act_order):
     torch.manual_seed(0)
     mix = torch.randn(32, 32) * 0.3 + torch.eye(32)
-    x = torch.randn(2000, 32) @ mix  # correlated input features
+    x = torch.randn(2000, 32) @ mix * (torch.rand(32) * 4 + 0.1)  # correlated input features of unequal energy
     w = torch.randn(16, 32)
     spec = QuantSpec(bits=3, symmetric=True, granularity="per_channel")
     s = _scales(w, spec)
     h = (x.T @ x).double()
-    q = gptq_codes(w, s, 32, spec.qmin, spec.qmax, h)
+    q = gptq_codes(w, s, 32, spec.qmin, spec.qmax, h, act_order=act_order, block=8)
     assert q.min() >= spec.qmin and q.max() <= spec.qmax and torch.equal(q, q.round())
     rtn = torch.clamp(torch.round(w / s), spec.qmin, spec.qmax)
     err_gptq = (x @ (q.float() * s - w).T).norm()
     err_rtn = (x @ (rtn * s - w).T).norm()
     assert err_gptq < 0.8 * err_rtn
+    if act_order:  # another column order spreads the errors differently: other codes
+        assert not torch.equal(q, gptq_codes(w, s, 32, spec.qmin, spec.qmax, h, block=8))
 
 
 def test_gptq_on_a_model_writes_on_grid_weights_that_convert_reproduces(inputs):

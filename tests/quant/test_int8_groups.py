@@ -45,9 +45,11 @@ def test_group_multipliers_sit_between_per_channel_and_free_group_scales():
     assert torch.equal(s, row * m)  # exact products
 
 
-def test_int8_rows_reproduce_the_dequantized_weight_within_64():
+@pytest.mark.parametrize("bits,multiples", [(2, 32), (4, 8), (5, 4), (6, 2)])
+def test_int8_rows_reproduce_the_dequantized_weight_within_64(bits, multiples):
     w = _weight()
-    spec = QuantSpec(4, True, "per_group_int8", 16)
+    spec = QuantSpec(bits, True, "per_group_int8", 16)
+    assert spec.max_multiple == multiples
     model_like = torch.nn.Linear(128, 32, bias=False)
     with torch.no_grad():
         model_like.weight.copy_(w)
@@ -60,6 +62,7 @@ def test_int8_rows_reproduce_the_dequantized_weight_within_64():
     assert int(codes8.abs().max()) <= 64 and codes8.dtype == torch.int8
     assert torch.equal(codes8.float() * row[:, None], qt.dequantize())
     assert torch.equal(qt.dequantize(), fq.weight_fake_quantizer(fq.weight))
+    assert int(qt.multipliers().max()) == multiples  # the largest group takes the top multiple
 
 
 def test_the_file_stores_codes_row_scales_and_3_bit_multipliers(tmp_path, inputs):
@@ -93,6 +96,28 @@ def test_the_file_stores_codes_row_scales_and_3_bit_multipliers(tmp_path, inputs
                 assert m.decoder.blocks[0].mlp[0].kernel == "fbgemm"  # it ran on the int8 kernel
 
 
+def test_a_5_bit_embedding_stores_2_bit_multipliers_and_runs_on_the_int8_kernels(tmp_path, inputs):
+    mel, tokens = inputs
+    model = prepare(make_student(), {**W4A8_INT8_GROUPS, "embedding_bits": 5})
+    export_model(model, tmp_path / "m.dqw", float_dtype="float32")
+    header, _ = read_header(tmp_path / "m.dqw")
+    e = header["tensors"]["decoder.token_embedding"]
+    rows, width = e["shape"]
+    assert e["bits"] == 5 and e["multiplier"]["bits"] == 2 and e["codes"]["nbytes"] == (rows * width * 5 + 7) // 8
+    assert header["tensors"]["decoder.blocks.0.mlp.0"]["bits"] == 4
+    with torch.no_grad():
+        ref = model.decoder(tokens, model.encoder(mel))
+        exact = load_exported(tmp_path / "m.dqw", "dequant")
+        assert torch.equal(exact.decoder(tokens, exact.encoder(mel)), ref)
+        m = load_exported(tmp_path / "m.dqw", "fbgemm")
+        out = m.decoder(tokens, m.encoder(mel))
+    finite = torch.isfinite(ref)  # the tiny model's suppressed tokens are -inf in both
+    assert torch.equal(finite, torch.isfinite(out))
+    err = float((out[finite] - ref[finite]).abs().max())
+    assert err <= 0.02 * float(ref[finite].abs().max())  # the tolerance of the 4-bit test above
+    assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.99
+
+
 def test_gptq_keeps_the_multipliers_and_the_grid(inputs):
     mel, tokens = inputs
     model = prepare(make_student(), {**W4A8_INT8_GROUPS, "scope": "decoder"})
@@ -112,14 +137,14 @@ def test_gptq_keeps_the_multipliers_and_the_grid(inputs):
 @pytest.mark.parametrize(
     "weight,match",
     [
-        ({"bits": 8, "lsq": True, "granularity": "per_group_int8"}, "at most 4 bits"),
+        ({"bits": 8, "lsq": True, "granularity": "per_group_int8"}, "at most 6 bits"),
         ({"bits": 4, "lsq": False, "granularity": "per_group_int8"}, "LSQ"),
     ],
 )
 def test_bad_settings_fail_clearly(weight, match):
     with pytest.raises(DQWhisperError, match=match):
         resolve_config({"enabled": True, "weight": weight})
-    with pytest.raises(DQWhisperError, match="at most 4 bits"):
+    with pytest.raises(DQWhisperError, match="at most 6 bits"):
         resolve_config(
             {"enabled": True, "embedding_granularity": "per_group_int8", "embedding_bits": 8, "weight": {"lsq": True}}
         )

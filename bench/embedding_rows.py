@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""How much of the 4-bit token embedding's error a few more bits on its most used rows would remove (an estimate for
+per-row bit widths, which the quantizer and the .dqw format do not have yet).
+
+    python bench/embedding_rows.py FLOAT_STUDENT.pt [--train data/demo/train] [--dev data/demo/dev]
+        [--batch-window 1] [--split 4000:5:4 8000:5:4 26000:5:3 ...]
+
+The rows are ranked on the training set: the float student, teacher-forced over every training utterance, counts
+each token id's appearances in its top 16 logits and (x100) as a target. For each split N:HI:LO the N highest-ranked
+rows are quantized to HI bits and the rest to LO bits (round to nearest, int8-multiple groups of 64 as in
+conf/quant/w4a8.yaml); every other weight stays float. Printed per split: the dev teacher-forced cross-entropy, the
+KL divergence from the float student (as bench/dev_ce.py computes them) and the embedding's bytes against 4 bits
+everywhere. Dev is never used for the ranking.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dqwhisper.data.dataset import WhisperDataset, default_tokenizer  # noqa: E402
+from dqwhisper.decoding.audio import encoder_window  # noqa: E402
+from dqwhisper.models.student import load_checkpoint  # noqa: E402
+from dqwhisper.quant.fake_quant import QuantSpec, WeightFakeQuantizer  # noqa: E402
+from dqwhisper.train.calibrate import calibration_batches  # noqa: E402
+
+GROUP = 64
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("student")
+p.add_argument("--train", default="data/demo/train")
+p.add_argument("--dev", default="data/demo/dev")
+p.add_argument("--batch-window", type=float, default=1.0, help="S: per-utterance windows of audio + S s")
+p.add_argument("--split", nargs="+", default=["0:4:4", "51865:5:5", "4000:5:4", "8000:5:4", "26000:5:3"])
+p.add_argument("--threads", type=int, default=1)
+args = p.parse_args()
+torch.set_num_threads(args.threads)
+
+model = load_checkpoint(args.student).eval()
+tok = default_tokenizer(model.dims.n_vocab)
+
+
+def batches_of(folder):
+    ds = WhisperDataset(folder, tok, model.dims.n_mels, model.dims.n_audio_ctx)
+    return calibration_batches(ds, len(ds.items), batch_size=16, margin=args.batch_window)
+
+
+def logits(batches):
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            with encoder_window(model, b["window"]):
+                out.append(model(b["mel"], b["tokens_in"]).float())
+    return out
+
+
+n_vocab = model.decoder.token_embedding.weight.shape[0]
+counts = torch.zeros(n_vocab)
+train = batches_of(args.train)
+for lg, b in zip(logits(train), train):
+    mask = b["targets"] != -100
+    counts += torch.bincount(lg[mask].topk(16, -1).indices.reshape(-1), minlength=n_vocab).float()
+    counts += 100 * torch.bincount(b["targets"][mask], minlength=n_vocab).float()
+order = counts.argsort(descending=True, stable=True)
+print(f"{int((counts > 0).sum())} of {n_vocab} ids seen on {args.train}", flush=True)
+
+dev = batches_of(args.dev)
+ref = logits(dev)
+weight = model.decoder.token_embedding.weight.detach().clone()
+quantized = {}
+
+
+def at_bits(bits):
+    if bits not in quantized:
+        wfq = WeightFakeQuantizer(QuantSpec(bits, True, "per_group_int8", GROUP), weight, lsq=True, scale_init="mse")
+        with torch.no_grad():
+            quantized[bits] = wfq(weight)
+    return quantized[bits]
+
+
+def bits_per_weight(bits):  # codes + 3..4-bit group multipliers (1..2^(7-bits)) + a float16 row scale
+    return bits + max(1, (2 ** (7 - bits) - 1).bit_length()) / GROUP + 16 / weight.shape[1]
+
+
+for split in args.split:
+    n, hi, lo = (int(x) for x in split.split(":"))
+    n = min(n, n_vocab)
+    mixed = at_bits(lo).clone()
+    mixed[order[:n]] = at_bits(hi)[order[:n]]
+    with torch.no_grad():
+        model.decoder.token_embedding.weight.copy_(mixed)
+    ce = kl = tokens = 0.0
+    for lg, r, b in zip(logits(dev), ref, dev):
+        mask = b["targets"] != -100
+        ce += float(F.cross_entropy(lg[mask], b["targets"][mask], reduction="sum"))
+        kl += float(F.kl_div(F.log_softmax(lg[mask], -1), F.log_softmax(r[mask], -1), log_target=True, reduction="sum"))
+        tokens += int(mask.sum())
+    extra = n * bits_per_weight(hi) + (n_vocab - n) * bits_per_weight(lo) - n_vocab * bits_per_weight(4)
+    extra_mb = extra * weight.shape[1] / 8 / 1e6
+    print(
+        f"top {n} rows at {hi} bits, the rest {lo}: dev CE {ce / tokens:.4f}  KL {kl / tokens:.4f}  "
+        f"embedding {extra_mb:+.2f} MB against 4 bits",
+        flush=True,
+    )
+with torch.no_grad():
+    model.decoder.token_embedding.weight.copy_(weight)

@@ -142,16 +142,13 @@ def test_auto_picks_a_measured_kernel_at_least_10_percent_faster_than_float():
             assert times[backend] == min(times.values()), name
 
 
-def test_auto_picks_the_fastest_int8_kernel_for_int8_activations_unless_float_is_10_percent_faster():
+def test_auto_picks_the_fastest_int8_kernel_for_int8_activations_whatever_float_takes():
+    """The int8 backends give the same bits; float's sums round, so choosing it by timing would change transcripts."""
     model = convert(prepare(make_student(), W8A8), "auto")
     for name, (backend, times) in model.kernel_choices.items():
         int8 = {n: t for n, t in times.items() if n in kernels.INT8_ACTIVATION}
         assert int8, name  # fbgemm or float_codes runs every w8a8 weight of the tiny model
-        if backend == "float":
-            assert kernels.MARGIN * min(int8.values()) > times["float"], name
-        else:
-            assert times[backend] == min(int8.values()), name
-            assert kernels.MARGIN * times[backend] <= times["float"], name
+        assert backend in int8 and times[backend] == min(int8.values()), name
 
 
 def test_named_kernel_overrides_auto_and_falls_back_to_float_where_it_cannot_run():

@@ -33,10 +33,8 @@ from dqwhisper.utils import DQWhisperError
 
 SCALE_MIN = 2.0**-14  # smallest normal float16: scales never reach zero or a subnormal
 GROUPED = ("per_group", "per_group_int8")  # granularities with several scales per row, `group_size` columns each
-INT8_GROUP_MAX_BITS = (
-    6  # per_group_int8: code x multiplier within +-64 leaves multipliers 1..2^(7 - bits): 8 at 4 bits,
-)
-# 4 at 5 bits, 2 at 6 bits
+# per_group_int8: code x multiplier within +-64 leaves multipliers 1..2^(7 - bits): 8 at 4 bits, 4 at 5, 2 at 6
+INT8_GROUP_MAX_BITS = 6
 MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # clipping ratios tried by the mse scale init (1.0 .. 0.5)
 
 

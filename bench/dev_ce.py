@@ -46,10 +46,7 @@ def logits(m):
     out = []
     with torch.no_grad():
         for b in batches:
-            if "window" in b:
-                with encoder_window(m, b["window"]):
-                    out.append(m(b["mel"], b["tokens_in"]).float())
-            else:
+            with encoder_window(m, b.get("window", m.dims.n_audio_ctx)):  # no window: the whole one, unchanged
                 out.append(m(b["mel"], b["tokens_in"]).float())
     return out
 

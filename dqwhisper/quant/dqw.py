@@ -6,7 +6,8 @@ Every tensor's bytes lie in `data` at the header's `offset` (from the start of d
 Header: `format`, `version`, `dims` (ModelDimensions), `quant` (the QuantConfig dict or null), `ctc_units`,
 `float_dtype`, `tokenizer` (multilingual, num_languages, languages the student was trained for, task),
 `encoder_positional` ("sinusoids": regenerated on load, not stored | "sinusoids_float16": the same, rounded to
-float16 as checkpoints converted from float16 files hold them | "stored"), `vocab_keep` / `bpe_model` (tensor
+float16 | "sinusoids64_float16": computed in float64, then rounded to float16, as the teachers converted from
+CTranslate2's float16 files hold them | "stored"), `vocab_keep` / `bpe_model` (tensor
 names or null), `source`, `data_nbytes` and `data_sha256` (the data section's size and SHA-256: a truncated or damaged
 file is one error naming it; version 1 files have neither and are only bounds-checked), and `tensors`: name -> entry.
 - float entry: {"kind": "float", "dtype": "float16"|"float32", "shape"} — every non-quantized float tensor.
@@ -16,6 +17,9 @@ file is one error naming it; version 1 files have neither and are only bounds-ch
   see packing.py), "scale": {offset, nbytes, shape (A, B)} float16, "zero": {offset, nbytes} uint8 or null}.
   per_group_int8 entries store the row scales as "scale" (shape (A, 1)) and "multiplier": {offset, nbytes, bits,
   shape (A, B)}, the group multipliers - 1 bit-packed: the group scales are row scale * multiplier.
+  Mixed row widths (per_group_int8) add "row_bits": {offset, nbytes, hi} (1 bit per row: the row has `hi` bits, not
+  `bits`) and "codes_hi": {offset, nbytes} (the wide rows' codes + 2^(hi - 1), in row order); "codes" then holds the
+  narrow rows only.
 The module's bias, if any, is a separate float entry `<name>.bias`.
 
 Loading rebuilds a DQWhisper (whisper.decode runs on it) with QuantizedLinear/Embedding/Conv1d modules:
@@ -78,6 +82,15 @@ class _Blob:
         return entry
 
 
+def sinusoids64(length: int, channels: int) -> Tensor:
+    """whisper.model.sinusoids computed in float64 (float64 out): rounded to float16, the table CTranslate2's
+    float16 Whisper files hold, which float32's rounding misses in about 0.6% of the entries."""
+    step = np.log(10000) / (channels // 2 - 1)
+    inv = torch.exp(-step * torch.arange(channels // 2, dtype=torch.float64))
+    t = torch.arange(length, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
 def _tensor_bytes(t: Tensor) -> bytes:
     return t.detach().cpu().contiguous().numpy().tobytes()
 
@@ -103,7 +116,18 @@ def _quantized_entry(qt: QuantizedTensor, kind: str, act_quant: bool, blob: _Blo
         "group_size": spec.group_size,
         "act_quant": act_quant,
     }
-    entry["codes"] = blob.add(pack_codes(unsigned, spec.bits))
+    if qt.row_bits is None:
+        entry["codes"] = blob.add(pack_codes(unsigned, spec.bits))
+    else:  # two widths: the narrow rows' codes, then the wide rows' at their own width, and a 1-bit row flag
+        widths = sorted(set(qt.row_bits.tolist()))
+        if widths[0] != spec.bits or len(widths) > 2:
+            raise DQWhisperError(f"mixed row widths {widths}: the file stores {spec.bits} bits and at most one other")
+        hi_bits = widths[-1]
+        wide = (qt.row_bits == hi_bits).numpy() if hi_bits != spec.bits else np.zeros(len(qt.row_bits), bool)
+        hi_unsigned = (qt.codes[torch.from_numpy(wide)].to(torch.int16) + 2 ** (hi_bits - 1)).to(torch.uint8).numpy()
+        entry["codes"] = blob.add(pack_codes(unsigned[~wide], spec.bits))
+        entry["codes_hi"] = blob.add(pack_codes(hi_unsigned, hi_bits))
+        entry["row_bits"] = {**blob.add(pack_codes(wide.astype(np.uint8), 1)), "hi": hi_bits}
     scale = qt.scale
     if qt.row_scale is not None:
         mult = qt.multipliers()
@@ -159,6 +183,8 @@ def export_model(
             enc_pos = "sinusoids"
         elif torch.equal(pos.float().cpu(), table.half().float()):
             enc_pos = "sinusoids_float16"
+        elif torch.equal(pos.float().cpu(), sinusoids64(dims.n_audio_ctx, dims.n_audio_state).half().float()):
+            enc_pos = "sinusoids64_float16"
     for key, value in state.items():
         stored_pos = key == "encoder.positional_embedding" and enc_pos == "stored"
         if key in covered or (key in SKIP_BUFFERS and not stored_pos):
@@ -258,7 +284,7 @@ def _check_data(path: Path, header: dict, data: memoryview) -> None:
 
     def bounds(e: dict) -> list[tuple[int, int]]:
         if e.get("kind") == "quantized":
-            parts = (e["codes"], e["scale"], e["zero"], e.get("multiplier"))
+            parts = (e["codes"], e["scale"], e["zero"], e.get("multiplier"), e.get("codes_hi"), e.get("row_bits"))
             return [(p["offset"], p["nbytes"]) for p in parts if p is not None]
         return [(e["offset"], e["nbytes"])]
 
@@ -276,7 +302,20 @@ def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor
     shape = tuple(entry["shape"])
     n = int(np.prod(shape))
     c = entry["codes"]
-    codes = unpack_codes(data[c["offset"] : c["offset"] + c["nbytes"]], spec.bits, n).astype(np.int16) + spec.qmin
+    row_bits = None
+    if entry.get("row_bits") is None:
+        codes = unpack_codes(data[c["offset"] : c["offset"] + c["nbytes"]], spec.bits, n).astype(np.int16) + spec.qmin
+    else:  # mixed row widths: narrow rows, then wide rows
+        r, h, hi = entry["row_bits"], entry["codes_hi"], entry["row_bits"]["hi"]
+        wide = unpack_codes(data[r["offset"] : r["offset"] + r["nbytes"]], 1, shape[0]).astype(bool)
+        width = n // shape[0]
+        n_wide = int(wide.sum())
+        codes = np.empty((shape[0], width), np.int16)
+        narrow = unpack_codes(data[c["offset"] : c["offset"] + c["nbytes"]], spec.bits, (shape[0] - n_wide) * width)
+        codes[~wide] = narrow.reshape(-1, width).astype(np.int16) + spec.qmin
+        wide_codes = unpack_codes(data[h["offset"] : h["offset"] + h["nbytes"]], hi, n_wide * width)
+        codes[wide] = wide_codes.reshape(-1, width).astype(np.int16) - 2 ** (hi - 1)
+        row_bits = torch.from_numpy(np.where(wide, hi, spec.bits).astype(np.int8))
     codes = torch.from_numpy(codes.reshape(shape)).to(torch.int8 if spec.symmetric else torch.uint8)
     s = entry["scale"]
     scale = torch.from_numpy(np.frombuffer(data[s["offset"] : s["offset"] + s["nbytes"]], np.float16).copy())
@@ -295,7 +334,7 @@ def _read_quantized(entry: dict, data: memoryview, name: str) -> QuantizedTensor
         z = entry["zero"]
         zero = torch.from_numpy(np.frombuffer(data[z["offset"] : z["offset"] + z["nbytes"]], np.uint8).copy())
         zero = zero.float().reshape(scale.shape)
-    return QuantizedTensor(codes, scale, zero, spec, row_scale)
+    return QuantizedTensor(codes, scale, zero, spec, row_scale, row_bits)
 
 
 def _read_plain(entry: dict, data: memoryview) -> Tensor:
@@ -324,11 +363,10 @@ def load_exported(
     for name, entry in entries.items():
         if entry["kind"] == "float":
             state[name] = _read_plain(entry, data).float()
-    if header["encoder_positional"] in ("sinusoids", "sinusoids_float16"):
-        table = sinusoids(dims.n_audio_ctx, dims.n_audio_state)
-        state["encoder.positional_embedding"] = (
-            table if header["encoder_positional"] == "sinusoids" else table.half().float()
-        )
+    pos = header["encoder_positional"]
+    if pos in ("sinusoids", "sinusoids_float16", "sinusoids64_float16"):
+        table = (sinusoids64 if pos == "sinusoids64_float16" else sinusoids)(dims.n_audio_ctx, dims.n_audio_state)
+        state["encoder.positional_embedding"] = table.float() if pos == "sinusoids" else table.half().float()
     quantized = {n: e for n, e in entries.items() if e["kind"] == "quantized"}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.rpartition(".")[0] not in quantized or not k.endswith(".weight")]

@@ -3,10 +3,12 @@
 per-row bit widths, which the quantizer and the .dqw format do not have yet).
 
     python bench/embedding_rows.py FLOAT_STUDENT.pt [--train data/demo/train] [--dev data/demo/dev]
-        [--batch-window 1] [--split 4000:5:4 8000:5:4 26000:5:3 ...]
+        [--batch-window 1] [--split 4000:5:4 8000:5:4 26000:5:3 ...] [--rank-utts 0 64]
 
-The rows are ranked on the training set: the float student, teacher-forced over every training utterance, counts
-each token id's appearances in its top 16 logits and (x100) as a target. For each split N:HI:LO the N highest-ranked
+The rows are ranked on the training set as the trainer ranks them for `quant.embedding_hi_rows`
+(`dqwhisper.train.calibrate.rank_embedding_rows`): the float student, teacher-forced over `--rank-utts` training
+utterances (0: all; several values compare rankings), counts each token id's appearances in its top 16 logits and
+(x100) as a target. For each split N:HI:LO the N highest-ranked
 rows are quantized to HI bits and the rest to LO bits (round to nearest, int8-multiple groups of 64 as in
 conf/quant/w4a8.yaml); every other weight stays float. Printed per split: the dev teacher-forced cross-entropy, the
 KL divergence from the float student (as bench/dev_ce.py computes them) and the embedding's bytes against 4 bits
@@ -25,7 +27,7 @@ from dqwhisper.data.dataset import WhisperDataset, default_tokenizer  # noqa: E4
 from dqwhisper.decoding.audio import encoder_window  # noqa: E402
 from dqwhisper.models.student import load_checkpoint  # noqa: E402
 from dqwhisper.quant.fake_quant import QuantSpec, WeightFakeQuantizer  # noqa: E402
-from dqwhisper.train.calibrate import calibration_batches  # noqa: E402
+from dqwhisper.train.calibrate import calibration_batches, rank_embedding_rows  # noqa: E402
 
 GROUP = 64
 
@@ -35,6 +37,7 @@ p.add_argument("--train", default="data/demo/train")
 p.add_argument("--dev", default="data/demo/dev")
 p.add_argument("--batch-window", type=float, default=1.0, help="S: per-utterance windows of audio + S s")
 p.add_argument("--split", nargs="+", default=["0:4:4", "51865:5:5", "4000:5:4", "8000:5:4", "26000:5:3"])
+p.add_argument("--rank-utts", type=int, nargs="+", default=[0], help="training utterances ranked on (0: all)")
 p.add_argument("--threads", type=int, default=1)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
@@ -43,9 +46,9 @@ model = load_checkpoint(args.student).eval()
 tok = default_tokenizer(model.dims.n_vocab)
 
 
-def batches_of(folder):
+def batches_of(folder, n=0):
     ds = WhisperDataset(folder, tok, model.dims.n_mels, model.dims.n_audio_ctx)
-    return calibration_batches(ds, len(ds.items), batch_size=16, margin=args.batch_window)
+    return calibration_batches(ds, n or len(ds.items), batch_size=16, margin=args.batch_window)
 
 
 def logits(batches):
@@ -58,15 +61,11 @@ def logits(batches):
 
 
 n_vocab = model.decoder.token_embedding.weight.shape[0]
-counts = torch.zeros(n_vocab)
-train = batches_of(args.train)
-for lg, b in zip(logits(train), train):
-    mask = b["targets"] != -100
-    counts += torch.bincount(lg[mask].topk(16, -1).indices.reshape(-1), minlength=n_vocab).float()
-    counts += 100 * torch.bincount(b["targets"][mask], minlength=n_vocab).float()
-order = counts.argsort(descending=True, stable=True)
-print(f"{int((counts > 0).sum())} of {n_vocab} ids seen on {args.train}", flush=True)
-
+orders = {}
+for n in args.rank_utts:
+    batches = batches_of(args.train, n)
+    orders[n] = rank_embedding_rows(model, batches, "cpu")
+    print(f"ranking {n}: {sum(len(b['mel']) for b in batches)} utterances of {args.train}", flush=True)
 dev = batches_of(args.dev)
 ref = logits(dev)
 weight = model.decoder.token_embedding.weight.detach().clone()
@@ -85,7 +84,8 @@ def bits_per_weight(bits):  # codes + 3..4-bit group multipliers (1..2^(7-bits))
     return bits + max(1, (2 ** (7 - bits) - 1).bit_length()) / GROUP + 16 / weight.shape[1]
 
 
-for split in args.split:
+for rank_n, split in ((r, x) for r in args.rank_utts for x in args.split):
+    order = orders[rank_n]
     n, hi, lo = (int(x) for x in split.split(":"))
     n = min(n, n_vocab)
     mixed = at_bits(lo).clone()
@@ -101,7 +101,8 @@ for split in args.split:
     extra = n * bits_per_weight(hi) + (n_vocab - n) * bits_per_weight(lo) - n_vocab * bits_per_weight(4)
     extra_mb = extra * weight.shape[1] / 8 / 1e6
     print(
-        f"top {n} rows at {hi} bits, the rest {lo}: dev CE {ce / tokens:.4f}  KL {kl / tokens:.4f}  "
+        f"ranked on {rank_n or 'all'}: top {n} rows at {hi} bits, the rest {lo}: "
+        f"dev CE {ce / tokens:.4f}  KL {kl / tokens:.4f}  "
         f"embedding {extra_mb:+.2f} MB against 4 bits",
         flush=True,
     )

@@ -52,6 +52,11 @@ class QuantConfig:
     embedding_granularity: str | None = None  # of the token embedding (its rows = the projection's output
     # channels); None: weight.granularity. per_group splits each row into embedding_group_size columns
     embedding_group_size: int | None = None  # None: weight.group_size
+    embedding_hi_rows: int = 0  # this many token-embedding rows, those used most on the training audio (ranked by
+    # the float student: top-16 logits and targets on the calibration utterances), get embedding_hi_bits; needs the
+    # embedding in per_group_int8 (the rows stay int8 rows: the kernels are unchanged)
+    embedding_hi_bits: int = 5  # bits of those rows: above the embedding's bits, at most 6
+    embedding_rank_utts: int = 256  # training utterances the rows are ranked on (evenly spaced; 0: all)
     module_bits: list[str] = field(default_factory=list)  # "REGEX=BITS": modules whose name matches (re.search;
     # the first entry that matches wins, over embedding_bits too) get BITS instead, e.g. "encoder\\.conv=8"
     conv: bool = True  # quantize the encoder's Conv1d layers when the encoder is in scope (per output channel)
@@ -143,6 +148,34 @@ def validate(cfg: QuantConfig) -> QuantConfig:
             raise DQWhisperError(
                 f"quant config: {where} = per_group_int8 needs symmetric LSQ weights of at most "
                 f"{INT8_GROUP_MAX_BITS} bits (got {bits}-bit, symmetric {w.symmetric}, lsq {w.lsq})"
+            )
+    if cfg.embedding_hi_rows:
+        low = cfg.embedding_bits or w.bits
+        if (
+            isinstance(cfg.embedding_hi_rows, bool)
+            or not isinstance(cfg.embedding_hi_rows, int)
+            or (cfg.embedding_hi_rows < 0)
+        ):
+            raise DQWhisperError(
+                f"quant config: quant.embedding_hi_rows = {cfg.embedding_hi_rows!r}, must be an integer >= 0"
+            )
+        if (cfg.embedding_granularity or w.granularity) != "per_group_int8":
+            raise DQWhisperError(
+                "quant config: quant.embedding_hi_rows needs the embedding in per_group_int8 (got "
+                f"{cfg.embedding_granularity or w.granularity})"
+            )
+        if not isinstance(cfg.embedding_hi_bits, int) or not low < cfg.embedding_hi_bits <= INT8_GROUP_MAX_BITS:
+            raise DQWhisperError(
+                f"quant config: quant.embedding_hi_bits = {cfg.embedding_hi_bits!r}, must be above the embedding's "
+                f"{low} bits and at most {INT8_GROUP_MAX_BITS}"
+            )
+        if (
+            isinstance(cfg.embedding_rank_utts, bool)
+            or not isinstance(cfg.embedding_rank_utts, int)
+            or (cfg.embedding_rank_utts < 0)
+        ):
+            raise DQWhisperError(
+                f"quant config: quant.embedding_rank_utts = {cfg.embedding_rank_utts!r}, must be an integer >= 0"
             )
     if w.granularity in ("per_group", "per_group_int8") and (
         isinstance(w.group_size, bool) or not isinstance(w.group_size, int) or w.group_size < 2

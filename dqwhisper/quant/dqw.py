@@ -82,6 +82,13 @@ class _Blob:
         return entry
 
 
+def quantized_parts(entry: dict) -> list[dict]:
+    """The {offset, nbytes} parts of a quantized entry: codes, scales and those present of zero points, group
+    multipliers, wide rows' codes and row flags."""
+    keys = ("codes", "scale", "zero", "multiplier", "codes_hi", "row_bits")
+    return [entry[k] for k in keys if entry.get(k) is not None]
+
+
 def sinusoids64(length: int, channels: int) -> Tensor:
     """whisper.model.sinusoids computed in float64 (float64 out): rounded to float16, the table CTranslate2's
     float16 Whisper files hold, which float32's rounding misses in about 0.6% of the entries."""
@@ -284,8 +291,7 @@ def _check_data(path: Path, header: dict, data: memoryview) -> None:
 
     def bounds(e: dict) -> list[tuple[int, int]]:
         if e.get("kind") == "quantized":
-            parts = (e["codes"], e["scale"], e["zero"], e.get("multiplier"), e.get("codes_hi"), e.get("row_bits"))
-            return [(p["offset"], p["nbytes"]) for p in parts if p is not None]
+            return [(p["offset"], p["nbytes"]) for p in quantized_parts(e)]
         return [(e["offset"], e["nbytes"])]
 
     for name, entry in header["tensors"].items():

@@ -13,6 +13,9 @@ Conventions (shared with convert and the export file, so the three agree bit for
   so `code * m` is an int8 code within +-64 and the row runs on the int8 per-row kernels exactly (without VNNI's
   int16 saturation); the file stores the b-bit codes, the row scales and (7 - b)-bit multipliers. LSQ learns the row
   scales; the multipliers are fixed when the scales are initialised.
+- Mixed row widths (per_group_int8 only; the token embedding's most used rows, `quant.embedding_hi_rows`): a
+  `row_bits` buffer (A,) gives each row its width, `spec.bits` or `hi_bits`; codes, grid ends, multipliers (1 ..
+  2^(7 - row bits)) and the LSQ gradient scale follow each row's width, so the int8 rows stay within +-64.
 - Straight-through estimator for the rounding (and for the at most half-step clipping at the ends of the grid); LSQ
   (Esser et al., "Learned Step Size Quantization", ICLR 2020) learns the scale with its gradient scaled by
   `1 / sqrt(n * Qp)`, n = weights sharing that scale, Qp = the largest code.
@@ -178,12 +181,22 @@ def minmax_scale_zero(w3: Tensor, spec: QuantSpec, ratio: float | Tensor = 1.0) 
     return s, z
 
 
-def quantize_codes(w3: Tensor, s: Tensor, z: Tensor | None, spec: QuantSpec) -> Tensor:
-    """Integer-valued float codes, clamp(round(w / s) + z); gradients pass straight through the rounding."""
+def quantize_codes(
+    w3: Tensor, s: Tensor, z: Tensor | None, spec: QuantSpec, bounds: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Integer-valued float codes, clamp(round(w / s) + z); gradients pass straight through the rounding.
+    `bounds`: per-row (qmin, qmax) tensors (A, 1, 1) for mixed row widths, instead of the spec's."""
     v = w3 / s.unsqueeze(-1)
     if z is not None:
         v = v + z.unsqueeze(-1)
-    return _RoundClampSTE.apply(v, spec.qmin, spec.qmax)
+    qmin, qmax = bounds if bounds is not None else (spec.qmin, spec.qmax)
+    return _RoundClampSTE.apply(v, qmin, qmax)
+
+
+def row_bounds(row_bits: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric (qmin, qmax) per row, shaped (A, 1, 1), for rows of widths `row_bits` (A,)."""
+    top = torch.pow(2.0, row_bits.float() - 1).reshape(-1, 1, 1)
+    return -top, top - 1
 
 
 def dequantize_codes(q: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
@@ -221,7 +234,13 @@ class WeightFakeQuantizer(nn.Module):
     """
 
     def __init__(
-        self, spec: QuantSpec, weight: Tensor, lsq: bool = False, scale_init: str = "mse", name: str = "weight"
+        self,
+        spec: QuantSpec,
+        weight: Tensor,
+        lsq: bool = False,
+        scale_init: str = "mse",
+        name: str = "weight",
+        hi_bits: int | None = None,
     ):
         super().__init__()
         self.spec = spec
@@ -237,17 +256,65 @@ class WeightFakeQuantizer(nn.Module):
                 f"(got {spec.bits}-bit, "
                 f"symmetric {spec.symmetric}, lsq {lsq})"
             )
+        self.register_buffer("row_bits", None)
+        if hi_bits is not None:
+            if not self.int8_groups or not spec.bits < hi_bits <= INT8_GROUP_MAX_BITS:
+                raise DQWhisperError(
+                    f"{name}: rows at {hi_bits} bits need per_group_int8 {spec.bits}-bit weights and "
+                    f"{spec.bits} < {hi_bits} <= {INT8_GROUP_MAX_BITS} (got {spec.granularity})"
+                )
+            self.row_bits = torch.full((self.grouped[0],), spec.bits, dtype=torch.int8)
+        self.hi_bits = hi_bits
         if lsq:
             # min/max now; the MSE search (seconds on a real model) runs on first use, and never when a checkpoint's
             # scales are loaded over it (model_from_checkpoint prepares, then loads)
-            w3 = weight.detach().float().reshape(self.grouped)
-            s, z = minmax_scale_zero(w3, spec)
-            if self.int8_groups:
-                s, m = int8_group_scales(w3, s, spec)
+            s, z, m = self._fit_scales(weight.detach().float().reshape(self.grouped), mse=False)
+            if m is not None:
                 self.register_buffer("multiplier", m)
             self.scale = nn.Parameter(s.detach().clone())
             self.zero_point = None if z is None else nn.Parameter(z.detach().clone())
             self._pending_init = scale_init if scale_init != "minmax" else None
+            self._scale_init = scale_init
+
+    def _fit_scales(self, w3: Tensor, mse: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(scale, zero point, per_group_int8 multipliers) fitted to weights (A, B, G), each row at its own width."""
+        widths = [self.spec.bits] if self.row_bits is None else sorted(set(self.row_bits.tolist()))
+        s_all = z_all = m_all = None
+        for bits in widths:
+            spec = QuantSpec(bits, self.spec.symmetric, self.spec.granularity, self.spec.group_size)
+            rows = None if self.row_bits is None else (self.row_bits == bits).nonzero()[:, 0].to(w3.device)
+            part = w3 if rows is None else w3[rows]
+            s, z = (mse_scale_zero if mse else minmax_scale_zero)(part, spec)
+            m = None
+            if self.int8_groups:
+                s, m = int8_group_scales(part, s, spec)
+            if rows is None:
+                return s, z, m
+            if s_all is None:  # mixed widths are per_group_int8, so symmetric: no zero points
+                s_all, m_all = s.new_empty((len(w3),) + s.shape[1:]), m.new_empty((len(w3),) + m.shape[1:])
+            s_all[rows], m_all[rows] = s, m
+        return s_all, z_all, m_all
+
+    @torch.no_grad()
+    def set_hi_rows(self, rows: Tensor) -> None:
+        """Give `rows` (indices) `hi_bits` and the rest `spec.bits`, and fit the scales again (min/max now, the
+        configured init on first use). For a quantizer built with `hi_bits`, before training or loading."""
+        if self.row_bits is None or not self.lsq:
+            raise DQWhisperError("set_hi_rows needs an LSQ quantizer built with hi_bits")
+        self.row_bits.fill_(self.spec.bits)
+        self.row_bits[rows.to(self.row_bits.device)] = self.hi_bits
+        w3 = self._weight_ref[0].detach().float().reshape(self.grouped).to(self.scale.device)
+        s, _, m = self._fit_scales(w3, mse=False)
+        self.scale.copy_(s)
+        self.multiplier.copy_(m)
+        self._pending_init = self._scale_init if self._scale_init != "minmax" else None
+        self._cache = None
+
+    def bounds(self) -> tuple[Tensor, Tensor] | None:
+        """Per-row (qmin, qmax) (A, 1, 1) with mixed row widths, else None (the spec's)."""
+        if self.row_bits is None:
+            return None
+        return row_bounds(self.row_bits)
 
     @torch.no_grad()
     def _init_scales(self) -> None:
@@ -255,9 +322,8 @@ class WeightFakeQuantizer(nn.Module):
             return
         self._pending_init = None
         w3 = self._weight_ref[0].detach().float().reshape(self.grouped).to(self.scale.device)
-        s, z = mse_scale_zero(w3, self.spec)
-        if self.int8_groups:
-            s, m = int8_group_scales(w3, s, self.spec)
+        s, z, m = self._fit_scales(w3, mse=True)
+        if m is not None:
             self.multiplier.copy_(m)
         self.scale.copy_(s)
         if z is not None:
@@ -274,9 +340,10 @@ class WeightFakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
+        hi = "" if self.row_bits is None else f", hi_bits={self.hi_bits} on {int((self.row_bits != s.bits).sum())} rows"
         return (
             f"bits={s.bits}, symmetric={s.symmetric}, granularity={s.granularity}, "
-            f"group_size={s.group_size}, lsq={self.lsq}"
+            f"group_size={s.group_size}, lsq={self.lsq}{hi}"
         )
 
     @property
@@ -304,6 +371,8 @@ class WeightFakeQuantizer(nn.Module):
         self._init_scales()
         n_per_scale = self.grouped[2] * (self.grouped[1] if self.int8_groups else 1)
         g = 1.0 / math.sqrt(n_per_scale * max(self.spec.qmax, 1))
+        if self.row_bits is not None:  # each row's own largest code
+            g = torch.rsqrt(n_per_scale * self.bounds()[1].reshape(-1, 1).clamp(min=1))
         s = fp16_scale(_ScaleGrad.apply(self.scale, g))
         if self.int8_groups:
             s = s * self.multiplier  # exact: a float16 value times an integer <= 64
@@ -318,7 +387,7 @@ class WeightFakeQuantizer(nn.Module):
             q, _, s = ggml_format.quantize_blocks(weight, self.spec.granularity)
             return q.reshape(self.grouped), s.reshape(self.grouped[:2]), None
         s, z = self.scale_zero(weight)
-        return quantize_codes(weight.float().reshape(self.grouped), s, z, self.spec), s, z
+        return quantize_codes(weight.float().reshape(self.grouped), s, z, self.spec, self.bounds()), s, z
 
     def forward(self, weight: Tensor) -> Tensor:
         cacheable = not self.training and not torch.is_grad_enabled()

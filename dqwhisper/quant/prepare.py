@@ -11,7 +11,7 @@ import re
 from typing import Any, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dqwhisper.quant.config import QuantConfig, module_bits, resolve_config
 from dqwhisper.quant.fake_quant import (
@@ -113,7 +113,10 @@ def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
     for name, module, spec in specs:  # check every shape before changing anything
         spec.grouped_shape(tuple(module.weight.shape), name)
     for name, module, spec in specs:
-        wfq = WeightFakeQuantizer(spec, module.weight, lsq=cfg.weight.lsq, scale_init=cfg.weight.scale_init, name=name)
+        hi_bits = cfg.embedding_hi_bits if cfg.embedding_hi_rows and isinstance(module, nn.Embedding) else None
+        wfq = WeightFakeQuantizer(
+            spec, module.weight, lsq=cfg.weight.lsq, scale_init=cfg.weight.scale_init, name=name, hi_bits=hi_bits
+        )
         wfq.to(module.weight.device)
         afq = ActivationFakeQuantizer(cfg.activation.bits) if cfg.activation.enabled else None
         if isinstance(module, nn.Embedding):
@@ -139,6 +142,26 @@ def prepare(model: nn.Module, cfg: QuantConfig | Any) -> nn.Module:
     return model
 
 
+def widen_embedding_rows(model: nn.Module, order: Tensor, cfg: QuantConfig | Any) -> int:
+    """Give the first `quant.embedding_hi_rows` ids of `order` (most used first) `quant.embedding_hi_bits` in the
+    fake-quantized token embedding of a model just prepared (before training or GPTQ); returns how many."""
+    cfg = resolve_config(cfg)
+    emb = model.get_submodule(EMBEDDING_NAME)
+    wfq = getattr(emb, "weight_fake_quantizer", None)
+    if wfq is None or wfq.row_bits is None:
+        raise DQWhisperError(f"{EMBEDDING_NAME} has no rows to widen (prepare with quant.embedding_hi_rows > 0)")
+    n = min(cfg.embedding_hi_rows, len(order))
+    wfq.set_hi_rows(order[:n])
+    log.info(
+        "token embedding: the %d most used rows at %d bits, the other %d at %d",
+        n,
+        cfg.embedding_hi_bits,
+        len(wfq.row_bits) - n,
+        wfq.spec.bits,
+    )
+    return n
+
+
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FAKE_QUANTIZED_TYPES)]
 
@@ -150,7 +173,7 @@ def quantize_module_weight(module: nn.Module) -> QuantizedTensor:
     with torch.no_grad():
         q, s, z = wfq.codes(module.weight)
         row = wfq.row_scale()
-    return QuantizedTensor.from_float_codes(q, s, z, wfq.spec, tuple(module.weight.shape), row)
+    return QuantizedTensor.from_float_codes(q, s, z, wfq.spec, tuple(module.weight.shape), row, wfq.row_bits)
 
 
 def convert(model: nn.Module, mode: str = "dequant", batch: int = 1) -> nn.Module:

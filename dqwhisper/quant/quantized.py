@@ -41,10 +41,18 @@ class QuantizedTensor:
     zero: Tensor | None
     spec: QuantSpec
     row_scale: Tensor | None = None  # per_group_int8: the (A, 1) row scales that `scale` is integer multiples of
+    row_bits: Tensor | None = None  # mixed row widths (A,) int8: each row's bits (spec.bits is the narrowest)
 
     @classmethod
     def from_float_codes(
-        cls, q: Tensor, s: Tensor, z: Tensor | None, spec: QuantSpec, shape, row_scale: Tensor | None = None
+        cls,
+        q: Tensor,
+        s: Tensor,
+        z: Tensor | None,
+        spec: QuantSpec,
+        shape,
+        row_scale: Tensor | None = None,
+        row_bits: Tensor | None = None,
     ) -> "QuantizedTensor":
         dtype = torch.int8 if spec.symmetric else torch.uint8
         if (row_scale is None) != (spec.granularity != "per_group_int8"):
@@ -55,14 +63,23 @@ class QuantizedTensor:
             None if z is None else z.detach().float().clone(),
             spec,
             None if row_scale is None else row_scale.detach().float().reshape(-1, 1).clone(),
+            None if row_bits is None else row_bits.detach().to(torch.int8).clone(),
         )
+
+    def max_multiples(self) -> Tensor | int:
+        """per_group_int8: the largest multiplier, per row (A, 1) with mixed widths: 2^(7 - bits)."""
+        if self.row_bits is None:
+            return self.spec.max_multiple
+        return torch.pow(2, 7 - self.row_bits.to(torch.int32)).reshape(-1, 1).to(self.scale.device)
 
     def multipliers(self) -> Tensor:
         """per_group_int8: the integer group multipliers (A, B), scale / row_scale."""
         m = torch.round(self.scale / self.row_scale)
-        if not torch.equal(m * self.row_scale, self.scale) or int(m.min()) < 1 or int(m.max()) > self.spec.max_multiple:
+        exact = torch.equal(m * self.row_scale, self.scale)
+        if not exact or int(m.min()) < 1 or bool((m > self.max_multiples()).any()):
             raise DQWhisperError(
                 f"per_group_int8 scales are not multiples 1..{self.spec.max_multiple} of the row scales"
+                " (1..2^(7 - bits) per row)"
             )
         return m
 
@@ -101,13 +118,14 @@ class _QuantizedBase(nn.Module):
         self.register_buffer("scale", qt.scale)
         self.register_buffer("zero_point", qt.zero)
         self.register_buffer("row_scale", qt.row_scale)
+        self.register_buffer("row_bits", qt.row_bits)
         self.register_buffer("weight", qt.dequantize(), persistent=False)
         self.kernel = "float"
         self.impl: kernels.Kernel | None = None
         self.kernel_times: dict[str, float] = {}
 
     def quantized_tensor(self) -> QuantizedTensor:
-        return QuantizedTensor(self.qweight, self.scale, self.zero_point, self.spec, self.row_scale)
+        return QuantizedTensor(self.qweight, self.scale, self.zero_point, self.spec, self.row_scale, self.row_bits)
 
     def dequantized_weight(self) -> Tensor:
         return self.weight if self.weight is not None else self.quantized_tensor().dequantize()

@@ -20,7 +20,7 @@ import torch
 
 from dqwhisper.models.ct2 import read_model_bin
 from dqwhisper.models.student import read_checkpoint
-from dqwhisper.quant.dqw import read_header
+from dqwhisper.quant.dqw import quantized_parts, read_header
 from dqwhisper.utils import DQWhisperError, command
 
 
@@ -49,10 +49,10 @@ def dqw_tensors(path: Path) -> list[dict]:
     for name, e in header["tensors"].items():
         numel = math.prod(e["shape"])
         if e["kind"] == "quantized":
-            parts = (e["codes"], e["scale"], e["zero"], e.get("multiplier"))  # multiplier: per_group_int8
-            nbytes = sum(p["nbytes"] for p in parts if p)
+            nbytes = sum(p["nbytes"] for p in quantized_parts(e))
+            wide = f"+{e['row_bits']['hi']}" if e.get("row_bits") else ""  # mixed row widths
             detail = (
-                f"int{e['bits']} {e['granularity']}"
+                f"int{e['bits']}{wide} {e['granularity']}"
                 + (f"/{e['group_size']}" if e["group_size"] else "")
                 + ("" if e["symmetric"] else " asym")
             )

@@ -24,7 +24,8 @@ from dqwhisper.distill.teacher import CachedTargets, LiveTargets, TeacherTargets
 from dqwhisper.models.load import load_model
 from dqwhisper.models.student import DQWhisper, from_whisper, vocab_from_token_lists, window_frames
 from dqwhisper.quant import prepare
-from dqwhisper.train.calibrate import gptq_calibrate
+from dqwhisper.quant.prepare import widen_embedding_rows
+from dqwhisper.train.calibrate import embedding_rows_by_use, gptq_calibrate
 from dqwhisper.train.cache_set import CacheFiller, Caches, TrainingSet, check_usable, window_margins
 from dqwhisper.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed, rank_device
 from dqwhisper.utils import DQWhisperError, get_logger, resolve_device, set_seed
@@ -282,8 +283,16 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
     if teacher is not None:
         check_teacher_vocab(teacher, student, cfg.teacher.name)
     student.ctc_bpe = bpe.model_bytes if bpe is not None else None
+    quant_cfg = OmegaConf.to_object(cfg.quant) if OmegaConf.is_config(cfg.quant) else cfg.quant
+    order = None
+    if cfg.quant.enabled and cfg.quant.embedding_hi_rows:  # ranked by the float student, before it is quantized
+        order = embedding_rows_by_use(
+            student.to(device), train_base, cfg.quant.embedding_rank_utts, window_margins(cfg)[0], device
+        )
     if cfg.quant.enabled:
-        prepare(student, OmegaConf.to_object(cfg.quant) if OmegaConf.is_config(cfg.quant) else cfg.quant)
+        prepare(student, quant_cfg)
+        if order is not None:
+            widen_embedding_rows(student, order, quant_cfg)
     student.to(device)
     del source
     if cfg.quant.enabled and cfg.quant.gptq:  # frozen layers keep these codes; trainable ones start from them

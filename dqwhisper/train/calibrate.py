@@ -41,6 +41,40 @@ def calibration_batches(
     return batches
 
 
+@torch.no_grad()
+def rank_embedding_rows(
+    model: nn.Module, batches: list[dict], device: torch.device | str, top: int = 16
+) -> torch.Tensor:
+    """Token ids, most used first, by the float `model` teacher-forced on `batches` (calibration_batches): each
+    id counts once per position where it is among the `top` logits, and 100 times per position where it is the
+    target. Ids never seen keep their order (stable sort). The rows that `quant.embedding_hi_rows` widens."""
+    dec = model.decoder
+    n_vocab = dec.token_embedding.weight.shape[0]
+    counts = torch.zeros(n_vocab, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for b in batches:
+        with encoder_window(model, b["window"]):
+            logits = model(b["mel"].to(device), b["tokens_in"].to(device)).float().cpu()
+        if logits.shape[-1] != n_vocab:  # a pruned student's logits over the full vocabulary: its own rows
+            logits = logits[..., dec.vocab_keep.cpu()]
+        mask = b["targets"] != -100
+        targets = dec.to_subset_ids(b["targets"][mask].to(device)).cpu()
+        counts += torch.bincount(logits[mask].topk(min(top, n_vocab), -1).indices.reshape(-1), minlength=n_vocab)
+        counts += 100 * torch.bincount(targets[targets >= 0], minlength=n_vocab)
+    model.train(was_training)
+    return counts.argsort(descending=True, stable=True)
+
+
+def embedding_rows_by_use(
+    model: nn.Module, ds: WhisperDataset, n_utts: int, margin: float | None, device: torch.device | str
+) -> torch.Tensor:
+    """rank_embedding_rows on `n_utts` utterances of `ds` (0: all), each in its training window (`margin`)."""
+    batches = calibration_batches(ds, n_utts or len(ds.items), margin=margin)
+    log.info("token embedding rows ranked on %d utterances of %s", sum(len(b["mel"]) for b in batches), ds.data.path)
+    return rank_embedding_rows(model, batches, device)
+
+
 def _encode(model: nn.Module, batch: dict, device: torch.device | str) -> torch.Tensor:
     with encoder_window(model, batch["window"]):
         return model.encoder(batch["mel"].to(device))

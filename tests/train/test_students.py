@@ -69,6 +69,11 @@ def test_gptq_rounds_every_quantized_layer_before_the_encoder_outputs_are_cached
     assert changed == {"encoder", "decoder"}
     emb = "decoder.token_embedding.weight"  # an embedding is no linear: GPTQ leaves it (and its scales) alone
     assert torch.equal(dict(runs["true"].named_parameters())[emb], dict(runs["false"].named_parameters())[emb])
+    # w4a8's most used embedding rows (all 8,000 of the tiny vocabulary's when it has fewer) were ranked and widened
+    # by the float student before GPTQ
+    wfq = runs["true"].decoder.token_embedding.weight_fake_quantizer
+    assert int((wfq.row_bits == 5).sum()) == min(8000, len(wfq.row_bits))
+    assert set(wfq.row_bits.unique().tolist()) <= {4, 5}
 
 
 def test_dev_is_decoded_as_test_with_a_cap_from_the_audio_and_runaways_counted(assets, tmp_path, monkeypatch):

@@ -83,6 +83,8 @@ class StudentConfig:
     freeze_decoder: bool = False
     freeze_embedding: bool = False  # keep the token embedding (the tied output projection) as the source has it
     train_ctc_head: bool = True  # the CTC head trains even when the encoder is frozen
+    train_weights: bool = True  # false: only the fake quantizers' LSQ scales (and zero points) train, every weight
+    # stays as quantized at the start (GPTQ or rounded): QAT as a calibration of the step sizes
 
 
 @dataclass

@@ -154,6 +154,10 @@ def set_trainable(student: DQWhisper, cfg: Any) -> list[nn.Parameter]:
     if student.ctc_head is not None:
         for p in student.ctc_head.parameters():
             p.requires_grad_(bool(cfg.student.train_ctc_head))
+    if not cfg.student.train_weights:  # the quantizers' scales only (of the parts not frozen above)
+        for name, p in student.named_parameters():
+            if not is_quantizer_param(name):
+                p.requires_grad_(False)
     return [p for p in student.parameters() if p.requires_grad]
 
 

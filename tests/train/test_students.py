@@ -49,6 +49,18 @@ def test_lsq_scales_get_their_own_group_without_weight_decay(assets, tmp_path):
     assert not any(n.startswith("encoder.") for n in (names[id(p)] for p in g["params"]))
 
 
+def test_train_weights_false_trains_the_quantizer_scales_only(assets, tmp_path):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=["quant=w4a8", "student.train_weights=false"])
+    tr = make_trainer(cfg)
+    names = {id(p): n for n, p in tr.parts.student.named_parameters()}
+    trained = [names[id(p)] for g in tr.parts.optimizer.param_groups for p in g["params"] if id(p) in names]
+    assert trained and all(is_quantizer_param(n) for n in trained)
+    assert any(n.startswith("decoder.token_embedding.") for n in trained)
+    weights = [p for n, p in tr.parts.student.named_parameters() if not is_quantizer_param(n)]
+    assert not any(p.requires_grad for p in weights)
+
+
 def test_gptq_rounds_every_quantized_layer_before_the_encoder_outputs_are_cached(assets, tmp_path):
     teacher, data, _ = assets
     runs = {}

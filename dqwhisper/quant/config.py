@@ -149,16 +149,12 @@ def validate(cfg: QuantConfig) -> QuantConfig:
                 f"quant config: {where} = per_group_int8 needs symmetric LSQ weights of at most "
                 f"{INT8_GROUP_MAX_BITS} bits (got {bits}-bit, symmetric {w.symmetric}, lsq {w.lsq})"
             )
+    for key in ("embedding_hi_rows", "embedding_rank_utts"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DQWhisperError(f"quant config: quant.{key} = {value!r}, must be an integer >= 0")
     if cfg.embedding_hi_rows:
         low = cfg.embedding_bits or w.bits
-        if (
-            isinstance(cfg.embedding_hi_rows, bool)
-            or not isinstance(cfg.embedding_hi_rows, int)
-            or (cfg.embedding_hi_rows < 0)
-        ):
-            raise DQWhisperError(
-                f"quant config: quant.embedding_hi_rows = {cfg.embedding_hi_rows!r}, must be an integer >= 0"
-            )
         if (cfg.embedding_granularity or w.granularity) != "per_group_int8":
             raise DQWhisperError(
                 "quant config: quant.embedding_hi_rows needs the embedding in per_group_int8 (got "
@@ -168,14 +164,6 @@ def validate(cfg: QuantConfig) -> QuantConfig:
             raise DQWhisperError(
                 f"quant config: quant.embedding_hi_bits = {cfg.embedding_hi_bits!r}, must be above the embedding's "
                 f"{low} bits and at most {INT8_GROUP_MAX_BITS}"
-            )
-        if (
-            isinstance(cfg.embedding_rank_utts, bool)
-            or not isinstance(cfg.embedding_rank_utts, int)
-            or (cfg.embedding_rank_utts < 0)
-        ):
-            raise DQWhisperError(
-                f"quant config: quant.embedding_rank_utts = {cfg.embedding_rank_utts!r}, must be an integer >= 0"
             )
     if w.granularity in ("per_group", "per_group_int8") and (
         isinstance(w.group_size, bool) or not isinstance(w.group_size, int) or w.group_size < 2

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""How much of the 4-bit token embedding's error a few more bits on its most used rows would remove (an estimate for
-per-row bit widths, which the quantizer and the .dqw format do not have yet).
+"""How much of the 4-bit token embedding's error a few more bits on its most used rows remove (what
+`quant.embedding_hi_rows` does), for several splits and rankings at once.
 
     python bench/embedding_rows.py FLOAT_STUDENT.pt [--train data/demo/train] [--dev data/demo/dev]
         [--batch-window 1] [--split 4000:5:4 8000:5:4 26000:5:3 ...] [--rank-utts 0 64]
@@ -11,8 +11,9 @@ utterances (0: all; several values compare rankings), counts each token id's app
 (x100) as a target. For each split N:HI:LO the N highest-ranked
 rows are quantized to HI bits and the rest to LO bits (round to nearest, int8-multiple groups of 64 as in
 conf/quant/w4a8.yaml); every other weight stays float. Printed per split: the dev teacher-forced cross-entropy, the
-KL divergence from the float student (as bench/dev_ce.py computes them) and the embedding's bytes against 4 bits
-everywhere. Dev is never used for the ranking.
+KL divergence from the float student (as bench/dev_ce.py computes them) and the embedding's bytes in the .dqw file
+against 4 bits everywhere (the multipliers of every row stored at the narrow width's bits, one flag bit a row). Dev is
+never used for the ranking.
 """
 
 import argparse
@@ -80,7 +81,7 @@ def at_bits(bits):
     return quantized[bits]
 
 
-def bits_per_weight(bits):  # codes + 3..4-bit group multipliers (1..2^(7-bits)) + a float16 row scale
+def bits_per_weight(bits):  # codes + the group multipliers' bits (1..2^(7-bits)) + a float16 row scale
     return bits + max(1, (2 ** (7 - bits) - 1).bit_length()) / GROUP + 16 / weight.shape[1]
 
 
@@ -98,8 +99,9 @@ for rank_n, split in ((r, x) for r in args.rank_utts for x in args.split):
         ce += float(F.cross_entropy(lg[mask], b["targets"][mask], reduction="sum"))
         kl += float(F.kl_div(F.log_softmax(lg[mask], -1), F.log_softmax(r[mask], -1), log_target=True, reduction="sum"))
         tokens += int(mask.sum())
-    extra = n * bits_per_weight(hi) + (n_vocab - n) * bits_per_weight(lo) - n_vocab * bits_per_weight(4)
-    extra_mb = extra * weight.shape[1] / 8 / 1e6
+    wide = n if hi != lo else 0
+    extra = wide * (hi - lo) + n_vocab * (bits_per_weight(lo) - bits_per_weight(4))
+    extra_mb = (extra * weight.shape[1] + (n_vocab if wide else 0)) / 8 / 1e6
     print(
         f"ranked on {rank_n or 'all'}: top {n} rows at {hi} bits, the rest {lo}: "
         f"dev CE {ce / tokens:.4f}  KL {kl / tokens:.4f}  "

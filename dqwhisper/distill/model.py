@@ -80,8 +80,9 @@ class DistillModel(nn.Module):
             targets = torch.where(mask & (targets >= 0), targets, torch.full_like(targets, losses.IGNORE))
         return tokens_in, targets, mask
 
-    def _student(self, batch: dict, tokens_in: Tensor, want_match: bool, match_encoder: bool):
-        """-> (encoder output xa, subset logits, decoder features | None, encoder features | None)."""
+    def _student(self, batch: dict, tokens_in: Tensor, mask: Tensor, want_match: bool, match_encoder: bool):
+        """-> (encoder output xa, subset logits (1, N, V) at the N counted positions (mask), decoder features (B, L,
+        D) | None, encoder features | None)."""
         dev, m = tokens_in.device, self.loss_cfg.match
         enc_feats = s_feats = None
         with autocast(self.amp_dtype):
@@ -100,15 +101,19 @@ class DistillModel(nn.Module):
             self.student.decoder.subset_logits = True
             lengths = batch.get("enc_window")  # rows of different encoder windows (data.batch_window), padded
             try:
-                with self.student.decoder.key_lengths(None if lengths is None else lengths.to(dev), xa.shape[1]):
+                decoder = self.student.decoder
+                with (
+                    decoder.key_lengths(None if lengths is None else lengths.to(dev), xa.shape[1]),
+                    decoder.logits_at(mask),
+                ):
                     if want_match:
-                        logits, ffn, blocks = self.student.decoder.forward_features(tokens_in, xa)
+                        logits, ffn, blocks = decoder.forward_features(tokens_in, xa)
                         s_feats = ffn if m.feature == "ffn" else blocks
                     else:
-                        logits = self.student.decoder(tokens_in, xa)
+                        logits = decoder(tokens_in, xa)
             finally:
                 self.student.decoder.subset_logits = False
-        return xa, logits, s_feats, enc_feats
+        return xa, logits.unsqueeze(0), s_feats, enc_feats
 
     def forward(self, batch: dict, with_teacher: bool = True) -> tuple[dict[str, Tensor], dict]:
         cfg, m = self.loss_cfg, self.loss_cfg.match
@@ -124,10 +129,11 @@ class DistillModel(nn.Module):
             norm_tok, norm_ctc = counts[0] / self.world_size, counts[1] / self.world_size
             reduce = self.all_reduce
         xa, logits, s_feats, enc_feats = self._student(
-            batch, tokens_in, want_match, want_match and m.encoder and not self.freeze_encoder
+            batch, tokens_in, mask, want_match, want_match and m.encoder and not self.freeze_encoder
         )
+        counted = torch.ones_like(logits[..., 0], dtype=torch.bool)  # (1, N): logits are only the counted positions
 
-        out = {"ce": losses.ce(logits, targets, cfg.label_smoothing, normalizer=norm_tok)}
+        out = {"ce": losses.ce(logits, targets[mask][None], cfg.label_smoothing, normalizer=norm_tok)}
         if cfg.beta > 0 and self.student.ctc_head is not None:
             enc_lengths = batch["enc_lengths"].clamp(max=xa.shape[1])
             out["ctc"] = losses.ctc(
@@ -140,8 +146,14 @@ class DistillModel(nn.Module):
         info: dict = {}
         if distil:
             t = self.teacher(batch, tokens_in, xa, want_match)
+            t_index = t.get("t_index")
             out["kd"] = losses.kd_logits(
-                logits, t["t_logits"], mask, cfg.kd_temperature, teacher_index=t.get("t_index"), normalizer=norm_tok
+                logits,
+                t["t_logits"][mask][None],
+                counted,
+                cfg.kd_temperature,
+                teacher_index=None if t_index is None else t_index[mask][None],
+                normalizer=norm_tok,
             )
             if want_match:
                 match, info["chosen"], _ = match_loss(

@@ -162,6 +162,8 @@ class DQTextDecoder(TextDecoder):
         super().__init__(rows, n_ctx, n_state, n_head, n_layer)
         self.n_vocab_full = n_vocab
         self.subset_logits = False
+        self.dropout = 0.0  # residual-branch dropout in training (student.dropout); Whisper itself has none
+        self.logit_mask: Tensor | None = None  # inside logits_at(mask): logits only where mask (B, L) is true
         self.key_mask: Tensor | None = None
         if vocab_keep is None:
             self.vocab_keep = None
@@ -200,6 +202,23 @@ class DQTextDecoder(TextDecoder):
             ids = torch.where(ids < 0, torch.full_like(ids, len(self.vocab_keep) - 1), ids)
         return self.token_embedding(ids) + self.positional_embedding[offset : offset + tokens.shape[-1]]
 
+    @contextlib.contextmanager
+    def logits_at(self, mask: Tensor | None):
+        """Within: forward and forward_features return logits (N, V) for the N positions where mask (B, L) is
+        true, in row-major order, instead of (B, L, V): training projects onto the vocabulary only where a loss
+        is counted (not at the prompt and padding, half of a demo batch)."""
+        before = self.logit_mask
+        self.logit_mask = mask
+        try:
+            yield
+        finally:
+            self.logit_mask = before
+
+    def _head(self, h: Tensor) -> Tensor:
+        if self.logit_mask is not None:
+            h = h[self.logit_mask.to(h.device)]
+        return self._expand(self.project(self.ln(h)))
+
     def _expand(self, logits: Tensor) -> Tensor:
         if not self.pruned or self.subset_logits:
             return logits
@@ -225,28 +244,31 @@ class DQTextDecoder(TextDecoder):
             return block.cross_attn(block.cross_attn_ln(h), xa, kv_cache=kv_cache)[0]
         return masked_attention(block.cross_attn, block.cross_attn_ln(h), xa, self.key_mask.to(h.device), kv_cache)
 
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x
+
     def forward(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
-        h = self._embed(x, offset).to(xa.dtype)
+        h = self._drop(self._embed(x, offset).to(xa.dtype))
         for block in self.blocks:  # whisper's ResidualAttentionBlock.forward, with the cross-attention of _cross
-            h = h + block.attn(block.attn_ln(h), mask=self.mask, kv_cache=kv_cache)[0]
-            h = h + self._cross(block, h, xa, kv_cache)
-            h = h + block.mlp(block.mlp_ln(h))
-        return self._expand(self.project(self.ln(h)))
+            h = h + self._drop(block.attn(block.attn_ln(h), mask=self.mask, kv_cache=kv_cache)[0])
+            h = h + self._drop(self._cross(block, h, xa, kv_cache))
+            h = h + self._drop(block.mlp(block.mlp_ln(h)))
+        return self._head(h)
 
     def forward_features(self, x: Tensor, xa: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Teacher-forced pass. x (B, L) full ids, xa (B, T, d) ->
         (logits, FFN acts [(B, L, 4d)] per layer, block outputs [(B, L, d)] per layer)."""
-        h = self._embed(x, 0).to(xa.dtype)
+        h = self._drop(self._embed(x, 0).to(xa.dtype))
         ffn_acts, block_outs = [], []
         for block in self.blocks:
-            h = h + block.attn(block.attn_ln(h), mask=self.mask)[0]
-            h = h + self._cross(block, h, xa)
+            h = h + self._drop(block.attn(block.attn_ln(h), mask=self.mask)[0])
+            h = h + self._drop(self._cross(block, h, xa))
             a = block.mlp[1](block.mlp[0](block.mlp_ln(h)))
-            h = h + block.mlp[2](a)
+            h = h + self._drop(block.mlp[2](a))
             ffn_acts.append(a)
             block_outs.append(h)
-        return self._expand(self.project(self.ln(h))), ffn_acts, block_outs
+        return self._head(h), ffn_acts, block_outs
 
 
 class DQWhisper(Whisper):

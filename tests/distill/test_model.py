@@ -76,3 +76,50 @@ def test_cached_targets_read_the_batch(pair):
     again = live(batch, batch["tokens_in"], xa, want_match=True)
     torch.testing.assert_close(cached["t_logits"], again["t_logits"])
     assert len(cached["t_feats"]) == len(again["t_feats"]) == teacher.dims.n_text_layer
+
+
+@pytest.mark.parametrize("topk", [0, 5])
+def test_logits_only_at_counted_positions_give_the_losses_and_gradients_of_all_positions(pair, topk):
+    """Training projects onto the vocabulary only where CE/KD count (decoder.logits_at): the same losses and
+    gradients as the whole (B, L, V) projection, on a batch with prompt and padding positions."""
+    student, teacher = pair
+    loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.0, label_smoothing=0.1))
+    model = DistillModel(student, loss, LiveTargets(teacher, None, kd_topk=topk)).train()
+    batch = tiny_batch()
+    named, _ = model(batch)
+    named["loss"].backward()
+    got = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+
+    from dqwhisper import losses
+
+    xa = student.encoder(batch["mel"]).detach()
+    logits = student.decoder(batch["tokens_in"], xa)  # (B, L, V): every position
+    assert logits.shape[:2] == batch["tokens_in"].shape
+    mask = batch["targets"] != losses.IGNORE
+    t = LiveTargets(teacher, None, kd_topk=topk)(batch, batch["tokens_in"], xa, want_match=False)
+    ce = losses.ce(logits, batch["targets"], 0.1)
+    kd = losses.kd_logits(logits, t["t_logits"], mask, 1.0, teacher_index=t.get("t_index"))
+    torch.testing.assert_close(named["loss_ce"], ce)
+    torch.testing.assert_close(named["loss_kd"], kd)
+    (0.5 * ce + 0.5 * kd).backward()
+    for n, p in student.named_parameters():
+        if n in got:
+            torch.testing.assert_close(got[n], p.grad, msg=n)
+    assert student.decoder.logit_mask is None  # restored after the training forward
+
+
+def test_decoder_dropout_acts_in_training_only(pair):
+    student, _ = pair
+    batch = tiny_batch()
+    xa = student.encoder(batch["mel"]).detach()
+    dec = student.decoder
+    ref = dec.eval()(batch["tokens_in"], xa)
+    dec.dropout = 0.3
+    torch.testing.assert_close(dec.eval()(batch["tokens_in"], xa), ref)  # decoding: no dropout
+    torch.manual_seed(1)
+    a = dec.train()(batch["tokens_in"], xa)
+    b, _, _ = dec.forward_features(batch["tokens_in"], xa)
+    assert not torch.allclose(a, ref) and not torch.allclose(a, b)  # a fresh mask each pass, in both paths
+    dec.dropout = 0.0
+    torch.testing.assert_close(dec.train()(batch["tokens_in"], xa), ref)

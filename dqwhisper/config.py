@@ -83,6 +83,7 @@ class StudentConfig:
     freeze_decoder: bool = False
     freeze_embedding: bool = False  # keep the token embedding (the tied output projection) as the source has it
     train_ctc_head: bool = True  # the CTC head trains even when the encoder is frozen
+    dropout: float = 0.0  # residual-branch dropout in the decoder while training (0: none, as Whisper)
     train_weights: bool = True  # false: only the fake quantizers' LSQ scales (and zero points) train, every weight
     # stays as quantized at the start (GPTQ or rounded): QAT as a calibration of the step sizes
 
@@ -142,6 +143,8 @@ class TrainerConfig:
     resume: bool = False  # continue from checkpoint_dir/last.pt (an error when there is none)
     overwrite: bool = False  # start over in a checkpoint_dir that holds an experiment (its outputs are removed)
     save_every_steps: int = 0  # also write last.pt every N steps, between validations; 0 = only at validations
+    save_start: bool = False  # a quantized student: also write start.pt, the model before the first step (its PTQ:
+    # the quantizer's scales, GPTQ codes and wide embedding rows as QAT starts from them)
     save_every_minutes: float = 10.0  # also write last.pt when this much time passed since the last one; 0 = off
     cache_encoder: bool = True  # frozen encoder: compute its outputs once, on disk
     cache_teacher: bool = True  # frozen teacher: its decoder outputs once, on disk
@@ -256,6 +259,7 @@ def validate(cfg: TrainConfig | DictConfig) -> None:
         (0.0 <= cfg.loss.alpha <= 1.0, f"loss.alpha={cfg.loss.alpha}: must be in [0, 1]"),
         (cfg.loss.beta >= 0, f"loss.beta={cfg.loss.beta}: must be >= 0"),
         (cfg.loss.kd_temperature > 0, "loss.kd_temperature must be > 0"),
+        (0.0 <= cfg.student.dropout < 1.0, f"student.dropout={cfg.student.dropout}: must be in [0, 1)"),
         (cfg.student.init in ("cut", "copy", "pretrained"), f"student.init={cfg.student.init}: cut|copy|pretrained"),
         (cfg.optim.name in ("adam", "adamw"), f"optim.name={cfg.optim.name}: adam|adamw"),
         (cfg.optim.scheduler in ("linear", "cosine", "constant"), f"optim.scheduler={cfg.optim.scheduler}"),

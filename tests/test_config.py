@@ -70,7 +70,9 @@ def test_wrong_type_is_an_error():
         compose_cfg("config", ["optim.lr=fast"])
 
 
-@pytest.mark.parametrize("bad", ["loss.match.mode=dynamic", "loss.alpha=1.5", "student.init=grow"])
+@pytest.mark.parametrize(
+    "bad", ["loss.match.mode=dynamic", "loss.alpha=1.5", "student.init=grow", "student.dropout=1.0"]
+)
 def test_bad_values_rejected(bad):
     with pytest.raises(DQWhisperError):
         validate(compose_cfg("config", [bad]))

@@ -284,6 +284,7 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         vocab_keep = vocab_from_token_lists(list(lists), source.dims.n_vocab, tokenizer.eot)
     ctc_units = bpe.vocab_size if bpe is not None else 0
     student = build_student(cfg, source, vocab_keep, ctc_units, n_audio_ctx)
+    student.decoder.dropout = float(cfg.student.dropout)
     if teacher is not None:
         check_teacher_vocab(teacher, student, cfg.teacher.name)
     student.ctc_bpe = bpe.model_bytes if bpe is not None else None

@@ -13,8 +13,9 @@
 #   4  students        students cut from the adapted teacher (2 decoder layers, full vocabulary), the same data
 #                      and steps: CE only, KD + dynamic matching; then 4-bit QAT starting from the KD + matching
 #                      student (--all_students true: also KD alone and 8-bit QAT; --seeds N: each with N seeds)
-#   5  ptq + export    PTQ 4-bit of the float KD + matching student (the 4-bit QAT student's quantizer, GPTQ); the adapted
-#                      teacher and every student exported to export/model.dqw (packed low-bit, or fp16 for float)
+#   5  ptq + export    PTQ 4-bit of the float KD + matching student: the model the 4-bit QAT started from (its
+#                      quantizer, GPTQ); the adapted teacher and every student exported to export/model.dqw (packed
+#                      low-bit, or fp16 for float)
 #   6  decode          every model on data/demo/test with inference.py (greedy, language from utt2lang)
 #   7  report          exp/demo/RESULTS.md, results.json, comparisons.json (paired bootstrap), wer_vs_size.png
 # Everything a stage needs is on disk from the stages before it; exp/demo/stage_times.tsv keeps the wall times.
@@ -115,8 +116,9 @@ stage_students() {
     if has student_kd_dm_q8; then
       train "student_kd_dm_q8$x" conf/demo_student_kd_dm_q8.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
     fi
+    # start.pt: the quantized student before its first step (scales, GPTQ codes, wide embedding rows), its PTQ
     train "student_kd_dm_q4$x" conf/demo_student_kd_dm_q4.yaml "trainer.seed=$((1233 + k))" "${window_args[@]+"${window_args[@]}"}" \
-      "teacher.name=$exp/student_kd_dm$x/best.pt" "student.name=$exp/student_kd_dm$x/best.pt"
+      "teacher.name=$exp/student_kd_dm$x/best.pt" "student.name=$exp/student_kd_dm$x/best.pt" trainer.save_start=true
   done
 }
 stage_export() {
@@ -124,11 +126,17 @@ stage_export() {
   for k in $(seq 1 "$seeds"); do
     x=$(sfx "$k")
     mkdir -p "$exp/student_ptq4$x"
-    # the same quantizer as student_kd_dm_q4 (MSE scales, GPTQ codes on 64 training utterances, the 8,000 most used
-    # embedding rows at 5 bits), without training; no CTC head, as student_kd_dm_q4 has none
-    $py -m dqwhisper.quant.ptq "$exp/student_kd_dm$x/best.pt" w4a8 "$exp/student_ptq4$x/best.pt" gptq=true gptq_utts=64 \
-      --calib "$data/train" --no-ctc
-    cp "$exp/student_kd_dm$x/config.yaml" "$exp/student_ptq4$x/config.yaml"
+    # PTQ with the same quantizer as student_kd_dm_q4 (MSE scales, GPTQ codes on 64 training utterances, the 8,000
+    # most used embedding rows at 5 bits), without training, no CTC head: exactly the model its QAT started from
+    # (start.pt); made here when that QAT run kept none (trained before trainer.save_start)
+    if [ -f "$exp/student_kd_dm_q4$x/start.pt" ]; then
+      cp "$exp/student_kd_dm_q4$x/start.pt" "$exp/student_ptq4$x/best.pt"
+      cp "$exp/student_kd_dm_q4$x/config.yaml" "$exp/student_ptq4$x/config.yaml"
+    else
+      $py -m dqwhisper.quant.ptq "$exp/student_kd_dm$x/best.pt" w4a8 "$exp/student_ptq4$x/best.pt" gptq=true \
+        gptq_utts=64 --calib "$data/train" --no-ctc
+      cp "$exp/student_kd_dm$x/config.yaml" "$exp/student_ptq4$x/config.yaml"
+    fi
   done
   # float models are exported too (fp16 tensors), so every row's size is a file that decodes as reported
   for s in $models; do

@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dqwhisper.data.sampler import BatchSampler, chunks_by_key
+from dqwhisper.models.student import save_checkpoint
 from dqwhisper.train import dist as D
 from dqwhisper.train.build import Parts, build, setup
 from dqwhisper.train.cache_set import TrainingSet, collate_training
@@ -174,6 +175,9 @@ class Trainer:
             metric = self.validate_and_save()
             self.finish()
             return {"steps": 0, "dev_metric": metric}
+        if tc.save_start and cfg.quant.enabled and self.step == 0 and self.dist.main:
+            save_checkpoint(self.parts.student, self.expdir / "start.pt", config=config_dict(cfg), step=0)
+            log.info("the quantized student before training (its PTQ) in %s", self.expdir / "start.pt")
         if self.dist.main and tc.tensorboard:
             self.writer = SummaryWriter(str(self.expdir / "tensorboard"), purge_step=self.step or None)
         bar = tqdm(

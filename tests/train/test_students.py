@@ -151,3 +151,33 @@ def test_gptq_with_a_decoder_only_quantizer(assets, tmp_path):
     m = student.get_submodule("decoder.blocks.0.mlp.0")
     with torch.no_grad():
         torch.testing.assert_close(m.weight_fake_quantizer(m.weight), m.weight, rtol=0, atol=1e-6)
+
+
+def test_save_start_keeps_the_quantized_student_before_its_first_step(assets, tmp_path):
+    """trainer.save_start: start.pt is the PTQ that QAT starts from (scales, GPTQ codes), not a trained state."""
+    from dqwhisper.models.student import load_checkpoint
+
+    teacher, data, _ = assets
+    cfg = tiny_config(
+        tmp_path / "exp",
+        data,
+        teacher,
+        overrides=["quant=w4a8", "quant.gptq=true", "quant.gptq_utts=4", "trainer.save_start=true"],
+    )
+    tr = make_trainer(cfg)
+    before = {k: v.clone() for k, v in tr.parts.student.state_dict().items()}
+    tr.run()
+    start = load_checkpoint(tmp_path / "exp" / "start.pt")
+    assert start.decoder.token_embedding.weight_fake_quantizer is not None  # loads as the quantized student
+    got = start.state_dict()
+    assert set(got) == set(before)
+    assert all(torch.equal(got[k], before[k]) for k in before)
+    after = tr.parts.student.state_dict()  # and training moved on from it
+    assert not all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_save_start_writes_nothing_for_a_float_student(assets, tmp_path):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=["trainer.save_start=true", "trainer.max_steps=1"])
+    make_trainer(cfg).run()
+    assert not (tmp_path / "exp" / "start.pt").exists() and (tmp_path / "exp" / "best.pt").exists()

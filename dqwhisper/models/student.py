@@ -44,6 +44,17 @@ def margin_frames(seconds: float, margin: float | None, n_audio_ctx: int) -> int
     return max(1, min(n_audio_ctx, whole * FRAMES_PER_SECOND))
 
 
+@contextlib.contextmanager
+def swapped(obj: Any, name: str, value: Any):
+    """Within: obj.name is value; the value before is restored after."""
+    before = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, before)
+
+
 class DQAudioEncoder(AudioEncoder):
     """Whisper's encoder plus feature taps, and per-row windows: inside `row_windows(lengths)` (a batch whose rows
     have encoder windows of different lengths, padded to the longest), row b is encoded as it is alone on its first
@@ -53,15 +64,9 @@ class DQAudioEncoder(AudioEncoder):
 
     row_lengths: Tensor | None = None
 
-    @contextlib.contextmanager
     def row_windows(self, lengths: Tensor | None):
         """Within: row b of the batch has lengths[b] encoder positions (None: every row has the whole window)."""
-        before = self.row_lengths
-        self.row_lengths = lengths
-        try:
-            yield
-        finally:
-            self.row_lengths = before
+        return swapped(self, "row_lengths", lengths)
 
     def _window_error(self, mel: Tensor) -> DQWhisperError:
         n = self.positional_embedding.shape[0]
@@ -202,17 +207,11 @@ class DQTextDecoder(TextDecoder):
             ids = torch.where(ids < 0, torch.full_like(ids, len(self.vocab_keep) - 1), ids)
         return self.token_embedding(ids) + self.positional_embedding[offset : offset + tokens.shape[-1]]
 
-    @contextlib.contextmanager
     def logits_at(self, mask: Tensor | None):
         """Within: forward and forward_features return logits (N, V) for the N positions where mask (B, L) is
         true, in row-major order, instead of (B, L, V): training projects onto the vocabulary only where a loss
         is counted (not at the prompt and padding, half of a demo batch)."""
-        before = self.logit_mask
-        self.logit_mask = mask
-        try:
-            yield
-        finally:
-            self.logit_mask = before
+        return swapped(self, "logit_mask", mask)
 
     def _head(self, h: Tensor) -> Tensor:
         if self.logit_mask is not None:

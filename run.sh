@@ -116,9 +116,9 @@ stage_students() {
     if has student_kd_dm_q8; then
       train "student_kd_dm_q8$x" conf/demo_student_kd_dm_q8.yaml "${o[@]}" "student.name=$exp/student_kd_dm$x/best.pt"
     fi
-    # start.pt: the quantized student before its first step (scales, GPTQ codes, wide embedding rows), its PTQ
+    # its start.pt (trainer.save_start in the config): the quantized student before its first step, its PTQ
     train "student_kd_dm_q4$x" conf/demo_student_kd_dm_q4.yaml "trainer.seed=$((1233 + k))" "${window_args[@]+"${window_args[@]}"}" \
-      "teacher.name=$exp/student_kd_dm$x/best.pt" "student.name=$exp/student_kd_dm$x/best.pt" trainer.save_start=true
+      "teacher.name=$exp/student_kd_dm$x/best.pt" "student.name=$exp/student_kd_dm$x/best.pt"
   done
 }
 stage_export() {

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from dqwhisper import losses
 from dqwhisper.distill.matching import FeatureAdapter, match_loss
 from dqwhisper.distill.teacher import TeacherTargets
-from dqwhisper.models.student import DQWhisper
+from dqwhisper.models.student import DQWhisper, swapped
 from dqwhisper.utils import autocast
 
 
@@ -98,21 +98,18 @@ class DistillModel(nn.Module):
                     enc_feats = ef if m.feature == "ffn" else eb
                 else:
                     xa = self.student.encoder(mel)
-            self.student.decoder.subset_logits = True
             lengths = batch.get("enc_window")  # rows of different encoder windows (data.batch_window), padded
-            try:
-                decoder = self.student.decoder
-                with (
-                    decoder.key_lengths(None if lengths is None else lengths.to(dev), xa.shape[1]),
-                    decoder.logits_at(mask),
-                ):
-                    if want_match:
-                        logits, ffn, blocks = decoder.forward_features(tokens_in, xa)
-                        s_feats = ffn if m.feature == "ffn" else blocks
-                    else:
-                        logits = decoder(tokens_in, xa)
-            finally:
-                self.student.decoder.subset_logits = False
+            decoder = self.student.decoder
+            with (
+                swapped(decoder, "subset_logits", True),
+                decoder.key_lengths(None if lengths is None else lengths.to(dev), xa.shape[1]),
+                decoder.logits_at(mask),
+            ):
+                if want_match:
+                    logits, ffn, blocks = decoder.forward_features(tokens_in, xa)
+                    s_feats = ffn if m.feature == "ffn" else blocks
+                else:
+                    logits = decoder(tokens_in, xa)
         return xa, logits.unsqueeze(0), s_feats, enc_feats
 
     def forward(self, batch: dict, with_teacher: bool = True) -> tuple[dict[str, Tensor], dict]:

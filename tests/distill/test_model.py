@@ -106,7 +106,7 @@ def test_logits_only_at_counted_positions_give_the_losses_and_gradients_of_all_p
     for n, p in student.named_parameters():
         if n in got:
             torch.testing.assert_close(got[n], p.grad, msg=n)
-    assert student.decoder.logit_mask is None  # restored after the training forward
+    assert student.decoder.logit_mask is None and not student.decoder.subset_logits  # restored after the forward
 
 
 def test_decoder_dropout_acts_in_training_only(pair):

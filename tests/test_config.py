@@ -76,3 +76,10 @@ def test_wrong_type_is_an_error():
 def test_bad_values_rejected(bad):
     with pytest.raises(DQWhisperError):
         validate(compose_cfg("config", [bad]))
+
+
+def test_the_demo_qat_student_keeps_its_ptq_start_for_run_sh():
+    """run.sh's student_ptq4 is the 4-bit QAT run's start.pt: the demo's QAT config must write it."""
+    cfg = compose_cfg("demo_student_kd_dm_q4", [])
+    assert cfg.trainer.save_start and cfg.quant.enabled
+    assert not compose_cfg("demo_student_kd_dm", []).trainer.save_start

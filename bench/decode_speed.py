@@ -37,7 +37,8 @@ a runaway costs both sides alike. The students' rows (ours and CTranslate2's) de
 time, as their transcribe functions do. Machine load moves absolute numbers: compare the ratios of one run. The header
 names the CPU, its SIMD flags, an AVX2 emulation (scripts/emulate_avx2.sh) and the load average. Example:
   nice python bench/decode_speed.py --data data/demo/test --max-utts 12 --threads 2 --fw-fp32
-  python bench/decode_speed.py --student-export exp/demo/student_kd_dm_q8 --student-export exp/demo/student_kd_dm_q4"""
+  python bench/decode_speed.py --student-export exp/demo/student_kd_dm_q8 --student-export exp/demo/student_kd_dm_q4
+"""
 
 from __future__ import annotations
 
@@ -100,22 +101,17 @@ def time_ours(model, data: Preloaded, utts: list, cfg: DecodeConfig, mel_padding
 def time_each(one, utts: list) -> Timing:
     """Run `one(utt) -> (text, n_tokens)` once to warm up, then over every utterance: (texts, wall seconds, tokens,
     CPU seconds of this process, all its threads)."""
-    for utt in utts if WARM_ALL else utts[:1]:
-        one(utt)
 
-    def timed():
-        texts, n_tokens = {}, 0
-        cpu, start = time.process_time(), time.perf_counter()
-        for utt in utts:
-            texts[utt.utt_id], n = one(utt)
-            n_tokens += n
-        return texts, time.perf_counter() - start, n_tokens, time.process_time() - cpu
+    def run(batch):
+        text, n = one(batch[0])
+        return {batch[0].utt_id: text}, n
 
-    return fastest(timed)
+    return time_batches(run, [[u] for u in utts])
 
 
 def time_batches(run, batches: list[list]) -> Timing:
-    """time_each for `run(batch) -> ({utt_id: text}, n_tokens)` over batches of utterances."""
+    """time_each for `run(batch) -> ({utt_id: text}, n_tokens)` over batches of utterances (warm-up: the first
+    batch's first utterance, or every batch with --warmup all; then the fastest of --repeat timed passes)."""
     for batch in batches if WARM_ALL else [batches[0][:1]]:
         run(batch)
 

@@ -8,6 +8,7 @@ log() { echo "$(date '+%F %T') [setup.sh:${BASH_LINENO[0]}] $*"; }
 
 apt=1
 [ "${1:-}" = "--no-apt" ] && apt=0
+uv_version=0.9.30
 debs="ffmpeg sox espeak-ng flite festival festvox-ru festvox-italp16k festvox-itapc16k"
 start=$SECONDS
 if [ $apt = 1 ]; then
@@ -27,10 +28,21 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   log ".venv is up to date"
 else
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  log "installing requirements into .venv (a few minutes on a fresh machine)"
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-demo.txt 2>&1 \
-    | grep -v "is ignored" || true
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
+  # uv (from PyPI, into the venv) downloads and unpacks in parallel: 49 s instead of pip's 180 s for this set on
+  # a fresh 2-core machine (2026-12-02, same versions installed). DQW_INSTALLER=pip uses pip alone, e.g. where only
+  # pip's own configuration (pip.conf mirrors) reaches your package index.
+  if [ "${DQW_INSTALLER:-uv}" = uv ]; then
+    .venv/bin/pip install -q --disable-pip-version-check "uv==$uv_version" 2>&1 | grep -v "is ignored" || true
+  fi
+  if [ "${DQW_INSTALLER:-uv}" = uv ] && [ -x .venv/bin/uv ]; then
+    log "installing requirements into .venv with uv $uv_version (about a minute on a fresh machine)"
+    install=(.venv/bin/uv pip install -q --python .venv/bin/python)
+  else
+    log "installing requirements into .venv with pip (a few minutes on a fresh machine)"
+    install=(.venv/bin/pip install -q --disable-pip-version-check)
+  fi
+  "${install[@]}" -r requirements.txt -r requirements-demo.txt 2>&1 | grep -v "is ignored" || true
+  "${install[@]}" --no-deps -e . 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import torch, torchaudio, whisper, dqwhisper" \
     || { echo "setup.sh: .venv is broken after install" >&2; exit 1; }
   echo "$want" > "$stamp"

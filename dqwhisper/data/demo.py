@@ -193,58 +193,61 @@ def build(
     summary: dict = {}
     dropped: list[str] = []
     start = time.time()
-    for lang in languages:
-        sentences = corpus_sentences(lang)
-        by_split: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
-        for s in sentences:
-            split, h = split_of(s, lang, fractions)
-            by_split[split].append((h, s))
-        voices = [v for v in VOICES if v.lang == lang]
-        train_voices = [v for v in voices if not (v.held_out or v.dev_only)]
-        split_voices_of = {
-            "train": train_voices,
-            "dev": [v for v in voices if v.dev_only] or train_voices,
-            "test": [v for v in voices if v.held_out] or train_voices,
-        }
-        summary[lang] = {}
-        for split in splits:
-            pool = sorted(by_split[split])
-            split_voices = split_voices_of[split]
-            made, seconds = 0, 0.0
-            # pass k gives sentence i to voice (i + k) mod n: a scarce language reuses sentences with other voices
-            candidates = (
-                (split_voices[(i + k) % len(split_voices)], h, text)
-                for k in range(len(split_voices))
-                for i, (h, text) in enumerate(pool)
-            )
-            for voice, h, text, (audio, rate) in synth.in_order(candidates, jobs):
-                utt_id = f"{voice.name}-{h[:12]}"
-                wav_bytes, dur = to_pcm16_bytes(audio, rate)
-                if dur > max_seconds:
-                    dropped.append(f"{utt_id} ({dur:.1f} s): {text}")
-                    continue
-                rel = Path("wav") / lang / voice.name / f"{utt_id}.wav"
-                _write_if_changed(out / rel, wav_bytes, stats)
-                utts[split].append(Utterance(utt_id, str(Path("..") / rel), text, voice.name, lang))
-                durations[split][utt_id] = dur
-                made += 1
-                seconds += dur
-                if made >= want[split]:
-                    break
-            summary[lang][split] = {"utts": made, "seconds": round(seconds, 2), "sentences": len(pool)}
-            if made < want[split]:
-                log.warning(
-                    "%s/%s: only %d of %d utterances (%d sentences x %d voices)",
-                    lang,
-                    split,
-                    made,
-                    want[split],
-                    len(pool),
-                    len(split_voices),
+    try:
+        for lang in languages:
+            sentences = corpus_sentences(lang)
+            by_split: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+            for s in sentences:
+                split, h = split_of(s, lang, fractions)
+                by_split[split].append((h, s))
+            voices = [v for v in VOICES if v.lang == lang]
+            train_voices = [v for v in voices if not (v.held_out or v.dev_only)]
+            split_voices_of = {
+                "train": train_voices,
+                "dev": [v for v in voices if v.dev_only] or train_voices,
+                "test": [v for v in voices if v.held_out] or train_voices,
+            }
+            summary[lang] = {}
+            for split in splits:
+                pool = sorted(by_split[split])
+                split_voices = split_voices_of[split]
+                made, seconds = 0, 0.0
+                # pass k gives sentence i to voice (i + k) mod n: a scarce language reuses sentences with other voices
+                candidates = (
+                    (split_voices[(i + k) % len(split_voices)], h, text)
+                    for k in range(len(split_voices))
+                    for i, (h, text) in enumerate(pool)
                 )
-        log.info(
-            "%s done (%.0f s so far): %s", lang, time.time() - start, {s: summary[lang][s]["utts"] for s in splits}
-        )
+                for voice, h, text, (audio, rate) in synth.in_order(candidates, jobs):
+                    utt_id = f"{voice.name}-{h[:12]}"
+                    wav_bytes, dur = to_pcm16_bytes(audio, rate)
+                    if dur > max_seconds:
+                        dropped.append(f"{utt_id} ({dur:.1f} s): {text}")
+                        continue
+                    rel = Path("wav") / lang / voice.name / f"{utt_id}.wav"
+                    _write_if_changed(out / rel, wav_bytes, stats)
+                    utts[split].append(Utterance(utt_id, str(Path("..") / rel), text, voice.name, lang))
+                    durations[split][utt_id] = dur
+                    made += 1
+                    seconds += dur
+                    if made >= want[split]:
+                        break
+                summary[lang][split] = {"utts": made, "seconds": round(seconds, 2), "sentences": len(pool)}
+                if made < want[split]:
+                    log.warning(
+                        "%s/%s: only %d of %d utterances (%d sentences x %d voices)",
+                        lang,
+                        split,
+                        made,
+                        want[split],
+                        len(pool),
+                        len(split_voices),
+                    )
+            log.info(
+                "%s done (%.0f s so far): %s", lang, time.time() - start, {s: summary[lang][s]["utts"] for s in splits}
+            )
+    finally:
+        synth.close()  # its festival processes
     for split in splits:
         _write_dir(out / split, utts[split], durations[split], Path(".."))
         for lang in languages:

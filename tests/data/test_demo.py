@@ -1,6 +1,7 @@
 import hashlib
 import importlib.util
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -9,6 +10,7 @@ from dqwhisper.data import demo
 from dqwhisper.data.kaldi import DataDir
 from dqwhisper.data.validate import validate_data_dir
 from dqwhisper.data.voices import Synthesizer
+from dqwhisper.utils import DQWhisperError
 
 
 def test_sentence_filter_and_key():
@@ -112,3 +114,27 @@ def test_clips_come_back_in_job_order_and_an_early_stop_stops_the_work(workers):
         if key == "k4":
             break
     assert len(synth.started) <= 5 + 2 * workers  # at most 2 x workers clips were started ahead of the consumer
+
+
+@pytest.mark.skipif(shutil.which("text2wave") is None, reason="festival not installed")
+def test_kept_festival_process_writes_text2waves_bytes(tmp_path):
+    from dqwhisper.data.voices import _Festival
+
+    cases = [("ru", "msu_ru_nsh_clunits", "utf-8"), ("it", "lp_diphone", "latin-1")]
+    for lang, voice, encoding in cases:
+        worker = _Festival(voice)
+        try:
+            for i, text in enumerate(demo.corpus_sentences(lang)[:2]):  # the second clip from the same process
+                src, ref, out = (
+                    tmp_path / f"{lang}{i}.txt",
+                    tmp_path / f"{lang}{i}.ref.wav",
+                    tmp_path / f"{lang}{i}.wav",
+                )
+                src.write_bytes(text.encode(encoding, errors="replace"))
+                subprocess.run(["text2wave", "-eval", f"(voice_{voice})", str(src), "-o", str(ref)], check=True)
+                worker.synthesize(src, out)
+                assert out.read_bytes() == ref.read_bytes(), (lang, text)
+        finally:
+            worker.close()
+    with pytest.raises(DQWhisperError, match="festival \\(no_such_voice\\) could not load the voice: .*unbound"):
+        _Festival("no_such_voice")

@@ -246,28 +246,35 @@ class DQTextDecoder(TextDecoder):
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x
 
+    def _one_embedding_weight(self):
+        """A fake-quantized embedding's one weight for the lookup and the projection of a pass (see one_weight)."""
+        emb = self.token_embedding
+        return emb.one_weight() if hasattr(emb, "one_weight") else contextlib.nullcontext()
+
     def forward(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
-        h = self._drop(self._embed(x, offset).to(xa.dtype))
-        for block in self.blocks:  # whisper's ResidualAttentionBlock.forward, with the cross-attention of _cross
-            h = h + self._drop(block.attn(block.attn_ln(h), mask=self.mask, kv_cache=kv_cache)[0])
-            h = h + self._drop(self._cross(block, h, xa, kv_cache))
-            h = h + self._drop(block.mlp(block.mlp_ln(h)))
-        return self._head(h)
+        with self._one_embedding_weight():
+            h = self._drop(self._embed(x, offset).to(xa.dtype))
+            for block in self.blocks:  # whisper's ResidualAttentionBlock.forward, with the cross-attention of _cross
+                h = h + self._drop(block.attn(block.attn_ln(h), mask=self.mask, kv_cache=kv_cache)[0])
+                h = h + self._drop(self._cross(block, h, xa, kv_cache))
+                h = h + self._drop(block.mlp(block.mlp_ln(h)))
+            return self._head(h)
 
     def forward_features(self, x: Tensor, xa: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Teacher-forced pass. x (B, L) full ids, xa (B, T, d) ->
         (logits, FFN acts [(B, L, 4d)] per layer, block outputs [(B, L, d)] per layer)."""
-        h = self._drop(self._embed(x, 0).to(xa.dtype))
-        ffn_acts, block_outs = [], []
-        for block in self.blocks:
-            h = h + self._drop(block.attn(block.attn_ln(h), mask=self.mask)[0])
-            h = h + self._drop(self._cross(block, h, xa))
-            a = block.mlp[1](block.mlp[0](block.mlp_ln(h)))
-            h = h + self._drop(block.mlp[2](a))
-            ffn_acts.append(a)
-            block_outs.append(h)
-        return self._head(h), ffn_acts, block_outs
+        with self._one_embedding_weight():
+            h = self._drop(self._embed(x, 0).to(xa.dtype))
+            ffn_acts, block_outs = [], []
+            for block in self.blocks:
+                h = h + self._drop(block.attn(block.attn_ln(h), mask=self.mask)[0])
+                h = h + self._drop(self._cross(block, h, xa))
+                a = block.mlp[1](block.mlp[0](block.mlp_ln(h)))
+                h = h + self._drop(block.mlp[2](a))
+                ffn_acts.append(a)
+                block_outs.append(h)
+            return self._head(h), ffn_acts, block_outs
 
 
 class DQWhisper(Whisper):

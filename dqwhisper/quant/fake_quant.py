@@ -23,6 +23,7 @@ Conventions (shared with convert and the export file, so the three agree bit for
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -150,6 +151,34 @@ class _RoundClampSTE(torch.autograd.Function):
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
         return grad * inside, None, None
+
+
+class _LsqFakeQuant(torch.autograd.Function):
+    """clamp(round(w / s), lo, hi) * s for symmetric weights (A, B, G) and scales (A, B) as one function: the
+    forward is quantize_codes then dequantize_codes bit for bit; the gradients are LSQ's (to w straight through
+    where w / s is within half a step of the grid, else 0; to s the code minus w / s there, the code where clipped),
+    without the intermediate tensors and passes of the composed ops. bench/fake_quant_speed.py (Whisper base's
+    embedding, forward and backward with its projection, 2 threads): 0.72 s against 1.09 s composed."""
+
+    @staticmethod
+    def forward(ctx, w3, s, lo, hi):
+        s3 = s.unsqueeze(-1)
+        v = w3 / s3
+        q = torch.round(v).clamp_(lo, hi)
+        out = q * s3
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            d = torch.sub(q, v, out=v)  # q - w / s, exact where |q - w / s| <= 1/2 (Sterbenz)
+            outside = d.abs() > 0.5  # clipped: more than half a step beyond the grid
+            factor = torch.where(outside, q, d) if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(outside, factor)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        outside, factor = ctx.saved_tensors
+        grad_w = grad.masked_fill(outside, 0.0) if ctx.needs_input_grad[0] else None
+        grad_s = torch.linalg.vecdot(grad, factor) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_s, None, None
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -404,8 +433,14 @@ class WeightFakeQuantizer(nn.Module):
         if self.ggml:
             out = ggml_format.fake_quantize(weight, self.spec.granularity)
         else:
-            q, s, z = self.codes(weight)
-            out = dequantize_codes(q, s, z).reshape(self.weight_shape).to(weight.dtype)
+            s, z = self.scale_zero(weight)
+            w3 = weight.float().reshape(self.grouped)
+            if z is None:  # symmetric: the fused function (the same values as the composed ops below)
+                lo, hi = self.bounds() or (self.spec.qmin, self.spec.qmax)
+                out = _LsqFakeQuant.apply(w3, s, lo, hi)
+            else:
+                out = dequantize_codes(quantize_codes(w3, s, z, self.spec, self.bounds()), s, z)
+            out = out.reshape(self.weight_shape).to(weight.dtype)
         if cacheable:
             self._cache = (key, out)
         else:
@@ -496,15 +531,38 @@ class FakeQuantizedEmbedding(nn.Embedding):
         self.weight = emb.weight
         self.weight_fake_quantizer = weight_fake_quantizer
         self.activation_fake_quantizer = activation_fake_quantizer  # on the projection's input only
+        self._one_weight_depth = 0
+        self._one_weight: Tensor | None = None
+
+    @contextlib.contextmanager
+    def one_weight(self):
+        """Within: the lookup and the tied projection use one fake-quantized weight, made at its first use. A
+        training forward then quantizes the 26.5M-weight embedding of Whisper base once and back-propagates through
+        that once, not twice (the weight's gradient is the same sum). Nestable; cleared at the outermost exit."""
+        self._one_weight_depth += 1
+        try:
+            yield
+        finally:
+            self._one_weight_depth -= 1
+            if self._one_weight_depth == 0:
+                self._one_weight = None
+
+    def quantized_weight(self) -> Tensor:
+        if self._one_weight is not None:
+            return self._one_weight
+        w = self.weight_fake_quantizer(self.weight)
+        if self._one_weight_depth:
+            self._one_weight = w
+        return w
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight_fake_quantizer(self.weight), self.padding_idx)
+        return F.embedding(ids, self.quantized_weight(), self.padding_idx)
 
     def project(self, x: Tensor) -> Tensor:
         """(B, L, d) -> (B, L, rows) logits."""
         if self.activation_fake_quantizer is not None:
             x = self.activation_fake_quantizer(x)
-        return x @ self.weight_fake_quantizer(self.weight).to(x.dtype).t()
+        return x @ self.quantized_weight().to(x.dtype).t()
 
 
 FAKE_QUANTIZED_TYPES = (FakeQuantizedLinear, FakeQuantizedConv1d, FakeQuantizedEmbedding)

@@ -160,3 +160,50 @@ def test_lsq_mse_init_runs_lazily_and_not_over_loaded_scales():
     other.load_state_dict({"scale": loaded})
     other(w)
     assert torch.equal(other.scale.detach(), loaded)  # the checkpoint's scales win: no search over them
+
+
+@pytest.mark.parametrize(
+    "spec, lsq, hi_bits",
+    [
+        (QuantSpec(4, True, "per_group_int8", 16), True, 5),
+        (QuantSpec(3, True, "per_group", 16), True, None),
+        (QuantSpec(8, True, "per_channel"), False, None),
+    ],
+)
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_fused_forward_and_gradients_equal_the_composed_ops(spec, lsq, hi_bits, weight_trains):
+    torch.manual_seed(0)
+    w = torch.randn(12, 64).requires_grad_(weight_trains)
+    fq = WeightFakeQuantizer(spec, w, lsq=lsq, scale_init="minmax", hi_bits=hi_bits)
+    if hi_bits:
+        fq.set_hi_rows(torch.tensor([1, 5, 7]))
+    if lsq:
+        with torch.no_grad():
+            fq.scale.mul_(0.7)  # some weights clipped by more than half a step: both gradient cases occur
+    upstream = torch.randn(12, 64)
+
+    def run(fused: bool):
+        w.grad = None
+        if lsq:
+            fq.scale.grad = None
+        if fused:
+            out = fq(w)
+        else:
+            s, z = fq.scale_zero(w)
+            q = quantize_codes(w.float().reshape(fq.grouped), s, z, fq.spec, fq.bounds())
+            out = dequantize_codes(q, s, z).reshape(w.shape)
+        if w.requires_grad or lsq:
+            (out * upstream).sum().backward()
+        return out.detach(), w.grad, fq.scale.grad if lsq else None
+
+    out, gw, gs = run(True)
+    ref, ref_gw, ref_gs = run(False)
+    assert torch.equal(out, ref)  # the same codes and scales, bit for bit
+    if weight_trains:
+        assert 0 < int((gw == 0).sum()) < gw.numel() or not lsq
+        torch.testing.assert_close(gw, ref_gw, rtol=1e-6, atol=1e-7)
+    else:
+        assert gw is None and ref_gw is None
+    if lsq:
+        # sums of 16-64 terms in another order: close to the largest gradient's float32 rounding
+        torch.testing.assert_close(gs, ref_gs, rtol=1e-5, atol=1e-5 * float(ref_gs.abs().max()))

@@ -281,3 +281,35 @@ def test_every_quant_yaml_resolves_and_prepares(path):
     cfg = resolve_config(OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(path)))
     model = prepare(make_student(), cfg)
     assert bool(fq_names(model)) == cfg.enabled
+
+
+def test_a_training_pass_quantizes_the_tied_embedding_once_with_the_same_gradients(inputs):
+    mel, tokens = inputs
+    model = prepare(make_student(vocab_keep=None), CONFIGS["w4a8_int8groups"]).train()
+    emb = model.decoder.token_embedding
+    calls = []
+    emb.weight_fake_quantizer.register_forward_hook(lambda *_: calls.append(1))
+    xa = model.encoder(mel).detach()
+
+    def grads(one_weight: bool):
+        model.zero_grad()
+        calls.clear()
+        if one_weight:
+            logits = model.decoder.forward_features(tokens, xa)[0]
+        else:  # the embedding's two uses, each with its own quantization
+            h = emb(tokens) + model.decoder.positional_embedding[: tokens.shape[1]]
+            for block in model.decoder.blocks:
+                h = block(h, xa, mask=model.decoder.mask)
+            logits = emb.project(model.decoder.ln(h))
+        logits.float().logsumexp(-1).sum().backward()
+        q = emb.weight_fake_quantizer
+        return len(calls), logits.detach(), emb.weight.grad.clone(), q.scale.grad.clone()
+
+    n1, logits1, gw1, gs1 = grads(True)
+    n2, logits2, gw2, gs2 = grads(False)
+    assert (n1, n2) == (1, 2)
+    assert emb._one_weight is None  # nothing kept after the pass
+    torch.testing.assert_close(logits1, logits2, atol=0, rtol=0)
+    torch.testing.assert_close(gw1, gw2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gs1, gs2, atol=1e-6, rtol=1e-5)
+    assert gw1.abs().sum() > 0 and gs1.abs().sum() > 0

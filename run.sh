@@ -35,7 +35,7 @@ decode_threads=2
 seeds=1             # students trained per configuration (seed k > 1 goes to exp/demo/<student>_seed<k>)
 keep_trained=false  # true: a model trained before (its .done exists) is not retrained even under --stage
 all_students=false  # true: also the KD-only and the 8-bit QAT students (about 7 more minutes on 2 cores)
-batch_window=1      # S: students trained and decoded on per-utterance windows (audio + S s; data.batch_window); none = whole window
+batch_window=1      # S: teacher and students trained and decoded on per-utterance windows (audio + S s; data.batch_window); none = whole window
 help_message="Usage: bash run.sh [--stage N] [--stop_stage N] [--nj N] [--steps N] [--exp DIR] [--seeds N]
   [--keep_trained true] [--all_students true] [--batch_window S|none] [--train_utts N] [--dev_utts N] [--test_utts N] [--decode_threads N]
   e.g. after a one-seed run: bash run.sh --stage 4 --seeds 2 --keep_trained true (trains only seed 2)"
@@ -66,7 +66,7 @@ run_stage() {
 
 step_args=()
 [ -n "$steps" ] && step_args=("trainer.max_steps=$steps")
-window_args=()   # --batch_window S: for the students only (the teacher trains its encoder, on whole windows)
+window_args=()   # --batch_window S: the adapted teacher and the students (one encoder cache for all of them)
 case "$batch_window" in
   none | null | "") window_args=("data.batch_window=null") ;;
   *) window_args=("data.batch_window=$batch_window") ;;
@@ -102,7 +102,7 @@ stage_models() { bash scripts/prepare_models.sh; }
 stage_data() {
   bash scripts/prepare_demo_data.sh --out "$data" --train "$train_utts" --dev "$dev_utts" --test "$test_utts"
 }
-stage_teacher() { train teacher_adapted conf/demo_teacher.yaml; }
+stage_teacher() { train teacher_adapted conf/demo_teacher.yaml "${window_args[@]+"${window_args[@]}"}"; }
 stage_students() {
   local k x t="teacher.name=$teacher_ckpt"
   for k in $(seq 1 "$seeds"); do

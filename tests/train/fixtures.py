@@ -70,6 +70,11 @@ def tiny_config(expdir: Path, data_dir: Path, teacher: Path, name: str = "demo_s
                 "trainer.cache_dtype=float32",
                 "optim.warmup_steps=2",
                 "optim.lr=1e-3",
+                # what these tests check, whatever the demo configs choose: dev decoded as test is (the demo's float
+                # students score dev by its loss), the teacher on its own whole window (the demo's take its targets
+                # on their per-utterance windows: test_batch_window.py checks that too)
+                "trainer.valid_decode=true",
+                "teacher.batch_window=false",
                 *overrides,
             ],
         )

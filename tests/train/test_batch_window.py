@@ -157,6 +157,17 @@ def test_windowed_training_runs_end_to_end(assets, tmp_path):
     assert "batch_window: 0.5" in saved  # inference.py decodes with the experiment's decode.batch_window
 
 
+def test_a_teacher_on_the_students_windows_trains_from_the_same_encoder_outputs(assets, tmp_path):
+    teacher, data, _ = assets
+    cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[*WINDOWED, "teacher.batch_window=true"])
+    tr = make_trainer(cfg)
+    item = tr.parts.train_set[0]
+    assert "t_enc" not in item  # no whole-window copy: the teacher's targets come from item["enc"]'s window
+    summary = train(cfg)
+    assert summary["steps"] == 6 and summary["nonfinite_steps"] == 0
+    assert summary["mean_loss_shares"]["share_kd"] > 0
+
+
 def test_batch_window_needs_the_frozen_cached_encoder(assets, tmp_path):
     teacher, data, _ = assets
     cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=[*WINDOWED, "trainer.cache_encoder=false"])

@@ -160,7 +160,8 @@ stage_report() {
   # the teacher's fp16 file: Whisper base as shipped (CTranslate2 float16 model.bin)
   local teacher_bytes
   teacher_bytes=$(stat -c %s exp/models/base-ct2/model.bin)
-  # the claims' comparisons, each by a paired bootstrap over test utterances (RESULTS.md: 95% interval, P(better))
+  # the claims' comparisons, each by a paired bootstrap over the test voices and their utterances (RESULTS.md: 95%
+  # interval, P(better)); a table of each test voice's error
   local cmp=(--compare teacher_adapted teacher_zeroshot) k x
   for k in $(seq 1 "$seeds"); do
     x=$(sfx "$k")
@@ -169,7 +170,7 @@ stage_report() {
     has student_kd && cmp+=(--compare "student_kd$x" "student_ce$x")
   done
   $py -m dqwhisper.report --out "$exp" --teacher-fp16-bytes "$teacher_bytes" --stage-times "$times" "${rows[@]}" \
-    "${cmp[@]}"
+    "${cmp[@]}" --utt2spk "$data/test/utt2spk"
 }
 
 run_stage 0 setup stage_setup

@@ -7,7 +7,8 @@ Each row names a model, the results.json that inference.py wrote for it on the t
 the model as it would ship (the exported file for quantized students). Parameters are counted from that file.
 
     --compare A B   (repeatable) A against B by a paired bootstrap over test utterances (resampled within each
-                    language, the same draw for both models, the language-averaged error recomputed each time):
+                    language, the same draw for both models, the language-averaged error recomputed each time;
+                    with --utt2spk the voices are resampled first, then each drawn voice's utterances):
                     A's relative change in average error, its 95% interval and the share of draws where A is better.
                     Read from the utt_errors.tsv next to each row's results.json; written to comparisons.json.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dqwhisper.data.kaldi import read_kaldi_map
 from dqwhisper.models.student import read_checkpoint
 from dqwhisper.quant.dqw import read_header
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
@@ -44,7 +46,9 @@ def count_params(model_file: Path) -> int:
     return sum(v.numel() for k, v in sd.items() if k not in buffers)
 
 
-def build_row(name: str, results_json: Path, model_file: Path, teacher_fp16_bytes: int) -> dict:
+def build_row(
+    name: str, results_json: Path, model_file: Path, teacher_fp16_bytes: int, speakers: dict[str, str] | None = None
+) -> dict:
     if not results_json.exists():
         raise DQWhisperError(f"row {name}: {results_json} does not exist (was the model decoded?)")
     if not model_file.exists():
@@ -63,7 +67,40 @@ def build_row(name: str, results_json: Path, model_file: Path, teacher_fp16_byte
         "rtf": res.get("rtf"),
         "n_runaways": res["overall"].get("n_runaways"),
         "model_file": str(model_file),
+        **({"per_voice": per_voice_errors(read_utt_errors(results_json), speakers)} if speakers else {}),
     }
+
+
+def per_voice_errors(utt_errors: dict[str, tuple[str, float, float]], speakers: dict[str, str]) -> dict[str, dict]:
+    """{voice: {"lang", "error", "n_utts"}}: each voice's error rate (its errors over its reference units)."""
+    sums: dict[str, list] = {}
+    for utt, (lang, errors, n_ref) in utt_errors.items():
+        if utt not in speakers:
+            raise DQWhisperError(f"utterance {utt} has no speaker in utt2spk")
+        acc = sums.setdefault(speakers[utt], [lang, 0.0, 0.0, 0])
+        acc[1:] = acc[1] + errors, acc[2] + n_ref, acc[3] + 1
+    return {v: {"lang": lang, "error": e / max(r, 1.0), "n_utts": n} for v, (lang, e, r, n) in sorted(sums.items())}
+
+
+def render_voices(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r.get("per_voice")]
+    if not rows:
+        return []
+    voices = sorted({(v["lang"], name) for r in rows for name, v in r["per_voice"].items()})
+    lines = [
+        "",
+        "## Per held-out voice",
+        "",
+        "Error % of each test voice (the language's metric), so that a gain carried by one voice shows.",
+        "",
+        "| voice | utts | " + " | ".join(r["name"] for r in rows) + " |",
+        "|" + "---|" * (len(rows) + 2),
+    ]
+    for _, name in voices:
+        cells = [name, str(max(r["per_voice"].get(name, {}).get("n_utts", 0) for r in rows))]
+        cells += [f"{100 * r['per_voice'][name]['error']:.1f}" if name in r["per_voice"] else "—" for r in rows]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def read_utt_errors(results_json: Path) -> dict[str, tuple[str, float, float]]:
@@ -94,32 +131,55 @@ def paired_bootstrap(
     b: dict[str, tuple[str, float, float]],
     n_boot: int = 4000,
     seed: int = 0,
+    speakers: dict[str, str] | None = None,
 ) -> dict:
     """A against B on the utterances both decoded: the relative change of A's language-averaged error against B's
-    (negative = A better), its 2.5/97.5 percentiles over bootstrap draws of utterances within each language (the
-    same draw for both), and the share of draws in which A's average error is below B's."""
+    (negative = A better), its 2.5/97.5 percentiles over bootstrap draws, and the share of draws in which A's average
+    error is below B's. A draw resamples, within each language, the utterances (the same draw for both models); with
+    `speakers` ({utterance: voice}) it resamples the voices first and then each drawn voice's utterances, so that the
+    interval covers what another set of voices would give, not only other sentences from the same voices."""
     common = sorted(set(a) & set(b))
     if not common:
         raise DQWhisperError("paired bootstrap: the two decodes share no utterance")
-    by_lang: dict[str, list[str]] = {}
+    if speakers is not None:
+        missing = [u for u in common if u not in speakers]
+        if missing:
+            raise DQWhisperError(
+                f"paired bootstrap: {len(missing)} utterances have no speaker in utt2spk, e.g. {missing[0]}"
+            )
+    by_lang: dict[str, dict[str, list[str]]] = {}
     for u in common:
-        by_lang.setdefault(a[u][0], []).append(u)
+        by_lang.setdefault(a[u][0], {}).setdefault(speakers[u] if speakers else u, []).append(u)
     rng = np.random.default_rng(seed)
     sum_a = np.zeros(n_boot)
     sum_b = np.zeros(n_boot)
     point_a = point_b = 0.0
-    for utts in by_lang.values():
-        ea, eb, ref = (np.array([x[u][i] for u in utts]) for x, i in ((a, 1), (b, 1), (a, 2)))
-        point_a += ea.sum() / max(ref.sum(), 1.0)
-        point_b += eb.sum() / max(ref.sum(), 1.0)
-        idx = rng.integers(0, len(utts), size=(n_boot, len(utts)))
-        r = np.maximum(ref[idx].sum(1), 1.0)
-        sum_a += ea[idx].sum(1) / r
-        sum_b += eb[idx].sum(1) / r
+    n_groups = 0
+    for groups in by_lang.values():
+        # per group (a voice, or one utterance when there are no voices): its errors and reference units summed
+        # over a resample of its utterances, one column per draw
+        cols = []
+        n_ref = max(sum(a[u][2] for utts in groups.values() for u in utts), 1.0)
+        point_a += sum(a[u][1] for utts in groups.values() for u in utts) / n_ref
+        point_b += sum(b[u][1] for utts in groups.values() for u in utts) / n_ref
+        for utts in groups.values():
+            ea, eb, ref = (np.array([x[u][i] for u in utts]) for x, i in ((a, 1), (b, 1), (a, 2)))
+            if speakers is None:
+                idx = np.zeros((n_boot, 1), dtype=int)
+            else:
+                idx = rng.integers(0, len(utts), size=(n_boot, len(utts)))
+            cols.append((ea[idx].sum(1), eb[idx].sum(1), ref[idx].sum(1)))
+        ga, gb, gr = (np.stack([c[i] for c in cols], axis=1) for i in range(3))  # (n_boot, groups)
+        pick = rng.integers(0, len(cols), size=(n_boot, len(cols)))
+        r = np.maximum(np.take_along_axis(gr, pick, 1).sum(1), 1.0)
+        sum_a += np.take_along_axis(ga, pick, 1).sum(1) / r
+        sum_b += np.take_along_axis(gb, pick, 1).sum(1) / r
+        n_groups += len(cols)
     k = len(by_lang)
     rel = sum_a / np.maximum(sum_b, 1e-12) - 1.0
     return {
         "n_utts": len(common),
+        "n_voices": n_groups if speakers is not None else None,
         "avg_error": float(point_a / k),
         "against_avg_error": float(point_b / k),
         "relative_change": float(point_a / max(point_b, 1e-12) - 1.0),
@@ -137,8 +197,14 @@ def render_comparisons(comparisons: list[dict]) -> list[str]:
         "## Paired comparisons",
         "",
         "Relative change of the first model's average error against the second's on the same test utterances; the "
-        "95% interval and P(better) from a paired bootstrap over utterances within each language "
-        f"({comparisons[0]['n_boot']} draws). An interval that contains 0 is not a difference this test set resolves.",
+        "95% interval and P(better) from a paired bootstrap "
+        + (
+            f"over the held-out voices ({comparisons[0]['n_voices']}) and then their utterances, within each language"
+            if comparisons[0].get("n_voices")
+            else "over utterances within each language"
+        )
+        + f" ({comparisons[0]['n_boot']} draws). An interval that contains 0 is not a difference this test set "
+        "resolves.",
         "",
         "| model | against | avg % | against avg % | relative change | 95% interval | P(better) |",
         "|---|---|---|---|---|---|---|",
@@ -205,6 +271,7 @@ def render_markdown(
         lines.append("| " + " | ".join(cells) + " |")
     lines += render_seeds(rows)
     lines += render_comparisons(comparisons or [])
+    lines += render_voices(rows)
     if plot_name:
         lines += ["", f"![average error vs size]({plot_name})"]
     if stage_times:
@@ -307,16 +374,24 @@ def main(argv: list[str] | None = None) -> int | None:
         metavar=("A", "B"),
         help="paired bootstrap of row A against row B (repeatable); rows not given are skipped with a warning",
     )
+    p.add_argument(
+        "--utt2spk",
+        type=Path,
+        help="the test set's utt2spk: the bootstrap resamples voices, then their utterances (default: utterances)",
+    )
     args = p.parse_args(argv)
 
-    rows = [build_row(n, Path(r), Path(m), args.teacher_fp16_bytes) for n, r, m in args.row]
+    if args.utt2spk and not args.utt2spk.is_file():
+        raise DQWhisperError(f"--utt2spk {args.utt2spk}: no such file")
+    speakers = read_kaldi_map(args.utt2spk)[0] if args.utt2spk else None
+    rows = [build_row(n, Path(r), Path(m), args.teacher_fp16_bytes, speakers) for n, r, m in args.row]
     results = {n: Path(r) for n, r, _ in args.row}
     comparisons = []
     for a, b in args.compare:
         if a not in results or b not in results:
             log.warning("comparison %s vs %s skipped: %s is not a row", a, b, a if a not in results else b)
             continue
-        c = paired_bootstrap(read_utt_errors(results[a]), read_utt_errors(results[b]))
+        c = paired_bootstrap(read_utt_errors(results[a]), read_utt_errors(results[b]), speakers=speakers)
         comparisons.append({"name": a, "against": b, **c})
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())

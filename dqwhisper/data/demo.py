@@ -56,12 +56,13 @@ Speech (synthesised on this machine; the voice data's licence is what matters fo
       en-us+m4, en-gb+f2 (test only), en-us+f4, en-gb+m2 (dev only): an engine the English train split lacks.
   it  festival (Debian) with festvox-italp16k (lp_diphone) and festvox-itapc16k (pc_diphone), Italian FESTIVAL
       Modules, (C) IFM Development Team, ISTC-SPFD CNR and ITC-irst, GPL-2+. pc is test only; "it-lphigh" / "it-lplow"
-      (dev only) are lp with sox pitch (and tempo) changes. espeak-ng variants it+m4, it+f2 (test only), it+f4,
-      it+m2 (dev only).
+      (dev only) are lp with sox pitch (and tempo) changes; "it-pcroom" (test only) and "it-lproom" (dev only) pc
+      and lp with pitch changes and reverb. espeak-ng variants it+m4 (test only), it+m2 (dev only).
   ru  festival with festvox-ru (msu_ru_nsh_clunits), (c) 2005 Nickolay V. Shmyrev, BSD-like, the one Russian
       festival voice offline: "ru-nshhigh", "ru-nshlow" (test only) and "ru-nshslow" (dev only) are that voice with
-      sox pitch/tempo changes (so is one Italian dev voice). espeak-ng variants ru+m4, ru+f2 (test only), ru+f4,
-      ru+m2 (dev only).
+      sox pitch/tempo changes (so is one Italian dev voice); "ru-nshroom" / "ru-nshtel" (test only) and
+      "ru-nshroomdev" / "ru-nshteldev" (dev only) add reverb or a 300-3400 Hz telephone band. (espeak-ng's
+      Russian is not used: the adapted teacher lost 93-107% of the words of its dev voices.)
   es  espeak-ng voice variants es, es+f2, es-419+m3 (train), es+f3, es+m6, es-419+f5 (dev only), es+f4, es+m5,
       es-419+f1 (test only).
   de  espeak-ng voice variants de, de+f2, de+m3 (train), de+f3, de+m6, de+f5 (dev only), de+f4, de+m5, de+f1 (test

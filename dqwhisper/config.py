@@ -32,6 +32,16 @@ class CollectorConfig:
 
 
 @dataclass
+class FeatureMaskConfig:
+    """Time masks on the frozen encoder's outputs (cached or not) where a student's decoder reads them in training;
+    the teacher's targets stay those of the unmasked audio. SpecAugment's time masking moved to the features, for
+    students whose encoder is frozen (SpecAugment on the mel would need the encoder run every step)."""
+
+    num_time_masks: int = 0  # masks per utterance; 0 = off
+    time_mask_param: int = 25  # max width of one mask, encoder positions (20 ms each)
+
+
+@dataclass
 class SpecAugmentConfig:  # field names as dqwhisper.data.dataset.SpecAugment takes them
     enabled: bool = False  # only applies when the encoder runs (never on cached features)
     freq_mask_param: int = 27  # max width of a frequency mask (mel bins)
@@ -60,6 +70,7 @@ class DataConfig:
     max_train_utts: int = 0  # train on N utterances evenly spaced over the set (by id); 0 = all
     max_dev_utts: int = 0  # validate on N dev utterances evenly spaced over the set (by id); 0 = all
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    feature_mask: FeatureMaskConfig = field(default_factory=FeatureMaskConfig)
     collector: CollectorConfig = field(default_factory=CollectorConfig)
 
 

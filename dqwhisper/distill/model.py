@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torchaudio
 from torch import Tensor, nn
 
 from dqwhisper import losses
@@ -51,8 +52,17 @@ class DistillModel(nn.Module):
         amp_dtype: torch.dtype | None = None,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         world_size: int = 1,
+        feature_mask: tuple[int, int] = (0, 0),
     ):
+        """feature_mask: (masks per utterance, max width in encoder positions) of the time masks on the frozen
+        encoder's output that the student's decoder reads in training (data.feature_mask); (0, _) = none."""
         super().__init__()
+        n_masks, width = feature_mask
+        self.feature_mask = (
+            (n_masks, torchaudio.transforms.TimeMasking(width))
+            if n_masks > 0 and width > 0 and freeze_encoder
+            else None
+        )
         self.student = student
         self.adapter = adapter
         self.enc_adapter = enc_adapter
@@ -100,17 +110,31 @@ class DistillModel(nn.Module):
                     xa = self.student.encoder(mel)
             lengths = batch.get("enc_window")  # rows of different encoder windows (data.batch_window), padded
             decoder = self.student.decoder
+            xa_dec = self._masked(xa, batch["enc_lengths"]) if self.training and self.feature_mask else xa
             with (
                 swapped(decoder, "subset_logits", True),
                 decoder.key_lengths(None if lengths is None else lengths.to(dev), xa.shape[1]),
                 decoder.logits_at(mask),
             ):
                 if want_match:
-                    logits, ffn, blocks = decoder.forward_features(tokens_in, xa)
+                    logits, ffn, blocks = decoder.forward_features(tokens_in, xa_dec)
                     s_feats = ffn if m.feature == "ffn" else blocks
                 else:
-                    logits = decoder(tokens_in, xa)
+                    logits = decoder(tokens_in, xa_dec)
         return xa, logits.unsqueeze(0), s_feats, enc_feats
+
+    def _masked(self, xa: Tensor, audio_positions: Tensor) -> Tensor:
+        """A copy of the encoder output (B, T, D) with each row's time masks (torchaudio's TimeMasking, value 0)
+        drawn within its audio's positions."""
+        n_masks, mask = self.feature_mask
+        out = xa.clone()
+        for b, n in enumerate(audio_positions.tolist()):
+            n = max(1, min(int(n), xa.shape[1]))
+            row = out[b, :n].T.unsqueeze(0)  # (1, D, n): time last
+            for _ in range(n_masks):
+                row = mask(row, 0.0)
+            out[b, :n] = row[0].T
+        return out
 
     def forward(self, batch: dict, with_teacher: bool = True) -> tuple[dict[str, Tensor], dict]:
         cfg, m = self.loss_cfg, self.loss_cfg.match

@@ -359,6 +359,7 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         amp_dtype,
         all_reduce=all_reduce_sum if dist.enabled else None,
         world_size=dist.world_size,
+        feature_mask=(cfg.data.feature_mask.num_time_masks, cfg.data.feature_mask.time_mask_param),
     )
     optimizer, scheduler = make_optimizer(
         cfg, params, [student.ctc_head, adapter, enc_adapter], {id(p): n for n, p in student.named_parameters()}

@@ -123,3 +123,36 @@ def test_decoder_dropout_acts_in_training_only(pair):
     assert not torch.allclose(a, ref) and not torch.allclose(a, b)  # a fresh mask each pass, in both paths
     dec.dropout = 0.0
     torch.testing.assert_close(dec.train()(batch["tokens_in"], xa), ref)
+
+
+def test_feature_masks_reach_the_students_decoder_in_training_only(pair):
+    """data.feature_mask: the decoder reads the encoder output with time masks (zeros) inside each row's audio
+    positions; the teacher and the CTC head read it unmasked; eval reads it unmasked."""
+    student, teacher = pair
+    seen = {}
+
+    class Recording(LiveTargets):
+        def __call__(self, batch, tokens_in, xa, want_match):
+            seen["teacher"] = xa.clone()
+            return super().__call__(batch, tokens_in, xa, want_match)
+
+    hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[1].clone()))
+    loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
+    model = DistillModel(student, loss, Recording(teacher, None), feature_mask=(2, 30))
+    batch = tiny_batch()
+    clean = student.encoder(batch["mel"])
+    torch.manual_seed(3)
+    named, _ = model.train()(batch)
+    assert torch.isfinite(named["loss"])
+    torch.testing.assert_close(seen["teacher"], clean)
+    zero = (seen["decoder"] == 0).all(-1)  # (B, T): masked positions
+    changed = ~torch.isclose(seen["decoder"], clean).all(-1)
+    assert torch.equal(zero, changed)  # what changed is whole positions set to 0
+    assert 0 < int(zero[0].sum()) <= 60 and 0 < int(zero[1].sum()) <= 60
+    assert not zero[1, 80:].any()  # row 1 has 80 audio positions of 100: nothing past them is masked
+    model.eval()(batch)
+    torch.testing.assert_close(seen["decoder"], clean)
+    hook.remove()
+    plain = DistillModel(student, loss, Recording(teacher, None))  # default: no masks
+    plain.train()(batch)
+    torch.testing.assert_close(seen["decoder"], clean)

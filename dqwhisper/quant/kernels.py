@@ -24,7 +24,9 @@ plain loop, 20-50x slower than float.
 onednn runs oneDNN's int8 matmul (`torch.ops.onednn.qlinear_pointwise`, signed codes at zero point 0, the row scales
 as its weight scales, float32 out), which uses AMX tiles on CPUs that have them: on an AMX Xeon it took 0.3-0.6x
 fbgemm's time on the encoder's shapes (400 x 512 x 2048). Without VNNI its int16 pair sums saturate; a probe at
-first use checks that full-range codes sum exactly, and it is not built where they do not.
+first use checks that full-range codes sum exactly, and it is not built where they do not. Without AMX (measured:
+an AMD EPYC with AVX512-VNNI, oneDNN 3.10) it has no fast kernel for signed int8 inputs and runs `ref_int8`,
+thousands of times slower than fbgemm; the speed probe drops it there.
 
 What is trained is what runs: a model trained with weight-only quantization keeps float activations under `auto`
 (candidates weight_only and float); fbgemm/int_mm quantize activations, so `auto` uses them only for modules
@@ -32,7 +34,7 @@ trained with activation quantization. Asking for fbgemm or int_mm by name runs t
 token, as CTranslate2's int8 does) and says so once.
 
 `auto`: fbgemm is a candidate wherever torch lists its quantized engine (fbgemm supports the CPU: AVX2 or later);
-a short probe drops int_mm / weight_only when they have no fast kernel on this CPU; then every distinct
+a short probe drops int_mm / onednn / weight_only when they have no fast kernel on this CPU; then every distinct
 (rows, K, N) of the model is timed with each remaining candidate (round-robin, best of 5, in process CPU time so
 that other jobs on a shared machine do not decide). Weight-only modules: a candidate replaces float only when it is
 at least 10% faster, so auto is never slower than float on the measured shapes. Modules trained with int8
@@ -348,20 +350,25 @@ def race(
     rounds: int = 5,
     drop_after: int = 2,
     clock: Callable[[], float] = time.process_time,
+    give_up: float = 20.0,
 ) -> dict[str, float]:
     """{name: best seconds per call} of each `fns[name]()`, timed round-robin (so load on a shared machine hits all
     alike; the order rotates, so no entry always runs first) with the process's CPU time (all threads; a preempted
     thread does not count), each timing repeated until it spans >= 2 ms, after a 2 ms pause (so OpenMP threads still
-    spinning after the previous block do not count against this one). After `drop_after` rounds, entries over 2x
-    the first entry's time stop being timed."""
-    inner = {}
+    spinning after the previous block do not count against this one). Each entry is called once untimed (the first
+    call may build or compile), then once timed; one whose timed call took over `give_up`x the fastest is not timed
+    again (that call is its time: a reference kernel that takes seconds a call must not make loading take
+    minutes). After `drop_after` rounds, entries over 2x the first entry's time stop being timed."""
+    inner, once = {}, {}
     for name, fn in fns.items():
+        fn()  # the first call may build or JIT-compile (oneDNN's primitives): not a measure of speed
         start = clock()
         fn()
-        inner[name] = max(1, min(1000, int(2e-3 / max(clock() - start, 1e-6))))
-    best = dict.fromkeys(fns, math.inf)
-    active = list(fns)
-    first = active[0]
+        once[name] = max(clock() - start, 1e-6)
+        inner[name] = max(1, min(1000, int(2e-3 / once[name])))
+    first = next(iter(fns))
+    best = {name: (once[name] if once[name] > give_up * min(once.values()) else math.inf) for name in fns}
+    active = [name for name in fns if name == first or best[name] == math.inf]
     for r in range(rounds):
         for name in active[r % len(active) :] + active[: r % len(active)]:  # each name leads some rounds
             time.sleep(0.002)  # the previous block's worker threads stop spinning outside this block's time
@@ -380,11 +387,13 @@ _FAST: dict[str, bool] = {}
 def has_fast_kernel(backend: str) -> bool:
     """fbgemm: whether torch has its engine here (it has AVX2 and AVX512 kernels; the per-shape race decides, as a
     timing probe of one small shape, where it is ~1.5x float on AVX2, can drop it by noise). The others: one probe per
-    process, is `backend` at all faster than float on a (64 x 512) @ (512 x 512) product?"""
+    process, is `backend` at all faster than float on a (64 x 512) @ (512 x 512) product? (oneDNN has a fast kernel
+    for int8 x int8 only with AMX: on an AMD EPYC with AVX512-VNNI it runs `ref_int8`, 15 s for a product fbgemm does
+    in 2.4 ms, and timing every shape with it took 4 minutes a model before this probe.)"""
     if backend == "fbgemm":
         return "fbgemm" in torch.backends.quantized.supported_engines
-    if backend == "onednn":  # exact where it is built; the per-shape race decides where it is fast
-        return onednn_exact()
+    if backend == "onednn" and not onednn_exact():
+        return False
     if backend not in _FAST:
         g = torch.Generator().manual_seed(0)
         w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
@@ -393,6 +402,7 @@ def has_fast_kernel(backend: str) -> bool:
         fast = {
             "int_mm": lambda: IntMMKernel(w, s),
             "weight_only": lambda: WeightOnlyKernel(w, s, None, False),
+            "onednn": lambda: OnednnKernel(w, s),
         }[backend]()
         ref = FloatKernel(w.float() * s[:, None], False)
         t = race({"float": lambda: ref(x, None), backend: lambda: fast(x, None)}, rounds=3)

@@ -293,3 +293,37 @@ def test_fbgemm_is_a_candidate_wherever_torch_has_its_engine(monkeypatch):
     expected = "fbgemm" in torch.backends.quantized.supported_engines
     assert kernels.has_fast_kernel("fbgemm") is expected
     assert kernels.candidates(True) == (["fbgemm"] if expected else []) + ["float_codes"]
+
+
+def test_race_times_a_candidate_thousands_of_times_slower_only_once():
+    """A reference kernel that takes seconds a call (oneDNN's ref_int8 without AMX) costs two calls (one warm-up, one
+    timed), not rounds of them: loading a model used to take 4 minutes on such a CPU."""
+    now, calls = [0.0], {"float": 0, "fast": 0, "reference": 0}
+    cost = {"float": 1e-3, "fast": 5e-4, "reference": 1.0}
+
+    def fn(name):
+        def run():
+            calls[name] += 1
+            now[0] += cost[name]
+
+        return run
+
+    times = kernels.race({n: fn(n) for n in cost}, clock=lambda: now[0])
+    assert calls["reference"] == 2  # one untimed, one timed call
+    assert times["reference"] == pytest.approx(1.0)
+    assert times["fast"] == pytest.approx(5e-4) and times["float"] == pytest.approx(1e-3)
+    assert calls["fast"] > 5 and calls["float"] > 5
+
+
+def test_onednn_is_a_candidate_only_where_it_is_faster_than_float(monkeypatch):
+    """oneDNN sums exactly on an AMD EPYC with AVX512-VNNI but runs its reference kernel there: the speed probe,
+    not exactness alone, decides its candidacy."""
+    monkeypatch.setattr(kernels, "_ONEDNN_EXACT", True)
+    monkeypatch.setattr(kernels, "OnednnKernel", lambda w, s: kernels.FloatKernel(w.float() * s[:, None], True))
+    for onednn_time, expected in ((5.0, False), (0.5, True)):
+        monkeypatch.setattr(kernels, "_FAST", {})
+        monkeypatch.setattr(kernels, "race", lambda fns, t=onednn_time, **kw: {"float": 1.0, "onednn": t})
+        assert kernels.has_fast_kernel("onednn") is expected
+    monkeypatch.setattr(kernels, "_ONEDNN_EXACT", False)
+    monkeypatch.setattr(kernels, "_FAST", {})
+    assert kernels.has_fast_kernel("onednn") is False

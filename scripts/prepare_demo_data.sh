@@ -17,7 +17,7 @@ log() { echo "$(date '+%F %T') [prepare_demo_data.sh:${BASH_LINENO[0]}] $*"; }
 die() { echo "prepare_demo_data.sh: error: $*" >&2; exit 1; }
 
 out=data/demo
-train=120
+train=240
 dev=20
 test=20
 languages="ja en it ru es de"

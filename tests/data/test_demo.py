@@ -141,3 +141,19 @@ def test_kept_festival_process_writes_text2waves_bytes(tmp_path):
             worker.close()
     with pytest.raises(DQWhisperError, match="festival \\(no_such_voice\\) could not load the voice: .*unbound"):
         _Festival("no_such_voice")
+
+
+def test_a_larger_train_split_keeps_dev_and_test(tmp_path):
+    """--train 240 (run.sh's default) and --train 120 give the same dev and test utterances, and the smaller train
+    split is the start of the larger one: the split shares are fixed, not derived from the counts."""
+    if shutil.which("espeak-ng") is None or importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("espeak-ng or chatterbot-corpus missing")
+    small = demo.build(tmp_path / "small", n_train=2, n_dev=1, n_test=1, languages=["es"])
+    large = demo.build(tmp_path / "large", n_train=6, n_dev=1, n_test=1, languages=["es"])
+    assert small["languages"]["es"]["train"]["utts"] == 2 and large["languages"]["es"]["train"]["utts"] == 6
+    for split in ("dev", "test"):
+        assert (tmp_path / "small" / split / "text").read_text() == (tmp_path / "large" / split / "text").read_text()
+    small_train = set((tmp_path / "small" / "train" / "text").read_text().splitlines())
+    assert small_train < set((tmp_path / "large" / "train" / "text").read_text().splitlines())
+    with pytest.raises(DQWhisperError, match="split fractions"):
+        demo.build(tmp_path / "bad", n_train=1, n_dev=1, n_test=1, languages=["es"], fractions=(0.5, 0.5, 0.5))

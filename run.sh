@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DQ-Whisper demo recipe: offline base teacher -> adapted teacher -> distilled, quantized students -> report.
 #
-#   bash run.sh                      # everything, from a fresh clone (28.6 min measured on 2 CPU cores at 64a5142)
+#   bash run.sh                      # everything, from a fresh clone (23.2 min on a 2-core AMD EPYC at 087c47c)
 #   bash run.sh --stage 6            # rerun from stage 6 (decoding) on
 #   bash run.sh --stage 3 --stop_stage 3
 #

@@ -183,7 +183,7 @@ def build(
     fractions: tuple[float, float, float] = SPLIT_FRACTIONS,
 ) -> dict:
     """Generate the corpus. Returns a summary {lang: {split: {"utts", "seconds"}}} plus rerun stats.
-    `splits` synthesizes only those splits (the sentence split still follows all three sizes); the README and
+    `splits` synthesizes only those splits (the sentence split is the same: it follows `fractions`); the README and
     the removal of stale clips need all three. `jobs`: clips synthesized at once (the command-line engines and sox
     run side by side; the in-process ones one at a time); the corpus is the same bytes for any value. `fractions`:
     the shares of each language's sentences in train / dev / test (the counts take the first of each share)."""

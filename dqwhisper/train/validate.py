@@ -36,14 +36,17 @@ def dev_hypotheses(
 
 
 def dev_errors(hyps: dict[str, str], items: list) -> dict[str, float]:
-    """Pooled error over the dev set (WER; CER for scripts without spaces) and per language (dqwhisper.scoring);
-    `items`: the dev WhisperDataset's (utterance, tokens, ctc targets, frames)."""
+    """Dev error (WER; CER for scripts without spaces; dqwhisper.scoring): `error`, what checkpoints are chosen on, is
+    the macro average over languages, as RESULTS.md and inference.py's headline report it (a language with more or
+    longer dev references does not outweigh the others); `error_pooled` pools all errors; `error_<lang>` per
+    language. `items`: the dev WhisperDataset's (utterance, tokens, ctc targets, frames)."""
     summary = summarize(
         score_utterances({u.utt_id: u.text for u, _, _, _ in items}, hyps, {u.utt_id: u.lang for u, _, _, _ in items})[
             0
         ]
     )
     return {
-        "error": summary["overall"]["error"],
+        "error": summary["overall"]["macro_error"],
+        "error_pooled": summary["overall"]["error"],
         **{f"error_{lang}": v["error"] for lang, v in summary["per_language"].items()},
     }

@@ -181,3 +181,18 @@ def test_save_start_writes_nothing_for_a_float_student(assets, tmp_path):
     cfg = tiny_config(tmp_path / "exp", data, teacher, overrides=["trainer.save_start=true", "trainer.max_steps=1"])
     make_trainer(cfg).run()
     assert not (tmp_path / "exp" / "start.pt").exists() and (tmp_path / "exp" / "best.pt").exists()
+
+
+def test_dev_error_chosen_on_is_the_macro_average_over_languages():
+    """Checkpoints are chosen on the error RESULTS.md reports (the mean of the per-language errors), not on the
+    pooled one, where the language with the most reference words (here en) outweighs the others."""
+    from types import SimpleNamespace
+
+    from dqwhisper.train.validate import dev_errors
+
+    refs = {"en1": ("en", "the cat sat on a mat in spring"), "de1": ("de", "eins zwei")}
+    items = [(SimpleNamespace(utt_id=u, text=t, lang=lang), None, None, None) for u, (lang, t) in refs.items()]
+    errors = dev_errors({"en1": "the cat sat on a mat in spring", "de1": "eins"}, items)
+    assert errors["error_en"] == 0 and errors["error_de"] == pytest.approx(0.5)
+    assert errors["error"] == pytest.approx(0.25)  # (0 + 0.5) / 2
+    assert errors["error_pooled"] == pytest.approx(0.1)  # 1 error / 10 words

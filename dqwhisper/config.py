@@ -33,12 +33,13 @@ class CollectorConfig:
 
 @dataclass
 class FeatureMaskConfig:
-    """Time masks on the frozen encoder's outputs (cached or not) where a student's decoder reads them in training;
-    the teacher's targets stay those of the unmasked audio. SpecAugment's time masking moved to the features, for
-    students whose encoder is frozen (SpecAugment on the mel would need the encoder run every step)."""
+    """Time masks on the frozen encoder's outputs (cached or not) where a student's decoder reads them in training.
+    SpecAugment's time masking moved to the features, for students whose encoder is frozen (SpecAugment on the mel
+    would need the encoder run every step)."""
 
     num_time_masks: int = 0  # masks per utterance; 0 = off
     time_mask_param: int = 25  # max width of one mask, encoder positions (20 ms each)
+    teacher: bool = False  # the teacher's targets from the same masked output (consistent teaching); False: unmasked
 
 
 @dataclass
@@ -71,6 +72,7 @@ class DataConfig:
     max_dev_utts: int = 0  # validate on N dev utterances evenly spaced over the set (by id); 0 = all
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
     feature_mask: FeatureMaskConfig = field(default_factory=FeatureMaskConfig)
+    prefix_noise: float = 0.0  # training: share of the decoder's input text tokens replaced by others of the batch
     collector: CollectorConfig = field(default_factory=CollectorConfig)
 
 

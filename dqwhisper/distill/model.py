@@ -53,10 +53,19 @@ class DistillModel(nn.Module):
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         world_size: int = 1,
         feature_mask: tuple[int, int] = (0, 0),
+        mask_teacher: bool = False,
+        prefix_noise: float = 0.0,
     ):
         """feature_mask: (masks per utterance, max width in encoder positions) of the time masks on the frozen
-        encoder's output that the student's decoder reads in training (data.feature_mask); (0, _) = none."""
+        encoder's output that the student's decoder reads in training (data.feature_mask); (0, _) = none.
+        mask_teacher: the teacher's targets come from the same masked output (consistent teaching: the teacher
+        says what it would predict from what the student sees); False: from the unmasked one.
+        prefix_noise: in training, the share of the decoder's input text tokens replaced by text tokens drawn from
+        the batch (data.prefix_noise): the student (and a live teacher) read a history with errors in it, as in
+        decoding, and learn the next label from it; 0 = none."""
         super().__init__()
+        self.prefix_noise = prefix_noise
+        self.mask_teacher = mask_teacher
         n_masks, width = feature_mask
         self.feature_mask = (
             (n_masks, torchaudio.transforms.TimeMasking(width))
@@ -91,8 +100,8 @@ class DistillModel(nn.Module):
         return tokens_in, targets, mask
 
     def _student(self, batch: dict, tokens_in: Tensor, mask: Tensor, want_match: bool, match_encoder: bool):
-        """-> (encoder output xa, subset logits (1, N, V) at the N counted positions (mask), decoder features (B, L,
-        D) | None, encoder features | None)."""
+        """-> (encoder output xa, the time-masked positions (B, T) | None, subset logits (1, N, V) at the N counted
+        positions (mask), decoder features (B, L, D) | None, encoder features | None)."""
         dev, m = tokens_in.device, self.loss_cfg.match
         enc_feats = s_feats = None
         with autocast(self.amp_dtype):
@@ -110,7 +119,8 @@ class DistillModel(nn.Module):
                     xa = self.student.encoder(mel)
             lengths = batch.get("enc_window")  # rows of different encoder windows (data.batch_window), padded
             decoder = self.student.decoder
-            xa_dec = self._masked(xa, batch["enc_lengths"]) if self.training and self.feature_mask else xa
+            masked = self._mask_positions(xa, batch["enc_lengths"]) if self.training and self.feature_mask else None
+            xa_dec = xa if masked is None else xa.masked_fill(masked[..., None], 0.0)
             with (
                 swapped(decoder, "subset_logits", True),
                 decoder.key_lengths(None if lengths is None else lengths.to(dev), xa.shape[1]),
@@ -121,25 +131,40 @@ class DistillModel(nn.Module):
                     s_feats = ffn if m.feature == "ffn" else blocks
                 else:
                     logits = decoder(tokens_in, xa_dec)
-        return xa, logits.unsqueeze(0), s_feats, enc_feats
+        return xa, masked, logits.unsqueeze(0), s_feats, enc_feats
 
-    def _masked(self, xa: Tensor, audio_positions: Tensor) -> Tensor:
-        """A copy of the encoder output (B, T, D) with each row's time masks (torchaudio's TimeMasking, value 0)
-        drawn within its audio's positions."""
+    def _noisy_prefix(self, tokens_in: Tensor, mask: Tensor) -> Tensor:
+        """tokens_in with a share `prefix_noise` of its text tokens (the labels fed back: a counted position before,
+        one after; not the prompt, not a final end-of-text) replaced by text tokens drawn uniformly from the same
+        positions of the batch."""
+        text = torch.zeros_like(mask)
+        text[:, 1:] = mask[:, :-1] & mask[:, 1:]
+        pool = tokens_in[text]
+        hit = text & (torch.rand(text.shape, device=tokens_in.device) < self.prefix_noise)
+        if pool.numel() == 0 or not bool(hit.any()):
+            return tokens_in
+        out = tokens_in.clone()
+        out[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), device=tokens_in.device)]
+        return out
+
+    def _mask_positions(self, xa: Tensor, audio_positions: Tensor) -> Tensor:
+        """(B, T) bool: each row's time masks (torchaudio's TimeMasking) drawn within its audio's positions."""
         n_masks, mask = self.feature_mask
-        out = xa.clone()
+        out = torch.zeros(xa.shape[:2], dtype=torch.bool, device=xa.device)
         for b, n in enumerate(audio_positions.tolist()):
             n = max(1, min(int(n), xa.shape[1]))
-            row = out[b, :n].T.unsqueeze(0)  # (1, D, n): time last
+            row = torch.ones(1, 1, n, device=xa.device)  # (channel, feature, time)
             for _ in range(n_masks):
                 row = mask(row, 0.0)
-            out[b, :n] = row[0].T
+            out[b, :n] = row[0, 0] == 0
         return out
 
     def forward(self, batch: dict, with_teacher: bool = True) -> tuple[dict[str, Tensor], dict]:
         cfg, m = self.loss_cfg, self.loss_cfg.match
         dev = next(self.student.parameters()).device
         tokens_in, targets, mask = self._targets(batch, dev)
+        if self.training and self.prefix_noise > 0:
+            tokens_in = self._noisy_prefix(tokens_in, mask)
         distil = with_teacher and self.teacher is not None and cfg.alpha > 0
         want_match = distil and m.enabled
         n_tok = mask.sum().float()
@@ -149,7 +174,7 @@ class DistillModel(nn.Module):
             counts = self.all_reduce(torch.stack([n_tok, n_ctc]).to(dev))
             norm_tok, norm_ctc = counts[0] / self.world_size, counts[1] / self.world_size
             reduce = self.all_reduce
-        xa, logits, s_feats, enc_feats = self._student(
+        xa, masked, logits, s_feats, enc_feats = self._student(
             batch, tokens_in, mask, want_match, want_match and m.encoder and not self.freeze_encoder
         )
         counted = torch.ones_like(logits[..., 0], dtype=torch.bool)  # (1, N): logits are only the counted positions
@@ -166,7 +191,13 @@ class DistillModel(nn.Module):
             )
         info: dict = {}
         if distil:
-            t = self.teacher(batch, tokens_in, xa, want_match)
+            t_batch, t_xa = batch, xa
+            if masked is not None and self.mask_teacher:
+                t_xa = xa.masked_fill(masked[..., None], 0.0)
+                if "t_enc" in batch:  # the teacher's own encoder output: the same positions masked
+                    t_enc = batch["t_enc"]
+                    t_batch = {**batch, "t_enc": t_enc.masked_fill(masked[..., None].to(t_enc.device), 0.0)}
+            t = self.teacher(t_batch, tokens_in, t_xa, want_match)
             t_index = t.get("t_index")
             out["kd"] = losses.kd_logits(
                 logits,

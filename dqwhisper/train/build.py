@@ -341,6 +341,14 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
     targets: TeacherTargets | None = None
     if teacher is not None:
         kind = CachedTargets if caches.teacher_logits is not None else LiveTargets
+        perturbed = cfg.data.prefix_noise > 0 or (
+            cfg.data.feature_mask.num_time_masks > 0 and cfg.data.feature_mask.teacher
+        )
+        if kind is CachedTargets and perturbed:
+            raise DQWhisperError(
+                "data.prefix_noise / data.feature_mask.teacher need the teacher's targets on each step's perturbed "
+                "inputs: set trainer.cache_teacher=false"
+            )
         targets = kind(
             teacher, student.decoder.vocab_keep, cfg.loss.kd_topk, m.feature if m.enabled else None, amp_dtype
         )
@@ -360,6 +368,8 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         all_reduce=all_reduce_sum if dist.enabled else None,
         world_size=dist.world_size,
         feature_mask=(cfg.data.feature_mask.num_time_masks, cfg.data.feature_mask.time_mask_param),
+        mask_teacher=cfg.data.feature_mask.teacher,
+        prefix_noise=cfg.data.prefix_noise,
     )
     optimizer, scheduler = make_optimizer(
         cfg, params, [student.ctc_head, adapter, enc_adapter], {id(p): n for n, p in student.named_parameters()}

@@ -156,3 +156,65 @@ def test_feature_masks_reach_the_students_decoder_in_training_only(pair):
     plain = DistillModel(student, loss, Recording(teacher, None))  # default: no masks
     plain.train()(batch)
     torch.testing.assert_close(seen["decoder"], clean)
+
+
+def test_a_masking_teacher_reads_what_the_students_decoder_reads(pair):
+    """data.feature_mask.teacher=true (consistent teaching): the teacher's targets come from the same masked encoder
+    output as the student's decoder reads, with fresh masks every step."""
+    student, teacher = pair
+    seen = {}
+
+    class Recording(LiveTargets):
+        def __call__(self, batch, tokens_in, xa, want_match):
+            seen.setdefault("teacher", []).append(xa.clone())
+            return super().__call__(batch, tokens_in, xa, want_match)
+
+    hook = student.decoder.register_forward_pre_hook(
+        lambda mod, args: seen.setdefault("decoder", []).append(args[1].clone())
+    )
+    loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
+    model = DistillModel(student, loss, Recording(teacher, None), feature_mask=(2, 30), mask_teacher=True)
+    batch = tiny_batch()
+    clean = student.encoder(batch["mel"])
+    torch.manual_seed(3)
+    model.train()(batch)
+    model.train()(batch)
+    hook.remove()
+    for t_xa, s_xa in zip(seen["teacher"], seen["decoder"]):
+        torch.testing.assert_close(t_xa, s_xa)
+        assert (t_xa == 0).all(-1).any() and not torch.equal(t_xa, clean)
+    assert not torch.equal(seen["decoder"][0], seen["decoder"][1])
+
+
+def test_prefix_noise_replaces_fed_back_labels_with_batch_tokens_for_student_and_teacher(pair):
+    """data.prefix_noise: in training, text tokens of the decoder's input (not the prompt, not the padding) are
+    replaced by text tokens of the batch; a live teacher reads the same history; the targets stay the labels."""
+    student, teacher = pair
+    seen = {}
+
+    class Recording(LiveTargets):
+        def __call__(self, batch, tokens_in, xa, want_match):
+            seen["teacher"] = tokens_in.clone()
+            return super().__call__(batch, tokens_in, xa, want_match)
+
+    hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[0].clone()))
+    loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
+    model = DistillModel(student, loss, Recording(teacher, None), prefix_noise=1.0)
+    batch = tiny_batch()
+    clean = batch["tokens_in"]
+    text = torch.zeros_like(clean, dtype=torch.bool)
+    text[0, 4:7] = True
+    text[1, 4:6] = True  # row 1: position 6 is the end-of-text after its last label, fed as padding
+    changed = torch.zeros_like(text)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model.train()(batch)
+        torch.testing.assert_close(seen["teacher"], seen["decoder"])
+        torch.testing.assert_close(seen["decoder"][~text], clean[~text])
+        assert set(seen["decoder"][text].tolist()) <= {11, 12, 13, 21, 22}
+        changed |= seen["decoder"] != clean
+    assert changed[text].sum() >= 3
+    model.eval()(batch)
+    torch.testing.assert_close(seen["decoder"], clean)
+    torch.testing.assert_close(batch["tokens_in"], clean)  # the batch itself is not modified
+    hook.remove()

@@ -207,3 +207,20 @@ def test_mixed_dev_batches_decode_as_one_window_batches(trainer):
         return out
 
     assert hyps(mixed) == hyps(dev_batches(dev, 3))
+
+
+@pytest.mark.parametrize(
+    "perturbation",
+    [["data.prefix_noise=0.1"], ["data.feature_mask.num_time_masks=2", "data.feature_mask.teacher=true"]],
+)
+def test_perturbed_inputs_need_the_teacher_live(assets, tmp_path, perturbation):
+    """Prefix noise and teacher-side feature masks change the teacher's inputs every step: cached teacher targets
+    would be those of the clean inputs, so they are an error; with live targets the student trains."""
+    teacher, data, _ = assets
+    base = [*WINDOWED, "teacher.batch_window=true", *perturbation]
+    cfg = tiny_config(tmp_path / "cached", data, teacher, overrides=[*base, "trainer.cache_teacher=true"])
+    with pytest.raises(DQWhisperError, match="trainer.cache_teacher=false"):
+        make_trainer(cfg)
+    summary = train(tiny_config(tmp_path / "live", data, teacher, overrides=[*base, "trainer.cache_teacher=false"]))
+    assert summary["steps"] == 6 and summary["nonfinite_steps"] == 0
+    assert summary["mean_loss_shares"]["share_kd"] > 0

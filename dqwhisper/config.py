@@ -273,6 +273,7 @@ def validate(cfg: TrainConfig | DictConfig) -> None:
         (cfg.loss.beta >= 0, f"loss.beta={cfg.loss.beta}: must be >= 0"),
         (cfg.loss.kd_temperature > 0, "loss.kd_temperature must be > 0"),
         (0.0 <= cfg.student.dropout < 1.0, f"student.dropout={cfg.student.dropout}: must be in [0, 1)"),
+        (0.0 <= cfg.data.prefix_noise < 1.0, f"data.prefix_noise={cfg.data.prefix_noise}: must be in [0, 1)"),
         (cfg.student.init in ("cut", "copy", "pretrained"), f"student.init={cfg.student.init}: cut|copy|pretrained"),
         (cfg.optim.name in ("adam", "adamw"), f"optim.name={cfg.optim.name}: adam|adamw"),
         (cfg.optim.scheduler in ("linear", "cosine", "constant"), f"optim.scheduler={cfg.optim.scheduler}"),

@@ -197,14 +197,16 @@ class DistillModel(nn.Module):
                 if "t_enc" in batch:  # the teacher's own encoder output: the same positions masked
                     t_enc = batch["t_enc"]
                     t_batch = {**batch, "t_enc": t_enc.masked_fill(masked[..., None].to(t_enc.device), 0.0)}
-            t = self.teacher(t_batch, tokens_in, t_xa, want_match)
-            t_index = t.get("t_index")
+            t = self.teacher(t_batch, tokens_in, t_xa, want_match, at=mask)
+            t_logits, t_index = t["t_logits"], t.get("t_index")
+            if t_logits.dim() == 3:  # (B, L, K) at every position (cached targets): the counted ones
+                t_logits, t_index = t_logits[mask], None if t_index is None else t_index[mask]
             out["kd"] = losses.kd_logits(
                 logits,
-                t["t_logits"][mask][None],
+                t_logits[None],
                 counted,
                 cfg.kd_temperature,
-                teacher_index=None if t_index is None else t_index[mask][None],
+                teacher_index=None if t_index is None else t_index[None],
                 normalizer=norm_tok,
             )
             if want_match:

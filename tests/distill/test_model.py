@@ -240,3 +240,31 @@ def test_a_live_teacher_at_the_counted_positions_gives_those_positions_targets(p
     for a, b in zip(at["t_feats"], full["t_feats"]):
         torch.testing.assert_close(a, b)
     assert teacher.decoder.logit_mask is None
+
+
+def test_a_masking_teacher_on_its_own_longer_window_gets_the_same_time_positions_masked(pair):
+    """The teacher's own cached encoder output (`t_enc`, its whole window) is longer than the student's windowed
+    one (`enc`): the masked positions are the same 20 ms positions from the start; the rest of its window stays."""
+    student, teacher = pair
+    seen = {}
+
+    class Recording(LiveTargets):
+        def __call__(self, batch, tokens_in, xa, want_match, at=None):
+            seen["t_enc"] = batch["t_enc"].clone()
+            return super().__call__(batch, tokens_in, xa, want_match, at)
+
+    hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[1].clone()))
+    batch = tiny_batch()
+    full = teacher.encoder(batch["mel"])  # (2, 100, d): the teacher's whole window
+    batch.pop("mel")
+    batch.update(enc=full[:, :75].clone(), t_enc=full.clone(), enc_lengths=torch.tensor([75, 60]))
+    loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.0))
+    model = DistillModel(student, loss, Recording(teacher, None), feature_mask=(2, 20), mask_teacher=True)
+    torch.manual_seed(5)
+    model.train()(batch)
+    hook.remove()
+    zero_s = (seen["decoder"] == 0).all(-1)
+    zero_t = (seen["t_enc"] == 0).all(-1)
+    assert zero_s.any()
+    assert torch.equal(zero_t[:, :75], zero_s) and not zero_t[:, 75:].any()
+    torch.testing.assert_close(seen["t_enc"][~zero_t], full[~zero_t])

@@ -75,6 +75,11 @@ def tiny_config(expdir: Path, data_dir: Path, teacher: Path, name: str = "demo_s
                 # on their per-utterance windows: test_batch_window.py checks that too)
                 "trainer.valid_decode=true",
                 "teacher.batch_window=false",
+                # and the teacher's targets cached, no time masks (the demo's KD students read masked outputs with a
+                # live teacher: tests/train/test_batch_window.py and tests/distill/test_model.py check those)
+                "trainer.cache_teacher=true",
+                "data.feature_mask.num_time_masks=0",
+                "data.feature_mask.teacher=false",
                 *overrides,
             ],
         )

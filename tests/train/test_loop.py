@@ -433,3 +433,20 @@ def test_trainable_encoder_uncached_with_encoder_matching_and_specaugment(assets
     tr.train_step([batch])
     assert not torch.equal(before, tr.parts.student.encoder.blocks[0].mlp[0].weight)
     assert tr.parts.train_base.spec_augment.time_mask_param == 10
+
+
+def test_resume_with_time_masks_and_a_live_teacher_equals_uninterrupted(assets, tmp_path):
+    """The demo's float students draw time masks every step: from a seed of (trainer.seed, step, micro-batch, rank),
+    not the global generator the data loader also draws from, so a resumed run masks what the uninterrupted one did
+    (before, every step after the resume differed)."""
+    teacher, data, _ = assets
+    masks = ["data.feature_mask.num_time_masks=2", "data.feature_mask.teacher=true", "trainer.cache_teacher=false"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    common = ["trainer.max_steps=12", "trainer.valid_every=3", *masks]
+    train(tiny_config(ref, data, teacher, overrides=common))
+    assert train(tiny_config(run, data, teacher, overrides=[*common, "trainer.stop_after_steps=5"])).get("stopped")
+    train(tiny_config(run, data, teacher, overrides=[*common, "trainer.resume=true"]))
+    a, b = losses_by_step(ref), losses_by_step(run)
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert a[step] == b[step], step

@@ -104,8 +104,9 @@ class DistillModel(nn.Module):
         return tokens_in, targets, mask
 
     def _student(self, batch: dict, tokens_in: Tensor, mask: Tensor, want_match: bool, match_encoder: bool):
-        """-> (encoder output xa, the time-masked positions (B, T) | None, subset logits (1, N, V) at the N counted
-        positions (mask), decoder features (B, L, D) | None, encoder features | None)."""
+        """-> (encoder output xa, the time-masked positions (B, T) | None, what the decoder read (xa with those
+        positions zeroed), subset logits (1, N, V) at the N counted positions (mask), decoder features (B, L, D) |
+        None, encoder features | None)."""
         dev, m = tokens_in.device, self.loss_cfg.match
         enc_feats = s_feats = None
         with autocast(self.amp_dtype):
@@ -135,7 +136,7 @@ class DistillModel(nn.Module):
                     s_feats = ffn if m.feature == "ffn" else blocks
                 else:
                     logits = decoder(tokens_in, xa_dec)
-        return xa, masked, logits.unsqueeze(0), s_feats, enc_feats
+        return xa, masked, xa_dec, logits.unsqueeze(0), s_feats, enc_feats
 
     def _noisy_prefix(self, tokens_in: Tensor, mask: Tensor) -> Tensor:
         """tokens_in with a share `prefix_noise` of its text tokens (the labels fed back: a counted position before,
@@ -187,7 +188,7 @@ class DistillModel(nn.Module):
             counts = self.all_reduce(torch.stack([n_tok, n_ctc]).to(dev))
             norm_tok, norm_ctc = counts[0] / self.world_size, counts[1] / self.world_size
             reduce = self.all_reduce
-        xa, masked, logits, s_feats, enc_feats = self._student(
+        xa, masked, xa_dec, logits, s_feats, enc_feats = self._student(
             batch, tokens_in, mask, want_match, want_match and m.encoder and not self.freeze_encoder
         )
         counted = torch.ones_like(logits[..., 0], dtype=torch.bool)  # (1, N): logits are only the counted positions
@@ -206,7 +207,7 @@ class DistillModel(nn.Module):
         if distil:
             t_batch, t_xa = batch, xa
             if masked is not None and self.mask_teacher:
-                t_xa = xa.masked_fill(masked[..., None], 0.0)
+                t_xa = xa_dec
                 if "t_enc" in batch:  # the teacher's own encoder output (its window may be longer): the same
                     t_enc = batch["t_enc"]  # positions masked, 20 ms each from the start in both
                     n = min(t_enc.shape[1], masked.shape[1])

@@ -31,6 +31,17 @@ def tiny_batch(n_mels: int = 80, n_audio_ctx: int = 100) -> dict:
     }
 
 
+def recording_teacher(teacher, record) -> LiveTargets:
+    """A live teacher that calls record(batch, tokens_in, xa) with what it is given, then answers as usual."""
+
+    class Recording(LiveTargets):
+        def __call__(self, batch, tokens_in, xa, want_match, at=None):
+            record(batch, tokens_in, xa)
+            return super().__call__(batch, tokens_in, xa, want_match, at)
+
+    return Recording(teacher, None)
+
+
 @pytest.fixture
 def pair():
     teacher = from_whisper(random_tiny_whisper(0)).eval().requires_grad_(False)
@@ -131,14 +142,10 @@ def test_feature_masks_reach_the_students_decoder_in_training_only(pair):
     student, teacher = pair
     seen = {}
 
-    class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match, at=None):
-            seen["teacher"] = xa.clone()
-            return super().__call__(batch, tokens_in, xa, want_match, at)
-
+    recording = recording_teacher(teacher, lambda batch, tokens_in, xa: seen.__setitem__("teacher", xa.clone()))
     hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[1].clone()))
     loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
-    model = DistillModel(student, loss, Recording(teacher, None), feature_mask=(2, 30))
+    model = DistillModel(student, loss, recording, feature_mask=(2, 30))
     batch = tiny_batch()
     clean = student.encoder(batch["mel"])
     torch.manual_seed(3)
@@ -153,7 +160,7 @@ def test_feature_masks_reach_the_students_decoder_in_training_only(pair):
     model.eval()(batch)
     torch.testing.assert_close(seen["decoder"], clean)
     hook.remove()
-    plain = DistillModel(student, loss, Recording(teacher, None))  # default: no masks
+    plain = DistillModel(student, loss, recording)  # default: no masks
     plain.train()(batch)
     torch.testing.assert_close(seen["decoder"], clean)
 
@@ -164,16 +171,14 @@ def test_a_masking_teacher_reads_what_the_students_decoder_reads(pair):
     student, teacher = pair
     seen = {}
 
-    class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match, at=None):
-            seen.setdefault("teacher", []).append(xa.clone())
-            return super().__call__(batch, tokens_in, xa, want_match, at)
-
+    recording = recording_teacher(
+        teacher, lambda batch, tokens_in, xa: seen.setdefault("teacher", []).append(xa.clone())
+    )
     hook = student.decoder.register_forward_pre_hook(
         lambda mod, args: seen.setdefault("decoder", []).append(args[1].clone())
     )
     loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
-    model = DistillModel(student, loss, Recording(teacher, None), feature_mask=(2, 30), mask_teacher=True)
+    model = DistillModel(student, loss, recording, feature_mask=(2, 30), mask_teacher=True)
     batch = tiny_batch()
     clean = student.encoder(batch["mel"])
     torch.manual_seed(3)
@@ -192,14 +197,10 @@ def test_prefix_noise_replaces_fed_back_labels_with_batch_tokens_for_student_and
     student, teacher = pair
     seen = {}
 
-    class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match, at=None):
-            seen["teacher"] = tokens_in.clone()
-            return super().__call__(batch, tokens_in, xa, want_match, at)
-
+    recording = recording_teacher(teacher, lambda batch, tokens_in, xa: seen.__setitem__("teacher", tokens_in.clone()))
     hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[0].clone()))
     loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.1))
-    model = DistillModel(student, loss, Recording(teacher, None), prefix_noise=1.0)
+    model = DistillModel(student, loss, recording, prefix_noise=1.0)
     batch = tiny_batch()
     clean = batch["tokens_in"]
     text = torch.zeros_like(clean, dtype=torch.bool)
@@ -248,18 +249,16 @@ def test_a_masking_teacher_on_its_own_longer_window_gets_the_same_time_positions
     student, teacher = pair
     seen = {}
 
-    class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match, at=None):
-            seen["t_enc"] = batch["t_enc"].clone()
-            return super().__call__(batch, tokens_in, xa, want_match, at)
-
+    recording = recording_teacher(
+        teacher, lambda batch, tokens_in, xa: seen.__setitem__("t_enc", batch["t_enc"].clone())
+    )
     hook = student.decoder.register_forward_pre_hook(lambda mod, args: seen.__setitem__("decoder", args[1].clone()))
     batch = tiny_batch()
     full = teacher.encoder(batch["mel"])  # (2, 100, d): the teacher's whole window
     batch.pop("mel")
     batch.update(enc=full[:, :75].clone(), t_enc=full.clone(), enc_lengths=torch.tensor([75, 60]))
     loss = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.0))
-    model = DistillModel(student, loss, Recording(teacher, None), feature_mask=(2, 20), mask_teacher=True)
+    model = DistillModel(student, loss, recording, feature_mask=(2, 20), mask_teacher=True)
     torch.manual_seed(5)
     model.train()(batch)
     hook.remove()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DQ-Whisper demo recipe: offline base teacher -> adapted teacher -> distilled, quantized students -> report.
 #
-#   bash run.sh                      # everything, from a fresh clone (23.0 min on a 2-core AMD EPYC at 6d28b3e)
+#   bash run.sh                      # everything, from a fresh clone (21.2 min on a 2-core AMD EPYC at 3570edd)
 #   bash run.sh --stage 6            # rerun from stage 6 (decoding) on
 #   bash run.sh --stage 3 --stop_stage 3
 #

@@ -215,9 +215,7 @@ class DistillModel(nn.Module):
                     t_masked[:, :n] = masked[:, :n].to(t_enc.device)
                     t_batch = {**batch, "t_enc": t_enc.masked_fill(t_masked[..., None], 0.0)}
             t = self.teacher(t_batch, tokens_in, t_xa, want_match, at=mask)
-            t_logits, t_index = t["t_logits"], t.get("t_index")
-            if t_logits.dim() == 3:  # (B, L, K) at every position (cached targets): the counted ones
-                t_logits, t_index = t_logits[mask], None if t_index is None else t_index[mask]
+            t_logits, t_index = t["t_logits"], t.get("t_index")  # (N, K) at the counted positions
             out["kd"] = losses.kd_logits(
                 logits,
                 t_logits[None],

@@ -79,7 +79,8 @@ class TeacherTargets:
     def __call__(
         self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
     ) -> dict:
-        """at (B, L): the positions the losses count; a provider may return logits there only, (N, K)."""
+        """-> t_logits [, t_index]: (B, L, K), or (N, K) at the N positions where `at` (B, L) is true (row-major)
+        [, t_feats]."""
         raise NotImplementedError
 
 
@@ -88,11 +89,11 @@ class CachedTargets(TeacherTargets):
         self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
     ) -> dict:
         dev = tokens_in.device
-        t = {
-            k: (v.to(dev).float() if k != "t_index" else v.to(dev))
-            for k, v in batch.items()
-            if k in ("t_logits", "t_index")
-        }
+        t = {}
+        for k in ("t_logits", "t_index"):
+            if k in batch:
+                v = batch[k] if at is None else batch[k][at.to(batch[k].device)]
+                t[k] = v.to(dev).float() if k == "t_logits" else v.to(dev)
         if want_match:
             t["t_feats"] = [f.to(dev).float() for f in batch["t_feats"]]
         return t

@@ -87,6 +87,14 @@ def test_cached_targets_read_the_batch(pair):
     again = live(batch, batch["tokens_in"], xa, want_match=True)
     torch.testing.assert_close(cached["t_logits"], again["t_logits"])
     assert len(cached["t_feats"]) == len(again["t_feats"]) == teacher.dims.n_text_layer
+    # at the counted positions: (N, K), as a live teacher gives them
+    from dqwhisper import losses
+
+    mask = batch["targets"] != losses.IGNORE
+    cached_at = CachedTargets(teacher, None)(batch, batch["tokens_in"], xa, want_match=False, at=mask)
+    live_at = live(batch, batch["tokens_in"], xa, want_match=False, at=mask)
+    assert cached_at["t_logits"].shape[0] == int(mask.sum()) < mask.numel()
+    torch.testing.assert_close(cached_at["t_logits"], live_at["t_logits"])
 
 
 @pytest.mark.parametrize("topk", [0, 5])

@@ -4,6 +4,7 @@ import pytest
 import torch
 import whisper
 
+from dqwhisper.decoding.search import decode_batch
 from dqwhisper.models.student import (
     from_whisper,
     load_checkpoint,
@@ -26,6 +27,33 @@ def test_full_copy_equals_whisper(tiny_whisper):
     mel, tok = _inputs()
     with torch.no_grad():
         assert torch.equal(from_whisper(tiny_whisper).eval()(mel, tok), tiny_whisper(mel, tok))
+
+
+@pytest.mark.parametrize("beam_size", [None, 2])
+def test_cached_decoding_equals_whispers_bit_for_bit(tiny_whisper, beam_size):
+    """Our decoder keeps the cross-attention's keys and values in their own layout: the logits of every kv-cached
+    step, and whisper's decoding through them (greedy; beam search reorders the cache), equal whisper's own."""
+    ours = from_whisper(tiny_whisper).eval()
+    mel, tok = _inputs()
+    with torch.no_grad():
+        xa = tiny_whisper.encoder(mel)
+        logits = []
+        for model in (tiny_whisper, ours):
+            cache, hooks = model.install_kv_cache_hooks()
+            steps = [model.decoder(tok, xa, kv_cache=cache)]
+            for _ in range(5):
+                steps.append(model.decoder(steps[-1][:, -1:].argmax(-1), xa, kv_cache=cache))
+            for h in hooks:
+                h.remove()
+            logits.append(steps)
+        assert all(torch.equal(a, b) for a, b in zip(*logits))
+        assert sum(1 for key in cache if isinstance(key, tuple)) == 2 * len(ours.decoder.blocks)
+        opts = whisper.DecodingOptions(
+            language="en", beam_size=beam_size, sample_len=8, without_timestamps=True, fp16=False
+        )
+        want, got = (decode_batch(m, mel, opts) for m in (tiny_whisper, ours))
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert [r.avg_logprob for r in got] == [r.avg_logprob for r in want]
 
 
 def test_cut_layers_copy_the_chosen_blocks(tiny_whisper):

@@ -2,12 +2,13 @@
 """Where ours and CTranslate2 int8 differ in time, at equal work: the encoder, and the decoder per token with
 end-of-text suppressed on both sides so that both sample exactly --tokens tokens (greedy, language forced).
 
-    python bench/ct2_steps.py EXPORT.dqw CT2_DIR [--data data/demo/test] [--tokens 40] [--threads 1]
+    python bench/ct2_steps.py EXPORT.dqw CT2_DIR [--data data/demo/test] [--tokens 40] [--threads 1] [--batch 1]
 
 EXPORT.dqw runs through our kernels (--kernel, default auto) and decode_mels' task (its logit filters included);
 CT2_DIR is its `dqwhisper export-ct2` conversion. Times are process CPU seconds (all threads; other jobs on a shared
-machine do not count), best of --reps, on the first utterance of --data: encoder = one encoder call; per token =
-(encoder + N tokens - encoder) / N. Compare the ratios, not the absolute numbers.
+machine do not count) and wall seconds, best of --reps, on the first utterance of --data (repeated --batch times per
+call: decode_speed.py decodes 8 per call): encoder = one encoder call; per token = (encoder + N tokens - encoder) /
+N. Compare the ratios, not the absolute numbers.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def best_cpu(fn, reps: int) -> float:
-    best = math.inf
+def best_times(fn, reps: int) -> tuple[float, float]:
+    """(best process CPU seconds, best wall seconds) of `reps` calls."""
+    cpu = wall = math.inf
     for _ in range(reps):
-        start = time.process_time()
+        start, start_wall = time.process_time(), time.perf_counter()
         fn()
-        best = min(best, time.process_time() - start)
-    return best
+        cpu, wall = min(cpu, time.process_time() - start), min(wall, time.perf_counter() - start_wall)
+    return cpu, wall
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--kernel", default="auto")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1, help="rows per call (the first utterance repeated)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     utt = DataDir.load(args.data).utts[0]
     audio = DataDir.load(args.data).load_audio(utt)
     model = load_exported(args.export, mode=args.kernel)
-    mel = audio_to_mel([audio], model, "cpu", "zeros")
+    mel = audio_to_mel([audio] * args.batch, model, "cpu", "zeros")
     ct2 = ctranslate2.models.Whisper(args.ct2_dir, device="cpu", compute_type="int8", intra_threads=args.threads)
     tok = get_tokenizer(multilingual=True)
     prompt = [tok.sot, tok.to_language_token(utt.lang), tok.transcribe, tok.no_timestamps]
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         audio_features = model.encoder(mel)
         if n == 0:
             return 0
-        task = BatchedDecodingTask(model, decoding_options(DecodeConfig(), utt.lang, sample_len=n), [n])
+        task = BatchedDecodingTask(model, decoding_options(DecodeConfig(), utt.lang, sample_len=n), [n] * args.batch)
         task.logit_filters.insert(0, NoEndOfText())
         return len(task.run(audio_features)[0].tokens)
 
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             ct2.encode(features)
             return 0
         result = ct2.generate(  # CTranslate2's Whisper samples at most max_length // 2 tokens
-            features, [prompt], beam_size=1, max_length=2 * n, suppress_tokens=[-1, tok.eot]
+            features, [prompt] * args.batch, beam_size=1, max_length=2 * n, suppress_tokens=[-1, tok.eot]
         )
         return len(result[0].sequences_ids[0])
 
@@ -93,12 +96,18 @@ def main(argv: list[str] | None = None) -> None:
         got = fn(args.tokens)  # warm-up
         if got != args.tokens:
             sys.exit(f"ct2_steps.py: {name} sampled {got} tokens, not {args.tokens}")
-        encoder = best_cpu(lambda fn=fn: fn(0), args.reps)
-        total = best_cpu(lambda fn=fn: fn(args.tokens), args.reps)
-        rows[name] = (encoder, (total - encoder) / args.tokens)
-        print(f"{name:>9}: encoder {encoder * 1e3:7.1f} ms, decoder {rows[name][1] * 1e3:6.3f} ms/token", flush=True)
-    (eo, to), (ec, tc) = rows["ours"], rows["ct2-int8"]
-    print(f"ours / CT2 int8 (CPU time): encoder {eo / ec:.2f}x, per token {to / tc:.2f}x ({args.tokens} tokens)")
+        encoder = best_times(lambda fn=fn: fn(0), args.reps)
+        total = best_times(lambda fn=fn: fn(args.tokens), args.reps)
+        rows[name] = [(e, (t - e) / args.tokens) for e, t in zip(encoder, total)]
+        (ec, tc), (ew, tw) = rows[name]
+        print(
+            f"{name:>9}: encoder {ec * 1e3:7.1f} ms CPU ({ew * 1e3:7.1f} wall), decoder {tc * 1e3:6.3f} ms/token CPU "
+            f"({tw * 1e3:6.3f} wall)",
+            flush=True,
+        )
+    for i, clock in enumerate(("CPU time", "wall")):
+        (eo, to), (ec, tc) = rows["ours"][i], rows["ct2-int8"][i]
+        print(f"ours / CT2 int8 ({clock}): encoder {eo / ec:.2f}x, per token {to / tc:.2f}x ({args.tokens} tokens)")
 
 
 if __name__ == "__main__":

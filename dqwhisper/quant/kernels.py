@@ -323,20 +323,30 @@ def int4_groups(qt) -> tuple[Tensor, Tensor, int] | None:
     return codes, scale.repeat_interleave((k // group) // b, 1).float().contiguous(), group
 
 
+def from_rows(backend: str, rows: tuple[Tensor, Tensor] | None) -> Kernel | None:
+    """An int8-activation backend's kernel for int8 weight rows (codes (N, K), one scale per row); None when it
+    cannot run them here."""
+    if rows is None:
+        return None
+    if backend == "fbgemm":
+        return FbgemmKernel(*rows)
+    if backend == "onednn":
+        return OnednnKernel(*rows) if onednn_exact() else None
+    if backend == "int_mm":
+        return IntMMKernel(*rows)
+    if backend == "float_codes":
+        return FloatCodesKernel(*rows) if FloatCodesKernel.exact(rows[0]) else None
+    raise DQWhisperError(f"{backend!r} is not an int8-activation kernel ({', '.join(INT8_ACTIVATION)})")
+
+
 def build(backend: str, qt, weight: Callable[[], Tensor], act_quant: bool) -> Kernel | None:
     """The kernel `backend` for quantized tensor `qt` (None when it cannot run this weight). `weight()`: the
     dequantized float32 weight (N, K)."""
     if backend == "float":
         return FloatKernel(weight(), act_quant)
     rows = qt.int8_rows() if len(qt.shape) == 2 else None
-    if backend == "fbgemm":
-        return None if rows is None else FbgemmKernel(*rows)
-    if backend == "onednn":
-        return None if rows is None or not onednn_exact() else OnednnKernel(*rows)
-    if backend == "int_mm":
-        return None if rows is None else IntMMKernel(*rows)
-    if backend == "float_codes":
-        return FloatCodesKernel(*rows) if rows is not None and FloatCodesKernel.exact(rows[0]) else None
+    if backend in INT8_ACTIVATION:
+        return from_rows(backend, rows)
     if backend == "weight_only":
         int4 = int4_groups(qt)
         if int4 is not None:

@@ -123,6 +123,7 @@ class _QuantizedBase(nn.Module):
         self.kernel = "float"
         self.impl: kernels.Kernel | None = None
         self.kernel_times: dict[str, float] = {}
+        self.fused: tuple[FusedProjection, int] | None = None  # QuantizedLinear in a fused projection: (it, index)
 
     def quantized_tensor(self) -> QuantizedTensor:
         return QuantizedTensor(self.qweight, self.scale, self.zero_point, self.spec, self.row_scale, self.row_bits)
@@ -169,9 +170,83 @@ class QuantizedLinear(_QuantizedBase):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused is not None:
+            group, index = self.fused
+            return group(index, x, self.own)
+        return self.own(x)
+
+    def own(self, x: Tensor) -> Tensor:
+        """This module's own kernel (outside a fused projection)."""
         if self.impl is None:
             return kernels.FloatKernel(self.weight, self.act_quant)(x, self.bias)
         return self.impl(x, self.bias)
+
+
+class FusedProjection:
+    """The query, key and value projections of a self-attention as one GEMM, where the three run the same
+    int8-activation kernel (kernels.INT8_ACTIVATION): the input is quantized per token once and its codes meet the
+    three weights' int8 rows stacked (3N, K). Each output column is the same exact integer sum, rescaled the same
+    way, as in its own module's GEMM, and gets the same bias: the same bits, with one quantization and one kernel
+    call instead of three. Whisper's attention (and ours) calls query(x), key(x), value(x) in that order on one
+    tensor: the query's call computes all three; the key's and the value's return their columns while x is that
+    very tensor, unchanged since (its version counter). Any other call runs the module's own kernel."""
+
+    def __init__(self, kernel: kernels.Kernel, modules: list[QuantizedLinear]):
+        self.kernel = kernel
+        self.widths = [m.out_features for m in modules]
+        self.biases = [m.bias for m in modules]
+        self._clear()
+
+    def _clear(self) -> None:
+        self.x: Tensor | None = None
+        self.version = -1
+        self.outputs: list[Tensor | None] = []
+
+    def __call__(self, index: int, x: Tensor, own) -> Tensor:
+        if index == 0:
+            shape = x.shape
+            y = self.kernel.matmul(x.reshape(-1, shape[-1]))
+            outputs = list(y.reshape(*shape[:-1], y.shape[-1]).split(self.widths, dim=-1))
+            for i, bias in enumerate(self.biases):
+                if bias is not None:
+                    outputs[i].add_(bias)  # in place on a column slice: each element as in its own output
+            self.x, self.version, self.outputs = x, x._version, [o.to(x.dtype) for o in outputs]
+            return self.outputs[0]
+        if self.x is x and self.version == x._version and self.outputs[index] is not None:
+            out, self.outputs[index] = self.outputs[index], None
+            if all(o is None for o in self.outputs[1:]):
+                self._clear()  # let go of the input and the outputs
+            return out
+        return own(x)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse the query/key/value linears of every self-attention of `model` (not the cross-attentions: their keys
+    and values project the encoder's output, not the query's input) that run one int8-activation kernel; unfuse
+    the rest. Returns the number fused."""
+    fused = 0
+    for name, m in model.named_modules():
+        parts = [getattr(m, p, None) for p in ("query", "key", "value")]
+        if not all(isinstance(p, QuantizedLinear) for p in parts):
+            continue
+        for p in parts:
+            p.fused = None
+        kinds = {p.kernel for p in parts}
+        if name.endswith("cross_attn") or len(kinds) != 1 or kinds.pop() not in kernels.INT8_ACTIVATION:
+            continue
+        rows = [p.quantized_tensor().int8_rows() for p in parts]
+        if any(r is None for r in rows) or len({p.in_features for p in parts}) != 1:
+            continue
+        kernel = kernels.from_rows(
+            parts[0].kernel, (torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]).contiguous())
+        )
+        if kernel is None:
+            continue
+        group = FusedProjection(kernel, parts)
+        for i, p in enumerate(parts):
+            p.fused = (group, i)
+        fused += 1
+    return fused
 
 
 class QuantizedConv1d(_QuantizedBase):
@@ -232,10 +307,11 @@ def expected_rows(name: str, n_audio_ctx: int, batch: int) -> int:
     return batch
 
 
-def select_kernels(model: nn.Module, request: str | None = None, batch: int = 1) -> dict[str, int]:
+def select_kernels(model: nn.Module, request: str | None = None, batch: int = 1, fuse: bool = True) -> dict[str, int]:
     """Apply each quantized module's kernel request (or `request` for all), timing each distinct shape once under
-    auto; a model off the CPU runs float. Logs and returns {backend: modules}; `model.kernel_choices` holds
-    {module: (backend, {backend: seconds measured})}."""
+    auto; a model off the CPU runs float. Then, with `fuse`, each self-attention's query/key/value run as one GEMM
+    where they can (`fuse_projections`: the same bits). Logs and returns {backend: modules};
+    `model.kernel_choices` holds {module: (backend, {backend: seconds measured})}."""
     if request is not None:
         request = kernel_request(request)
     device = next((b.device for b in model.buffers()), torch.device("cpu"))
@@ -270,7 +346,16 @@ def select_kernels(model: nn.Module, request: str | None = None, batch: int = 1)
             len(forced_int8),
             forced_int8[0],
         )
-    log.info("kernels: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    fused = fuse_projections(model) if fuse else 0
+    if not fuse:
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.fused = None
+    log.info(
+        "kernels: %s%s",
+        ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        f"; {fused} self-attentions' query/key/value fused" if fused else "",
+    )
     return counts
 
 

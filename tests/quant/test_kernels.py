@@ -339,3 +339,64 @@ def test_onednn_is_a_candidate_only_where_it_runs_a_real_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "_ONEDNN_EXACT", False)
     monkeypatch.setattr(kernels, "_FAST", {})
     assert kernels.has_fast_kernel("onednn") is False
+
+
+def _cached_steps(model, mel, tokens, n=3):
+    """(encoder output, logits of the prompt and of n greedy kv-cached steps)."""
+    with torch.no_grad():
+        xa = model.encoder(mel)
+        cache, hooks = model.install_kv_cache_hooks()
+        steps = [model.decoder(tokens, xa, kv_cache=cache)]
+        for _ in range(n):
+            steps.append(model.decoder(steps[-1][:, -1:].argmax(-1), xa, kv_cache=cache))
+        for h in hooks:
+            h.remove()
+    return xa, steps
+
+
+@pytest.mark.parametrize(
+    "backend", ["fbgemm", "fbgemm-split", pytest.param("onednn", marks=needs_onednn), "int_mm", "float_codes"]
+)
+def test_fused_query_key_value_give_the_same_bits_as_three_gemms(backend, inputs, monkeypatch):
+    """Each self-attention's query/key/value as one GEMM (quantized.FusedProjection): the encoder's output and every
+    kv-cached decoder step equal the unfused model's bit for bit; the fused GEMM ran (never the key's or value's own
+    kernel), and the cross-attentions stay unfused."""
+    if backend == "fbgemm-split":  # a CPU without VNNI: the fused weight runs as two GEMMs (its codes exceed 64)
+        monkeypatch.setattr(kernels, "_SATURATES", True)
+        backend = "fbgemm"
+    mel, tokens = inputs
+    model = convert(prepare(make_student(), W8A8), backend)
+    select_kernels(model, backend, fuse=False)
+    assert all(getattr(m, "fused", None) is None for m in model.modules())
+    unfused = _cached_steps(model, mel, tokens)
+    select_kernels(model, backend, fuse=True)
+    groups = {id(m.fused[0]): m.fused[0] for m in model.modules() if getattr(m, "fused", None) is not None}
+    n_self = len(model.encoder.blocks) + len(model.decoder.blocks)
+    assert len(groups) == n_self
+    assert all(b.cross_attn.query.fused is None for b in model.decoder.blocks)
+    calls = []
+    for g in groups.values():
+        monkeypatch.setattr(g.kernel, "matmul", lambda x, f=g.kernel.matmul: calls.append(1) or f(x))
+    for name, m in model.named_modules():
+        if name.endswith(("attn.key", "attn.value")) and not name.endswith(("cross_attn.key", "cross_attn.value")):
+            monkeypatch.setattr(m, "own", lambda x, n=name: pytest.fail(f"{n} ran its own kernel"))
+    fused = _cached_steps(model, mel, tokens)
+    assert torch.equal(fused[0], unfused[0])
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], unfused[1]))
+    assert len(calls) == len(model.encoder.blocks) + 4 * len(model.decoder.blocks)  # encoder once; prompt + 3 steps
+
+
+def test_a_fused_key_on_another_input_runs_its_own_kernel(inputs):
+    """key(x) answers from the fused GEMM only for the tensor query(x) saw, unchanged since; else its own kernel."""
+    model = convert(prepare(make_student(), W8A8), "fbgemm")
+    attn = model.encoder.blocks[0].attn
+    x = torch.randn(1, 5, attn.query.in_features)
+    with torch.no_grad():
+        want = [attn.key.own(x), attn.key.own(x + 1), attn.value.own(x)]
+        attn.query(x)
+        other = attn.key(x + 1)
+        x.add_(0)  # an in-place change: the query's outputs are no longer x's
+        stale = attn.value(x)
+    assert attn.key.fused is not None
+    assert torch.equal(other, want[1])
+    assert torch.equal(stale, want[2])

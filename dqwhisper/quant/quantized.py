@@ -189,7 +189,8 @@ class FusedProjection:
     way, as in its own module's GEMM, and gets the same bias: the same bits, with one quantization and one kernel
     call instead of three. Whisper's attention (and ours) calls query(x), key(x), value(x) in that order on one
     tensor: the query's call computes all three; the key's and the value's return their columns while x is that
-    very tensor, unchanged since (its version counter). Any other call runs the module's own kernel."""
+    very tensor, unchanged since (its version counter). Any other call runs the module's own kernel, and so does
+    every call on an inference tensor (torch.inference_mode: no version counter to tell an unchanged input)."""
 
     def __init__(self, kernel: kernels.Kernel, modules: list[QuantizedLinear]):
         self.kernel = kernel
@@ -203,6 +204,8 @@ class FusedProjection:
         self.outputs: list[Tensor | None] = []
 
     def __call__(self, index: int, x: Tensor, own) -> Tensor:
+        if x.is_inference():
+            return own(x)
         if index == 0:
             shape = x.shape
             y = self.kernel.matmul(x.reshape(-1, shape[-1]))

@@ -400,3 +400,16 @@ def test_a_fused_key_on_another_input_runs_its_own_kernel(inputs):
     assert attn.key.fused is not None
     assert torch.equal(other, want[1])
     assert torch.equal(stale, want[2])
+
+
+def test_fused_projections_run_unfused_on_inference_tensors(inputs):
+    """Under torch.inference_mode tensors have no version counter: each projection runs its own kernel, the same
+    bits as the fused path under no_grad."""
+    mel, tokens = inputs
+    model = convert(prepare(make_student(), W8A8), "fbgemm")
+    assert model.encoder.blocks[0].attn.query.fused is not None
+    want = _cached_steps(model, mel, tokens)
+    with torch.inference_mode():
+        got = _cached_steps(model, mel, tokens)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))

@@ -10,6 +10,7 @@ utterance); the embedding lookup reads the dequantized rows, its tied projection
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -189,19 +190,15 @@ class FusedProjection:
     way, as in its own module's GEMM, and gets the same bias: the same bits, with one quantization and one kernel
     call instead of three. Whisper's attention (and ours) calls query(x), key(x), value(x) in that order on one
     tensor: the query's call computes all three; the key's and the value's return their columns while x is that
-    very tensor, unchanged since (its version counter). Any other call runs the module's own kernel, and so does
-    every call on an inference tensor (torch.inference_mode: no version counter to tell an unchanged input)."""
+    very tensor, unchanged since (its version counter), in the same thread (the pending outputs are per thread, so
+    one model can serve several threads). Any other call runs the module's own kernel, and so does every call on an
+    inference tensor (torch.inference_mode: no version counter to tell an unchanged input)."""
 
     def __init__(self, kernel: kernels.Kernel, modules: list[QuantizedLinear]):
         self.kernel = kernel
         self.widths = [m.out_features for m in modules]
         self.biases = [m.bias for m in modules]
-        self._clear()
-
-    def _clear(self) -> None:
-        self.x: Tensor | None = None
-        self.version = -1
-        self.outputs: list[Tensor | None] = []
+        self.local = threading.local()  # .pending: (input, its version, [outputs not yet returned])
 
     def __call__(self, index: int, x: Tensor, own) -> Tensor:
         if x.is_inference():
@@ -213,12 +210,14 @@ class FusedProjection:
             for i, bias in enumerate(self.biases):
                 if bias is not None:
                     outputs[i].add_(bias)  # in place on a column slice: each element as in its own output
-            self.x, self.version, self.outputs = x, x._version, [o.to(x.dtype) for o in outputs]
-            return self.outputs[0]
-        if self.x is x and self.version == x._version and self.outputs[index] is not None:
-            out, self.outputs[index] = self.outputs[index], None
-            if all(o is None for o in self.outputs[1:]):
-                self._clear()  # let go of the input and the outputs
+            outputs = [o.to(x.dtype) for o in outputs]
+            self.local.pending = (x, x._version, outputs)
+            return outputs[0]
+        pending = getattr(self.local, "pending", None)
+        if pending is not None and pending[0] is x and pending[1] == x._version and pending[2][index] is not None:
+            out, pending[2][index] = pending[2][index], None
+            if all(o is None for o in pending[2][1:]):
+                self.local.pending = None  # let go of the input and the outputs
             return out
         return own(x)
 

@@ -413,3 +413,23 @@ def test_fused_projections_run_unfused_on_inference_tensors(inputs):
         got = _cached_steps(model, mel, tokens)
     assert torch.equal(got[0], want[0])
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+def test_fused_projection_outputs_are_per_thread(inputs, monkeypatch):
+    """Another thread's query(x') between one thread's query(x) and key(x): each thread gets its own input's
+    columns from the fused GEMM (neither falls back to the key's own kernel)."""
+    import threading
+
+    model = convert(prepare(make_student(), W8A8), "fbgemm")
+    attn = model.encoder.blocks[0].attn
+    xs = [torch.randn(1, 5, attn.query.in_features, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        want = [attn.key.own(x) for x in xs]
+        monkeypatch.setattr(attn.key, "own", lambda x: pytest.fail("the key ran its own kernel"))
+        got = [None, None]
+        attn.query(xs[0])
+        other = threading.Thread(target=lambda: (attn.query(xs[1]), got.__setitem__(1, attn.key(xs[1]))))
+        other.start()
+        other.join()
+        got[0] = attn.key(xs[0])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

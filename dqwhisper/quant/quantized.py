@@ -200,6 +200,13 @@ class FusedProjection:
         self.biases = [m.bias for m in modules]
         self.local = threading.local()  # .pending: (input, its version, [outputs not yet returned])
 
+    def __getstate__(self) -> dict:  # copies and pickles (copy.deepcopy of a model) carry no pending outputs
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.local = threading.local()
+
     def __call__(self, index: int, x: Tensor, own) -> Tensor:
         if x.is_inference():
             return own(x)
@@ -222,10 +229,10 @@ class FusedProjection:
         return own(x)
 
 
-def fuse_projections(model: nn.Module) -> int:
+def fuse_projections(model: nn.Module, enabled: bool = True) -> int:
     """Fuse the query/key/value linears of every self-attention of `model` (not the cross-attentions: their keys
-    and values project the encoder's output, not the query's input) that run one int8-activation kernel; unfuse
-    the rest. Returns the number fused."""
+    and values project the encoder's output, not the query's input) that run one int8-activation kernel; the rest
+    (all of them when not `enabled`) run their own kernels. Returns the number fused."""
     fused = 0
     for name, m in model.named_modules():
         parts = [getattr(m, p, None) for p in ("query", "key", "value")]
@@ -234,7 +241,7 @@ def fuse_projections(model: nn.Module) -> int:
         for p in parts:
             p.fused = None
         kinds = {p.kernel for p in parts}
-        if name.endswith("cross_attn") or len(kinds) != 1 or kinds.pop() not in kernels.INT8_ACTIVATION:
+        if not enabled or name.endswith("cross_attn") or len(kinds) != 1 or kinds.pop() not in kernels.INT8_ACTIVATION:
             continue
         rows = [p.quantized_tensor().int8_rows() for p in parts]
         if any(r is None for r in rows) or len({p.in_features for p in parts}) != 1:
@@ -348,11 +355,7 @@ def select_kernels(model: nn.Module, request: str | None = None, batch: int = 1,
             len(forced_int8),
             forced_int8[0],
         )
-    fused = fuse_projections(model) if fuse else 0
-    if not fuse:
-        for m in model.modules():
-            if isinstance(m, QuantizedLinear):
-                m.fused = None
+    fused = fuse_projections(model, fuse)
     log.info(
         "kernels: %s%s",
         ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),

@@ -433,3 +433,17 @@ def test_fused_projection_outputs_are_per_thread(inputs, monkeypatch):
         other.join()
         got[0] = attn.key(xs[0])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_model_with_fused_projections_deep_copies(inputs):
+    """copy.deepcopy of an exported model with fused projections: the copy's fused groups are its own and give the
+    original's bits."""
+    mel, tokens = inputs
+    model = convert(prepare(make_student(), W8A8), "fbgemm")
+    model.encoder.blocks[0].attn.query(torch.randn(1, 3, model.encoder.blocks[0].attn.query.in_features))  # pending
+    twin = copy.deepcopy(model)
+    group, twin_group = model.encoder.blocks[0].attn.key.fused[0], twin.encoder.blocks[0].attn.key.fused[0]
+    assert twin_group is not group and twin_group.biases[0] is twin.encoder.blocks[0].attn.query.bias
+    want, got = _cached_steps(model, mel, tokens), _cached_steps(twin, mel, tokens)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dqwhisper.quant.fake_quant import quantize_tokens  # noqa: F401 (the int8 backends' codes; re-exported)
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -94,20 +95,6 @@ EMULATED = apply_cpu_emulation()
 def max_abs_code(w_int8: Tensor) -> int:
     """max |code| of int8 codes (in int16: int8's abs(-128) wraps to -128)."""
     return int(w_int8.to(torch.int16).abs().max())
-
-
-def quantize_tokens(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(M, K) float -> (integer-valued float32 codes in [-128, 127], per-token scales (M, 1)): the arithmetic of
-    fake_quant.quantize_per_token(x, 8), bit for bit, without autograd and with fewer temporaries (clamp and round
-    in place; for many rows max |x| as max(max x, -min x), the same value without a |x| copy, which costs more
-    than the two extra ops for the decoder's single rows). `out`: an (M, K) float32 view to write the codes into."""
-    xf = x.float()
-    if xf.shape[0] > 16:
-        amax = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_())
-    else:
-        amax = xf.abs().amax(-1, keepdim=True)
-    s = amax.div_(127.5).clamp_(min=1e-12)
-    return torch.div(xf, s, out=out).clamp_(-128, 127).round_(), s
 
 
 def rescale(acc: Tensor, row_scale: Tensor, s: Tensor) -> Tensor:

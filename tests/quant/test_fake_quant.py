@@ -141,6 +141,23 @@ def test_activation_fake_quant_per_token():
     assert not torch.equal(x, y)
 
 
+def test_activation_fake_quant_without_gradient_is_the_same_arithmetic_bit_for_bit():
+    """Where no gradient is needed (frozen encoders' caches, validation, export), the activation fake quantizer
+    takes quantize_tokens' shorter path: the same bits as the autograd path, which still passes gradients."""
+    g = torch.Generator().manual_seed(1)
+    fq = ActivationFakeQuantizer(8)
+    for shape in ((2, 5, 64), (40, 64), (3, 37, 96)):  # few and many rows take different paths to max |x|
+        x = torch.randn(*shape, generator=g) * torch.logspace(-3, 3, shape[-2]).unsqueeze(-1)
+        x[..., 0, :] = 0.0
+        with torch.no_grad():
+            fast = fq(x)
+        xg = x.clone().requires_grad_(True)
+        slow = fq(xg)
+        torch.testing.assert_close(fast, slow.detach(), atol=0, rtol=0)
+        slow.sum().backward()
+        assert xg.grad is not None and bool((xg.grad != 0).any())
+
+
 def test_minmax_scale_all_zero_weight():
     s, z = minmax_scale_zero(torch.zeros(2, 1, 8), QuantSpec(8))
     assert bool((s > 0).all())

@@ -56,6 +56,31 @@ def test_cached_decoding_equals_whispers_bit_for_bit(tiny_whisper, beam_size):
     assert [r.avg_logprob for r in got] == [r.avg_logprob for r in want]
 
 
+@pytest.mark.parametrize("search", ["beam", "best_of"])
+def test_rows_sharing_one_utterance_project_its_keys_and_values_once(tiny_whisper, search):
+    """Beam search and best-of sampling repeat each utterance's encoder output per beam / sample: our decoder
+    projects the cross-attention's keys and values on one row per utterance, and decodes what whisper decodes."""
+    ours = from_whisper(tiny_whisper).eval()
+    mel, _ = _inputs()
+    group = 3
+    opts = whisper.DecodingOptions(
+        language="en", sample_len=8, without_timestamps=True, fp16=False,
+        **({"beam_size": group} if search == "beam" else {"temperature": 0.8, "best_of": group}),
+    )  # fmt: skip
+    rows = []
+    hook = ours.decoder.blocks[0].cross_attn.key.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    results = {}
+    with torch.no_grad():
+        for name, model in (("whisper", tiny_whisper), ("ours", ours)):
+            torch.manual_seed(5)  # best-of sampling draws the same numbers on both sides
+            results[name] = decode_batch(model, mel, opts)
+    hook.remove()
+    assert rows == [mel.shape[0]]  # 2 utterances, not 2 x 3 rows
+    assert [r.tokens for r in results["ours"]] == [r.tokens for r in results["whisper"]]
+    assert [r.avg_logprob for r in results["ours"]] == [r.avg_logprob for r in results["whisper"]]
+    assert ours.decoder.shared_rows == 1  # restored after the decoding
+
+
 def test_cut_layers_copy_the_chosen_blocks(tiny_whisper):
     s = from_whisper(tiny_whisper, decoder_layers=[0, 3], encoder_layers=[1])
     assert s.dims.n_text_layer == 2 and s.dims.n_audio_layer == 1

@@ -123,13 +123,18 @@ class BatchedDecodingTask(DecodingTask):
 
     def run(self, mel: Tensor) -> list[DecodingResult]:
         """whisper's run; with `windows` (encoder positions per row of `mel`), each row is encoded and
-        cross-attended on its own window (the batch is padded to the longest)."""
-        if self.windows is None:
-            return super().run(mel)
-        if len(self.windows) != mel.shape[0]:
-            raise ValueError(f"{mel.shape[0]} rows but {len(self.windows)} windows")
-        n_keys = int(self.model.dims.n_audio_ctx)
-        with row_windows(self.model, None, self.windows.repeat_interleave(self.n_group), n_keys):
+        cross-attended on its own window (the batch is padded to the longest). A DQWhisper decoder projects the
+        cross-attention's keys and values once per utterance, not once per beam or sample (rows_share_audio)."""
+        with contextlib.ExitStack() as stack:
+            share = getattr(self.model.decoder, "rows_share_audio", None)
+            if share is not None and self.n_group > 1:
+                stack.enter_context(share(self.n_group))
+            if self.windows is None:
+                return super().run(mel)
+            if len(self.windows) != mel.shape[0]:
+                raise ValueError(f"{mel.shape[0]} rows but {len(self.windows)} windows")
+            n_keys = int(self.model.dims.n_audio_ctx)
+            stack.enter_context(row_windows(self.model, None, self.windows.repeat_interleave(self.n_group), n_keys))
             return super().run(mel)
 
 

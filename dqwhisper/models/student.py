@@ -137,31 +137,37 @@ def heads_first(t: Tensor, heads: int) -> Tensor:
     return t.view(*t.shape[:2], heads, -1).permute(0, 2, 1, 3)
 
 
-def cached_keys_values(attn: nn.Module, xa: Tensor, kv_cache: dict) -> tuple[Tensor, Tensor]:
+def cached_keys_values(attn: nn.Module, xa: Tensor, kv_cache: dict, group: int = 1) -> tuple[Tensor, Tensor]:
     """The cross-attention's keys and values of xa, (B, heads, T, d / heads) contiguous, computed once per decoding
     (kv_cache, whisper's dict that its hooks fill, under the keys (attn, "k") and (attn, "v"); beam search reorders
     them with the rest). Whisper reads them every step as permuted views of (B, T, d): the same sums, so the same
     bits, but strided reads that took 1.8x the time of the contiguous layout at 8 rows x 1500 keys (6.7 vs 3.7 ms a
-    call on a 2-core Xeon), the largest part of a decoder step. The (B, T, d) copies its hooks keep are dropped."""
+    call on a 2-core Xeon), the largest part of a decoder step. The (B, T, d) copies its hooks keep are dropped.
+    group > 1: xa's rows come in runs of `group` copies of one encoder output (beam search, best-of sampling:
+    DQTextDecoder.rows_share_audio); the projections run on one row per run and are repeated, not run `group` times
+    (each output row is its own input row's sums: the same bits)."""
     if (attn, "k") not in kv_cache:
+        shared = group > 1 and xa.shape[0] % group == 0
+        rows = xa[::group] if shared else xa
         for proj, name in ((attn.key, "k"), (attn.value, "v")):
-            kv_cache[(attn, name)] = heads_first(proj(xa), attn.n_head).contiguous()
+            kv = heads_first(proj(rows), attn.n_head).contiguous()
+            kv_cache[(attn, name)] = kv.repeat_interleave(group, dim=0) if shared else kv
             kv_cache.pop(proj, None)
     return kv_cache[(attn, "k")], kv_cache[(attn, "v")]
 
 
 def masked_attention(
-    attn: nn.Module, x: Tensor, xa: Tensor, key_mask: Tensor | None, kv_cache: dict | None = None
+    attn: nn.Module, x: Tensor, xa: Tensor, key_mask: Tensor | None, kv_cache: dict | None = None, group: int = 1
 ) -> Tensor:
     """Whisper's attention `attn` (its query/key/value/out modules, fake-quantized or not) of x (B, L, d) over xa
     (B, T, d), each row attending only to its keys where key_mask (B, T) is True (None: all): a row whose encoder
     window is shorter than the batch's sees exactly what it sees alone on its window (the padding is never attended).
     The decoder's cross-attention (the encoder's rows use `segment_attention`); with whisper's kv_cache (decoding),
-    the keys and values of xa are computed once (`cached_keys_values`). Bit-identical to whisper's
-    MultiHeadAttention without a mask."""
+    the keys and values of xa are computed once (`cached_keys_values`, once per run of `group` rows sharing one
+    encoder output). Bit-identical to whisper's MultiHeadAttention without a mask."""
     heads = attn.n_head
     if kv_cache is not None:
-        k, v = cached_keys_values(attn, xa, kv_cache)
+        k, v = cached_keys_values(attn, xa, kv_cache, group)
     else:
         k, v = heads_first(attn.key(xa), heads), heads_first(attn.value(xa), heads)
     mask = None
@@ -192,6 +198,7 @@ class DQTextDecoder(TextDecoder):
         self.dropout = 0.0  # residual-branch dropout in training (student.dropout); Whisper itself has none
         self.logit_mask: Tensor | None = None  # inside logits_at(mask): logits only where mask (B, L) is true
         self.key_mask: Tensor | None = None
+        self.shared_rows = 1  # inside rows_share_audio(n): batch rows in runs of n reading one encoder output
         if vocab_keep is None:
             self.vocab_keep = None
             self.full_to_sub = None
@@ -260,13 +267,24 @@ class DQTextDecoder(TextDecoder):
         finally:
             self.key_mask = before
 
+    @contextlib.contextmanager
+    def rows_share_audio(self, n: int):
+        """Within: the decoder's batch rows come in runs of n that cross-attend to one encoder output, repeated n
+        times (whisper's beam search and best-of sampling: DecodingTask's n_group); kv-cached decoding projects each
+        run's keys and values once (`cached_keys_values`). The setting before is restored after."""
+        before, self.shared_rows = self.shared_rows, max(1, int(n))
+        try:
+            yield
+        finally:
+            self.shared_rows = before
+
     def _cross(self, block: nn.Module, h: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
         """Whisper's cross-attention module in training (where hooks on it see what whisper's would), ours when
         decoding (kv_cache) or with per-row key lengths."""
         if self.key_mask is None and kv_cache is None:
             return block.cross_attn(block.cross_attn_ln(h), xa)[0]
         mask = None if self.key_mask is None else self.key_mask.to(h.device)
-        return masked_attention(block.cross_attn, block.cross_attn_ln(h), xa, mask, kv_cache)
+        return masked_attention(block.cross_attn, block.cross_attn_ln(h), xa, mask, kv_cache, self.shared_rows)
 
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x

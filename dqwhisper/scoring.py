@@ -28,6 +28,8 @@ from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 from dqwhisper.data.kaldi import DataDir, kaldi_lines
 from dqwhisper.utils import DQWhisperError, atomic_write_bytes, command, get_logger
 
+UTT_DECODE = "utt_decode.tsv"  # per-utterance decoding details, written by dqwhisper.decoding.sets.write_utt_decode
+
 log = get_logger(__name__)
 
 CER_LANGUAGES = ("ja", "zh", "yue", "th", "lo", "my", "km", "bo")
@@ -203,6 +205,11 @@ def format_table(summary: dict, title: str = "") -> str:
         lines.append(
             f"runaways (cap or compression test failed after fallback): {o['n_runaways']} ({per}); "
             f"{o.get('n_fallbacks', 0)} utterances fell back"
+            + (
+                " (first hypothesis failed: " + ", ".join(f"{k} {v}" for k, v in o["fallback_reasons"].items()) + ")"
+                if o.get("fallback_reasons")
+                else ""
+            )
         )
     if summary.get("rtf") is not None:
         lines.append(
@@ -319,10 +326,23 @@ def merge_parts(
             entry["n_runaways"] = sum(p["per_language"].get(lang, {}).get("n_runaways", 0) for p in parts)
         for key in ("n_runaways", "n_fallbacks"):
             summary["overall"][key] = sum(p["overall"].get(key, 0) for p in parts)
+        reasons: dict[str, int] = {}
+        for p in parts:
+            for why, n in p["overall"].get("fallback_reasons", {}).items():
+                reasons[why] = reasons.get(why, 0) + n
+        summary["overall"]["fallback_reasons"] = dict(sorted(reasons.items()))
         summary["runaway_utts"] = sorted(u for p in parts for u in p.get("runaway_utts", []))
     out_dir = Path(out_dir)
     write_kaldi_text(out_dir / "hyp.txt", hyps)
     write_kaldi_text(out_dir / "ref.txt", refs)
+    tables = [Path(d) / UTT_DECODE for d in part_dirs]
+    if all(t.is_file() for t in tables):  # utt_decode.tsv (inference.py; absent for parts decoded before it was)
+        header, rows = None, []
+        for t in tables:
+            lines = t.read_text(encoding="utf-8").splitlines()
+            header = lines[0]
+            rows += lines[1:]
+        (out_dir / UTT_DECODE).write_text("\n".join([header, *sorted(rows)]) + "\n", encoding="utf-8")
     return write_results(
         out_dir,
         scores,

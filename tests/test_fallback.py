@@ -3,6 +3,8 @@ special-token suppression, no-repeat n-gram, and runaways counted in inference.p
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -78,6 +80,59 @@ def test_fallback_recovers_from_a_looping_output(mel, beam_size):
     assert [(h.tokens, h.temperature) for h in again] == [(h.tokens, h.temperature) for h in hyps]
     [alone] = decode_mels(looping_model(), mel[1:], "en", [5.0], cfg)  # and the same without its batch
     assert (alone.tokens, alone.temperature) == (hyps[1].tokens, hyps[1].temperature)
+
+
+def test_sampled_rows_do_not_depend_on_their_batch():
+    """Sampling (here the only temperature, 1.0) draws each utterance's rows from its own generator: a batch of three
+    gives each utterance what it gets decoded alone, and the global RNG is untouched."""
+    model = random_tiny_whisper(seed=3)
+    torch.manual_seed(1)
+    mel = torch.randn(3, 80, 200)
+    cfg = DecodeConfig(temperatures=[1.0], tokens_per_second=6.0, token_cap_margin=2)
+    seconds = [1.0, 2.0, 4.0]
+    state = torch.random.get_rng_state()
+    hyps = decode_mels(model, mel, "en", seconds, cfg)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(h.n_tries == 1 and h.temperature == 1.0 for h in hyps)
+    for i, h in enumerate(hyps):
+        [alone] = decode_mels(model, mel[i : i + 1], "en", seconds[i : i + 1], cfg)
+        assert h.tokens == alone.tokens, i
+        assert h.avg_logprob == pytest.approx(alone.avg_logprob, rel=1e-5)  # other batch sizes: other float sums
+    assert len({tuple(h.tokens) for h in hyps}) == 3
+    other = decode_mels(model, mel, "en", seconds, DecodeConfig(**{**cfg.__dict__, "seed": 1}))
+    assert [h.tokens for h in other] != [h.tokens for h in hyps]
+
+
+def test_seeded_sampler_draws_from_the_tempered_softmax():
+    """SeededSampler's inverse-CDF draws against the exact distribution softmax(logits / T): total variation
+    distance of 40,000 draws below 0.02 (a wrong temperature or an off-by-one token is far above), and a token of
+    probability zero (-inf) is never drawn."""
+    from dqwhisper.decoding.search import SeededSampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2
+    logits[0, [0, 7, 49]] = -math.inf
+    for temperature in (0.5, 1.0):
+        sampler = SeededSampler(temperature, eot=49, n_group=2000, seed=5)  # one group: one generator
+        draws = torch.cat([sampler.sample(logits.expand(2000, -1).contiguous()) for _ in range(20)])
+        counts = torch.bincount(draws, minlength=50).double() / len(draws)
+        exact = torch.softmax(logits[0].double() / temperature, -1)
+        assert 0.5 * (counts - exact).abs().sum() < 0.02, temperature
+        assert counts[[0, 7, 49]].sum() == 0
+        wrong = torch.softmax(logits[0].double() / (2 * temperature), -1)
+        assert 0.5 * (counts - wrong).abs().sum() > 0.05
+
+
+def test_fallback_samples_the_pending_utterances_in_one_batch():
+    """All three rows fall back (threshold 0: every hypothesis is unlikely): each temperature's sampling runs once,
+    on 3 x best_of rows, not once per utterance."""
+    model = random_tiny_whisper(seed=3)
+    rows = []
+    model.decoder.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    cfg = DecodeConfig(temperatures=[0.0, 0.5, 1.0], logprob_threshold=0.0, best_of=4)
+    hyps = decode_mels(model, torch.zeros(3, 80, 200), "en", [1.0, 1.0, 1.0], cfg)
+    assert [h.n_tries for h in hyps] == [3, 3, 3] and all(h.fallback_reason.startswith("logprob") for h in hyps)
+    assert sorted(set(rows)) == [3, 12]
 
 
 def test_a_loop_that_never_ends_stays_a_runaway(mel):
@@ -169,3 +224,11 @@ def test_inference_counts_runaways(tmp_path, monkeypatch):
     assert {k: v["n_runaways"] for k, v in saved["per_language"].items()} == {"de": 1, "en": 2}
     [res] = inference.run("tiny", ckpt, common + [f"decode.out_dir={tmp_path / 'b'}"], progress=False)
     assert res["overall"]["n_runaways"] == 0 and res["overall"]["n_fallbacks"] == 3 and res["overall"]["error"] == 0
+    assert res["overall"]["fallback_reasons"] == {"cap": 3}
+    table = (tmp_path / "b" / "utt_decode.tsv").read_text().splitlines()
+    header, rows = table[0].split("\t"), [dict(zip(table[0].split("\t"), r.split("\t"))) for r in table[1:]]
+    assert header[:3] == ["utt_id", "lang", "seconds"] and [r["utt_id"] for r in rows] == ["utt0", "utt1", "utt2"]
+    for r in rows:
+        assert r["fallback_reason"] == "cap" and int(r["n_tries"]) >= 2 and float(r["temperature"]) > 0
+        assert r["runaway"] == "0" and r["n_tokens"] == "4" and float(r["avg_logprob"]) > float(r["first_avg_logprob"])
+    assert "3 utterances fell back (first hypothesis failed: cap 3)" in (tmp_path / "b" / "summary.txt").read_text()

@@ -212,6 +212,8 @@ def test_decode_sh_parallel_jobs_equal_one_run(checkpoint, data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     merged = json.loads((tmp_path / "two" / "results.json").read_text())
     assert (tmp_path / "two" / "hyp.txt").read_text() == (tmp_path / "one" / "hyp.txt").read_text()
+    assert (tmp_path / "two" / "utt_decode.tsv").read_text() == (tmp_path / "one" / "utt_decode.tsv").read_text()
+    assert merged["overall"]["fallback_reasons"] == single["overall"]["fallback_reasons"]
     assert merged["per_language"] == single["per_language"] and merged["n_jobs"] == 2
     assert merged["rtf_elapsed"] > 0 and merged["decode"]["shard"] is None
     assert sorted(p.name for p in (tmp_path / "two" / "split2").iterdir()) == ["1", "1.log", "2", "2.log"]

@@ -9,7 +9,8 @@ Modules: search.py (decode_mels and its filters), ctc.py, audio.py (window, mel)
 - special and timestamp tokens suppressed (no-timestamp mode), an optional no-repeat n-gram rule,
 - a token cap per row from its audio duration (`token_cap`),
 - temperature fallback as openai's `transcribe` does it: a row is decoded again at the next temperature (sampling,
-  best of `best_of`) when its gzip compression ratio > `compression_ratio_threshold`, its average log-probability
+  best of `best_of`, every pending row of the batch at once, each utterance with its own seeded generator:
+  `SeededSampler`) when its gzip compression ratio > `compression_ratio_threshold`, its average log-probability
   < `logprob_threshold` or it hit its cap; a row whose final hypothesis still hits the cap or fails the compression
   test is a *runaway*.
 `ctc_greedy` collapses CTC argmax paths into sentencepiece units. `decode_utterances` ties both to a Kaldi data dir

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, LogitFilter
+from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, GreedyDecoder, LogitFilter
 from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES, get_tokenizer
 
@@ -83,9 +83,49 @@ class TokenCap(LogitFilter):
             logits[done, self.eot] = 0.0
 
 
+class SeededSampler(GreedyDecoder):
+    """whisper's sampling decoder (temperature > 0) with two changes:
+
+    - each utterance's rows (its best-of group) draw from their own generator, all seeded with `seed`, so an
+      utterance's draws do not depend on the batch it is in and the fallback samples every pending utterance at once;
+    - a draw is one uniform number per row, inverted through the row's cumulative distribution (float64), not
+      torch.multinomial, which draws an exponential per vocabulary entry (51,865 a row: ~2 ms a row on these
+      CPUs, most of a sampled step). Same distribution, other draws than openai-whisper's for the same seed.
+    """
+
+    def __init__(self, temperature: float, eot: int, n_group: int, seed: int):
+        super().__init__(temperature, eot)
+        self.n_group, self.seed = n_group, seed
+        self.generators: list[torch.Generator] = []
+
+    def reset(self) -> None:
+        self.generators = []
+
+    def sample(self, logits: Tensor) -> Tensor:
+        """One token per row of `logits` (rows, n_vocab), drawn from softmax(logits / temperature)."""
+        n = self.n_group
+        if not self.generators:
+            self.generators = [
+                torch.Generator(logits.device).manual_seed(self.seed) for _ in range(logits.shape[0] // n)
+            ]
+        cdf = torch.softmax(logits.double() / self.temperature, dim=-1).cumsum_(dim=-1)
+        u = torch.cat([torch.rand(n, generator=g, device=logits.device, dtype=cdf.dtype) for g in self.generators])
+        u = (1.0 - u) * cdf[:, -1]  # in (0, total]: a token of zero probability is never drawn
+        return torch.searchsorted(cdf, u[:, None])[:, 0].clamp_(max=logits.shape[-1] - 1)
+
+    def update(self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor) -> tuple[Tensor, bool]:
+        next_tokens = self.sample(logits)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        sum_logprobs += logprobs[torch.arange(logprobs.shape[0]), next_tokens] * (tokens[:, -1] != self.eot)
+        next_tokens[tokens[:, -1] == self.eot] = self.eot
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+        return tokens, bool((tokens[:, -1] == self.eot).all())
+
+
 class BatchedDecodingTask(DecodingTask):
     """openai-whisper's DecodingTask with beam search that works for batches of more than one utterance, plus our
-    filters (special tokens suppressed, optional no-repeat n-gram, optional per-row token cap).
+    filters (special tokens suppressed, optional no-repeat n-gram, optional per-row token cap) and, with `seed`,
+    sampling whose draws per utterance do not depend on the batch (SeededSampler).
 
     openai-whisper 20250625 repeats the prompt tokens `n_group` times per utterance but not the audio features, so
     beam search over a batch > 1 cross-attends beam rows to the wrong utterances' features (a size mismatch, or the
@@ -100,8 +140,11 @@ class BatchedDecodingTask(DecodingTask):
         caps: Sequence[int] | None = None,
         no_repeat_ngram_size: int = 0,
         windows: Sequence[int] | None = None,
+        seed: int | None = None,
     ):
         super().__init__(model, options)
+        if seed is not None and options.temperature > 0 and not options.beam_size:
+            self.decoder = SeededSampler(options.temperature, self.tokenizer.eot, self.n_group, seed)
         self.windows = None if windows is None else torch.as_tensor(list(windows), dtype=torch.long)
         eot = self.tokenizer.eot
         if options.without_timestamps:
@@ -183,6 +226,9 @@ class Hypothesis:
     cap: int  # token cap of the row
     hit_cap: bool  # the kept hypothesis reached the cap
     runaway: bool  # the kept hypothesis hits the cap or fails the compression test (after every fallback)
+    fallback_reason: str = ""  # why the first temperature's hypothesis failed: "logprob", "compression" and / or
+    # "cap", joined by "+"; "" = it did not fall back
+    first_avg_logprob: float = math.nan  # the first temperature's hypothesis's average log-probability
 
 
 def token_cap(seconds: float | None, cfg: DecodeConfig, model: Whisper) -> int:
@@ -196,12 +242,17 @@ def token_cap(seconds: float | None, cfg: DecodeConfig, model: Whisper) -> int:
 
 def _fails(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
     """openai transcribe's fallback test (plus hitting the cap): True = decode this row again, hotter."""
+    return bool(fallback_reasons(r, hit_cap, cfg))
+
+
+def fallback_reasons(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> str:
+    """Which of openai transcribe's fallback tests `r` failed (plus hitting the cap), "+"-joined ("" = none)."""
     ratio = cfg.compression_ratio_threshold
-    too_repetitive = ratio is not None and r.compression_ratio > ratio
     unlikely = cfg.logprob_threshold is not None and r.avg_logprob < cfg.logprob_threshold
     if unlikely and cfg.no_speech_threshold is not None and r.no_speech_prob > cfg.no_speech_threshold:
         unlikely = False  # silence: openai's transcribe does not fall back (and drops the segment)
-    return too_repetitive or unlikely or hit_cap
+    tests = {"logprob": unlikely, "compression": ratio is not None and r.compression_ratio > ratio, "cap": hit_cap}
+    return "+".join(name for name, failed in tests.items() if failed)
 
 
 def _is_runaway(r: DecodingResult, hit_cap: bool, cfg: DecodeConfig) -> bool:
@@ -305,21 +356,12 @@ def _decode_one_language(
     for k, t in enumerate(cfg.temperatures):
         if not pending:
             break
-        if t > 0:  # sampling: one row at a time, so that its draws do not depend on the batch it came in
-            results = []
-            for i in pending:
-                options = decoding_options(cfg, language, fp16, float(t), caps[i])
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cfg.seed * 1000 + k)  # fresh draws per temperature, repeatable
-                    own = None if windows is None else windows[i : i + 1]
-                    task = BatchedDecodingTask(model, options, [caps[i]], cfg.no_repeat_ngram_size, own)
-                    results += task.run(features[i : i + 1])
-        else:
-            sub_caps = [caps[i] for i in pending]
-            options = decoding_options(cfg, language, fp16, float(t), max(sub_caps))
-            sub = None if windows is None else windows[pending]
-            task = BatchedDecodingTask(model, options, sub_caps, cfg.no_repeat_ngram_size, sub)
-            results = task.run(features[pending])
+        sub_caps = [caps[i] for i in pending]
+        options = decoding_options(cfg, language, fp16, float(t), max(sub_caps))
+        sub = None if windows is None else windows[pending]
+        seed = cfg.seed * 1000 + k if t > 0 else None  # fresh draws per temperature, repeatable, batch-independent
+        task = BatchedDecodingTask(model, options, sub_caps, cfg.no_repeat_ngram_size, sub, seed)
+        results = task.run(features[pending])
         still = []
         for i, r in zip(pending, results):
             hit = len(r.tokens) >= caps[i]
@@ -346,6 +388,8 @@ def _decode_one_language(
                 caps[i],
                 hit,
                 _is_runaway(r, hit, cfg),
+                fallback_reasons(*cands[0], cfg) if len(cands) > 1 else "",
+                cands[0][0].avg_logprob,
             )
         )
     return out

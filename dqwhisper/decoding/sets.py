@@ -77,6 +77,45 @@ def check_out_dir(out: Path) -> None:
         ) from None
 
 
+UTT_DECODE_COLUMNS = (
+    "utt_id",
+    "lang",
+    "seconds",
+    "n_tokens",
+    "temperature",
+    "n_tries",
+    "fallback_reason",
+    "first_avg_logprob",
+    "avg_logprob",
+    "compression_ratio",
+    "runaway",
+)
+
+
+def write_utt_decode(path: Path, hyps) -> None:
+    """How each utterance was decoded (UttHypothesis): its kept temperature, temperatures tried, why the first
+    failed ("logprob", "compression", "cap"; "-" = no fallback), the first and the kept hypothesis's average
+    log-probability, the kept one's compression ratio, and whether it is a runaway. Tab-separated, with a header;
+    for choosing fallback thresholds (decode.logprob_threshold) on dev."""
+    rows = ["\t".join(UTT_DECODE_COLUMNS)]
+    for h in hyps:
+        values = (
+            h.utt_id,
+            h.lang,
+            f"{h.seconds:.2f}",
+            h.n_tokens,
+            f"{h.temperature:.1f}",
+            h.n_tries,
+            h.fallback_reason or "-",
+            f"{h.first_avg_logprob:.4f}",
+            f"{h.avg_logprob:.4f}",
+            f"{h.compression_ratio:.3f}",
+            int(h.runaway),
+        )
+        rows.append("\t".join(map(str, values)))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
 class HypWriter:
     """Appends each batch's hypotheses to `hyp.txt` as they come (flushed), so an interrupted run keeps them
     (`run` rewrites the file sorted by utterance id at the end)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,11 @@ class UttHypothesis:
     language: str  # language the decoder used (detected or forced)
     runaway: bool = False  # still hits the token cap or fails the compression test after fallback
     n_tries: int = 1  # temperatures tried
+    temperature: float = 0.0  # of the kept hypothesis
+    avg_logprob: float = math.nan  # the kept hypothesis's average token log-probability (nan: CTC)
+    compression_ratio: float = math.nan  # gzip compression ratio of its text (nan: CTC)
+    fallback_reason: str = ""  # why the first temperature failed (decoding.search.Hypothesis)
+    first_avg_logprob: float = math.nan  # the first temperature's average token log-probability
 
 
 @dataclass
@@ -50,6 +56,15 @@ class DecodeRun:
     def n_fallbacks(self) -> int:
         """Utterances decoded at more than one temperature."""
         return sum(h.n_tries > 1 for h in self.hyps)
+
+    def fallback_counts(self) -> dict[str, int]:
+        """Utterances that fell back, by the tests their first hypothesis failed ("logprob", "compression", "cap",
+        or a "+"-joined combination)."""
+        counts: dict[str, int] = {}
+        for h in self.hyps:
+            if h.n_tries > 1:
+                counts[h.fallback_reason] = counts.get(h.fallback_reason, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def rtf(self) -> float:
@@ -150,20 +165,32 @@ def decode_utterances(
             with encoder_window(model, frames):
                 mel = audio_to_mel(waves, model, device, padding)
                 if bpe is not None:
-                    results = [
-                        (text, n, language or "", False, 1)
-                        for text, n in ctc_decode_batch(model, mel, [len(w) for w in waves], bpe, windows)
+                    new = [
+                        UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, language or "")
+                        for u, w, (text, n) in zip(
+                            batch, waves, ctc_decode_batch(model, mel, [len(w) for w in waves], bpe, windows)
+                        )
                     ]
                 else:
                     seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
-                    results = [
-                        (h.text, len(h.tokens), h.language, h.runaway, h.n_tries)
-                        for h in decode_mels(model, mel, language, seconds, cfg, fp16, windows)
+                    new = [
+                        UttHypothesis(
+                            u.utt_id,
+                            u.lang,
+                            h.text.strip(),
+                            len(h.tokens),
+                            len(w) / SAMPLE_RATE,
+                            h.language,
+                            h.runaway,
+                            h.n_tries,
+                            h.temperature,
+                            h.avg_logprob,
+                            h.compression_ratio,
+                            h.fallback_reason,
+                            h.first_avg_logprob,
+                        )
+                        for u, w, h in zip(batch, waves, decode_mels(model, mel, language, seconds, cfg, fp16, windows))
                     ]
-            new = [
-                UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, lang_used, runaway, tries)
-                for u, w, (text, n, lang_used, runaway, tries) in zip(batch, waves, results)
-            ]
             hyps += new
             n_tokens += sum(h.n_tokens for h in new)
             if on_batch is not None:

@@ -3,9 +3,10 @@
 
 --compare rows (a model path or name, as inference.py takes it): decoding --data's utterances with whisper's
 beam search or best-of sampling (temperature fallback), each utterance's rows projecting the cross-attention's keys
-and values once (`DQTextDecoder.rows_share_audio`, what decoding does) against once per beam / sample row (what
-whisper does). --beam-size 1: greedy with the temperature fallback (best of 5 at T > 0, as inference.py);
---beam-size N: beam search at T = 0 only.
+and values once and attending to that one copy (`DQTextDecoder.rows_share_audio`, what decoding does) against once
+per beam / sample row (what whisper does). The attention's float sums differ in order (one sequence of n queries
+against n rows of one): transcripts may differ where two tokens tie. --beam-size 1: greedy with the temperature
+fallback (best of 5 at T > 0, as inference.py); --beam-size N: beam search at T = 0 only.
 
 --compare act-quant (a checkpoint with 8-bit activation fake quantization, e.g. exp/demo/student_kd_dm_q4/best.pt):
 the fake-quantized encoder's forward on --batch random mels of the model's window without autograd,

@@ -81,6 +81,36 @@ def test_rows_sharing_one_utterance_project_its_keys_and_values_once(tiny_whispe
     assert ours.decoder.shared_rows == 1  # restored after the decoding
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_rows_sharing_audio_attend_to_one_copy_of_its_keys(tiny_whisper, masked):
+    """Under rows_share_audio(n) the cross-attention keeps one copy of an utterance's keys and values and attends its
+    n rows' queries to it as one sequence: the outputs are those of n rows each with its own copy (float rounding
+    allowed, 1e-6; with or without a per-row key mask)."""
+    from dqwhisper.models.student import masked_attention
+
+    attn = from_whisper(tiny_whisper).eval().decoder.blocks[0].cross_attn
+    torch.manual_seed(2)
+    n, steps = 3, 2
+    xa = torch.randn(2, 40, attn.query.in_features).repeat_interleave(n, dim=0)
+    x = torch.randn(2 * n, steps, attn.query.in_features)
+    mask = None
+    if masked:
+        mask = (torch.arange(40)[None] < torch.tensor([25, 40])[:, None]).repeat_interleave(n, dim=0)
+    with torch.no_grad():
+        shared_cache, own_cache = {}, {}
+        shared = masked_attention(attn, x, xa, mask, shared_cache, group=n)
+        own = masked_attention(attn, x, xa, mask, own_cache, group=1)
+        alone = torch.cat(
+            [
+                masked_attention(attn, x[i : i + 1], xa[i : i + 1], None if mask is None else mask[i : i + 1])
+                for i in range(2 * n)
+            ]
+        )
+    assert shared_cache[(attn, "k")].shape[0] == 2 and own_cache[(attn, "k")].shape[0] == 2 * n
+    assert torch.allclose(shared, own, atol=1e-6, rtol=0) and torch.allclose(shared, alone, atol=1e-6, rtol=0)
+    assert not torch.allclose(shared[:n], shared[n:], atol=1e-3)  # the two utterances differ
+
+
 def test_cut_layers_copy_the_chosen_blocks(tiny_whisper):
     s = from_whisper(tiny_whisper, decoder_layers=[0, 3], encoder_layers=[1])
     assert s.dims.n_text_layer == 2 and s.dims.n_audio_layer == 1

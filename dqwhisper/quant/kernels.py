@@ -432,6 +432,9 @@ def has_fast_kernel(backend: str) -> bool:
 _TIMES: dict[tuple, dict[str, float]] = {}
 
 
+STEP_ROWS = 64  # at most this many rows a call: a decoder step's linears (one token per utterance and beam)
+
+
 def candidates(act_quant: bool) -> list[str]:
     names = ["fbgemm", "onednn", "int_mm", "weight_only"] if act_quant else ["weight_only"]
     fast = [b for b in names if has_fast_kernel(b)]
@@ -447,6 +450,12 @@ def choose(qt, weight: Callable[[], Tensor], act_quant: bool, rows: int) -> tupl
         kernel = build(name, qt, weight, act_quant)
         if kernel is not None:
             built[name] = kernel
+    if rows <= STEP_ROWS and "float_codes" in built and any(b in built for b in ("fbgemm", "onednn", "int_mm")):
+        # A decoder step streams ~33 MB of weights from memory (the vocabulary projection evicts the rest) and
+        # float_codes reads 4x the bytes of int8. A hot-cache race of a 512 x 512 linear at 8 rows cannot see that
+        # (every backend within 10-20% of the others); picking float_codes for 18 of a 4-bit student's linears
+        # decoded 1.27x slower than fbgemm on all of them (README, round 22). So small calls race int8 only.
+        del built["float_codes"]
     key = (rows, k, n, act_quant) + tuple(
         (name, getattr(kern, "split", None), getattr(kern, "int4", None) is None) for name, kern in built.items()
     )

@@ -151,6 +151,20 @@ def test_auto_picks_the_fastest_int8_kernel_for_int8_activations_whatever_float_
         assert backend in int8 and times[backend] == min(int8.values()), name
 
 
+def test_decoder_step_shapes_race_int8_kernels_only():
+    """float_codes (4x the weight bytes of int8) is not raced on calls of at most STEP_ROWS rows when an int8
+    backend runs the weight (a decoder step streams its weights from memory, which a hot-cache race does not see);
+    the encoder's and the cross-attention keys' calls still race it."""
+    model = convert(prepare(make_student(), W8A8), "auto")
+    n_ctx = model.dims.n_audio_ctx
+    have_int8 = "fbgemm" in torch.backends.quantized.supported_engines
+    for name, (backend, times) in model.kernel_choices.items():
+        rows = expected_rows(name, n_ctx, 1)
+        assert ("float_codes" in times) is (rows > kernels.STEP_ROWS or not have_int8), (name, rows, times)
+        if rows <= kernels.STEP_ROWS and have_int8:
+            assert backend in ("fbgemm", "onednn", "int_mm"), name
+
+
 def test_named_kernel_overrides_auto_and_falls_back_to_float_where_it_cannot_run():
     cfg = copy.deepcopy(W4)
     cfg["weight"] = {"bits": 4, "granularity": "per_group", "group_size": 16, "lsq": False}
@@ -271,6 +285,7 @@ def test_auto_output_does_not_depend_on_which_int8_kernel_wins(inputs, monkeypat
         kernels._TIMES.clear()
         monkeypatch.setattr(kernels, "race", lambda fns, b=backend, **kw: {n: (1.0 if n == b else 2.0) for n in fns})
         monkeypatch.setattr(kernels, "has_fast_kernel", lambda name: True)
+        monkeypatch.setattr(kernels, "STEP_ROWS", 0)  # float_codes may win decoder-step shapes too, here
         m = convert(copy.deepcopy(model), "auto")
         assert {q.kernel for q in m.modules() if isinstance(q, QuantizedLinear)} == {backend}
         with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 
 from dqwhisper.decoding import DecodeConfig, audio_to_mel, decode_utterances
 from dqwhisper.decoding.audio import encoder_window
+from dqwhisper.decoding import search, utterances
 from dqwhisper.decoding.search import decode_mels
 from dqwhisper.models.student import DQWhisper, from_whisper
 from dqwhisper.quant import prepare
@@ -137,3 +138,55 @@ def test_windows_need_a_dqwhisper_model():
         decode_mels(plain, mel, "en", None, DecodeConfig(max_new_tokens=2), windows=[50, 100])
     with pytest.raises(ValueError, match="windows"):
         decode_mels(from_whisper(plain), mel, "en", None, DecodeConfig(max_new_tokens=2), windows=[50, 101])
+
+
+@pytest.mark.parametrize("dq", [True, False])  # DQWhisper (rows padded, masked) / whisper (one call per window)
+def test_pooled_fallback_equals_each_batch_falling_back(model, dq, monkeypatch):
+    """decode.pool_fallback: the rows that fail the first temperature (the logprob test alone, its threshold at the
+    median of the greedy hypotheses': about half; this random model hits every cap), from batches of 2 on windows of
+    1 and 2 s, fall back together: the same sampled hypotheses as each batch falling back on its own, in fewer and
+    fuller sampling calls."""
+    # fails: the greedy hypotheses under the threshold; every sampled one passes (and is kept)
+    monkeypatch.setattr(
+        search, "_fails", lambda r, hit, cfg: r.temperature == 0 and r.avg_logprob < cfg.logprob_threshold
+    )
+    pools = []
+    real = search.fall_back
+    monkeypatch.setattr(
+        utterances,
+        "fall_back",
+        lambda m, rows, *a: pools.append([r.features.shape[0] for r in rows]) or real(m, rows, *a),
+    )
+    m = model if dq else sharp_whisper()
+    utts = [FakeUtt(f"u{i}", "en", s) for i, s in enumerate(SECONDS + (0.9, 0.3, 0.7, 0.35))]
+    base = dict(batch_size=2, max_new_tokens=6, batch_window=0.5, group_windows=not dq)
+    greedy = decode_utterances(m, FakeData(), utts, DecodeConfig(temperatures=[0.0], **base), progress=False)
+    threshold = float(np.median([h.avg_logprob for h in greedy.hyps]))
+    first = []
+
+    def count(mod, args):
+        if args[0].shape[1] > 1:  # a task's first step: the whole prompt (then one token a step)
+            first.append(args[0].shape[0])
+
+    hook = m.decoder.register_forward_pre_hook(count)
+    runs = []
+    try:
+        for pool in (True, False):
+            cfg = DecodeConfig(
+                temperatures=[0.0, 0.5, 1.0], logprob_threshold=threshold, best_of=3, pool_fallback=pool, **base
+            )
+            first.clear()
+            hyps = decode_utterances(m, FakeData(), utts, cfg, progress=False).hyps
+            runs.append((hyps, [r for r in first if r % 3 == 0 and r > 2]))  # sampling: 3 rows an utterance
+    finally:
+        hook.remove()
+    (pooled, calls), (alone_, calls_alone) = runs
+    key = [(h.utt_id, h.text, h.n_tries, h.temperature, h.fallback_reason) for h in pooled]
+    assert key == [(h.utt_id, h.text, h.n_tries, h.temperature, h.fallback_reason) for h in alone_]
+    assert [h.avg_logprob for h in pooled] == pytest.approx([h.avg_logprob for h in alone_], abs=1e-5)
+    assert 2 <= sum(h.temperature == 0.5 for h in pooled) <= 6 and {h.n_tries for h in pooled} == {1, 2}
+    assert sum(calls) == sum(calls_alone)
+    assert any(len(set(p)) > 1 for p in pools), pools  # a pool mixes windows of 1 and 2 s
+    # DQWhisper decodes a pool in one call per temperature; whisper in one per window length
+    assert len(calls) < len(calls_alone) if dq else len(calls) <= len(calls_alone)
+    assert m.dims.n_audio_ctx == 100

@@ -88,7 +88,7 @@ class SeededSampler(GreedyDecoder):
 
     - each utterance's rows (its best-of group) draw from their own generator, all seeded with `seed`, so an
       utterance's draws do not depend on the batch it is in and the fallback samples every pending utterance at once;
-    - a draw is one uniform number per row, inverted through the row's cumulative distribution (float64), not
+    - a draw is one uniform number per row, inverted through the row's cumulative distribution (summed in float64), not
       torch.multinomial, which draws an exponential per vocabulary entry (51,865 a row: ~2 ms a row on these
       CPUs, most of a sampled step). Same distribution, other draws than openai-whisper's for the same seed.
     """
@@ -108,7 +108,9 @@ class SeededSampler(GreedyDecoder):
             self.generators = [
                 torch.Generator(logits.device).manual_seed(self.seed) for _ in range(logits.shape[0] // n)
             ]
-        cdf = torch.softmax(logits.double() / self.temperature, dim=-1).cumsum_(dim=-1)
+        # probabilities in float32 (as whisper's), summed in float64: the cumulative sum of 51,865 float32 terms would
+        # drift; a float64 softmax took 1.6-3.7x as long a step (5-40 rows)
+        cdf = torch.softmax(logits.float() / self.temperature, dim=-1).double().cumsum_(dim=-1)
         u = torch.cat([torch.rand(n, generator=g, device=logits.device, dtype=cdf.dtype) for g in self.generators])
         u = (1.0 - u) * cdf[:, -1]  # in (0, total]: a token of zero probability is never drawn
         return torch.searchsorted(cdf, u[:, None])[:, 0].clamp_(max=logits.shape[-1] - 1)
@@ -288,6 +290,17 @@ def check_language(lang: str, where: str) -> None:
         raise DQWhisperError(f"{where}: language '{lang}' is not one of Whisper's language codes")
 
 
+@dataclass
+class PendingRow:
+    """A row of `decode_mels(..., defer=True)` whose first temperature's hypothesis failed the fallback test: what
+    `fall_back` needs to decode it again, hotter, together with pending rows of other batches."""
+
+    features: Tensor  # (T, d): its encoder output over its own window (no other row's padding)
+    language: str
+    cap: int
+    tried: list  # [(DecodingResult, hit_cap)] per temperature tried so far
+
+
 @torch.no_grad()
 def decode_mels(
     model: Whisper,
@@ -297,7 +310,8 @@ def decode_mels(
     cfg: DecodeConfig | None = None,
     fp16: bool = False,
     windows: Sequence[int] | None = None,
-) -> list[Hypothesis]:
+    defer: bool = False,
+) -> list[Hypothesis | PendingRow]:
     """Decode a batch the way inference.py and transcribe do (module docstring): openai transcribe's temperature
     fallback, a token cap per row, special tokens suppressed, optional no-repeat n-gram; greedy or beam search.
 
@@ -306,7 +320,9 @@ def decode_mels(
     seconds: audio seconds per row (for the token cap); None = the cap is max_new_tokens;
     windows: encoder positions per row (a DQWhisper batch of rows with their own windows, padded to the longest:
     each row is encoded and cross-attended on its own window alone); None = every row has the whole window.
-    The encoder runs once; fallback reruns only the decoder, on the rows that need it.
+    The encoder runs once; fallback reruns only the decoder, on the rows that need it. `defer`: only the first
+    temperature runs; a row that fails its test comes back as a `PendingRow`, for `fall_back` to decode with the
+    pending rows of other batches (fewer, fuller fallback calls: decode_utterances, decode.pool_fallback).
     """
     cfg = cfg or DecodeConfig()
     if mel.ndim != 3:
@@ -332,30 +348,74 @@ def decode_mels(
             features = model.encoder(mel.half() if fp16 else mel)
     codes = _language_codes(model, features, list(languages), lengths)
     caps = [token_cap(None if seconds is None else seconds[i], cfg, model) for i in range(n)]
-    out: list[Hypothesis | None] = [None] * n
+    out: list[Hypothesis | PendingRow | None] = [None] * n
+    steps = 1 if defer else len(cfg.temperatures)
     for lang in dict.fromkeys(codes):
         rows = [i for i in range(n) if codes[i] == lang]
         sub = None if lengths is None else lengths[rows]
-        hyps = _decode_one_language(model, features[rows], lang, [caps[i] for i in rows], cfg, fp16, sub)
-        for i, h in zip(rows, hyps):
-            out[i] = h
+        tried: list[list[tuple[DecodingResult, bool]]] = [[] for _ in rows]
+        pending = _fallback_ladder(model, features[rows], lang, [caps[i] for i in rows], cfg, fp16, sub, tried, steps)
+        for j, i in enumerate(rows):
+            if j in pending and steps < len(cfg.temperatures):
+                own = features.shape[1] if lengths is None else int(lengths[i])
+                out[i] = PendingRow(features[i, :own].clone(), lang, caps[i], tried[j])
+            else:
+                out[i] = _hypothesis(tried[j], j in pending, caps[i], cfg)
     return out
 
 
-def _decode_one_language(
+@torch.no_grad()
+def fall_back(model: Whisper, rows: Sequence[PendingRow], cfg: DecodeConfig, fp16: bool = False) -> list[Hypothesis]:
+    """Decode `PendingRow`s (from any batches of `decode_mels(..., defer=True)`) at the next temperatures, as
+    decode_mels would have: per language, their encoder outputs padded to the longest and each row cross-attending
+    to its own window only (a DQWhisper model; other models get one call per window length). A row's draws do not
+    depend on the rows it is decoded with (SeededSampler), so the hypotheses are decode_mels' own, up to the float
+    rounding of attention over a differently padded batch."""
+    from dqwhisper.decoding.audio import encoder_window  # audio imports this module
+
+    per_row = hasattr(model.decoder, "key_lengths")
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r.language, None if per_row else r.features.shape[0]), []).append(i)
+    out: list[Hypothesis | None] = [None] * len(rows)
+    for (lang, _), members in groups.items():
+        own = [rows[i].features.shape[0] for i in members]
+        frames = max(own)
+        first = rows[members[0]].features
+        features = first.new_zeros(len(members), frames, first.shape[-1])
+        for j, i in enumerate(members):
+            features[j, : own[j]] = rows[i].features
+        windows = torch.as_tensor(own, dtype=torch.long) if min(own) < frames else None
+        tried = [list(rows[i].tried) for i in members]
+        with encoder_window(model, frames):
+            failed = _fallback_ladder(
+                model, features, lang, [rows[i].cap for i in members], cfg, fp16, windows, tried, len(cfg.temperatures)
+            )
+        for j, i in enumerate(members):
+            out[i] = _hypothesis(tried[j], j in failed, rows[i].cap, cfg)
+    return out
+
+
+def _fallback_ladder(
     model: Whisper,
     features: Tensor,
     language: str,
     caps: list[int],
     cfg: DecodeConfig,
     fp16: bool,
-    windows: Tensor | None = None,
-) -> list[Hypothesis]:
-    tried: list[list[tuple[DecodingResult, bool]]] = [[] for _ in caps]
+    windows: Tensor | None,
+    tried: list[list[tuple[DecodingResult, bool]]],
+    stop: int,
+) -> set[int]:
+    """Decode the rows of `features` at cfg.temperatures[len(tried[i]):stop] until each passes openai transcribe's
+    test, appending each temperature's (result, hit_cap) to tried[i]; every row has tried as many temperatures
+    (none, or the first `k` for pending rows). Returns the rows that still fail."""
     pending = list(range(len(caps)))
-    for k, t in enumerate(cfg.temperatures):
+    start = len(tried[0]) if tried else 0
+    for k in range(start, stop):
         if not pending:
             break
+        t = cfg.temperatures[k]
         sub_caps = [caps[i] for i in pending]
         options = decoding_options(cfg, language, fp16, float(t), max(sub_caps))
         sub = None if windows is None else windows[pending]
@@ -369,27 +429,27 @@ def _decode_one_language(
             if _fails(r, hit, cfg):
                 still.append(i)
         pending = still
-    failed, out = set(pending), []
-    for i, cands in enumerate(tried):
-        r, hit = cands[-1]
-        if i in failed and len(cands) > 1:  # every temperature failed: as faster-whisper, keep the most likely of
-            sound = [c for c in cands if not _is_runaway(*c, cfg)] or cands  # those that are not runaways
-            r, hit = max(sound, key=lambda c: c[0].avg_logprob)
-        out.append(
-            Hypothesis(
-                r.text,
-                list(r.tokens),
-                r.language,
-                r.avg_logprob,
-                r.compression_ratio,
-                r.no_speech_prob,
-                r.temperature,
-                len(cands),
-                caps[i],
-                hit,
-                _is_runaway(r, hit, cfg),
-                fallback_reasons(*cands[0], cfg) if len(cands) > 1 else "",
-                cands[0][0].avg_logprob,
-            )
-        )
-    return out
+    return set(pending)
+
+
+def _hypothesis(cands: list[tuple[DecodingResult, bool]], failed: bool, cap: int, cfg: DecodeConfig) -> Hypothesis:
+    """The kept hypothesis of a row that tried the temperatures of `cands` (`failed`: the last one failed too)."""
+    r, hit = cands[-1]
+    if failed and len(cands) > 1:  # every temperature failed: as faster-whisper, keep the most likely of
+        sound = [c for c in cands if not _is_runaway(*c, cfg)] or cands  # those that are not runaways
+        r, hit = max(sound, key=lambda c: c[0].avg_logprob)
+    return Hypothesis(
+        r.text,
+        list(r.tokens),
+        r.language,
+        r.avg_logprob,
+        r.compression_ratio,
+        r.no_speech_prob,
+        r.temperature,
+        len(cands),
+        cap,
+        hit,
+        _is_runaway(r, hit, cfg),
+        fallback_reasons(*cands[0], cfg) if len(cands) > 1 else "",
+        cands[0][0].avg_logprob,
+    )

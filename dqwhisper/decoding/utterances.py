@@ -15,7 +15,15 @@ from dqwhisper.config import DecodeConfig, check_decode_config
 from dqwhisper.data.kaldi import is_pipe
 from dqwhisper.decoding.audio import audio_to_mel, batch_frames, encoder_window, window_samples
 from dqwhisper.decoding.ctc import ctc_decode_batch, load_ctc_bpe
-from dqwhisper.decoding.search import DETECT, SAMPLE_RATE, check_language, decode_mels
+from dqwhisper.decoding.search import (
+    DETECT,
+    SAMPLE_RATE,
+    Hypothesis,
+    PendingRow,
+    check_language,
+    decode_mels,
+    fall_back,
+)
 from dqwhisper.models.student import margin_frames
 from dqwhisper.utils import DQWhisperError, get_logger
 
@@ -73,6 +81,25 @@ class DecodeRun:
     @property
     def tokens_per_second(self) -> float:
         return self.n_tokens / max(self.wall_seconds, 1e-9)
+
+
+def utt_hypothesis(u, seconds: float, h: Hypothesis) -> UttHypothesis:
+    """An utterance's row of a DecodeRun from its decode_mels / fall_back hypothesis."""
+    return UttHypothesis(
+        u.utt_id,
+        u.lang,
+        h.text.strip(),
+        len(h.tokens),
+        seconds,
+        h.language,
+        h.runaway,
+        h.n_tries,
+        h.temperature,
+        h.avg_logprob,
+        h.compression_ratio,
+        h.fallback_reason,
+        h.first_avg_logprob,
+    )
 
 
 def select_utts(utts: Sequence, cfg: DecodeConfig) -> list:
@@ -134,7 +161,31 @@ def decode_utterances(
         mixed = False
     hyps, n_tokens, n_trimmed, audio_seconds = [], 0, 0, 0.0
     skipped: dict[str, str] = {}
+    # batches decoded but not yet final: (utterances, seconds, results); a result is a PendingRow until the pooled
+    # fallback (decode.pool_fallback) has decoded it
+    waiting: list[tuple[list, list[float], list]] = []
     bar = tqdm(total=len(utts), desc="decode", unit="utt", disable=not progress, leave=False)
+
+    def emit(new: list[UttHypothesis]) -> None:
+        nonlocal n_tokens
+        hyps.extend(new)
+        n_tokens += sum(h.n_tokens for h in new)
+        if on_batch is not None:
+            on_batch(new)
+        bar.update(len(new))
+
+    def settle(flush: bool) -> None:
+        """Decode the pooled fallback rows (when `flush` or a batch's worth are pending), then emit every batch
+        that has all its hypotheses, in decoding order."""
+        pending = [r for _, _, results in waiting for r in results if isinstance(r, PendingRow)]
+        if pending and (flush or len(pending) >= cfg.batch_size):
+            done = iter(fall_back(model, pending, cfg, fp16))
+            for _, _, results in waiting:
+                results[:] = [next(done) if isinstance(r, PendingRow) else r for r in results]
+        while waiting and not any(isinstance(r, PendingRow) for r in waiting[0][2]):
+            batch, seconds, results = waiting.pop(0)
+            emit([utt_hypothesis(u, s, h) for u, s, h in zip(batch, seconds, results)])
+
     start = time.perf_counter()
     for language, members in groups.items():
         chunks = utterance_batches(data, members, durations, cfg, model.dims.n_audio_ctx, mixed)
@@ -162,40 +213,24 @@ def decode_utterances(
             own = [batch_frames(model, min(len(w), n_window), cfg.batch_window) for w in waves]
             frames = max(own)
             windows = own if mixed and min(own) < frames else None
+            seconds = [len(w) / SAMPLE_RATE for w in waves]
             with encoder_window(model, frames):
                 mel = audio_to_mel(waves, model, device, padding)
                 if bpe is not None:
-                    new = [
-                        UttHypothesis(u.utt_id, u.lang, text.strip(), n, len(w) / SAMPLE_RATE, language or "")
-                        for u, w, (text, n) in zip(
-                            batch, waves, ctc_decode_batch(model, mel, [len(w) for w in waves], bpe, windows)
-                        )
-                    ]
-                else:
-                    seconds = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
-                    new = [
-                        UttHypothesis(
-                            u.utt_id,
-                            u.lang,
-                            h.text.strip(),
-                            len(h.tokens),
-                            len(w) / SAMPLE_RATE,
-                            h.language,
-                            h.runaway,
-                            h.n_tries,
-                            h.temperature,
-                            h.avg_logprob,
-                            h.compression_ratio,
-                            h.fallback_reason,
-                            h.first_avg_logprob,
-                        )
-                        for u, w, h in zip(batch, waves, decode_mels(model, mel, language, seconds, cfg, fp16, windows))
-                    ]
-            hyps += new
-            n_tokens += sum(h.n_tokens for h in new)
-            if on_batch is not None:
-                on_batch(new)
-            bar.update(len(batch))
+                    decoded = ctc_decode_batch(model, mel, [len(w) for w in waves], bpe, windows)
+                    emit(
+                        [
+                            UttHypothesis(u.utt_id, u.lang, text.strip(), n, s, language or "")
+                            for u, s, (text, n) in zip(batch, seconds, decoded)
+                        ],
+                    )
+                    continue
+                capped = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
+                results = decode_mels(model, mel, language, capped, cfg, fp16, windows, defer=cfg.pool_fallback)
+            waiting.append((batch, seconds, results))
+            settle(flush=False)
+        settle(flush=True)  # the language's last pending rows: its hypotheses are all out before the next one's
+    wall = time.perf_counter() - start
     wall = time.perf_counter() - start
     bar.close()
     if n_trimmed:

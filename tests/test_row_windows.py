@@ -9,7 +9,7 @@ import torch
 
 from dqwhisper.decoding import DecodeConfig, audio_to_mel, decode_utterances
 from dqwhisper.decoding.audio import encoder_window
-from dqwhisper.decoding import search, utterances
+from dqwhisper.decoding import search
 from dqwhisper.decoding.search import decode_mels
 from dqwhisper.models.student import DQWhisper, from_whisper
 from dqwhisper.quant import prepare
@@ -153,7 +153,7 @@ def test_pooled_fallback_equals_each_batch_falling_back(model, dq, monkeypatch):
     pools = []
     real = search.fall_back
     monkeypatch.setattr(
-        utterances,
+        search,
         "fall_back",
         lambda m, rows, *a: pools.append([r.features.shape[0] for r in rows]) or real(m, rows, *a),
     )

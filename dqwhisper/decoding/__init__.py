@@ -13,6 +13,8 @@ Modules: search.py (decode_mels and its filters), ctc.py, audio.py (window, mel)
   `SeededSampler`) when its gzip compression ratio > `compression_ratio_threshold`, its average log-probability
   < `logprob_threshold` or it hit its cap; a row whose final hypothesis still hits the cap or fails the compression
   test is a *runaway*.
+`decode_mels(..., defer=True)` returns the rows that fail the first temperature as `PendingRow`s, which a
+`FallbackPool` decodes together with other batches' (decode.pool_fallback: decode_utterances and training validation).
 `ctc_greedy` collapses CTC argmax paths into sentencepiece units. `decode_utterances` ties both to a Kaldi data dir
 (batches of one language, longest first) and times the run. `audio_to_mel` makes the encoder input for the model's
 own window (`mel_padding` says how the window is filled).
@@ -26,8 +28,10 @@ from dqwhisper.decoding.search import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     BatchedDecodingTask,
+    FallbackPool,
     Hypothesis,
     NoRepeatNGram,
+    PendingRow,
     SuppressSpecial,
     TokenCap,
     decode_batch,
@@ -44,6 +48,8 @@ __all__ = [
     "decoding_options",
     "decode_batch",
     "decode_mels",
+    "FallbackPool",
+    "PendingRow",
     "Hypothesis",
     "token_cap",
     "SuppressSpecial",

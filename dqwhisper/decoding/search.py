@@ -322,7 +322,7 @@ def decode_mels(
     each row is encoded and cross-attended on its own window alone); None = every row has the whole window.
     The encoder runs once; fallback reruns only the decoder, on the rows that need it. `defer`: only the first
     temperature runs; a row that fails its test comes back as a `PendingRow`, for `fall_back` to decode with the
-    pending rows of other batches (fewer, fuller fallback calls: decode_utterances, decode.pool_fallback).
+    pending rows of other batches (`FallbackPool`: decode_utterances and validation, decode.pool_fallback).
     """
     cfg = cfg or DecodeConfig()
     if mel.ndim != 3:
@@ -394,6 +394,34 @@ def fall_back(model: Whisper, rows: Sequence[PendingRow], cfg: DecodeConfig, fp1
         for j, i in enumerate(members):
             out[i] = _hypothesis(tried[j], j in failed, rows[i].cap, cfg)
     return out
+
+
+class FallbackPool:
+    """`PendingRow`s from any batches, held per language and decoded together (`fall_back`) once `size` of one
+    language wait, or at `flush()`: fewer and fuller sampling calls than each batch falling back on its own rows.
+    Each row comes back with the key it was added with."""
+
+    def __init__(self, model: Whisper, cfg: DecodeConfig, fp16: bool = False, size: int | None = None):
+        self.model, self.cfg, self.fp16 = model, cfg, fp16
+        self.size = max(1, size or cfg.batch_size)
+        self.waiting: dict[str, list[tuple[object, PendingRow]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.waiting.values())
+
+    def add(self, key: object, row: PendingRow) -> list[tuple[object, Hypothesis]]:
+        """Hold `row`; returns the (key, hypothesis) pairs decoded now (its language's pool, once full)."""
+        pool = self.waiting.setdefault(row.language, [])
+        pool.append((key, row))
+        return self._decode(row.language) if len(pool) >= self.size else []
+
+    def flush(self) -> list[tuple[object, Hypothesis]]:
+        """Decode every row still held."""
+        return [pair for lang in list(self.waiting) for pair in self._decode(lang)]
+
+    def _decode(self, language: str) -> list[tuple[object, Hypothesis]]:
+        pool = self.waiting.pop(language)
+        return list(zip([k for k, _ in pool], fall_back(self.model, [r for _, r in pool], self.cfg, self.fp16)))
 
 
 def _fallback_ladder(

@@ -18,11 +18,11 @@ from dqwhisper.decoding.ctc import ctc_decode_batch, load_ctc_bpe
 from dqwhisper.decoding.search import (
     DETECT,
     SAMPLE_RATE,
+    FallbackPool,
     Hypothesis,
     PendingRow,
     check_language,
     decode_mels,
-    fall_back,
 )
 from dqwhisper.models.student import margin_frames
 from dqwhisper.utils import DQWhisperError, get_logger
@@ -84,7 +84,7 @@ class DecodeRun:
 
 
 def utt_hypothesis(u, seconds: float, h: Hypothesis) -> UttHypothesis:
-    """An utterance's row of a DecodeRun from its decode_mels / fall_back hypothesis."""
+    """An utterance's row of a DecodeRun from its decode_mels / FallbackPool hypothesis."""
     return UttHypothesis(
         u.utt_id,
         u.lang,
@@ -161,9 +161,10 @@ def decode_utterances(
         mixed = False
     hyps, n_tokens, n_trimmed, audio_seconds = [], 0, 0, 0.0
     skipped: dict[str, str] = {}
-    # batches decoded but not yet final: (utterances, seconds, results); a result is a PendingRow until the pooled
-    # fallback (decode.pool_fallback) has decoded it
-    waiting: list[tuple[list, list[float], list]] = []
+    # batches decoded but not yet final: [utterances, seconds, results]; a result is a PendingRow until the pool
+    # (decode.pool_fallback) has decoded it
+    waiting: list[list] = []
+    pool = FallbackPool(model, cfg, fp16)
     bar = tqdm(total=len(utts), desc="decode", unit="utt", disable=not progress, leave=False)
 
     def emit(new: list[UttHypothesis]) -> None:
@@ -174,14 +175,11 @@ def decode_utterances(
             on_batch(new)
         bar.update(len(new))
 
-    def settle(flush: bool) -> None:
-        """Decode the pooled fallback rows (when `flush` or a batch's worth are pending), then emit every batch
-        that has all its hypotheses, in decoding order."""
-        pending = [r for _, _, results in waiting for r in results if isinstance(r, PendingRow)]
-        if pending and (flush or len(pending) >= cfg.batch_size):
-            done = iter(fall_back(model, pending, cfg, fp16))
-            for _, _, results in waiting:
-                results[:] = [next(done) if isinstance(r, PendingRow) else r for r in results]
+    def settle(decoded: list) -> None:
+        """Put the pool's hypotheses ((results list, index), hypothesis) in place, then emit every batch that has
+        all its hypotheses, in decoding order."""
+        for (results, j), h in decoded:
+            results[j] = h
         while waiting and not any(isinstance(r, PendingRow) for r in waiting[0][2]):
             batch, seconds, results = waiting.pop(0)
             emit([utt_hypothesis(u, s, h) for u, s, h in zip(batch, seconds, results)])
@@ -227,9 +225,12 @@ def decode_utterances(
                     continue
                 capped = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
                 results = decode_mels(model, mel, language, capped, cfg, fp16, windows, defer=cfg.pool_fallback)
-            waiting.append((batch, seconds, results))
-            settle(flush=False)
-        settle(flush=True)  # the language's last pending rows: its hypotheses are all out before the next one's
+            waiting.append([batch, seconds, results])
+            for j, r in enumerate(results):
+                if isinstance(r, PendingRow):
+                    settle(pool.add((results, j), r))
+            settle([])
+        settle(pool.flush())  # the language's last pending rows: its hypotheses are all out before the next one's
     wall = time.perf_counter() - start
     wall = time.perf_counter() - start
     bar.close()

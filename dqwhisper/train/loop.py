@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dqwhisper.data.sampler import BatchSampler, chunks_by_key
+from dqwhisper.decoding import FallbackPool
 from dqwhisper.models.student import save_checkpoint
 from dqwhisper.train import dist as D
 from dqwhisper.train.build import Parts, build, setup
@@ -30,8 +31,8 @@ from dqwhisper.train.cache_set import TrainingSet, collate_training
 from dqwhisper.train.checkpoint import TopK, load_state, save_state, truncate_log
 from dqwhisper.train.expdir import open_experiment
 from dqwhisper.train.logs import loss_shares, train_record, write_dev_record, write_train_record
-from dqwhisper.train.validate import dev_errors, dev_hypotheses
-from dqwhisper.utils import DQWhisperError, atomic_write_bytes, get_logger
+from dqwhisper.train.validate import dev_errors, dev_hypotheses, pooled_hypotheses
+from dqwhisper.utils import DQWhisperError, atomic_write_bytes, autocast, get_logger
 
 log = get_logger(__name__)
 
@@ -226,6 +227,8 @@ class Trainer:
         tot, n_tok = defaultdict(float), 0
         hyps: dict[str, str] = {}
         self._runaways: list[str] = []
+        decode = self.cfg.decode
+        pool = FallbackPool(self.parts.student, decode) if decode.pool_fallback else None
         with torch.no_grad():
             for batch in self.loader(ds, dev_batches(ds, bs, self.cfg.data.group_windows)):
                 named, info = model(batch, with_teacher=False)
@@ -233,11 +236,14 @@ class Trainer:
                     tot[k] += float(v) * info["n_tokens"]
                 n_tok += info["n_tokens"]
                 if self.cfg.trainer.valid_decode:
-                    dev, runaways = dev_hypotheses(
-                        self.parts.student, batch, self.cfg.decode, self.device, self.amp_dtype
-                    )
+                    dev, runaways = dev_hypotheses(self.parts.student, batch, decode, self.device, self.amp_dtype, pool)
                     hyps.update(dev)
                     self._runaways += runaways
+            if pool is not None:
+                with autocast(self.amp_dtype):
+                    dev, runaways = pooled_hypotheses(pool.flush())
+                hyps.update(dev)
+                self._runaways += runaways
         result = {k: v / max(1, n_tok) for k, v in tot.items() if k in ("loss", "loss_ce", "loss_ctc")}
         if self.cfg.trainer.valid_decode:
             result.update(dev_errors(hyps, self.parts.dev_base.items))

@@ -17,10 +17,13 @@ def dev_hypotheses(
     decode_cfg: DecodeConfig,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    pool: decoding.FallbackPool | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """Decode a dev batch exactly as inference.py decodes test: `decode_mels` with the experiment's `decode`
     settings (token cap from the audio's duration, never from the reference; temperature fallback), language from
-    utt2lang. Returns (utt_id -> text, the utt_ids that ran away)."""
+    utt2lang. Returns (utt_id -> text, the utt_ids that ran away) of the utterances decoded now: with `pool`, rows
+    that fall back wait in it (keyed by utt_id) and come back from whichever call fills it, or from
+    `pooled_hypotheses(pool.flush())` after the last batch."""
     if "enc" in batch:
         xa = batch["enc"].to(device).float()
     else:
@@ -31,8 +34,18 @@ def dev_hypotheses(
     windows = None if windows is None else windows.tolist()
     # cached outputs of a shorter window (data.batch_window) are decoded with the model's window cut to them
     with autocast(amp_dtype), decoding.encoder_window(student, xa.shape[1]):
-        hyps = decoding.decode_mels(student, xa, list(batch["langs"]), seconds, decode_cfg, windows=windows)
-    return {u: h.text for u, h in zip(batch["utt_ids"], hyps)}, [u for u, h in zip(batch["utt_ids"], hyps) if h.runaway]
+        hyps = decoding.decode_mels(
+            student, xa, list(batch["langs"]), seconds, decode_cfg, windows=windows, defer=pool is not None
+        )
+        done = []
+        for u, h in zip(batch["utt_ids"], hyps):
+            done += pool.add(u, h) if isinstance(h, decoding.PendingRow) else [(u, h)]
+    return pooled_hypotheses(done)
+
+
+def pooled_hypotheses(pairs: list) -> tuple[dict[str, str], list[str]]:
+    """(utt_id, Hypothesis) pairs -> (utt_id -> text, the utt_ids that ran away)."""
+    return {u: h.text for u, h in pairs}, [u for u, h in pairs if h.runaway]
 
 
 def dev_errors(hyps: dict[str, str], items: list) -> dict[str, float]:

@@ -209,6 +209,34 @@ def test_mixed_dev_batches_decode_as_one_window_batches(trainer):
     assert hyps(mixed) == hyps(dev_batches(dev, 3))
 
 
+def test_dev_fallback_pooled_across_batches_decodes_the_same(assets, monkeypatch):
+    """Validation with decode.pool_fallback: the dev rows that fall back (this random student: all of them), from
+    dev batches of one utterance, are decoded in pools of decode.batch_size: the same hypotheses and runaways as
+    each batch falling back alone, in fewer sampling calls."""
+    from dqwhisper.decoding import search
+
+    teacher, data, root = assets
+    calls = []
+    real = search.BatchedDecodingTask.run
+
+    def run(task, mel):
+        calls.append(task.options.temperature)
+        return real(task, mel)
+
+    monkeypatch.setattr(search.BatchedDecodingTask, "run", run)
+    out = {}
+    for pool in ("true", "false"):
+        overrides = WINDOWED + ["trainer.valid_batch_size=1", "decode.batch_size=4", f"decode.pool_fallback={pool}"]
+        tr = make_trainer(tiny_config(root / f"exp_pool_{pool}", data, teacher, overrides=overrides))
+        calls.clear()
+        result = tr.validate()
+        out[pool] = (result, (tr.expdir / "dev_hyp.txt").read_text(), sum(t > 0 for t in calls))
+    (pooled, text, n_pooled), (alone, text_alone, n_alone) = out["true"], out["false"]
+    assert text == text_alone and pooled["n_runaways"] == alone["n_runaways"]
+    assert pooled["error"] == alone["error"]
+    assert 0 < n_pooled < n_alone
+
+
 @pytest.mark.parametrize(
     "perturbation",
     [["data.prefix_noise=0.1"], ["data.feature_mask.num_time_masks=2", "data.feature_mask.teacher=true"]],

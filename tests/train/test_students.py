@@ -95,15 +95,18 @@ def test_dev_is_decoded_as_test_with_a_cap_from_the_audio_and_runaways_counted(a
     calls, counted = [], []
     real = decoding.decode_mels
 
-    def spy(model, mel, languages, seconds=None, cfg=None, fp16=False, windows=None):
+    def spy(model, mel, languages, seconds=None, cfg=None, fp16=False, windows=None, defer=False):
         calls.append((list(languages), list(seconds), cfg))
+        assert not defer
         hyps = real(model, mel, languages, seconds, cfg, fp16, windows)
         hyps[0].runaway = True  # at least one per batch
         counted.append(sum(h.runaway for h in hyps))
         return hyps
 
     monkeypatch.setattr(decoding, "decode_mels", spy)
-    tr = make_trainer(tiny_config(tmp_path / "exp", data, teacher))
+    # decode.pool_fallback=false: each batch's hypotheses are final when decode_mels returns (pooled:
+    # tests/train/test_batch_window.py)
+    tr = make_trainer(tiny_config(tmp_path / "exp", data, teacher, overrides=["decode.pool_fallback=false"]))
     result = tr.validate()
     assert calls and result["n_runaways"] == sum(counted) > 0
     frames = {tr.parts.dev_set[i]["utt_id"]: tr.parts.dev_set[i]["n_frames"] for i in range(len(tr.parts.dev_set))}

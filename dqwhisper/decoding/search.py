@@ -14,6 +14,7 @@ from whisper.model import Whisper
 from whisper.tokenizer import LANGUAGES, get_tokenizer
 
 from dqwhisper.config import DecodeConfig
+from dqwhisper.models.student import encoder_window
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -371,8 +372,6 @@ def fall_back(model: Whisper, rows: Sequence[PendingRow], cfg: DecodeConfig, fp1
     to its own window only (a DQWhisper model; other models get one call per window length). A row's draws do not
     depend on the rows it is decoded with (SeededSampler), so the hypotheses are decode_mels' own, up to the float
     rounding of attention over a differently padded batch."""
-    from dqwhisper.decoding.audio import encoder_window  # audio imports this module
-
     per_row = hasattr(model.decoder, "key_lengths")
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):

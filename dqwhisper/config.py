@@ -208,8 +208,8 @@ class DecodeConfig:
     no_speech_threshold: Optional[float] = 0.6  # no fallback when P(no speech) is above and the logprob test failed
     best_of: int = 5  # samples per fallback temperature (the most likely is kept)
     # true: rows that fail the first temperature wait until batch_size of them (or the language's last batch) are
-    # pending, then fall back together (inference.py; the same hypotheses, fewer and fuller sampling calls);
-    # false: each batch falls back on its own rows
+    # pending, then fall back together (inference.py and training validation; the same hypotheses, fewer and fuller
+    # sampling calls); false: each batch falls back on its own rows
     pool_fallback: bool = True
     tokens_per_second: Optional[float] = 12.0  # token cap per utterance: tokens_per_second * seconds + token_cap_margin
     token_cap_margin: int = 10  # (and at most max_new_tokens); null tokens_per_second = only max_new_tokens

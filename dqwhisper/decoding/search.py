@@ -405,9 +405,6 @@ class FallbackPool:
         self.size = max(1, size or cfg.batch_size)
         self.waiting: dict[str, list[tuple[object, PendingRow]]] = {}
 
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.waiting.values())
-
     def add(self, key: object, row: PendingRow) -> list[tuple[object, Hypothesis]]:
         """Hold `row`; returns the (key, hypothesis) pairs decoded now (its language's pool, once full)."""
         pool = self.waiting.setdefault(row.language, [])

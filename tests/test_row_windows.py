@@ -190,3 +190,20 @@ def test_pooled_fallback_equals_each_batch_falling_back(model, dq, monkeypatch):
     # DQWhisper decodes a pool in one call per temperature; whisper in one per window length
     assert len(calls) < len(calls_alone) if dq else len(calls) <= len(calls_alone)
     assert m.dims.n_audio_ctx == 100
+
+
+def test_pooled_rows_decode_the_same_inside_a_shorter_window(model, monkeypatch):
+    """A pool may fill while a later batch's shorter encoder window is in force (training validation adds rows
+    inside it): fall_back decodes each pooled row on its own window all the same."""
+    monkeypatch.setattr(search, "_fails", lambda r, hit, cfg: r.temperature == 0)
+    cfg = DecodeConfig(max_new_tokens=5, temperatures=[0.0, 0.5], best_of=2)
+    with encoder_window(model, 100):
+        mel = audio_to_mel(waves()[:1], model)
+        row = decode_mels(model, mel, "en", [SECONDS[0]], cfg, defer=True)[0]
+    assert isinstance(row, search.PendingRow) and row.features.shape[0] == 100
+    with encoder_window(model, 100):
+        want = search.fall_back(model, [row], cfg)[0]
+    with encoder_window(model, 50):
+        got = search.fall_back(model, [row], cfg)[0]
+        assert model.dims.n_audio_ctx == 50
+    assert (got.text, got.avg_logprob, got.temperature) == (want.text, want.avg_logprob, 0.5)

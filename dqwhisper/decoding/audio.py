@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -9,7 +12,6 @@ from whisper.model import Whisper
 
 from dqwhisper.data.dataset import window_log_mel
 from dqwhisper.decoding.search import SAMPLES_PER_FRAME, SAMPLE_RATE
-from dqwhisper.models.student import encoder_window  # noqa: F401 (its home was here; callers import it from here)
 from dqwhisper.models.student import margin_frames, set_audio_window, window_frames
 from dqwhisper.utils import DQWhisperError, get_logger
 
@@ -47,3 +49,15 @@ def batch_frames(model: Whisper, n_samples: int, margin: float | None) -> int:
     """Encoder positions for a batch whose longest waveform has `n_samples`: (its seconds + `margin`) rounded up to
     whole seconds, at most the model's window; the whole window when `margin` is None (`margin_frames`)."""
     return margin_frames(n_samples / SAMPLE_RATE, margin, model.dims.n_audio_ctx)
+
+
+@contextmanager
+def encoder_window(model: Whisper, frames: int) -> Iterator[Whisper]:
+    """The model with its encoder window cut to the first `frames` positions for the duration of the block (the
+    sinusoid table and dims restored after; decode.batch_window)."""
+    table, dims = model.encoder.positional_embedding, model.dims
+    set_audio_window(model, min(frames, dims.n_audio_ctx))
+    try:
+        yield model
+    finally:
+        model.encoder.positional_embedding, model.dims = table, dims

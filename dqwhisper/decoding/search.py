@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, GreedyDecoder, LogitFilter
-from whisper.model import Whisper
+from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import LANGUAGES, get_tokenizer
 
 from dqwhisper.config import DecodeConfig
-from dqwhisper.models.student import encoder_window
 from dqwhisper.utils import DQWhisperError, get_logger
 
 log = get_logger(__name__)
@@ -386,13 +385,26 @@ def fall_back(model: Whisper, rows: Sequence[PendingRow], cfg: DecodeConfig, fp1
             features[j, : own[j]] = rows[i].features
         windows = torch.as_tensor(own, dtype=torch.long) if min(own) < frames else None
         tried = [list(rows[i].tried) for i in members]
-        with encoder_window(model, frames):
+        with _keys_window(model, frames):
             failed = _fallback_ladder(
                 model, features, lang, [rows[i].cap for i in members], cfg, fp16, windows, tried, len(cfg.temperatures)
             )
         for j, i in enumerate(members):
             out[i] = _hypothesis(tried[j], j in failed, rows[i].cap, cfg)
     return out
+
+
+@contextlib.contextmanager
+def _keys_window(model: Whisper, frames: int):
+    """model.dims.n_audio_ctx = frames for the block, whatever window the caller has cut (a pool may hold rows of a
+    longer window than the batch being decoded when it fills): whisper's DecodingTask takes an input of that many
+    positions as encoder output, and the decoder's key masks span them. The encoder does not run."""
+    dims = model.dims
+    model.dims = ModelDimensions(**{**asdict(dims), "n_audio_ctx": frames})
+    try:
+        yield
+    finally:
+        model.dims = dims
 
 
 class FallbackPool:

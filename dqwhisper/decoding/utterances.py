@@ -226,10 +226,7 @@ def decode_utterances(
                 capped = [min(len(w), n_window) / SAMPLE_RATE for w in waves]
                 results = decode_mels(model, mel, language, capped, cfg, fp16, windows, defer=cfg.pool_fallback)
             waiting.append([batch, seconds, results])
-            for j, r in enumerate(results):
-                if isinstance(r, PendingRow):
-                    settle(pool.add((results, j), r))
-            settle([])
+            settle([d for j, r in enumerate(results) if isinstance(r, PendingRow) for d in pool.add((results, j), r)])
         settle(pool.flush())  # the language's last pending rows: its hypotheses are all out before the next one's
     wall = time.perf_counter() - start
     wall = time.perf_counter() - start

@@ -380,18 +380,6 @@ def set_audio_window(model: Whisper, n_audio_ctx: int) -> Whisper:
     return model
 
 
-@contextlib.contextmanager
-def encoder_window(model: Whisper, frames: int):
-    """The model with its encoder window cut to the first `frames` positions for the duration of the block (the
-    sinusoid table and dims restored after; decode.batch_window)."""
-    table, dims = model.encoder.positional_embedding, model.dims
-    set_audio_window(model, min(frames, dims.n_audio_ctx))
-    try:
-        yield model
-    finally:
-        model.encoder.positional_embedding, model.dims = table, dims
-
-
 def from_whisper(
     model: Whisper,
     ctc_units: int = 0,

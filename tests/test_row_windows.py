@@ -10,7 +10,7 @@ import torch
 from dqwhisper.decoding import DecodeConfig, audio_to_mel, decode_utterances
 from dqwhisper.decoding.audio import encoder_window
 from dqwhisper.decoding import search
-from dqwhisper.decoding.search import decode_mels
+from dqwhisper.decoding.search import decode_mels, row_windows
 from dqwhisper.models.student import DQWhisper, from_whisper
 from dqwhisper.quant import prepare
 from dqwhisper.quant.export import export_model, load_exported
@@ -207,3 +207,46 @@ def test_pooled_rows_decode_the_same_inside_a_shorter_window(model, monkeypatch)
         got = search.fall_back(model, [row], cfg)[0]
         assert model.dims.n_audio_ctx == 50
     assert (got.text, got.avg_logprob, got.temperature) == (want.text, want.avg_logprob, 0.5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])  # greedy; seeded best-of-3 sampling
+@pytest.mark.parametrize("dq", [True, False])  # DQWhisper (rows padded to their windows, grouped keys) / whisper
+def test_finished_utterances_leave_the_batch(model, dq, temperature, monkeypatch):
+    """BatchedDecodingTask steps only the utterances that have not ended (caps of 2-8 tokens end them at different
+    steps): the same tokens and log-probabilities as whisper's loop, which steps every row to the end."""
+    m = model if dq else sharp_whisper()
+    mel = audio_to_mel(waves(), m)
+    windows = WINDOWS if dq else None
+    with row_windows(m, None if windows is None else torch.tensor(windows)), torch.no_grad():
+        features = m.encoder(mel)
+    caps = [2, 8, 5, 3]
+    cfg = DecodeConfig(best_of=3)
+    options = search.decoding_options(cfg, "en", temperature=temperature, sample_len=max(caps))
+    kept = []
+    real_keep = search.BatchedDecodingTask._keep
+    monkeypatch.setattr(
+        search.BatchedDecodingTask, "_keep", lambda t, r, g, n: kept.append(len(r)) or real_keep(t, r, g, n)
+    )
+    rows = []
+    hook = m.decoder.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    try:
+        out = {}
+        for drop in (True, False):
+            task = search.BatchedDecodingTask(
+                m, options, caps, 3, windows, seed=5 if temperature else None, drop_finished=drop
+            )
+            out[drop] = task.run(features)
+            if drop:
+                stepped, rows[:] = list(rows), []
+    finally:
+        hook.remove()
+    group = 3 if temperature else 1
+    assert [r.tokens for r in out[True]] == [r.tokens for r in out[False]]
+    assert [len(r.tokens) for r in out[True]] == caps  # this random model runs to every cap
+    assert [r.avg_logprob for r in out[True]] == pytest.approx([r.avg_logprob for r in out[False]], abs=1e-6)
+    assert [r.no_speech_prob for r in out[True]] == pytest.approx([r.no_speech_prob for r in out[False]], abs=1e-6)
+    assert kept == [3 * group, 2 * group, group]  # the utterances with caps 2, 3, 5 left in turn
+    assert stepped[-1] == group and rows[-1] == 4 * group
+    assert sum(stepped) < sum(rows)
+    if dq:
+        assert m.decoder.key_mask is None  # the task's own, cut as utterances left, is gone after

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, GreedyDecoder, LogitFilter
@@ -82,6 +83,10 @@ class TokenCap(LogitFilter):
             logits[done] = -math.inf
             logits[done, self.eot] = 0.0
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """The batch now holds only `rows` (of the one before; BatchedDecodingTask dropped finished utterances)."""
+        self.caps = self.caps[rows.to(self.caps.device)]
+
 
 class SeededSampler(GreedyDecoder):
     """whisper's sampling decoder (temperature > 0) with two changes:
@@ -115,6 +120,10 @@ class SeededSampler(GreedyDecoder):
         u = (1.0 - u) * cdf[:, -1]  # in (0, total]: a token of zero probability is never drawn
         return torch.searchsorted(cdf, u[:, None])[:, 0].clamp_(max=logits.shape[-1] - 1)
 
+    def keep_groups(self, groups: Tensor) -> None:
+        """The batch now holds only the best-of groups `groups` (of the one before): their generators go on."""
+        self.generators = [self.generators[i] for i in groups.tolist()] if self.generators else []
+
     def update(self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor) -> tuple[Tensor, bool]:
         next_tokens = self.sample(logits)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -133,6 +142,12 @@ class BatchedDecodingTask(DecodingTask):
     beam search over a batch > 1 cross-attends beam rows to the wrong utterances' features (a size mismatch, or the
     assertion after the main loop). Here the encoder output is repeated per beam once, after language detection
     (which runs on one row per utterance); `run()` itself, the decoders, rankers and logit filters are whisper's.
+
+    Greedy decoding and sampling (not beam search) drop an utterance's rows from the batch once all of them have
+    ended (`drop_finished`): whisper's loop steps every row until the batch's last one ends, and on the demo's dev
+    set 29% of greedy and 32% of sampled row-steps were of utterances already done. What holds a row (the decoder's
+    self- and cross-attention caches, its key mask, the token caps, the sampler's generators) is cut to the rows
+    left; the tokens and log-probabilities come back for every row, as whisper's loop returns them.
     """
 
     def __init__(
@@ -143,8 +158,10 @@ class BatchedDecodingTask(DecodingTask):
         no_repeat_ngram_size: int = 0,
         windows: Sequence[int] | None = None,
         seed: int | None = None,
+        drop_finished: bool = True,
     ):
         super().__init__(model, options)
+        self.drop_finished = drop_finished and not options.beam_size  # beam search keeps state per utterance
         if seed is not None and options.temperature > 0 and not options.beam_size:
             self.decoder = SeededSampler(options.temperature, self.tokenizer.eot, self.n_group, seed)
         self.windows = None if windows is None else torch.as_tensor(list(windows), dtype=torch.long)
@@ -165,6 +182,73 @@ class BatchedDecodingTask(DecodingTask):
         features = audio_features[:: self.n_group]
         with row_windows(self.model, None, self.windows, features.shape[1]):
             return super()._detect_language(features, tokens)
+
+    def _main_loop(self, audio_features: Tensor, tokens: Tensor):
+        """whisper's loop (the same logits, filters and decoder updates per row), stepping only the utterances
+        that have not ended."""
+        if not self.drop_finished:
+            return super()._main_loop(audio_features, tokens)
+        n_batch, group, eot = tokens.shape[0], self.n_group, self.tokenizer.eot
+        sum_logprobs = torch.zeros(n_batch, device=audio_features.device)
+        no_speech_probs = [np.nan] * n_batch
+        rows = torch.arange(n_batch, device=tokens.device)  # each row's place in the batch as it came
+        ended: list[tuple[Tensor, Tensor, Tensor]] = []  # (places, tokens, sums) of the rows dropped
+        sums = sum_logprobs.clone()  # the rows still stepping
+        decoder = self.model.decoder
+        key_mask = getattr(decoder, "key_mask", None)  # _keep cuts it: the caller's is put back after
+        try:
+            for i in range(self.sample_len):
+                logits = self.inference.logits(tokens, audio_features)
+                if i == 0 and self.tokenizer.no_speech is not None:
+                    probs_at_sot = logits[:, self.sot_index].float().softmax(dim=-1)
+                    no_speech_probs = probs_at_sot[:, self.tokenizer.no_speech].tolist()
+                logits = logits[:, -1]
+                for logit_filter in self.logit_filters:
+                    logit_filter.apply(logits, tokens)
+                tokens, completed = self.decoder.update(tokens, logits, sums)
+                if completed or tokens.shape[-1] > self.n_ctx:
+                    break
+                done = (tokens[:, -1] == eot).view(-1, group).all(dim=1)
+                if done.any():
+                    gone = done.repeat_interleave(group)
+                    ended.append((rows[gone], tokens[gone], sums[gone]))
+                    groups = (~done).nonzero()[:, 0]
+                    keep = (~gone).nonzero()[:, 0]
+                    self._keep(keep, groups, tokens.shape[0])
+                    rows, tokens, sums = rows[keep], tokens[keep], sums[keep]
+                    audio_features = audio_features[keep]
+        finally:
+            self.inference.cleanup_caching()
+            if key_mask is not None:
+                decoder.key_mask = key_mask
+        out = tokens.new_full((n_batch, tokens.shape[1]), eot)
+        out[rows] = tokens
+        sum_logprobs[rows] = sums
+        for places, toks, s in ended:
+            out[places, : toks.shape[1]] = toks
+            sum_logprobs[places] = s
+        return out, sum_logprobs, no_speech_probs
+
+    def _keep(self, rows: Tensor, groups: Tensor, before: int) -> None:
+        """Cut what holds a row to `rows` (the best-of groups `groups`) of the `before` rows of the batch."""
+        cache = self.inference.kv_cache
+        for key, value in cache.items():
+            # whisper's caches hold a row each; a DQWhisper decoder's cross-attention keys one per group
+            # (rows_share_audio)
+            if value.shape[0] == before:
+                cache[key] = value[rows.to(value.device)]
+            elif value.shape[0] * self.n_group == before:
+                cache[key] = value[groups.to(value.device)]
+            else:
+                raise RuntimeError(f"a decoder cache of {value.shape[0]} rows in a batch of {before}")
+        decoder = self.model.decoder
+        if getattr(decoder, "key_mask", None) is not None:
+            decoder.key_mask = decoder.key_mask[rows.to(decoder.key_mask.device)]
+        for logit_filter in self.logit_filters:
+            if hasattr(logit_filter, "keep_rows"):
+                logit_filter.keep_rows(rows)
+        if hasattr(self.decoder, "keep_groups"):
+            self.decoder.keep_groups(groups)
 
     def run(self, mel: Tensor) -> list[DecodingResult]:
         """whisper's run; with `windows` (encoder positions per row of `mel`), each row is encoded and

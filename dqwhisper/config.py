@@ -211,6 +211,9 @@ class DecodeConfig:
     # pending, then fall back together (inference.py and training validation; the same hypotheses, fewer and fuller
     # sampling calls); false: each batch falls back on its own rows
     pool_fallback: bool = True
+    # true: greedy and sampled batches drop an utterance's rows once all have ended (beam search never); false:
+    # whisper's loop, every row stepped until the batch's last one ends (the same transcripts, more steps)
+    drop_finished: bool = True
     tokens_per_second: Optional[float] = 12.0  # token cap per utterance: tokens_per_second * seconds + token_cap_margin
     token_cap_margin: int = 10  # (and at most max_new_tokens); null tokens_per_second = only max_new_tokens
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens is produced twice in one hypothesis

@@ -231,3 +231,22 @@ def test_experiment_export_checkpoint(checkpoint, data_dir, tmp_path):
     assert res["out_dir"] == str(exp / "decode_test_export_greedy")
     [ref] = run("tiny", checkpoint, common + ["decode.max_new_tokens=4", f"decode.out_dir={tmp_path / 'pt'}"])
     assert (exp / "decode_test_export_greedy" / "hyp.txt").read_text() == (tmp_path / "pt" / "hyp.txt").read_text()
+
+
+@pytest.mark.parametrize("option", ["drop_finished", "pool_fallback"])
+def test_bench_decode_loop_compares_an_option(checkpoint, data_dir, tmp_path, capsys, option):
+    """bench/decode_loop.py: both settings decode, the same hyp.txt (exit 0), a table with the sampled tasks that the
+    fallback ran (every first hypothesis of this random model fails the logprob test), and the decoding loop as it
+    was after (its counters removed)."""
+    from bench import decode_loop
+    from dqwhisper.decoding import search
+
+    before = search.BatchedDecodingTask.run, search.SeededSampler.update
+    args = [str(checkpoint), "--model", "tiny", "--option", option, "--data", str(data_dir), "--rounds", "2"]
+    args += ["--threads", "1", "--out", str(tmp_path), "--", "decode.max_new_tokens=4", "decode.best_of=2"]
+    assert decode_loop.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("round ") == 4 and "hyp.txt: the same in every run" in out
+    table = [line.split("|") for line in out.splitlines() if line.startswith(("| true", "| false"))]
+    assert len(table) == 2 and all(int(row[4]) > 0 for row in table)  # sampled tasks ran
+    assert (search.BatchedDecodingTask.run, search.SeededSampler.update) == before

@@ -147,7 +147,8 @@ class BatchedDecodingTask(DecodingTask):
     ended (`drop_finished`): whisper's loop steps every row until the batch's last one ends, and on the demo's dev
     set 29% of greedy and 32% of sampled row-steps were of utterances already done. What holds a row (the decoder's
     self- and cross-attention caches, its key mask, the token caps, the sampler's generators) is cut to the rows
-    left; the tokens and log-probabilities come back for every row, as whisper's loop returns them.
+    left; the tokens and log-probabilities come back for every row, as whisper's loop returns them
+(decode.drop_finished).
     """
 
     def __init__(
@@ -540,7 +541,9 @@ def _fallback_ladder(
         options = decoding_options(cfg, language, fp16, float(t), max(sub_caps))
         sub = None if windows is None else windows[pending]
         seed = cfg.seed * 1000 + k if t > 0 else None  # fresh draws per temperature, repeatable, batch-independent
-        task = BatchedDecodingTask(model, options, sub_caps, cfg.no_repeat_ngram_size, sub, seed)
+        task = BatchedDecodingTask(
+            model, options, sub_caps, cfg.no_repeat_ngram_size, sub, seed, drop_finished=cfg.drop_finished
+        )
         results = task.run(features[pending])
         still = []
         for i, r in zip(pending, results):

@@ -2,14 +2,16 @@ import hashlib
 import importlib.util
 import shutil
 import subprocess
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from dqwhisper.data import demo
 from dqwhisper.data.kaldi import DataDir
 from dqwhisper.data.validate import validate_data_dir
-from dqwhisper.data.voices import Synthesizer
+from dqwhisper.data.voices import Synthesizer, Voice
 from dqwhisper.utils import DQWhisperError
 
 
@@ -117,6 +119,50 @@ def test_clips_come_back_in_job_order_and_an_early_stop_stops_the_work(workers):
         if key == "k4":
             break
     assert len(synth.started) <= 5 + 2 * workers  # at most 2 x workers clips were started ahead of the consumer
+
+
+class _PinnedRecorder(Synthesizer):
+    """Records which kept festival process (voice, slot) says each clip, and when; the other engines echo."""
+
+    def __init__(self):
+        super().__init__()
+        self.said = []
+        self.lock = threading.Lock()
+        self.busy = 0
+        self.most_busy = 0
+
+    def _festival_pinned(self, name, slot, voice, text):
+        with self.lock:
+            self.busy += 1
+            self.most_busy = max(self.most_busy, self.busy)
+        time.sleep(0.01 * (len(text) % 3))
+        with self.lock:
+            self.said.append((name, slot, text))
+            self.busy -= 1
+        return np.zeros(4), 16000
+
+    def _espeak(self, voice, text):
+        time.sleep(0.01 * (len(text) % 2))
+        return np.zeros(4), 16000
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_festival_clips_go_to_fixed_processes_in_job_order(workers):
+    """A kept festival process's output depends on the clips it said before: in_order gives the n-th clip of a
+    festival voice to that voice's process n mod workers, which says its clips in the jobs' order, with at most
+    `workers` clips synthesized at once."""
+    lp = {"voice": "lp_diphone", "encoding": "latin-1"}
+    a, b = Voice("it-a", "it", "festival", lp), Voice("it-b", "it", "festival", lp, sox=())
+    other = Voice("it-e", "it", "espeak", {"voice": "it", "speed": 150})
+    ru = Voice("ru-n", "ru", "festival", {"voice": "msu_ru_nsh_clunits", "encoding": "utf-8"})
+    jobs = [([a, other, b, ru][i % 4], f"k{i}", "x" * (i + 1)) for i in range(40)]
+    synth = _PinnedRecorder()
+    assert [key for _, key, _, _ in synth.in_order(jobs, workers)] == [f"k{i}" for i in range(40)]
+    for name in ("lp_diphone", "msu_ru_nsh_clunits"):
+        mine = [text for v, _, text in jobs if v.engine == "festival" and v.params["voice"] == name]
+        for slot in range(workers):
+            assert [t for n, s, t in synth.said if (n, s) == (name, slot)] == mine[slot::workers]
+    assert synth.most_busy <= workers
 
 
 @pytest.mark.skipif(shutil.which("text2wave") is None, reason="festival not installed")

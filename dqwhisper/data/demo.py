@@ -363,7 +363,13 @@ def main(argv: list[str] | None = None) -> int | None:
     ap.add_argument("--languages", nargs="+", default=None, help=f"default: {' '.join(CORPUS_DIRS)}")
     ap.add_argument("--max-seconds", type=float, default=8.0, help="drop clips longer than this")
     ap.add_argument("--summary-json", default=None, help="also write the summary here")
-    ap.add_argument("--jobs", type=int, default=2, help="clips synthesized at once (the same corpus for any value)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="clips synthesized at once (the same sentences and voices for any value; the same audio for the same "
+        "value: a kept festival process says a clip slightly differently after other clips)",
+    )
     ap.add_argument(
         "--splits", nargs="+", default=None, choices=SPLITS, help="synthesize only these splits (default: all three)"
     )

@@ -135,19 +135,19 @@ class SeededSampler(GreedyDecoder):
 
 class BatchedDecodingTask(DecodingTask):
     """openai-whisper's DecodingTask with beam search that works for batches of more than one utterance, plus our
-        filters (special tokens suppressed, optional no-repeat n-gram, optional per-row token cap) and, with `seed`,
-        sampling whose draws per utterance do not depend on the batch (SeededSampler).
+    filters (special tokens suppressed, optional no-repeat n-gram, optional per-row token cap) and, with `seed`,
+    sampling whose draws per utterance do not depend on the batch (SeededSampler).
 
-        openai-whisper 20250625 repeats the prompt tokens `n_group` times per utterance but not the audio features, so
-        beam search over a batch > 1 cross-attends beam rows to the wrong utterances' features (a size mismatch, or the
-        assertion after the main loop). Here the encoder output is repeated per beam once, after language detection
-        (which runs on one row per utterance); `run()` itself, the decoders, rankers and logit filters are whisper's.
+    openai-whisper 20250625 repeats the prompt tokens `n_group` times per utterance but not the audio features, so
+    beam search over a batch > 1 cross-attends beam rows to the wrong utterances' features (a size mismatch, or the
+    assertion after the main loop). Here the encoder output is repeated per beam once, after language detection
+    (which runs on one row per utterance); `run()` itself, the decoders, rankers and logit filters are whisper's.
 
-        Greedy decoding and sampling (not beam search) drop an utterance's rows from the batch once all of them have
-        ended (`drop_finished`): whisper's loop steps every row until the batch's last one ends, and on the demo's dev
-        set 29% of greedy and 32% of sampled row-steps were of utterances already done. What holds a row (the decoder's
-        self- and cross-attention caches, its key mask, the token caps, the sampler's generators) is cut to the rows
-        left; the tokens and log-probabilities come back for every row, as whisper's loop returns them
+    Greedy decoding and sampling (not beam search) drop an utterance's rows from the batch once all of them have
+    ended (`drop_finished`): whisper's loop steps every row until the batch's last one ends, and on the demo's dev
+    set 29% of greedy and 32% of sampled row-steps were of utterances already done. What holds a row (the decoder's
+    self- and cross-attention caches, its key mask, the token caps, the sampler's generators) is cut to the rows
+    left; the tokens and log-probabilities come back for every row, as whisper's loop returns them
     (decode.drop_finished).
     """
 

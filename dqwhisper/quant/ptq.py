@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "--calib", help="data dir of calibration audio for gptq=true or embedding_hi_rows (e.g. data/demo/train)"
     )
     p.add_argument("--no-ctc", action="store_true", help="drop the CTC head (decoding does not use it; 0.5 MB at base)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come after the options too
     ptq(args.student, load_quant_config(args.quant, args.overrides), args.out, args.calib, args.no_ctc)
     print(f"wrote {args.out}")
     return 0

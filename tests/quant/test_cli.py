@@ -33,6 +33,13 @@ def test_ptq_cli_writes_fake_quant_checkpoint(tmp_path, inputs):
     assert ptq.main([str(tmp_path / "q.pt"), "w8", str(tmp_path / "qq.pt")]) == 1  # already quantized
     assert ptq.main([str(tmp_path / "f.pt"), "no_such_config", str(tmp_path / "x.pt")]) == 1
     assert ptq.main([str(tmp_path / "f.pt"), "w8", str(tmp_path / "x.pt"), "weight.bits=9"]) == 1
+    # overrides after an option are overrides too (argparse's plain parse rejects them)
+    out = tmp_path / "q2.pt"
+    assert (
+        ptq.main([str(tmp_path / "f.pt"), "w4", str(out), "--no-ctc", "weight.bits=3", "module_bits=[^encoder=2]"]) == 0
+    )
+    q2 = load_checkpoint(out)
+    assert q2.quant_config["weight"]["bits"] == 3 and q2.quant_config["module_bits"] == ["^encoder=2"]
 
 
 def test_size_report_counts_packed_bits(tmp_path, capsys):

@@ -127,15 +127,15 @@ stage_export() {
   for k in $(seq 1 "$seeds"); do
     x=$(sfx "$k")
     mkdir -p "$exp/student_ptq4$x"
-    # PTQ with the same quantizer as student_kd_dm_q4 (MSE scales, GPTQ codes on 64 training utterances, the 8,000
-    # most used embedding rows at 5 bits), without training, no CTC head: exactly the model its QAT started from
-    # (start.pt); made here when that QAT run kept none (trained before trainer.save_start)
+    # PTQ with the same quantizer as student_kd_dm_q4 (MSE scales, GPTQ codes on 64 training utterances, a 3-bit
+    # embedding with its 8,000 most used rows at 5 bits, the encoder's FFNs at 3 bits), without training, no CTC
+    # head: exactly the model its QAT started from (start.pt); made here when that QAT run kept none (trained before trainer.save_start)
     if [ -f "$exp/student_kd_dm_q4$x/start.pt" ]; then
       cp "$exp/student_kd_dm_q4$x/start.pt" "$exp/student_ptq4$x/best.pt"
       cp "$exp/student_kd_dm_q4$x/config.yaml" "$exp/student_ptq4$x/config.yaml"
     else
       $py -m dqwhisper.quant.ptq "$exp/student_kd_dm$x/best.pt" w4a8 "$exp/student_ptq4$x/best.pt" gptq=true \
-        gptq_utts=64 --calib "$data/train" --no-ctc
+        gptq_utts=64 embedding_bits=3 'module_bits=[^encoder.*mlp=3]' --calib "$data/train" --no-ctc
       cp "$exp/student_kd_dm$x/config.yaml" "$exp/student_ptq4$x/config.yaml"
     fi
   done

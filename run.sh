@@ -129,7 +129,8 @@ stage_export() {
     mkdir -p "$exp/student_ptq4$x"
     # PTQ with the same quantizer as student_kd_dm_q4 (MSE scales, GPTQ codes on 64 training utterances, a 3-bit
     # embedding with its 8,000 most used rows at 5 bits, the encoder's FFNs at 3 bits), without training, no CTC
-    # head: exactly the model its QAT started from (start.pt); made here when that QAT run kept none (trained before trainer.save_start)
+    # head: exactly the model its QAT started from (start.pt); made here when that QAT run kept none (trained before
+    # trainer.save_start; these overrides repeat conf/demo_student_kd_dm_q4.yaml's quant section)
     if [ -f "$exp/student_kd_dm_q4$x/start.pt" ]; then
       cp "$exp/student_kd_dm_q4$x/start.pt" "$exp/student_ptq4$x/best.pt"
       cp "$exp/student_kd_dm_q4$x/config.yaml" "$exp/student_ptq4$x/config.yaml"

@@ -112,6 +112,15 @@ class MatchConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    weight: float = 0.0  # share of the KD term taken on the student's own hypotheses (0 = none): the student decodes
+    # each training utterance (no gradient), then learns the teacher's next-token distribution at every position of
+    # what it decoded: KD = (1 - weight) * KD on the labels + weight * KD on its own hypotheses
+    temperature: float = 0.0  # 0: greedy hypotheses (what decoding does); > 0: sampled at this temperature
+    extra_tokens: int = 5  # a hypothesis stops at end-of-text or at its own label's length + this many tokens
+
+
+@dataclass
 class LossConfig:
     alpha: float = 0.0  # weight of distillation: (1-alpha)*CE + alpha*(KD + lambda_match*match)
     beta: float = 0.1  # weight of the CTC loss on the encoder
@@ -120,6 +129,7 @@ class LossConfig:
     lambda_match: float = 1.0  # weight of layer matching inside the distillation term
     label_smoothing: float = 0.0
     match: MatchConfig = field(default_factory=MatchConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 
 @dataclass
@@ -279,6 +289,9 @@ def validate(cfg: TrainConfig | DictConfig) -> None:
         (0.0 <= cfg.loss.alpha <= 1.0, f"loss.alpha={cfg.loss.alpha}: must be in [0, 1]"),
         (cfg.loss.beta >= 0, f"loss.beta={cfg.loss.beta}: must be >= 0"),
         (cfg.loss.kd_temperature > 0, "loss.kd_temperature must be > 0"),
+        (0.0 <= cfg.loss.on_policy.weight <= 1.0, f"loss.on_policy.weight={cfg.loss.on_policy.weight}: in [0, 1]"),
+        (cfg.loss.on_policy.temperature >= 0, "loss.on_policy.temperature must be >= 0"),
+        (cfg.loss.on_policy.extra_tokens >= 1, "loss.on_policy.extra_tokens must be >= 1"),
         (0.0 <= cfg.student.dropout < 1.0, f"student.dropout={cfg.student.dropout}: must be in [0, 1)"),
         (0.0 <= cfg.data.prefix_noise < 1.0, f"data.prefix_noise={cfg.data.prefix_noise}: must be in [0, 1)"),
         (cfg.student.init in ("cut", "copy", "pretrained"), f"student.init={cfg.student.init}: cut|copy|pretrained"),

@@ -2,6 +2,7 @@
 `forward(batch)` returns the named losses (WeNet's ASRModel.forward), so DDP wraps it and syncs its gradients.
 
     loss = beta * CTC + (1 - alpha) * CE + alpha * (KD + lambda_match * match)     (dqwhisper.losses.combine)
+    KD = (1 - w) * KD on the labels + w * KD on the student's own hypotheses        (w: loss.on_policy.weight)
 
 The teacher is not a submodule: it is frozen, lives in a target provider (dqwhisper.distill.teacher), and so stays
 out of DDP, of `state_dict()` and of `train()`/`eval()`.
@@ -32,7 +33,8 @@ def feature_adapter(student: DQWhisper, teacher: DQWhisper, feature: str, side: 
 
 
 class DistillModel(nn.Module):
-    """forward(batch) -> ({"loss", "loss_ce", "loss_ctc", "loss_kd", "loss_match"}, info).
+    """forward(batch) -> ({"loss", "loss_ce", "loss_ctc", "loss_kd", "loss_match"[, "loss_kd_labels",
+    "loss_kd_on_policy"]}, info).
 
     batch: the collated training batch (dqwhisper.train.cache_set.collate_training): `tokens_in`, `targets`,
     `ctc_targets`, `ctc_target_lengths`, `enc_lengths`, and `enc` (cached encoder output) or `mel`; teacher
@@ -56,6 +58,7 @@ class DistillModel(nn.Module):
         feature_mask: tuple[int, int] = (0, 0),
         mask_teacher: bool = False,
         prefix_noise: float = 0.0,
+        eot: int | None = None,
     ):
         """feature_mask: (masks per utterance, max width in encoder positions) of the time masks on the frozen
         encoder's output that the student's decoder reads in training (data.feature_mask); (0, _) = none.
@@ -63,8 +66,11 @@ class DistillModel(nn.Module):
         says what it would predict from what the student sees); False: from the unmasked one.
         prefix_noise: in training, the share of the decoder's input text tokens replaced by text tokens drawn from
         the batch (data.prefix_noise): the student (and a live teacher) read a history with errors in it, as in
-        decoding, and learn the next label from it; 0 = none."""
+        decoding, and learn the next label from it; 0 = none.
+        eot: the end-of-text id (every id above it is special); on-policy distillation (loss.on_policy.weight > 0)
+        needs it: its hypotheses are text tokens ended by it."""
         super().__init__()
+        self.eot = eot
         self.prefix_noise = prefix_noise
         # set by the training loop before each micro-batch: the masks and prefix noise are drawn from this seed
         # (the global generator left as it was); None: from the global generator
@@ -103,10 +109,19 @@ class DistillModel(nn.Module):
             targets = torch.where(mask & (targets >= 0), targets, torch.full_like(targets, losses.IGNORE))
         return tokens_in, targets, mask
 
-    def _student(self, batch: dict, tokens_in: Tensor, mask: Tensor, want_match: bool, match_encoder: bool):
+    def _student(
+        self,
+        batch: dict,
+        tokens_in: Tensor,
+        mask: Tensor,
+        want_match: bool,
+        match_encoder: bool,
+        cross: dict | None = None,
+    ):
         """-> (encoder output xa, the time-masked positions (B, T) | None, what the decoder read (xa with those
         positions zeroed), subset logits (1, N, V) at the N counted positions (mask), decoder features (B, L, D) |
-        None, encoder features | None)."""
+        None, encoder features | None). cross: a dict that keeps the decoder's cross-attention keys and values of
+        what it read, for the passes over the student's hypotheses (loss.on_policy)."""
         dev, m = tokens_in.device, self.loss_cfg.match
         enc_feats = s_feats = None
         with autocast(self.amp_dtype):
@@ -132,10 +147,10 @@ class DistillModel(nn.Module):
                 decoder.logits_at(mask),
             ):
                 if want_match:
-                    logits, ffn, blocks = decoder.forward_features(tokens_in, xa_dec)
+                    logits, ffn, blocks = decoder.forward_features(tokens_in, xa_dec, cross)
                     s_feats = ffn if m.feature == "ffn" else blocks
                 else:
-                    logits = decoder(tokens_in, xa_dec)
+                    logits = decoder(tokens_in, xa_dec, kv_cache=cross)
         return xa, masked, xa_dec, logits.unsqueeze(0), s_feats, enc_feats
 
     def _noisy_prefix(self, tokens_in: Tensor, mask: Tensor) -> Tensor:
@@ -151,6 +166,117 @@ class DistillModel(nn.Module):
         out = tokens_in.clone()
         out[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), device=tokens_in.device)]
         return out
+
+    @torch.no_grad()
+    def _hypotheses(
+        self, tokens_in: Tensor, mask: Tensor, xa: Tensor, lengths: Tensor | None, cross: dict | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The student's own hypotheses of the batch's utterances (loss.on_policy): each row's prompt (its tokens up to
+        its first counted position), then text tokens decoded greedily (or sampled at loss.on_policy.temperature) by
+        the student in eval mode, from what its decoder reads in training (xa), to end-of-text or to its own
+        label + loss.on_policy.extra_tokens tokens. -> (tokens (B, L') padded with end-of-text, the positions whose
+        next token is learnt (B, L'): the last prompt token and every decoded text token). cross: the decoder's
+        cross-attention keys and values of xa, when a pass has projected them (`_student`)."""
+        if self.eot is None:
+            raise ValueError("on-policy distillation (loss.on_policy.weight > 0) needs DistillModel(eot=...)")
+        eot, decoder = self.eot, self.student.decoder
+        first = mask.float().argmax(1)  # each row's first counted position: its last prompt token
+        room = decoder.positional_embedding.shape[0] - int(first.max()) - 1
+        caps = (mask.sum(1) + self.loss_cfg.on_policy.extra_tokens).clamp(max=room)  # each row's label + extra
+        was_training = decoder.training
+        decoder.eval()
+        hyps: dict[int, Tensor] = {}
+        try:
+            for p in first.unique().tolist():  # rows with prompts of one length decode together
+                idx = (first == p).nonzero().squeeze(1)
+                kv = {k: v[idx].detach() for k, v in (cross or {}).items()}
+                rows = self._decode(
+                    tokens_in[idx, : p + 1], xa[idx], None if lengths is None else lengths[idx], caps[idx], kv
+                )
+                hyps.update(zip(idx.tolist(), rows))
+        finally:
+            decoder.train(was_training)
+        width = max(len(t) for t in hyps.values())
+        out = tokens_in.new_full((len(first), width), eot)
+        learn = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+        for b, t in hyps.items():
+            p = int(first[b])
+            out[b, : len(t)] = t
+            learn[b, p] = True
+            text = t[p + 1 :]
+            learn[b, p + 1 : p + 1 + len(text)] = (text != eot).long().cumprod(0).bool()
+        return out, learn
+
+    def _decode(self, prompts: Tensor, xa: Tensor, lengths: Tensor | None, caps: Tensor, cross: dict) -> Tensor:
+        """prompts (n, P) of one length -> (n, P + up to max(caps)) with kv-cached steps: row i ends at end-of-text
+        or after caps[i] tokens; rows that ended repeat end-of-text. cross: the cross-attention's keys and values of
+        xa, or {}."""
+        decoder, eot, temperature = self.student.decoder, self.eot, self.loss_cfg.on_policy.temperature
+        ids = decoder.vocab_keep if decoder.pruned else torch.arange(decoder.token_embedding.weight.shape[0])
+        ids = ids.to(prompts.device)
+        banned = ids > eot  # special tokens: a hypothesis is text ended by end-of-text
+        toks = fed = prompts
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=prompts.device)
+        cache, hooks = self.student.install_kv_cache_hooks()  # each step reads only its new token
+        cache.update(cross)
+        try:
+            with swapped(decoder, "subset_logits", True), decoder.key_lengths(lengths, xa.shape[1]):
+                for step in range(int(caps.max())):
+                    last = torch.zeros(fed.shape, dtype=torch.bool, device=fed.device)
+                    last[:, -1] = True
+                    with decoder.logits_at(last):
+                        logits = decoder(fed, xa, kv_cache=cache).float().masked_fill(banned, float("-inf"))
+                    if temperature > 0:
+                        pick = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)
+                    else:
+                        pick = logits.argmax(-1)
+                    fed = torch.where(done, torch.full_like(pick, eot), ids[pick])[:, None]
+                    toks = torch.cat([toks, fed], 1)
+                    done |= (fed[:, 0] == eot) | (step + 1 >= caps)
+                    if bool(done.all()):
+                        break
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return toks
+
+    def _on_policy_kd(
+        self,
+        t_batch: dict,
+        t_xa: Tensor,
+        xa_dec: Tensor,
+        lengths: Tensor | None,
+        tokens_in: Tensor,
+        mask: Tensor,
+        s_cross: dict,
+        t_cross: dict,
+    ) -> tuple[Tensor, Tensor]:
+        """KD on the student's own hypotheses (loss.on_policy): at each of their positions, KL(teacher || student)
+        of the next token, both reading the same history and the same encoder output (their cross-attention keys
+        and values from the label passes: s_cross, t_cross). -> (the KD term, the number of positions)."""
+        tokens, learn = self._hypotheses(tokens_in, mask, xa_dec, lengths, s_cross)
+        decoder = self.student.decoder
+        with (
+            autocast(self.amp_dtype),
+            swapped(decoder, "subset_logits", True),
+            decoder.key_lengths(lengths, xa_dec.shape[1]),
+            decoder.logits_at(learn),
+        ):
+            logits = decoder(tokens, xa_dec, kv_cache=s_cross)
+        t = self.teacher(t_batch, tokens, t_xa, False, at=learn, cross=t_cross)
+        n = learn.sum().float()
+        norm = None
+        if self.all_reduce is not None:
+            norm = self.all_reduce(n.reshape(1))[0] / self.world_size
+        kd = losses.kd_logits(
+            logits[None],
+            t["t_logits"][None],
+            torch.ones_like(logits[None, :, 0], dtype=torch.bool),
+            self.loss_cfg.kd_temperature,
+            teacher_index=None if t.get("t_index") is None else t["t_index"][None],
+            normalizer=norm,
+        )
+        return kd, n
 
     def _mask_positions(self, xa: Tensor, audio_positions: Tensor) -> Tensor:
         """(B, T) bool: each row's time masks (torchaudio's TimeMasking) drawn within its audio's positions."""
@@ -188,8 +314,11 @@ class DistillModel(nn.Module):
             counts = self.all_reduce(torch.stack([n_tok, n_ctc]).to(dev))
             norm_tok, norm_ctc = counts[0] / self.world_size, counts[1] / self.world_size
             reduce = self.all_reduce
+        on_policy = distil and self.training and cfg.on_policy.weight > 0
+        # on-policy passes read the same encoder output: its cross-attention keys and values projected once
+        s_cross, t_cross = ({}, {}) if on_policy else (None, None)
         xa, masked, xa_dec, logits, s_feats, enc_feats = self._student(
-            batch, tokens_in, mask, want_match, want_match and m.encoder and not self.freeze_encoder
+            batch, tokens_in, mask, want_match, want_match and m.encoder and not self.freeze_encoder, s_cross
         )
         counted = torch.ones_like(logits[..., 0], dtype=torch.bool)  # (1, N): logits are only the counted positions
 
@@ -204,6 +333,7 @@ class DistillModel(nn.Module):
                 normalizer=norm_ctc,
             )
         info: dict = {}
+        extra: dict[str, Tensor] = {}
         if distil:
             t_batch, t_xa = batch, xa
             if masked is not None and self.mask_teacher:
@@ -214,7 +344,7 @@ class DistillModel(nn.Module):
                     t_masked = torch.zeros(t_enc.shape[:2], dtype=torch.bool, device=t_enc.device)
                     t_masked[:, :n] = masked[:, :n].to(t_enc.device)
                     t_batch = {**batch, "t_enc": t_enc.masked_fill(t_masked[..., None], 0.0)}
-            t = self.teacher(t_batch, tokens_in, t_xa, want_match, at=mask)
+            t = self.teacher(t_batch, tokens_in, t_xa, want_match, at=mask, cross=t_cross)
             t_logits, t_index = t["t_logits"], t.get("t_index")  # (N, K) at the counted positions
             out["kd"] = losses.kd_logits(
                 logits,
@@ -224,6 +354,21 @@ class DistillModel(nn.Module):
                 teacher_index=None if t_index is None else t_index[None],
                 normalizer=norm_tok,
             )
+            if on_policy:
+                share, lengths = cfg.on_policy.weight, batch.get("enc_window")
+                kd_op, n_op = self._on_policy_kd(
+                    t_batch,
+                    t_xa,
+                    xa_dec,
+                    None if lengths is None else lengths.to(dev),
+                    tokens_in,
+                    mask,
+                    s_cross,
+                    t_cross,
+                )
+                info["n_on_policy"] = int(n_op)
+                extra = {"kd_labels": out["kd"], "kd_on_policy": kd_op}
+                out["kd"] = (1 - share) * out["kd"] + share * kd_op
             if want_match:
                 match, info["chosen"], _ = match_loss(
                     s_feats,
@@ -260,5 +405,7 @@ class DistillModel(nn.Module):
             beta=cfg.beta,
             lambda_match=cfg.lambda_match,
         )
+        for k, v in extra.items():  # logged, not weighted again: inside loss_kd
+            named[f"loss_{k}"] = v
         info["n_tokens"] = int(n_tok)
         return named, info

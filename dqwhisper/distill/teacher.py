@@ -41,11 +41,17 @@ class TeacherTargets:
         return next(self.teacher.parameters()).dtype
 
     def outputs(
-        self, tokens_in: Tensor, xa: Tensor, xa_lengths: Tensor | None = None, at: Tensor | None = None
+        self,
+        tokens_in: Tensor,
+        xa: Tensor,
+        xa_lengths: Tensor | None = None,
+        at: Tensor | None = None,
+        cross: dict | None = None,
     ) -> dict[str, Tensor]:
         """tokens_in (B, L), the teacher encoder's output xa (B, T, d) -> t_logits [, t_index] (B, L, K), or (N, K)
         at the N positions where `at` (B, L) is true [, t_feats (n_layer, B, L, D)]. xa_lengths (B,): each row's
-        encoder window when the rows' windows differ (padded)."""
+        encoder window when the rows' windows differ (padded). cross: a dict keeping the cross-attention's keys
+        and values of xa between calls on the same xa (DQTextDecoder.forward_features' kv_cache)."""
         decoder = self.teacher.decoder
         with (
             torch.no_grad(),
@@ -53,7 +59,7 @@ class TeacherTargets:
             decoder.key_lengths(xa_lengths, xa.shape[1]),
             decoder.logits_at(at),
         ):
-            logits, ffn, blocks = decoder.forward_features(tokens_in, xa.to(self.dtype))
+            logits, ffn, blocks = decoder.forward_features(tokens_in, xa.to(self.dtype), cross)
         if self.keep is not None:
             logits = logits.index_select(-1, self.keep)
         if not bool(torch.isfinite(logits).all()):
@@ -77,16 +83,28 @@ class TeacherTargets:
         return ffn if self.match_feature == "ffn" else blocks
 
     def __call__(
-        self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
+        self,
+        batch: dict,
+        tokens_in: Tensor,
+        student_xa: Tensor,
+        want_match: bool,
+        at: Tensor | None = None,
+        cross: dict | None = None,
     ) -> dict:
         """-> t_logits [, t_index]: (B, L, K), or (N, K) at the N positions where `at` (B, L) is true (row-major)
-        [, t_feats]."""
+        [, t_feats]. cross: see `outputs` (live targets only)."""
         raise NotImplementedError
 
 
 class CachedTargets(TeacherTargets):
     def __call__(
-        self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
+        self,
+        batch: dict,
+        tokens_in: Tensor,
+        student_xa: Tensor,
+        want_match: bool,
+        at: Tensor | None = None,
+        cross: dict | None = None,
     ) -> dict:
         dev = tokens_in.device
         t = {}
@@ -101,7 +119,13 @@ class CachedTargets(TeacherTargets):
 
 class LiveTargets(TeacherTargets):
     def __call__(
-        self, batch: dict, tokens_in: Tensor, student_xa: Tensor, want_match: bool, at: Tensor | None = None
+        self,
+        batch: dict,
+        tokens_in: Tensor,
+        student_xa: Tensor,
+        want_match: bool,
+        at: Tensor | None = None,
+        cross: dict | None = None,
     ) -> dict:
         dev = tokens_in.device
         lengths = None
@@ -112,7 +136,7 @@ class LiveTargets(TeacherTargets):
         else:
             with torch.no_grad(), autocast(self.amp_dtype):
                 t_xa = self.teacher.encoder(batch["mel"].to(dev).to(self.dtype))
-        t = self.outputs(tokens_in, t_xa, None if lengths is None else lengths.to(dev), at)
+        t = self.outputs(tokens_in, t_xa, None if lengths is None else lengths.to(dev), at, cross)
         if want_match:
             t["t_feats"] = list(t["t_feats"])
         return t

@@ -317,15 +317,19 @@ class DQTextDecoder(TextDecoder):
                 h = h + self._drop(block.mlp(block.mlp_ln(h)))
             return self._head(h)
 
-    def forward_features(self, x: Tensor, xa: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward_features(
+        self, x: Tensor, xa: Tensor, kv_cache: dict | None = None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Teacher-forced pass. x (B, L) full ids, xa (B, T, d) ->
-        (logits, FFN acts [(B, L, 4d)] per layer, block outputs [(B, L, d)] per layer)."""
+        (logits, FFN acts [(B, L, 4d)] per layer, block outputs [(B, L, d)] per layer).
+        kv_cache: a dict that keeps the cross-attention's keys and values of xa (`cached_keys_values`), so passes
+        over other token sequences on the same xa project them once (the self-attention is not cached)."""
         with self._one_embedding_weight():
             h = self._drop(self._embed(x, 0).to(xa.dtype))
             ffn_acts, block_outs = [], []
             for block in self.blocks:
                 h = h + self._drop(block.attn(block.attn_ln(h), mask=self.mask)[0])
-                h = h + self._drop(self._cross(block, h, xa))
+                h = h + self._drop(self._cross(block, h, xa, kv_cache))
                 a = block.mlp[1](block.mlp[0](block.mlp_ln(h)))
                 h = h + self._drop(block.mlp[2](a))
                 ffn_acts.append(a)

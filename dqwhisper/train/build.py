@@ -344,10 +344,10 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         perturbed = cfg.data.prefix_noise > 0 or (
             cfg.data.feature_mask.num_time_masks > 0 and cfg.data.feature_mask.teacher
         )
-        if kind is CachedTargets and perturbed:
+        if kind is CachedTargets and (perturbed or cfg.loss.on_policy.weight > 0):
             raise DQWhisperError(
-                "data.prefix_noise / data.feature_mask.teacher need the teacher's targets on each step's perturbed "
-                "inputs: set trainer.cache_teacher=false"
+                "data.prefix_noise / data.feature_mask.teacher / loss.on_policy need the teacher's targets on each "
+                "step's perturbed inputs or the student's hypotheses: set trainer.cache_teacher=false"
             )
         targets = kind(
             teacher, student.decoder.vocab_keep, cfg.loss.kd_topk, m.feature if m.enabled else None, amp_dtype
@@ -370,6 +370,7 @@ def build(cfg: Any, device: torch.device, dist: DistInfo, amp_dtype: torch.dtype
         feature_mask=(cfg.data.feature_mask.num_time_masks, cfg.data.feature_mask.time_mask_param),
         mask_teacher=cfg.data.feature_mask.teacher,
         prefix_noise=cfg.data.prefix_noise,
+        eot=tokenizer.eot,
     )
     optimizer, scheduler = make_optimizer(
         cfg, params, [student.ctc_head, adapter, enc_adapter], {id(p): n for n, p in student.named_parameters()}

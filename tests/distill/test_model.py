@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dqwhisper.config import LossConfig, MatchConfig
+from dqwhisper.config import LossConfig, MatchConfig, OnPolicyConfig
 from dqwhisper.distill.model import DistillModel, feature_adapter
 from dqwhisper.distill.teacher import CachedTargets, LiveTargets
 from dqwhisper.models.student import from_whisper
@@ -35,9 +35,9 @@ def recording_teacher(teacher, record) -> LiveTargets:
     """A live teacher that calls record(batch, tokens_in, xa) with what it is given, then answers as usual."""
 
     class Recording(LiveTargets):
-        def __call__(self, batch, tokens_in, xa, want_match, at=None):
+        def __call__(self, batch, tokens_in, xa, want_match, at=None, cross=None):
             record(batch, tokens_in, xa)
-            return super().__call__(batch, tokens_in, xa, want_match, at)
+            return super().__call__(batch, tokens_in, xa, want_match, at, cross)
 
     return Recording(teacher, None)
 
@@ -275,3 +275,105 @@ def test_a_masking_teacher_on_its_own_longer_window_gets_the_same_time_positions
     assert zero_s.any()
     assert torch.equal(zero_t[:, :75], zero_s) and not zero_t[:, 75:].any()
     torch.testing.assert_close(seen["t_enc"][~zero_t], full[~zero_t])
+
+
+def greedy_reference(student, tokens_in, mask, xa, eot: int, extra: int) -> list[list[int]]:
+    """Each row decoded alone through the student's plain full-vocabulary forward: greedy over text tokens and
+    end-of-text, from its prompt, to end-of-text or its label's length (with end-of-text) + `extra` tokens."""
+    out = []
+    for b in range(tokens_in.shape[0]):
+        p = int(mask[b].float().argmax())
+        toks = tokens_in[b, : p + 1].tolist()
+        for _ in range(int(mask[b].sum()) + extra):
+            with torch.no_grad():
+                logits = student.decoder(torch.tensor([toks]), xa[b : b + 1])[0, -1]
+            logits[eot + 1 :] = float("-inf")
+            toks.append(int(logits.argmax()))
+            if toks[-1] == 50257:
+                break
+        out.append(toks)
+    return out
+
+
+@pytest.mark.parametrize("boost", [None, 1.05, 1.2])  # rows to the cap; one ending early; both at once
+def test_on_policy_hypotheses_are_the_students_greedy_decode(pair, boost):
+    """loss.on_policy: the hypotheses are what greedy decoding of the student gives, row by row, and the learnt
+    positions are the last prompt token and every decoded text token (not end-of-text, not padding)."""
+    student, teacher = pair
+    if boost is not None:  # end-of-text's row a multiple of a token's the student says: rows end early, at once
+        with torch.no_grad():
+            student.decoder.token_embedding.weight[50257] = boost * student.decoder.token_embedding.weight[16036]
+    loss = OmegaConf.structured(LossConfig(alpha=0.5, on_policy=OnPolicyConfig(weight=0.5, extra_tokens=6)))
+    model = DistillModel(student, loss, LiveTargets(teacher, None), eot=50257).train()
+    batch = tiny_batch()
+    xa = student.encoder(batch["mel"]).detach()
+    mask = batch["targets"] != -100
+    tokens, learn = model._hypotheses(batch["tokens_in"], mask, xa, None)
+    assert student.decoder.training  # restored after decoding in eval mode
+    ref = greedy_reference(student.eval(), batch["tokens_in"], mask, xa, 50257, extra=6)
+    for b, want in enumerate(ref):
+        got = tokens[b].tolist()
+        assert got[: len(want)] == want and all(t == 50257 for t in got[len(want) :])
+        text = [t for t in want[4:] if t != 50257]
+        assert learn[b].nonzero().squeeze(1).tolist() == list(range(3, 4 + len(text)))
+    lengths = learn.sum(1).tolist()
+    assert lengths == {None: [11, 10], 1.05: [5, 10], 1.2: [1, 1]}[boost]  # the cases this test means to cover
+
+
+def test_on_policy_kd_is_the_teachers_kl_on_the_hypotheses_and_mixes_into_kd(pair):
+    student, teacher = pair
+    batch = tiny_batch()
+    seen = []
+    mix = OmegaConf.structured(LossConfig(alpha=0.5, beta=0.0, on_policy=OnPolicyConfig(weight=0.25)))
+    model = DistillModel(student, mix, recording_teacher(teacher, lambda b, t, x: seen.append(t)), eot=50257)
+    named, info = model.train()(batch)
+    torch.testing.assert_close(named["loss_kd"], 0.75 * named["loss_kd_labels"] + 0.25 * named["loss_kd_on_policy"])
+    torch.testing.assert_close(named["loss"], 0.5 * named["loss_ce"] + 0.5 * named["loss_kd"])
+    # the teacher read the labels, then the student's hypotheses
+    xa = student.encoder(batch["mel"]).detach()
+    mask = batch["targets"] != -100
+    tokens, learn = model._hypotheses(batch["tokens_in"], mask, xa, None)
+    assert torch.equal(seen[0], batch["tokens_in"]) and torch.equal(seen[1], tokens)
+    assert info["n_on_policy"] == int(learn.sum()) > info["n_tokens"]  # the untrained student runs to the cap
+    from dqwhisper import losses
+
+    s = student.decoder(tokens, xa)
+    t = teacher.decoder(tokens, xa)
+    torch.testing.assert_close(named["loss_kd_on_policy"], losses.kd_logits(s, t, learn, 1.0), rtol=1e-4, atol=1e-5)
+    named["loss"].backward()
+    assert student.decoder.blocks[-1].mlp[0].weight.grad is not None
+    # dev (eval) and the teacher-forced loss: no hypotheses
+    named, info = model.eval()(batch)
+    assert "loss_kd_on_policy" not in named and "n_on_policy" not in info
+
+
+def test_a_student_equal_to_its_teacher_has_no_on_policy_kd(pair):
+    _, teacher = pair
+    student = from_whisper(teacher)  # every layer copied: the same distributions on any history
+    loss = OmegaConf.structured(LossConfig(alpha=1.0, beta=0.0, on_policy=OnPolicyConfig(weight=1.0)))
+    named, info = DistillModel(student, loss, LiveTargets(teacher, None), eot=50257).train()(tiny_batch())
+    assert info["n_on_policy"] > 0 and float(named["loss_kd_on_policy"]) < 1e-6
+
+
+def test_on_policy_leaves_the_label_terms_as_they_were(pair):
+    """With loss.on_policy the label passes keep their cross-attention keys and values for the hypothesis passes:
+    CE, KD on the labels, matching and their gradients stay what they are without it."""
+    student, teacher = pair
+    batch = tiny_batch()
+    got = {}
+    for w in (0.0, 0.5):
+        cfg = LossConfig(alpha=0.5, beta=0.1, match=MatchConfig(enabled=True), on_policy=OnPolicyConfig(weight=w))
+        adapter = feature_adapter(student, teacher, "ffn")
+        torch.manual_seed(1)
+        model = DistillModel(
+            student, OmegaConf.structured(cfg), LiveTargets(teacher, None, match_feature="ffn"), adapter, eot=50257
+        )
+        named, _ = model.train()(batch)
+        student.zero_grad()
+        (0.5 * named["loss_ce"] + named["loss_match"]).backward()
+        got[w] = named, student.decoder.blocks[0].cross_attn.key.weight.grad.clone()
+    (off, g_off), (on, g_on) = got[0.0], got[0.5]
+    for k in ("loss_ce", "loss_ctc", "loss_match"):
+        torch.testing.assert_close(on[k], off[k], msg=k)
+    torch.testing.assert_close(on["loss_kd_labels"], off["loss_kd"])
+    torch.testing.assert_close(g_on, g_off)

@@ -118,6 +118,8 @@ class OnPolicyConfig:
     # what it decoded: KD = (1 - weight) * KD on the labels + weight * KD on its own hypotheses
     temperature: float = 0.0  # 0: greedy hypotheses (what decoding does); > 0: sampled at this temperature
     extra_tokens: int = 5  # a hypothesis stops at end-of-text or at its own label's length + this many tokens
+    start_step: int = 0  # the term starts at this optimizer step (before it: KD on the labels only); a cut student
+    # decodes noise at first, and each on-policy step costs about 2.3x a label-only one
 
 
 @dataclass
@@ -292,6 +294,7 @@ def validate(cfg: TrainConfig | DictConfig) -> None:
         (0.0 <= cfg.loss.on_policy.weight <= 1.0, f"loss.on_policy.weight={cfg.loss.on_policy.weight}: in [0, 1]"),
         (cfg.loss.on_policy.temperature >= 0, "loss.on_policy.temperature must be >= 0"),
         (cfg.loss.on_policy.extra_tokens >= 1, "loss.on_policy.extra_tokens must be >= 1"),
+        (cfg.loss.on_policy.start_step >= 0, "loss.on_policy.start_step must be >= 0"),
         (0.0 <= cfg.student.dropout < 1.0, f"student.dropout={cfg.student.dropout}: must be in [0, 1)"),
         (0.0 <= cfg.data.prefix_noise < 1.0, f"data.prefix_noise={cfg.data.prefix_noise}: must be in [0, 1)"),
         (cfg.student.init in ("cut", "copy", "pretrained"), f"student.init={cfg.student.init}: cut|copy|pretrained"),

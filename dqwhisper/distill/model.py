@@ -2,7 +2,8 @@
 `forward(batch)` returns the named losses (WeNet's ASRModel.forward), so DDP wraps it and syncs its gradients.
 
     loss = beta * CTC + (1 - alpha) * CE + alpha * (KD + lambda_match * match)     (dqwhisper.losses.combine)
-    KD = (1 - w) * KD on the labels + w * KD on the student's own hypotheses        (w: loss.on_policy.weight)
+    KD = (1 - w) * KD on the labels + w * KD on the student's own hypotheses   (w: loss.on_policy.weight, from
+                                                                         optimizer step loss.on_policy.start_step on)
 
 The teacher is not a submodule: it is frozen, lives in a target provider (dqwhisper.distill.teacher), and so stays
 out of DDP, of `state_dict()` and of `train()`/`eval()`.
@@ -75,6 +76,7 @@ class DistillModel(nn.Module):
         # set by the training loop before each micro-batch: the masks and prefix noise are drawn from this seed
         # (the global generator left as it was); None: from the global generator
         self.noise_seed: int | None = None
+        self.step = 0  # set by the training loop: the optimizer step being taken (loss.on_policy.start_step)
         self.mask_teacher = mask_teacher
         n_masks, width = feature_mask
         self.feature_mask = (
@@ -314,7 +316,7 @@ class DistillModel(nn.Module):
             counts = self.all_reduce(torch.stack([n_tok, n_ctc]).to(dev))
             norm_tok, norm_ctc = counts[0] / self.world_size, counts[1] / self.world_size
             reduce = self.all_reduce
-        on_policy = distil and self.training and cfg.on_policy.weight > 0
+        on_policy = distil and self.training and cfg.on_policy.weight > 0 and self.step >= cfg.on_policy.start_step
         # on-policy passes read the same encoder output: its cross-attention keys and values projected once
         s_cross, t_cross = ({}, {}) if on_policy else (None, None)
         xa, masked, xa_dec, logits, s_feats, enc_feats = self._student(

@@ -67,6 +67,7 @@ class Trainer:
                 # uninterrupted one did (the global generator also serves the data loader)
                 core = getattr(self.model, "module", self.model)
                 core.noise_seed = (self.cfg.trainer.seed * 1_000_003 + self.step * 64 + n) * 131 + self.dist.rank
+                core.step = self.step
                 named, info = self.model(batch)
                 loss = named["loss"] / len(batches)
                 flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
@@ -77,6 +78,8 @@ class Trainer:
                 break
             for k, v in named.items():
                 totals[k] += float(v.detach()) / len(batches)
+            if "n_on_policy" in info:  # tokens learnt on the student's own hypotheses (loss.on_policy)
+                totals["n_on_policy"] += info["n_on_policy"]
         if finite:
             if p.scaler:
                 p.scaler.unscale_(p.optimizer)

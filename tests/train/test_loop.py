@@ -450,3 +450,17 @@ def test_resume_with_time_masks_and_a_live_teacher_equals_uninterrupted(assets, 
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert a[step] == b[step], step
+
+
+def test_on_policy_kd_starts_at_its_step(assets, tmp_path):
+    """loss.on_policy.start_step=3: the first 3 optimizer steps take KD on the labels only, the rest mix in KD on the
+    student's own hypotheses (logged as loss_kd_on_policy, loss_kd the mix of both)."""
+    teacher, data, _ = assets
+    over = ["trainer.cache_teacher=false", "loss.on_policy.weight=0.5", "loss.on_policy.start_step=3"]
+    train(tiny_config(tmp_path / "exp", data, teacher, overrides=over))
+    recs = losses_by_step(tmp_path / "exp")
+    assert sorted(recs) == [1, 2, 3, 4, 5, 6]
+    for step, r in recs.items():
+        assert ("loss_kd_on_policy" in r) == (step > 3) == (r.get("n_on_policy", 0) > 0), step
+        if step > 3:
+            assert r["loss_kd"] == pytest.approx(0.5 * r["loss_kd_labels"] + 0.5 * r["loss_kd_on_policy"], rel=1e-4)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,18 @@ from whisper.model import ModelDimensions, Whisper
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_STORE = Path(os.environ.get("DQWHISPER_MODEL_STORE", ROOT / "exp" / "models"))
+
+
+def pytest_report_header(config) -> list[str]:
+    """The CPU (the int8 kernels and some tolerances depend on it) and the free disk, in every CI log."""
+    from dqwhisper.quant.kernels import describe_cpu
+
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free / 2**30
+    lines = [describe_cpu(torch.get_num_threads()), f"free disk in {tmp}: {free:.1f} GiB; model store: {MODEL_STORE}"]
+    if free < 3:
+        lines.append(f"WARNING: under 3 GiB free in {tmp}: the slow real-weight tests write up to ~0.6 GB each")
+    return lines
 
 
 def tiny_dims(**overrides) -> ModelDimensions:

@@ -29,10 +29,20 @@ def test_full_copy_equals_whisper(tiny_whisper):
         assert torch.equal(from_whisper(tiny_whisper).eval()(mel, tok), tiny_whisper(mel, tok))
 
 
+def _equal_scores(got, want, exact):
+    """The decodings' average log-probabilities: bit for bit where each row attends to its own keys (greedy), else to
+    1e-6 relative. Rows of one utterance (beams, best-of samples) attend to one copy of its keys and values as a single
+    n x L query block (rows_share_audio), a GEMM of another shape than whisper's per-row one: its sums round
+    differently where the CPU's kernel blocks them differently (AVX2 builds: ~1e-7 relative; AVX512: equal)."""
+    got, want = [r.avg_logprob for r in got], [r.avg_logprob for r in want]
+    assert got == (want if exact else pytest.approx(want, rel=1e-6, abs=0))
+
+
 @pytest.mark.parametrize("beam_size", [None, 2])
 def test_cached_decoding_equals_whispers_bit_for_bit(tiny_whisper, beam_size):
     """Our decoder keeps the cross-attention's keys and values in their own layout: the logits of every kv-cached
-    step, and whisper's decoding through them (greedy; beam search reorders the cache), equal whisper's own."""
+    step, and whisper's greedy decoding through them, equal whisper's own bit for bit. Beam search (which reorders
+    the cache) gives the same tokens and the same scores up to float rounding (see _equal_scores)."""
     ours = from_whisper(tiny_whisper).eval()
     mel, tok = _inputs()
     with torch.no_grad():
@@ -53,7 +63,7 @@ def test_cached_decoding_equals_whispers_bit_for_bit(tiny_whisper, beam_size):
         )
         want, got = (decode_batch(m, mel, opts) for m in (tiny_whisper, ours))
     assert [r.tokens for r in got] == [r.tokens for r in want]
-    assert [r.avg_logprob for r in got] == [r.avg_logprob for r in want]
+    _equal_scores(got, want, exact=beam_size is None)
 
 
 @pytest.mark.parametrize("search", ["beam", "best_of"])
@@ -77,7 +87,7 @@ def test_rows_sharing_one_utterance_project_its_keys_and_values_once(tiny_whispe
     hook.remove()
     assert rows == [mel.shape[0]]  # 2 utterances, not 2 x 3 rows
     assert [r.tokens for r in results["ours"]] == [r.tokens for r in results["whisper"]]
-    assert [r.avg_logprob for r in results["ours"]] == [r.avg_logprob for r in results["whisper"]]
+    _equal_scores(results["ours"], results["whisper"], exact=False)
     assert ours.decoder.shared_rows == 1  # restored after the decoding
 
 

@@ -151,18 +151,29 @@ def test_auto_picks_the_fastest_int8_kernel_for_int8_activations_whatever_float_
         assert backend in int8 and times[backend] == min(int8.values()), name
 
 
-def test_decoder_step_shapes_race_int8_kernels_only():
+@pytest.mark.parametrize(
+    "saturates,cfg,steps_race_codes",
+    [(False, W8A8, False), (True, W8A8, True), (True, W4A8_INT8_GROUPS, False)],
+    ids=["vnni", "no-vnni-8bit", "no-vnni-4bit"],
+)
+def test_decoder_step_shapes_race_int8_kernels_only(saturates, cfg, steps_race_codes, monkeypatch):
     """float_codes (4x the weight bytes of int8) is not raced on calls of at most STEP_ROWS rows when an int8
-    backend runs the weight (a decoder step streams its weights from memory, which a hot-cache race does not see);
-    the encoder's and the cross-attention keys' calls still race it."""
-    model = convert(prepare(make_student(), W8A8), "auto")
+    kernel runs the weight in one pass (a decoder step streams its weights from memory, which a hot-cache race does
+    not see); the encoder's and the cross-attention keys' calls still race it. Without VNNI fbgemm runs 8-bit weights
+    as two GEMMs: then float_codes races on decoder-step shapes too (4-bit weights still run in one)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm engine in this torch")
+    monkeypatch.setattr(kernels, "_SATURATES", saturates)
+    monkeypatch.setattr(kernels, "has_fast_kernel", lambda name: name == "fbgemm")  # the same candidates on any CPU
+    kernels._TIMES.clear()
+    model = convert(prepare(make_student(), cfg), "auto")
+    kernels._TIMES.clear()
     n_ctx = model.dims.n_audio_ctx
-    have_int8 = "fbgemm" in torch.backends.quantized.supported_engines
     for name, (backend, times) in model.kernel_choices.items():
         rows = expected_rows(name, n_ctx, 1)
-        assert ("float_codes" in times) is (rows > kernels.STEP_ROWS or not have_int8), (name, rows, times)
-        if rows <= kernels.STEP_ROWS and have_int8:
-            assert backend in ("fbgemm", "onednn", "int_mm"), name
+        assert ("float_codes" in times) is (rows > kernels.STEP_ROWS or steps_race_codes), (name, rows, times)
+        if rows <= kernels.STEP_ROWS and not steps_race_codes:
+            assert backend == "fbgemm", name
 
 
 def test_named_kernel_overrides_auto_and_falls_back_to_float_where_it_cannot_run():
@@ -257,12 +268,41 @@ def test_onednn_is_not_built_where_its_sums_are_not_exact(monkeypatch):
 
 
 def test_float_codes_is_built_only_where_its_float_sums_are_exact():
+    """At most two blocks of input features, each summing exactly (block * 128 * max |code| <= 2^24)."""
     g = torch.Generator().manual_seed(5)
-    ok = torch.randint(-64, 65, (8, 2048), dtype=torch.int8, generator=g)  # 2048 * 128 * 64 = 2^24
-    assert kernels.FloatCodesKernel.exact(ok)
-    assert not kernels.FloatCodesKernel.exact(torch.full((8, 2048), 65, dtype=torch.int8))
-    ok[3, 7] = -128  # int8's abs(-128) is -128: the bound must still see 128
+    ok = torch.randint(-64, 65, (8, 2048), dtype=torch.int8, generator=g)  # 2048 * 128 * 64 = 2^24: one block
+    assert kernels.FloatCodesKernel.exact(ok) and not kernels.FloatCodesKernel(ok, torch.ones(8)).half
+    wide = torch.full((8, 2048), 127, dtype=torch.int8)  # blocks of 1032: two
+    assert kernels.FloatCodesKernel.exact(wide) and kernels.FloatCodesKernel(wide, torch.ones(8)).half == 1024
+    assert not kernels.FloatCodesKernel.exact(torch.full((8, 2065), 127, dtype=torch.int8))
+    ok = torch.cat([ok, ok], 1)
+    assert kernels.FloatCodesKernel.exact(ok)  # 4096 at 64: two blocks of 2048
+    ok[3, 7] = -128  # int8's abs(-128) is -128: the bound must still see 128 (blocks of 1024)
     assert not kernels.FloatCodesKernel.exact(ok)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_float_codes_in_two_blocks_equal_fbgemm_bit_for_bit(split, monkeypatch):
+    """8-bit codes at K = 2048 (the encoder's second FFN linear), with integer sums past 2^24 (where float32 rounds):
+    float_codes' two exact block sums, added once, give fbgemm's bits (one GEMM with VNNI, two without)."""
+    if not split and kernels.fbgemm_saturates():
+        pytest.skip("fbgemm saturates int16 pair sums on this CPU (no VNNI): it runs 8-bit weights only split")
+    monkeypatch.setattr(kernels, "_SATURATES", split)
+    g = torch.Generator().manual_seed(8)
+    w = torch.randint(-128, 128, (24, 2048), dtype=torch.int8, generator=g)
+    w[0], w[1], w[2] = 127, -128, 127
+    w[2, 0] = 126  # against codes of 127: an odd sum past 2^24, which float32 rounds
+    s = torch.rand(24, generator=g) + 0.5
+    x = torch.randn(7, 2048, generator=g)
+    x[0], x[1] = 5.0, -5.0
+    q, sx = kernels.quantize_tokens(x)
+    acc = q.double() @ w.double().t()
+    assert (acc.float().double() != acc).any()  # sums past 2^24 that float32 rounds: the blocks' addition must too
+    codes, fb = kernels.FloatCodesKernel(w, s), kernels.FbgemmKernel(w, s)
+    assert codes.half == 1024 and fb.split is split
+    want = acc.float().mul(s).mul(sx)
+    torch.testing.assert_close(codes(x, None), want, atol=0, rtol=0)
+    torch.testing.assert_close(fb(x, None), want, atol=0, rtol=0)
 
 
 def test_fbgemm_splits_a_weight_whose_only_large_code_is_minus_128(monkeypatch):

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             fns = {"float": lambda: ref(x, None), "auto": lambda: (m.impl or ref)(x, None)}
             cold = rows <= kernels.STEP_ROWS
             with torch.no_grad():
-                reps = 3 * args.reps if cold else args.reps  # single calls are noisier than blocks of them
+                reps = max(args.reps, kernels.COLD_ROUNDS) if cold else args.reps  # as auto races them
                 cpu = kernels.race(fns, rounds=reps, drop_after=reps, cold=cold)
                 wall = kernels.race(fns, rounds=reps, drop_after=reps, clock=time.perf_counter, cold=cold)
             ratio = min(cpu["auto"] / cpu["float"], wall["auto"] / wall["float"])  # slower on both clocks

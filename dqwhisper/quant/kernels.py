@@ -158,8 +158,7 @@ class FloatCodesKernel(Kernel):
     def __init__(self, w_int8: Tensor, row_scale: Tensor):
         w, k = w_int8.float(), w_int8.shape[1]
         self.half = 0 if k <= self.block(w_int8) else (k + 1) // 2  # the first block's width (0: one block)
-        self.parts = [w[:, : self.half], w[:, self.half :]] if self.half else [w]
-        self.parts = [t.contiguous() for t in self.parts]
+        self.parts = [t.contiguous() for t in ((w[:, : self.half], w[:, self.half :]) if self.half else (w,))]
         self.row_scale = row_scale
 
     @staticmethod
